@@ -1,0 +1,494 @@
+//! Cgroups for sandboxes, on cgroup v2 (unified), v1, and hybrid hosts.
+//!
+//! A [`CgroupDriver`] knows the host's hierarchies (read from mountinfo) and makes one cgroup
+//! per sandbox in each, under a common parent (`dev-box` by default). On hybrid hosts the
+//! controller-less cgroup2 tree is joined too: it gives `cgroup.freeze`, `cgroup.kill` and a
+//! reliable emptiness check. Limits go where the controllers are.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Resource limits of one sandbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Memory limit in bytes (swap is not allowed beyond it).
+    pub memory_bytes: Option<u64>,
+    /// Maximum number of processes and threads.
+    pub pids: Option<u64>,
+    /// CPU bandwidth in thousandths of a CPU (1000 = one full CPU).
+    pub cpu_millis: Option<u64>,
+}
+
+/// Resource use of one sandbox, as the kernel counts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Memory charged to the sandbox, in bytes.
+    pub memory_bytes: u64,
+    /// Processes and threads.
+    pub pids: u64,
+    /// CPU time consumed, in microseconds.
+    pub cpu_usec: u64,
+}
+
+/// Errors of cgroup operations.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// No usable cgroup hierarchy is mounted.
+    #[error("no cgroup hierarchy is mounted (looked in /proc/self/mountinfo)")]
+    NoHierarchy,
+    /// A cgroup file operation failed.
+    #[error("cgroup {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Freezing did not complete in time.
+    #[error("cgroup {0} did not freeze in time")]
+    FreezeTimeout(PathBuf),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
+    move |source| CgroupError::Io { path: path.to_path_buf(), source }
+}
+
+/// One mounted hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hierarchy {
+    /// Mount point.
+    pub mount: PathBuf,
+    /// cgroup v2.
+    pub v2: bool,
+    /// Controllers (v1: from the mount options; v2: from cgroup.controllers).
+    pub controllers: Vec<String>,
+}
+
+impl Hierarchy {
+    fn has(&self, c: &str) -> bool {
+        self.controllers.iter().any(|x| x == c)
+    }
+}
+
+/// The cgroup v1 controllers the kernel knows.
+const V1_CONTROLLERS: &[&str] = &[
+    "blkio", "cpu", "cpuacct", "cpuset", "devices", "freezer", "hugetlb", "memory", "misc", "net_cls", "net_prio",
+    "perf_event", "pids", "rdma",
+];
+
+/// Finds cgroup hierarchies in a mountinfo text.
+pub fn parse_mountinfo(text: &str) -> Vec<Hierarchy> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else { continue };
+        let pre: Vec<&str> = pre.split(' ').collect();
+        let post: Vec<&str> = post.split(' ').collect();
+        if pre.len() < 5 || post.len() < 3 {
+            continue;
+        }
+        let mount = PathBuf::from(pre[4]);
+        match post[0] {
+            "cgroup2" => out.push(Hierarchy { mount, v2: true, controllers: Vec::new() }),
+            "cgroup" => {
+                let controllers = post[2]
+                    .split(',')
+                    .filter(|o| o.starts_with("name=") || V1_CONTROLLERS.contains(o))
+                    .map(str::to_string)
+                    .collect();
+                out.push(Hierarchy { mount, v2: false, controllers });
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Creates and manages sandbox cgroups on this host.
+#[derive(Debug, Clone)]
+pub struct CgroupDriver {
+    hierarchies: Vec<Hierarchy>,
+    parent: String,
+}
+
+/// The cgroup directories of one sandbox, one per hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxCgroup {
+    /// (hierarchy, directory) pairs.
+    dirs: Vec<(Hierarchy, PathBuf)>,
+}
+
+impl CgroupDriver {
+    /// Detects the host's hierarchies; sandbox cgroups go under `parent` in each.
+    pub fn detect(parent: &str) -> Result<Self, CgroupError> {
+        let text = fs::read_to_string("/proc/self/mountinfo").map_err(io_err(Path::new("/proc/self/mountinfo")))?;
+        Self::from_hierarchies(parse_mountinfo(&text), parent)
+    }
+
+    /// Uses the given hierarchies (v2 controllers are read from disk).
+    pub fn from_hierarchies(mut hierarchies: Vec<Hierarchy>, parent: &str) -> Result<Self, CgroupError> {
+        for h in hierarchies.iter_mut().filter(|h| h.v2) {
+            h.controllers = fs::read_to_string(h.mount.join("cgroup.controllers"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_string)
+                .collect();
+        }
+        // Keep one mount per hierarchy (bind mounts of the same tree would double-count).
+        let mut seen = Vec::new();
+        hierarchies.retain(|h| {
+            let key = (h.v2, h.controllers.clone());
+            if seen.contains(&key) {
+                return false;
+            }
+            seen.push(key);
+            true
+        });
+        if hierarchies.is_empty() {
+            return Err(CgroupError::NoHierarchy);
+        }
+        Ok(Self { hierarchies, parent: parent.to_string() })
+    }
+
+    /// The hierarchies in use.
+    pub fn hierarchies(&self) -> &[Hierarchy] {
+        &self.hierarchies
+    }
+
+    /// A short description: "v2", "v1", or "hybrid".
+    pub fn mode(&self) -> &'static str {
+        let v2 = self.hierarchies.iter().any(|h| h.v2);
+        let v1 = self.hierarchies.iter().any(|h| !h.v2);
+        match (v1, v2) {
+            (true, true) => "hybrid",
+            (true, false) => "v1",
+            _ => "v2",
+        }
+    }
+
+    /// The cgroup of sandbox `name` (not created).
+    pub fn sandbox(&self, name: &str) -> SandboxCgroup {
+        SandboxCgroup {
+            dirs: self.hierarchies.iter().map(|h| (h.clone(), h.mount.join(&self.parent).join(name))).collect(),
+        }
+    }
+
+    /// Names of the sandbox cgroups that exist under the parent (in any hierarchy).
+    pub fn existing(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for h in &self.hierarchies {
+            let Ok(dir) = fs::read_dir(h.mount.join(&self.parent)) else { continue };
+            for e in dir.flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false)
+                    && let Some(n) = e.file_name().to_str()
+                    && !names.iter().any(|x| x == n)
+                {
+                    names.push(n.to_string());
+                }
+            }
+        }
+        names
+    }
+
+    /// Makes sandbox `name`'s cgroup in every hierarchy and applies `limits`.
+    pub fn create(&self, name: &str, limits: &Limits) -> Result<SandboxCgroup, CgroupError> {
+        let cg = self.sandbox(name);
+        for (h, dir) in &cg.dirs {
+            let parent = dir.parent().unwrap_or(&h.mount);
+            if h.v2 && !h.controllers.is_empty() {
+                enable_v2_controllers(&h.mount, parent, &h.controllers)?;
+            }
+            ensure_dir(parent)?;
+            if h.has("cpuset") {
+                inherit_cpuset(&h.mount, parent)?;
+            }
+            ensure_dir(dir)?;
+            if h.has("cpuset") {
+                inherit_cpuset(&h.mount, dir)?;
+            }
+        }
+        if let Err(e) = cg.apply(limits) {
+            let _ = cg.remove(Duration::from_millis(100));
+            return Err(e);
+        }
+        Ok(cg)
+    }
+}
+
+fn ensure_dir(dir: &Path) -> Result<(), CgroupError> {
+    match fs::create_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(io_err(dir)(e)),
+        _ => Ok(()),
+    }
+}
+
+fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::write(path, value).map_err(io_err(path))
+}
+
+fn enable_v2_controllers(root: &Path, parent: &Path, controllers: &[String]) -> Result<(), CgroupError> {
+    let wanted: Vec<&str> = ["cpu", "memory", "pids"].into_iter().filter(|c| controllers.iter().any(|x| x == c)).collect();
+    let mut dir = root.to_path_buf();
+    let mut chain = vec![dir.clone()];
+    if let Ok(rel) = parent.strip_prefix(root) {
+        for comp in rel.components() {
+            dir = dir.join(comp);
+            chain.push(dir.clone());
+        }
+    }
+    for d in chain {
+        ensure_dir(&d)?;
+        let have = fs::read_to_string(d.join("cgroup.subtree_control")).unwrap_or_default();
+        for c in &wanted {
+            if !have.split_whitespace().any(|x| x == *c) {
+                write(&d.join("cgroup.subtree_control"), &format!("+{c}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn inherit_cpuset(root: &Path, dir: &Path) -> Result<(), CgroupError> {
+    for file in ["cpuset.cpus", "cpuset.mems"] {
+        let own = fs::read_to_string(dir.join(file)).unwrap_or_default();
+        if !own.trim().is_empty() {
+            continue;
+        }
+        let mut from = dir.parent();
+        while let Some(p) = from {
+            let v = fs::read_to_string(p.join(file)).unwrap_or_default();
+            if !v.trim().is_empty() {
+                write(&dir.join(file), v.trim())?;
+                break;
+            }
+            if p == root {
+                break;
+            }
+            from = p.parent();
+        }
+    }
+    Ok(())
+}
+
+/// Device numbers a sandbox may open (v1 devices controller): null, zero, full, random,
+/// urandom, tty, ptmx and pseudo-terminals.
+const DEVICE_ALLOW: &[&str] = &["c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm", "c 5:0 rwm", "c 5:2 rwm", "c 136:* rwm"];
+
+impl SandboxCgroup {
+    /// The directories to join, one per hierarchy.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|(_, d)| d.clone()).collect()
+    }
+
+    /// Whether any of the directories exists.
+    pub fn exists(&self) -> bool {
+        self.dirs.iter().any(|(_, d)| d.exists())
+    }
+
+    fn find(&self, controller: &str) -> Option<(&Hierarchy, &PathBuf)> {
+        self.dirs.iter().find(|(h, _)| h.has(controller)).map(|(h, d)| (h, d))
+    }
+
+    fn unified(&self) -> Option<&PathBuf> {
+        self.dirs.iter().find(|(h, _)| h.v2).map(|(_, d)| d)
+    }
+
+    /// Applies limits (unset ones are left at the kernel default: unlimited).
+    pub fn apply(&self, limits: &Limits) -> Result<(), CgroupError> {
+        if let Some((h, dir)) = self.find("memory")
+            && let Some(mem) = limits.memory_bytes
+        {
+            if h.v2 {
+                write(&dir.join("memory.max"), &mem.to_string())?;
+                let swap = dir.join("memory.swap.max");
+                if swap.exists() {
+                    write(&swap, "0")?;
+                }
+            } else {
+                write(&dir.join("memory.limit_in_bytes"), &mem.to_string())?;
+                let memsw = dir.join("memory.memsw.limit_in_bytes");
+                if memsw.exists() {
+                    write(&memsw, &mem.to_string())?;
+                }
+            }
+        }
+        if let Some((_, dir)) = self.find("pids")
+            && let Some(p) = limits.pids
+        {
+            write(&dir.join("pids.max"), &p.to_string())?;
+        }
+        if let Some((h, dir)) = self.find("cpu")
+            && let Some(m) = limits.cpu_millis
+        {
+            let period = 100_000u64;
+            let quota = (m * period / 1000).max(1000);
+            if h.v2 {
+                write(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
+            } else {
+                write(&dir.join("cpu.cfs_period_us"), &period.to_string())?;
+                write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+            }
+        }
+        if let Some((h, dir)) = self.find("devices")
+            && !h.v2
+        {
+            write(&dir.join("devices.deny"), "a")?;
+            for rule in DEVICE_ALLOW {
+                write(&dir.join("devices.allow"), rule)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Host pids of every process in the sandbox.
+    pub fn pids(&self) -> Vec<i32> {
+        let dir = self.unified().or_else(|| self.find("pids").map(|(_, d)| d)).or_else(|| self.dirs.first().map(|(_, d)| d));
+        let Some(dir) = dir else { return Vec::new() };
+        fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// Current resource use.
+    pub fn usage(&self) -> Usage {
+        let read_u64 = |p: PathBuf| fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+        let mut u = Usage::default();
+        if let Some((h, dir)) = self.find("memory") {
+            u.memory_bytes = read_u64(dir.join(if h.v2 { "memory.current" } else { "memory.usage_in_bytes" }));
+        }
+        if let Some((_, dir)) = self.find("pids") {
+            u.pids = read_u64(dir.join("pids.current"));
+        }
+        if let Some((h, dir)) = self.find(if self.find("cpuacct").is_some() { "cpuacct" } else { "cpu" }) {
+            if h.v2 {
+                let stat = fs::read_to_string(dir.join("cpu.stat")).unwrap_or_default();
+                u.cpu_usec = stat
+                    .lines()
+                    .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse().ok())
+                    .unwrap_or(0);
+            } else {
+                u.cpu_usec = read_u64(dir.join("cpuacct.usage")) / 1000;
+            }
+        }
+        u
+    }
+
+    /// Freezes (`true`) or thaws (`false`) every process, waiting until the kernel confirms.
+    pub fn set_frozen(&self, frozen: bool, timeout: Duration) -> Result<(), CgroupError> {
+        let deadline = Instant::now() + timeout;
+        if let Some(dir) = self.unified() {
+            write(&dir.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
+            let want = if frozen { "frozen 1" } else { "frozen 0" };
+            loop {
+                let events = fs::read_to_string(dir.join("cgroup.events")).map_err(io_err(dir))?;
+                if events.lines().any(|l| l == want) {
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    return Err(CgroupError::FreezeTimeout(dir.clone()));
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        let Some((_, dir)) = self.find("freezer") else { return Ok(()) };
+        write(&dir.join("freezer.state"), if frozen { "FROZEN" } else { "THAWED" })?;
+        let want = if frozen { "FROZEN" } else { "THAWED" };
+        loop {
+            let state = fs::read_to_string(dir.join("freezer.state")).map_err(io_err(dir))?;
+            if state.trim() == want {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(CgroupError::FreezeTimeout(dir.clone()));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// SIGKILLs every process in the sandbox.
+    pub fn kill_all(&self) -> Result<(), CgroupError> {
+        if let Some(dir) = self.unified() {
+            let kill = dir.join("cgroup.kill");
+            if kill.exists() {
+                return write(&kill, "1");
+            }
+        }
+        // No cgroup.kill: freeze so nothing forks while we signal, then kill and thaw.
+        let frozen = self.set_frozen(true, Duration::from_secs(2)).is_ok();
+        for pid in self.pids() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        if frozen {
+            let _ = self.set_frozen(false, Duration::from_secs(2));
+        }
+        Ok(())
+    }
+
+    /// Removes the directories once empty, retrying while the kernel still tears processes down.
+    pub fn remove(&self, timeout: Duration) -> Result<(), CgroupError> {
+        let deadline = Instant::now() + timeout;
+        for (_, dir) in &self.dirs {
+            loop {
+                match fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(e) => return Err(io_err(dir)(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+35 27 0:30 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+36 35 0:31 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+37 35 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+38 35 0:33 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
+39 35 0:34 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+40 35 0:35 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid - cgroup cgroup rw,nosuid,cpu,cpuacct
+";
+
+    #[test]
+    fn mountinfo_hierarchies() {
+        let h = parse_mountinfo(HYBRID);
+        assert_eq!(h.len(), 5);
+        assert_eq!(h[0].controllers, vec!["cpu"]);
+        assert_eq!(h[2].controllers, vec!["name=systemd"]);
+        assert!(h[3].v2);
+        assert_eq!(h[4].controllers, vec!["cpu", "cpuacct"]);
+    }
+
+    #[test]
+    fn limits_written_on_v1_layout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mk = |name: &str, c: &[&str]| {
+            let mount = tmp.path().join(name);
+            fs::create_dir_all(&mount).unwrap();
+            Hierarchy { mount, v2: false, controllers: c.iter().map(|s| s.to_string()).collect() }
+        };
+        let driver =
+            CgroupDriver::from_hierarchies(vec![mk("memory", &["memory"]), mk("pids", &["pids"]), mk("cpu", &["cpu"])], "dev-box")
+                .unwrap();
+        let limits = Limits { memory_bytes: Some(1 << 20), pids: Some(64), cpu_millis: Some(500) };
+        let cg = driver.create("sb1", &limits).unwrap();
+        let read = |p: &str| fs::read_to_string(tmp.path().join(p)).unwrap();
+        assert_eq!(read("memory/dev-box/sb1/memory.limit_in_bytes"), "1048576");
+        assert_eq!(read("pids/dev-box/sb1/pids.max"), "64");
+        assert_eq!(read("cpu/dev-box/sb1/cpu.cfs_quota_us"), "50000");
+        assert_eq!(driver.existing(), vec!["sb1".to_string()]);
+        assert_eq!(cg.paths().len(), 3);
+    }
+}

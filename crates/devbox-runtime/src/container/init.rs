@@ -1,0 +1,48 @@
+//! The sandbox's pid 1: finishes the setup inside the namespaces, then runs the agent.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use super::{StepError, rootfs, security};
+use crate::config::LaunchConfig;
+use crate::{agent, sys};
+
+/// Runs pid 1: setup, then the agent loop. Returns the process's exit code.
+pub fn run(cfg: &LaunchConfig, listener: OwnedFd, ready: OwnedFd) -> i32 {
+    match setup(cfg, &listener, &ready) {
+        Ok(()) => {
+            let _ = nix::unistd::write(&ready, b"ready");
+            drop(ready);
+            agent::serve(listener)
+        }
+        Err(e) => {
+            let _ = nix::unistd::write(&ready, e.to_string().as_bytes());
+            1
+        }
+    }
+}
+
+fn setup(cfg: &LaunchConfig, listener: &OwnedFd, ready: &OwnedFd) -> Result<(), StepError> {
+    use super::Stage;
+    nix::unistd::sethostname(&cfg.hostname).stage("set hostname")?;
+    sys::loopback_up().stage("bring up loopback")?;
+    let none = None::<&str>;
+    nix::mount::mount(none, "/", none, nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE, none)
+        .stage("make mounts private")?;
+    rootfs::mount_root(cfg)?;
+    rootfs::finish_in_init()?;
+    redirect_stdio_to_null().stage("detach stdio")?;
+    sys::close_fds_from(3, &[listener.as_raw_fd(), ready.as_raw_fd()]);
+    nix::sys::prctl::set_dumpable(false).stage("make init non-dumpable")?;
+    security::drop_capabilities()?;
+    security::lock_down(cfg.seccomp)?;
+    Ok(())
+}
+
+/// Points fds 0-2 at the sandbox's /dev/null, releasing the launcher's pipes.
+fn redirect_stdio_to_null() -> nix::Result<()> {
+    let null = nix::fcntl::open("/dev/null", nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())?;
+    nix::unistd::dup2_stdin(&null)?;
+    nix::unistd::dup2_stdout(&null)?;
+    nix::unistd::dup2_stderr(&null)?;
+    Ok(())
+}

@@ -1,0 +1,229 @@
+//! Starting a sandbox: the `sandbox-init launch` process.
+//!
+//! The daemon runs `sandbox-init launch` with a [`LaunchConfig`] on stdin. That launcher:
+//!
+//! 1. moves into a private mount namespace of its own, so nothing it mounts is ever visible
+//!    on the host (and nothing can leak there when a sandbox dies);
+//! 2. binds the agent's listening socket on the host path the daemon chose;
+//! 3. makes a user namespace with the sandbox's id map (a short-lived child holds it while the
+//!    maps are written) and keeps an fd to it;
+//! 4. assembles the root filesystem in its private namespace: each image layer and the
+//!    writable layer as an id-mapped mount, an overlay over them, host binds on top;
+//! 5. joins the sandbox's cgroups, enters the user namespace, unshares the mount, uts, ipc,
+//!    net, cgroup and pid namespaces, and forks the sandbox's pid 1;
+//! 6. waits for pid 1 to report that it is set up, prints `{"pid": N}` and exits.
+//!
+//! Pid 1 ([`init`]) mounts /proc, /sys and /dev, pivots into the root, masks kernel paths,
+//! drops capabilities, sets no_new_privs and the seccomp filter, and becomes the agent.
+
+pub mod init;
+pub mod rootfs;
+pub mod security;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use nix::sched::{CloneFlags, setns, unshare};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, bind, listen, socket, socketpair};
+use nix::sys::wait::waitpid;
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::config::LaunchConfig;
+use crate::sys;
+
+/// What the launcher prints on stdout when it ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LaunchOutcome {
+    /// The sandbox runs; its pid 1 has this host pid.
+    Started {
+        /// Host pid of the sandbox's init process.
+        pid: i32,
+    },
+    /// Starting failed at `stage`; nothing runs.
+    Failed {
+        /// Which step failed.
+        stage: String,
+        /// The error.
+        message: String,
+    },
+}
+
+/// A failed launch step.
+#[derive(Debug)]
+pub struct StepError {
+    /// Which step failed.
+    pub stage: &'static str,
+    /// The cause.
+    pub error: std::io::Error,
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.stage, self.error)
+    }
+}
+
+/// Attaches a stage name to an error.
+pub(crate) trait Stage<T> {
+    fn stage(self, stage: &'static str) -> Result<T, StepError>;
+}
+
+impl<T, E: Into<std::io::Error>> Stage<T> for Result<T, E> {
+    fn stage(self, stage: &'static str) -> Result<T, StepError> {
+        self.map_err(|e| StepError { stage, error: e.into() })
+    }
+}
+
+/// Entry point of `sandbox-init launch`: reads the config from stdin, launches, reports on stdout.
+pub fn launch_main() -> i32 {
+    let mut input = String::new();
+    let outcome = match std::io::stdin().read_to_string(&mut input) {
+        Err(e) => LaunchOutcome::Failed { stage: "read config".into(), message: e.to_string() },
+        Ok(_) => match serde_json::from_str::<LaunchConfig>(&input) {
+            Err(e) => LaunchOutcome::Failed { stage: "parse config".into(), message: e.to_string() },
+            Ok(cfg) => match launch(&cfg) {
+                Ok(pid) => LaunchOutcome::Started { pid },
+                Err(e) => LaunchOutcome::Failed { stage: e.stage.into(), message: e.error.to_string() },
+            },
+        },
+    };
+    let ok = matches!(outcome, LaunchOutcome::Started { .. });
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer(&mut out, &outcome);
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
+    if ok { 0 } else { 1 }
+}
+
+/// Launches the sandbox described by `cfg`; returns the host pid of its init process.
+pub fn launch(cfg: &LaunchConfig) -> Result<i32, StepError> {
+    unshare(CloneFlags::CLONE_NEWNS).stage("private mount namespace")?;
+    nix::mount::mount(None::<&str>, "/", None::<&str>, nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE, None::<&str>)
+        .stage("make mounts private")?;
+
+    let listener = bind_agent_socket(&cfg.agent_socket)?;
+    let userns = make_userns(cfg)?;
+    rootfs::assemble(cfg, &userns)?;
+
+    let me = std::process::id().to_string();
+    for cg in &cfg.cgroups {
+        fs::write(cg.join("cgroup.procs"), &me).stage("join cgroup")?;
+    }
+
+    std::env::set_current_dir(&cfg.runtime_dir).stage("enter runtime dir")?;
+    setns(userns.as_fd(), CloneFlags::CLONE_NEWUSER).stage("enter user namespace")?;
+    drop(userns);
+    become_root().stage("become root in the user namespace")?;
+    unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWCGROUP
+            | CloneFlags::CLONE_NEWPID,
+    )
+    .stage("unshare namespaces")?;
+
+    let (ready_r, ready_w) =
+        socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).stage("sync socket")?;
+    let pid = sys::fork().stage("fork init")?;
+    if pid == 0 {
+        drop(ready_r);
+        let code = init::run(cfg, listener, ready_w);
+        std::process::exit(code);
+    }
+    drop(ready_w);
+    drop(listener);
+    let mut buf = [0u8; 4096];
+    let n = nix::unistd::read(&ready_r, &mut buf).unwrap_or(0);
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    if msg == "ready" {
+        Ok(pid)
+    } else {
+        let _ = waitpid(Pid::from_raw(pid), None);
+        let msg = if msg.is_empty() { "init exited during setup".to_string() } else { msg };
+        Err(StepError { stage: "set up sandbox", error: std::io::Error::other(msg) })
+    }
+}
+
+fn bind_agent_socket(path: &Path) -> Result<OwnedFd, StepError> {
+    let _ = fs::remove_file(path);
+    let sock = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).stage("agent socket")?;
+    let addr = UnixAddr::new(path).stage("agent socket path")?;
+    bind(sock.as_raw_fd(), &addr).stage("bind agent socket")?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).stage("agent socket mode")?;
+    listen(&sock, nix::sys::socket::Backlog::new(64).stage("listen")?).stage("listen on agent socket")?;
+    Ok(sock)
+}
+
+/// Makes a user namespace with the sandbox's id map and returns an fd to it.
+fn make_userns(cfg: &LaunchConfig) -> Result<OwnedFd, StepError> {
+    let (ready_r, ready_w) = nix::unistd::pipe().stage("pipe")?;
+    let (release_r, release_w) = nix::unistd::pipe().stage("pipe")?;
+    let pid = sys::fork().stage("fork user namespace holder")?;
+    if pid == 0 {
+        drop(ready_r);
+        drop(release_w);
+        let code = match unshare(CloneFlags::CLONE_NEWUSER) {
+            Ok(()) => {
+                let _ = nix::unistd::write(&ready_w, b"1");
+                let mut b = [0u8; 1];
+                let _ = nix::unistd::read(&release_r, &mut b);
+                0
+            }
+            Err(_) => 1,
+        };
+        // A forked child leaves with _exit: no atexit handlers, no flush of the parent's buffers.
+        sys::exit_now(code);
+    }
+    drop(ready_w);
+    drop(release_r);
+    let result = (|| {
+        let mut b = [0u8; 1];
+        let n = nix::unistd::read(&ready_r, &mut b).stage("wait for user namespace")?;
+        if n != 1 {
+            return Err(StepError { stage: "create user namespace", error: std::io::Error::other("unshare(CLONE_NEWUSER) failed") });
+        }
+        let map = format!("0 {} {}\n", cfg.idmap.host_base, cfg.idmap.size);
+        fs::write(format!("/proc/{pid}/uid_map"), &map).stage("write uid_map")?;
+        fs::write(format!("/proc/{pid}/gid_map"), &map).stage("write gid_map")?;
+        let f = fs::File::open(format!("/proc/{pid}/ns/user")).stage("open user namespace")?;
+        Ok(OwnedFd::from(f))
+    })();
+    drop(release_w);
+    let _ = waitpid(Pid::from_raw(pid), None);
+    result
+}
+
+fn become_root() -> nix::Result<()> {
+    let root_g = nix::unistd::Gid::from_raw(0);
+    let root_u = nix::unistd::Uid::from_raw(0);
+    nix::unistd::setresgid(root_g, root_g, root_g)?;
+    nix::unistd::setgroups(&[])?;
+    nix::unistd::setresuid(root_u, root_u, root_u)?;
+    Ok(())
+}
+
+/// Reads `/proc/<pid>/stat` field 22: the process's start time in clock ticks since boot.
+/// Together with the pid it names a process unambiguously across pid reuse.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 2..];
+    after_comm.split(' ').nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_of_self_is_readable() {
+        assert!(process_start_time(std::process::id() as i32).is_some());
+        assert!(process_start_time(i32::MAX).is_none());
+    }
+}

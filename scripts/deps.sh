@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the Debian packages dev-box needs: at run time (btrfs-progs, util-linux) and for
+# its tests (busybox-static for test images). `scripts/deps.sh bench` adds the peers the
+# benchmark compares against. Idempotent: does nothing when everything is there.
+set -euo pipefail
+
+packages=(btrfs-progs util-linux busybox-static iproute2 ca-certificates)
+if [[ "${1:-}" == "bench" ]]; then
+  packages+=(runc bubblewrap podman hyperfine)
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, then runs every test of the workspace.
+# Needs root (the integration tests make real namespaces, cgroups, mounts and btrfs pools).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ $(id -u) != 0 ]]; then
+  echo "scripts/test.sh needs root: run it with sudo" >&2
+  exit 1
+fi
+scripts/deps.sh
+cargo build --workspace --all-targets --locked
+cargo test --workspace --locked -- --test-threads="${DEVBOX_TEST_THREADS:-4}"
