@@ -264,3 +264,14 @@ pub fn default_signal(sig: nix::sys::signal::Signal) -> nix::Result<()> {
     // SAFETY: installing SIG_DFL runs no handler code, so no async-signal-safety concern arises.
     unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) }.map(|_| ())
 }
+
+/// Reads a terminal's window size.
+pub fn get_winsize(fd: RawFd) -> io::Result<(u16, u16)> {
+    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes one `struct winsize` into `ws`, which outlives the call.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws as *mut libc::winsize) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((ws.ws_row, ws.ws_col))
+}

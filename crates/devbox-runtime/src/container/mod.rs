@@ -102,6 +102,8 @@ pub fn launch_main() -> i32 {
 
 /// Launches the sandbox described by `cfg`; returns the host pid of its init process.
 pub fn launch(cfg: &LaunchConfig) -> Result<i32, StepError> {
+    // A session of its own: the daemon's terminal and process group signals never reach it.
+    nix::unistd::setsid().stage("new session")?;
     unshare(CloneFlags::CLONE_NEWNS).stage("private mount namespace")?;
     nix::mount::mount(None::<&str>, "/", None::<&str>, nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE, None::<&str>)
         .stage("make mounts private")?;

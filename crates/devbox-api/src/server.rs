@@ -1,0 +1,305 @@
+//! The HTTP server: routes, handlers and error mapping. Handlers are thin: they parse, call
+//! the engine, and shape the answer.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use devbox_engine::model::{
+    CreateSandboxRequest, ExecRequest, ExecResult, ImageInfo, ImportImageRequest, SandboxInfo, StopRequest,
+};
+use devbox_engine::{Engine, EngineError};
+use devbox_storage::PoolInfo;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+use utoipa::{OpenApi, ToSchema};
+
+use crate::openapi::ApiDoc;
+use crate::ws;
+
+/// The error body of every failed request.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// What failed.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable code: not_found, already_exists, invalid_spec, invalid_request, wrong_state,
+    /// image_in_use, pool_full, exec_failed, internal.
+    pub code: String,
+    /// What went wrong and what to do.
+    pub message: String,
+}
+
+/// An engine error as an HTTP response.
+#[derive(Debug)]
+pub struct ApiError(pub EngineError);
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        Self(e)
+    }
+}
+
+/// The HTTP status of an engine error.
+pub fn status_of(e: &EngineError) -> StatusCode {
+    match e {
+        EngineError::NotFound { .. } => StatusCode::NOT_FOUND,
+        EngineError::AlreadyExists { .. } | EngineError::WrongState(_) | EngineError::ImageInUse { .. } => StatusCode::CONFLICT,
+        EngineError::InvalidSpec(_) | EngineError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+        EngineError::ExecFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        EngineError::PoolFull(_) => StatusCode::INSUFFICIENT_STORAGE,
+        EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = status_of(&self.0);
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!("{}", self.0);
+        }
+        let body = ErrorBody { error: ErrorDetail { code: self.0.code().into(), message: self.0.to_string() } };
+        (status, Json(body)).into_response()
+    }
+}
+
+/// A JSON body that reports bad JSON in the API's error shape.
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = bytes::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError(EngineError::InvalidRequest(format!("unreadable request body: {e}"))))?;
+        let value: T = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError(EngineError::InvalidRequest(format!("invalid request body: {e}"))))?;
+        Ok(Body(value))
+    }
+}
+
+type AppState = Arc<Engine>;
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Daemon and host facts.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VersionInfo {
+    /// dev-box version.
+    pub version: String,
+    /// API version.
+    pub api: String,
+    /// Cgroup layout of the host.
+    pub cgroups: String,
+    /// Storage driver.
+    pub storage: String,
+}
+
+/// The API's routes over an engine.
+pub fn router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .route("/v1/version", get(version))
+        .route("/v1/sandboxes", get(list_sandboxes).post(create_sandbox))
+        .route("/v1/sandboxes/{name}", get(inspect_sandbox).delete(destroy_sandbox))
+        .route("/v1/sandboxes/{name}/start", post(start_sandbox))
+        .route("/v1/sandboxes/{name}/stop", post(stop_sandbox))
+        .route("/v1/sandboxes/{name}/exec", post(exec))
+        .route("/v1/sandboxes/{name}/exec/stream", get(ws::exec_stream))
+        .route("/v1/run/stream", get(ws::run_stream))
+        .route("/v1/images", get(list_images))
+        .route("/v1/images/import", post(import_image))
+        .route("/v1/images/{reference}", axum::routing::delete(remove_image))
+        .route("/v1/pool", get(pool_info))
+        .with_state(engine)
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+#[utoipa::path(get, path = "/v1/version", responses((status = 200, body = VersionInfo)))]
+async fn version(State(e): State<AppState>) -> Json<VersionInfo> {
+    Json(VersionInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        api: "v1".into(),
+        cgroups: e.cgroup_mode().into(),
+        storage: serde_json::to_string(&e.pool_info().driver).unwrap_or_default().trim_matches('"').into(),
+    })
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes", responses((status = 200, body = Vec<SandboxInfo>)))]
+async fn list_sandboxes(State(e): State<AppState>) -> ApiResult<Json<Vec<SandboxInfo>>> {
+    Ok(Json(e.list().await?))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandboxRequest,
+    responses((status = 201, body = SandboxInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create_sandbox(State(e): State<AppState>, Body(req): Body<CreateSandboxRequest>) -> ApiResult<(StatusCode, Json<SandboxInfo>)> {
+    Ok((StatusCode::CREATED, Json(e.create(req).await?)))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = SandboxInfo), (status = 404, body = ErrorBody)))]
+async fn inspect_sandbox(State(e): State<AppState>, UrlPath(name): UrlPath<String>) -> ApiResult<Json<SandboxInfo>> {
+    Ok(Json(e.inspect(&name).await?))
+}
+
+/// Query of DELETE /v1/sandboxes/{name}.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct DestroyQuery {
+    /// Kill at once instead of a graceful stop.
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[utoipa::path(delete, path = "/v1/sandboxes/{name}", params(("name" = String, Path), DestroyQuery),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn destroy_sandbox(State(e): State<AppState>, UrlPath(name): UrlPath<String>, Query(q): Query<DestroyQuery>) -> ApiResult<StatusCode> {
+    e.destroy(&name, q.force).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/start", params(("name" = String, Path)),
+    responses((status = 200, body = SandboxInfo), (status = 404, body = ErrorBody)))]
+async fn start_sandbox(State(e): State<AppState>, UrlPath(name): UrlPath<String>) -> ApiResult<Json<SandboxInfo>> {
+    Ok(Json(e.start(&name).await?))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/stop", params(("name" = String, Path)), request_body = StopRequest,
+    responses((status = 200, body = SandboxInfo), (status = 404, body = ErrorBody)))]
+async fn stop_sandbox(
+    State(e): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    body: bytes::Bytes,
+) -> ApiResult<Json<SandboxInfo>> {
+    let req: StopRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        StopRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError(EngineError::InvalidRequest(format!("invalid request body: {e}"))))?
+    };
+    let grace = req.grace_seconds;
+    let grace = match grace {
+        Some(g) if !(0.0..=3600.0).contains(&g) => {
+            return Err(EngineError::InvalidRequest("grace_seconds must be between 0 and 3600".into()).into());
+        }
+        Some(g) => Some(Duration::from_secs_f64(g)),
+        None => None,
+    };
+    Ok(Json(e.stop(&name, grace).await?))
+}
+
+/// Most output a non-streaming exec keeps per stream.
+pub const MAX_CAPTURE: usize = 16 << 20;
+
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/exec", params(("name" = String, Path)), request_body = ExecRequest,
+    responses((status = 200, body = ExecResult), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn exec(State(e): State<AppState>, UrlPath(name): UrlPath<String>, Body(req): Body<ExecRequest>) -> ApiResult<Json<ExecResult>> {
+    if req.tty.is_some() {
+        return Err(EngineError::InvalidRequest("a tty needs the streaming endpoint (exec/stream)".into()).into());
+    }
+    let begun = Instant::now();
+    let mut session = e.exec(&name, &req, req.stdin.is_some()).await?;
+    if let (Some(mut w), Some(input)) = (session.stdin.take(), req.stdin.clone()) {
+        tokio::spawn(async move {
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut w, input.as_bytes()).await;
+        });
+    }
+    let out = capture(session.stdout.take());
+    let err = capture(session.stderr.take());
+    let exit = session.wait().await?;
+    // Output normally ends with the command; background children may keep it open, so wait
+    // only briefly after the exit.
+    let grace = Duration::from_millis(200);
+    let (out, err) = tokio::join!(finish(out, grace), finish(err, grace));
+    Ok(Json(ExecResult {
+        exit_code: exit.code,
+        signal: exit.signal,
+        stdout: String::from_utf8_lossy(&out.0).into(),
+        stderr: String::from_utf8_lossy(&err.0).into(),
+        truncated: out.1 || err.1,
+        duration_ms: begun.elapsed().as_millis() as u64,
+    }))
+}
+
+type Capture = tokio::task::JoinHandle<(Vec<u8>, bool)>;
+
+fn capture(r: Option<tokio::net::unix::pipe::Receiver>) -> Option<Capture> {
+    let mut r = r?;
+    Some(tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut truncated = false;
+        loop {
+            match r.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let room = MAX_CAPTURE.saturating_sub(buf.len());
+                    truncated |= n > room;
+                    buf.extend_from_slice(&chunk[..n.min(room)]);
+                }
+            }
+        }
+        (buf, truncated)
+    }))
+}
+
+async fn finish(c: Option<Capture>, grace: Duration) -> (Vec<u8>, bool) {
+    let Some(mut c) = c else { return (Vec::new(), false) };
+    match tokio::time::timeout(grace, &mut c).await {
+        Ok(Ok(v)) => v,
+        _ => {
+            c.abort();
+            (Vec::new(), true)
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/v1/images", responses((status = 200, body = Vec<ImageInfo>)))]
+async fn list_images(State(e): State<AppState>) -> ApiResult<Json<Vec<ImageInfo>>> {
+    Ok(Json(e.list_images().await?))
+}
+
+#[utoipa::path(post, path = "/v1/images/import", request_body = ImportImageRequest,
+    responses((status = 201, body = ImageInfo), (status = 400, body = ErrorBody), (status = 507, body = ErrorBody)))]
+async fn import_image(State(e): State<AppState>, Body(req): Body<ImportImageRequest>) -> ApiResult<(StatusCode, Json<ImageInfo>)> {
+    Ok((StatusCode::CREATED, Json(e.import_image(req).await?)))
+}
+
+#[utoipa::path(delete, path = "/v1/images/{reference}", params(("reference" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn remove_image(State(e): State<AppState>, UrlPath(reference): UrlPath<String>) -> ApiResult<StatusCode> {
+    e.remove_image(&reference).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/pool", responses((status = 200, body = PoolInfo)))]
+async fn pool_info(State(e): State<AppState>) -> Json<PoolInfo> {
+    Json(e.pool_info())
+}
+
+/// Serves the API on a Unix socket (mode 0600, in a 0700 directory) until `shutdown` resolves.
+pub async fn serve_unix(
+    engine: Arc<Engine>,
+    socket: &Path,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    axum::serve(listener, router(engine)).with_graceful_shutdown(shutdown).await
+}

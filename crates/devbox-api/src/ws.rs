@@ -1,0 +1,237 @@
+//! Streaming exec over WebSocket (see [`crate::wire`] for the protocol).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path as UrlPath, State};
+use axum::response::Response;
+use devbox_engine::{Engine, EngineError, ExecSession};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::wire::{ClientMsg, STDERR, STDOUT, ServerMsg};
+
+fn text(msg: &ServerMsg) -> Message {
+    Message::Text(serde_json::to_string(msg).unwrap_or_default().into())
+}
+
+fn error_msg(e: &EngineError) -> Message {
+    text(&ServerMsg::Error { code: e.code().into(), message: e.to_string() })
+}
+
+/// Reads the opening message.
+async fn first(socket: &mut WebSocket) -> Option<ClientMsg> {
+    loop {
+        match socket.recv().await? {
+            Ok(Message::Text(t)) => return serde_json::from_str(&t).ok(),
+            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+            _ => return None,
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/exec/stream", params(("name" = String, Path)),
+    description = "WebSocket: send {\"type\":\"exec\",\"exec\":ExecRequest,\"stdin\":bool}; receive started, output frames (first byte 1 stdout, 2 stderr), exit.",
+    responses((status = 101, description = "switching to the WebSocket protocol")))]
+pub(crate) async fn exec_stream(State(engine): State<Arc<Engine>>, UrlPath(name): UrlPath<String>, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |mut socket| async move {
+        let Some(ClientMsg::Exec { exec, stdin }) = first(&mut socket).await else {
+            let e = EngineError::InvalidRequest("the first message must be {\"type\":\"exec\",...}".into());
+            let _ = socket.send(error_msg(&e)).await;
+            return;
+        };
+        match engine.exec(&name, &exec, stdin).await {
+            Ok(session) => {
+                let mode = if exec.tty.is_some() { OnDisconnect::Hangup } else { OnDisconnect::Keep };
+                pump(socket, &name, session, mode).await
+            }
+            Err(e) => {
+                let _ = socket.send(error_msg(&e)).await;
+            }
+        }
+    })
+}
+
+#[utoipa::path(get, path = "/v1/run/stream",
+    description = "WebSocket: send {\"type\":\"run\",\"sandbox\":CreateSandboxRequest,\"exec\":ExecRequest,\"stdin\":bool}; the sandbox is created, runs the command as on exec/stream, and is destroyed when the command ends or the client leaves.",
+    responses((status = 101, description = "switching to the WebSocket protocol")))]
+pub(crate) async fn run_stream(State(engine): State<Arc<Engine>>, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |mut socket| async move {
+        let Some(ClientMsg::Run { mut sandbox, exec, stdin }) = first(&mut socket).await else {
+            let e = EngineError::InvalidRequest("the first message must be {\"type\":\"run\",...}".into());
+            let _ = socket.send(error_msg(&e)).await;
+            return;
+        };
+        let named = sandbox.name.is_some() || sandbox.manifest.as_ref().is_some_and(|m| m.metadata.name.is_some());
+        if !named {
+            sandbox.name = Some(format!("run-{}", random_suffix()));
+        }
+        sandbox.start = true;
+        let info = match engine.create_with(sandbox, true).await {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = socket.send(error_msg(&e)).await;
+                return;
+            }
+        };
+        // Destroy whatever happens to the connection: run in a task of its own.
+        let e2 = engine.clone();
+        let name = info.name.clone();
+        let _ = tokio::spawn(async move {
+            match e2.exec(&name, &exec, stdin).await {
+                Ok(session) => pump(socket, &name, session, OnDisconnect::Kill).await,
+                Err(e) => {
+                    let _ = socket.send(error_msg(&e)).await;
+                }
+            }
+            if let Err(e) = e2.destroy(&name, true).await {
+                tracing::warn!(sandbox = %name, "destroying a run sandbox: {e}");
+            }
+        })
+        .await;
+    })
+}
+
+fn random_suffix() -> String {
+    let mut b = [0u8; 4];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// What to do to the command when the client goes away before it ends.
+#[derive(Clone, Copy)]
+enum OnDisconnect {
+    /// Leave it running (background work survives the client).
+    Keep,
+    /// SIGHUP it, as a closing terminal does.
+    Hangup,
+    /// SIGKILL it (one-shot runs).
+    Kill,
+}
+
+/// Moves bytes between the WebSocket and the session until the command ends.
+async fn pump(socket: WebSocket, name: &str, session: ExecSession, on_disconnect: OnDisconnect) {
+    let mut session = session;
+    let (mut sink, mut stream) = socket.split();
+    if sink.send(text(&ServerMsg::Started { sandbox: name.to_string(), pid: session.pid })).await.is_err() {
+        return;
+    }
+    let (tx, mut rx) = mpsc::channel::<Message>(64);
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            let closing = matches!(m, Message::Close(_));
+            if sink.send(m).await.is_err() || closing {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let mut outputs = Vec::new();
+    if let Some(r) = session.stdout.take() {
+        outputs.push(tokio::spawn(drain(r, STDOUT, tx.clone())));
+    }
+    if let Some(r) = session.stderr.take() {
+        outputs.push(tokio::spawn(drain(r, STDERR, tx.clone())));
+    }
+    let tty = session.tty.take().map(Arc::new);
+    if let Some(p) = &tty {
+        outputs.push(tokio::spawn(drain_pty(p.clone(), tx.clone())));
+    }
+    let mut stdin = session.stdin.take();
+    let session = Arc::new(session);
+
+    let (s2, tty2) = (session.clone(), tty.clone());
+    let input = tokio::spawn(async move {
+        while let Some(Ok(msg)) = stream.next().await {
+            match msg {
+                Message::Binary(data) => {
+                    if let Some(w) = stdin.as_mut() {
+                        if w.write_all(&data).await.is_err() {
+                            stdin = None;
+                        }
+                    } else if let Some(p) = &tty2 {
+                        let _ = (&**p).write_all(&data).await;
+                    }
+                }
+                Message::Text(t) => match serde_json::from_str::<ClientMsg>(&t) {
+                    Ok(ClientMsg::StdinEof) => stdin = None,
+                    Ok(ClientMsg::Resize { rows, cols }) => {
+                        if let Some(p) = &tty2 {
+                            let _ = p.resize(rows, cols);
+                        }
+                    }
+                    Ok(ClientMsg::Signal { signal }) => {
+                        let _ = s2.signal(signal);
+                    }
+                    _ => {}
+                },
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        match on_disconnect {
+            OnDisconnect::Keep => {}
+            OnDisconnect::Hangup => {
+                let _ = s2.signal(1);
+            }
+            OnDisconnect::Kill => {
+                let _ = s2.signal(9);
+            }
+        }
+    });
+
+    let exit = session.wait().await;
+    // Output ends with the command, unless its background children keep the pipes open:
+    // wait only briefly for the rest.
+    for o in outputs {
+        let abort = o.abort_handle();
+        if tokio::time::timeout(Duration::from_millis(200), o).await.is_err() {
+            abort.abort();
+        }
+    }
+    let last = match exit {
+        Ok(x) => text(&ServerMsg::Exit { code: x.code, signal: x.signal }),
+        Err(e) => error_msg(&e),
+    };
+    let _ = tx.send(last).await;
+    let _ = tx.send(Message::Close(None)).await;
+    drop(tx);
+    let _ = writer.await;
+    input.abort();
+}
+
+async fn drain(mut r: tokio::net::unix::pipe::Receiver, channel: u8, tx: mpsc::Sender<Message>) {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match r.read(&mut buf[1..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                buf[0] = channel;
+                if tx.send(Message::Binary(buf[..n + 1].to_vec().into())).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn drain_pty(pty: Arc<devbox_engine::Pty>, tx: mpsc::Sender<Message>) {
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut reader = &*pty;
+    loop {
+        match reader.read(&mut buf[1..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                buf[0] = STDOUT;
+                if tx.send(Message::Binary(buf[..n + 1].to_vec().into())).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}

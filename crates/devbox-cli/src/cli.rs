@@ -1,0 +1,248 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// dev-box: isolated sandboxes that start in milliseconds.
+///
+/// The CLI talks to the dev-box daemon over a root-only Unix socket and starts the daemon
+/// when none runs. Run it as root.
+#[derive(Debug, Parser)]
+#[command(name = "sandbox", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    /// The daemon's socket.
+    #[arg(long, global = true, env = "DEVBOX_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// Persistent state (database, storage pool) of the daemon this CLI starts.
+    #[arg(long, global = true, env = "DEVBOX_STATE_DIR", value_name = "DIR", default_value = "/var/lib/dev-box")]
+    pub state_dir: PathBuf,
+
+    /// Runtime state (socket, mount points) of the daemon this CLI starts.
+    #[arg(long, global = true, env = "DEVBOX_RUNTIME_DIR", value_name = "DIR", default_value = "/run/dev-box")]
+    pub runtime_dir: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    /// The socket to use.
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket.clone().unwrap_or_else(|| self.runtime_dir.join("api.sock"))
+    }
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+/// Settings of a new sandbox.
+#[derive(Debug, Clone, Args)]
+pub struct SandboxOpts {
+    /// A Sandbox spec (YAML or JSON, apiVersion sandbox.io/v1); flags override its fields.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Image: `host` (default: the host's system, read-only) or an imported image.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Memory limit (e.g. 512Mi, 2Gi). Default 1Gi.
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// CPU limit in CPUs (e.g. 2, 0.5, 500m). Default 1.
+    #[arg(long, value_name = "CPUS")]
+    pub cpus: Option<String>,
+    /// Most processes and threads. Default 1024.
+    #[arg(long, value_name = "N")]
+    pub pids: Option<u64>,
+    /// Environment for every command (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Label (repeatable).
+    #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Default working directory of commands.
+    #[arg(short = 'w', long)]
+    pub workdir: Option<String>,
+    /// Default user of commands.
+    #[arg(short = 'u', long)]
+    pub user: Option<String>,
+    /// Hostname (default: the sandbox's name).
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Take a snapshot before every exec (recorded in the spec).
+    #[arg(long)]
+    pub auto_snapshot: bool,
+}
+
+/// How a command runs.
+#[derive(Debug, Clone, Args)]
+pub struct ExecOpts {
+    /// Pass stdin to the command (on by default when stdin is not a terminal).
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Allocate a terminal (`-it` for an interactive shell).
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Environment variable (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory.
+    #[arg(short = 'w', long)]
+    pub workdir: Option<String>,
+    /// User: name, uid, user:group or uid:gid.
+    #[arg(short = 'u', long)]
+    pub user: Option<String>,
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a sandbox and start it.
+    Create {
+        /// Name: lowercase letters, digits, '-', '_', '.'; at most 63 characters.
+        name: Option<String>,
+        #[command(flatten)]
+        opts: SandboxOpts,
+        /// Create it stopped.
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Run a command in a running sandbox; exits with the command's exit code.
+    ///
+    /// One argument after the name runs through `/bin/sh -c` (`sandbox exec dev "make && make test"`);
+    /// after `--`, arguments are the program and its arguments (`sandbox exec dev -- ls -la /work`).
+    #[command(trailing_var_arg = true)]
+    Exec {
+        #[command(flatten)]
+        opts: ExecOpts,
+        /// The sandbox.
+        name: String,
+        /// The command.
+        #[arg(required = true, allow_hyphen_values = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+    /// Create a sandbox, run one command in it; with --rm, destroy it afterwards.
+    #[command(trailing_var_arg = true)]
+    Run {
+        /// Destroy the sandbox when the command ends (also when interrupted).
+        #[arg(long)]
+        rm: bool,
+        /// Name of the sandbox (default: generated).
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        sandbox: SandboxOpts,
+        /// Pass stdin to the command (on by default when stdin is not a terminal).
+        #[arg(short = 'i', long)]
+        interactive: bool,
+        /// Allocate a terminal.
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// The command (as for exec).
+        #[arg(required = true, allow_hyphen_values = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+    /// List sandboxes.
+    #[command(alias = "list", alias = "ps")]
+    Ls {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+        /// Only names.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Show a sandbox as JSON: spec, state, processes, times, resource and storage use.
+    Inspect {
+        /// The sandbox.
+        name: String,
+    },
+    /// Start a stopped sandbox.
+    Start {
+        /// The sandbox.
+        name: String,
+    },
+    /// Stop a sandbox: SIGTERM to every process, SIGKILL after the grace period. Files stay.
+    Stop {
+        /// The sandbox.
+        name: String,
+        /// Seconds to wait before SIGKILL.
+        #[arg(short = 't', long = "time", default_value_t = 10.0)]
+        time: f64,
+    },
+    /// Destroy sandboxes: stop them, then remove their processes, mounts, cgroups and storage.
+    #[command(alias = "rm")]
+    Destroy {
+        /// The sandboxes.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Kill at once, without a grace period.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Manage images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// The storage pool.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// The REST API.
+    #[command(subcommand)]
+    Api(ApiCommand),
+    /// Run the daemon in the foreground (the CLI starts it on demand).
+    Daemon {
+        /// Size of a new loop-file storage pool (default: a fifth of the free disk, 4-100 GiB).
+        #[arg(long, value_name = "SIZE", env = "DEVBOX_POOL_SIZE")]
+        pool_size: Option<String>,
+    },
+}
+
+/// Image commands.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Import a rootfs tarball or directory, an OCI image layout, or a `docker save` archive.
+    Import {
+        /// The file or directory (on the daemon's host).
+        path: PathBuf,
+        /// Name for the image.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List images.
+    #[command(alias = "list")]
+    Ls {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Remove an image (refused while a sandbox uses it).
+    Rm {
+        /// Name or id (or a unique id prefix).
+        reference: String,
+    },
+}
+
+/// Pool commands.
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Show the pool's driver, size and use.
+    Info {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+}
+
+/// API commands.
+#[derive(Debug, Subcommand)]
+pub enum ApiCommand {
+    /// Print the OpenAPI document.
+    Openapi,
+}

@@ -1,0 +1,254 @@
+//! The client commands: each builds a request, calls the daemon, prints the answer.
+
+use anyhow::{Context, bail};
+use devbox_api::client::{Client, ClientError};
+use devbox_api::wire::ClientMsg;
+use devbox_engine::model::{CreateSandboxRequest, ExecRequest, ImportImageRequest, TtySize};
+use devbox_spec::SandboxManifest;
+use utoipa::OpenApi;
+
+use crate::cli::{Cli, Command, ExecOpts, Format, ImageCommand, PoolCommand, SandboxOpts};
+use crate::{daemon, output, stream};
+
+/// Prints the OpenAPI document (no daemon needed).
+pub fn print_openapi() -> anyhow::Result<()> {
+    println!("{}", devbox_api::openapi::ApiDoc::openapi().to_pretty_json()?);
+    Ok(())
+}
+
+/// The exit code for an error: 127 command not found, 126 not runnable, 1 otherwise.
+pub fn exit_code_of(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<ClientError>() {
+        Some(ClientError::Api { code, message, .. }) if code == "exec_failed" => {
+            if message.contains("not found") || message.contains("No such file") { 127 } else { 126 }
+        }
+        _ => 1,
+    }
+}
+
+/// Connects to the daemon, starting one if none answers (unless `DEVBOX_NO_AUTOSTART` is set).
+fn client(cli: &Cli) -> anyhow::Result<Client> {
+    let socket = cli.socket_path();
+    if std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        if std::env::var_os("DEVBOX_NO_AUTOSTART").is_some() {
+            bail!(
+                "the dev-box daemon is not running (no answer on {}): start it with `sudo sandbox daemon`",
+                socket.display()
+            );
+        }
+        daemon::spawn_and_wait(cli)?;
+    }
+    Ok(Client::new(socket))
+}
+
+fn key_values(items: &[String], what: &str) -> anyhow::Result<Vec<(String, String)>> {
+    items
+        .iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => bail!("{what} {kv:?} must look like KEY=VALUE"),
+        })
+        .collect()
+}
+
+/// Builds a create request from flags and an optional spec file.
+pub fn create_request(opts: &SandboxOpts, name: Option<String>, start: bool) -> anyhow::Result<CreateSandboxRequest> {
+    let mut m = match &opts.file {
+        Some(f) => {
+            let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            SandboxManifest::parse(&text).with_context(|| format!("invalid spec {}", f.display()))?
+        }
+        None => SandboxManifest::new(None, Default::default()),
+    };
+    let s = &mut m.spec;
+    if let Some(v) = &opts.image {
+        s.image = Some(v.clone());
+    }
+    if let Some(v) = &opts.memory {
+        s.limits.memory = Some(v.clone());
+    }
+    if let Some(v) = &opts.cpus {
+        s.limits.cpu = Some(v.clone());
+    }
+    if let Some(v) = opts.pids {
+        s.limits.pids = Some(v);
+    }
+    for (k, v) in key_values(&opts.env, "environment variable")? {
+        s.env.insert(k, v);
+    }
+    if let Some(v) = &opts.workdir {
+        s.workdir = Some(v.clone());
+    }
+    if let Some(v) = &opts.user {
+        s.user = Some(v.clone());
+    }
+    if let Some(v) = &opts.hostname {
+        s.hostname = Some(v.clone());
+    }
+    if opts.auto_snapshot {
+        s.rollback.enabled = true;
+        s.rollback.auto_snapshot = true;
+    }
+    for (k, v) in key_values(&opts.labels, "label")? {
+        m.metadata.labels.insert(k, v);
+    }
+    m.validate().context("invalid sandbox settings")?;
+    Ok(CreateSandboxRequest { name, manifest: Some(m), start })
+}
+
+/// Whether the user separated the command with `--` (argv form).
+fn dashdash() -> bool {
+    std::env::args().any(|a| a == "--")
+}
+
+fn exec_request(command: &[String], env: &[String], workdir: Option<String>, user: Option<String>, tty: bool) -> anyhow::Result<ExecRequest> {
+    let mut req = ExecRequest { workdir, user, ..Default::default() };
+    if command.len() == 1 && !dashdash() {
+        req.command = Some(command[0].clone());
+    } else {
+        req.argv = command.to_vec();
+    }
+    req.env = key_values(env, "environment variable")?.into_iter().collect();
+    if tty {
+        let (rows, cols) = stream::terminal_size().unwrap_or((24, 80));
+        req.tty = Some(TtySize { rows, cols });
+    }
+    Ok(req)
+}
+
+fn exec_opts_request(command: &[String], o: &ExecOpts) -> anyhow::Result<ExecRequest> {
+    exec_request(command, &o.env, o.workdir.clone(), o.user.clone(), o.tty)
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Runs a client command; returns the process exit code.
+pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
+    let c = client(cli)?;
+    match &cli.command {
+        Command::Create { name, opts, no_start } => {
+            let req = create_request(opts, name.clone(), !no_start)?;
+            let info = c.create(&req).await?;
+            println!("{}", info.name);
+        }
+        Command::Exec { opts, name, command } => {
+            let req = exec_opts_request(command, opts)?;
+            let stdin = stream::want_stdin(opts.interactive, opts.tty);
+            let path = format!("/v1/sandboxes/{name}/exec/stream");
+            let first = ClientMsg::Exec { exec: req, stdin };
+            return Ok(stream::run(&c, &path, first, opts.tty, stdin).await?);
+        }
+        Command::Run { rm, name, sandbox, interactive, tty, command } => {
+            let create = create_request(sandbox, name.clone(), true)?;
+            let req = exec_request(command, &[], None, None, *tty)?;
+            let stdin = stream::want_stdin(*interactive, *tty);
+            if *rm {
+                let first = ClientMsg::Run { sandbox: create, exec: req, stdin };
+                return Ok(stream::run(&c, "/v1/run/stream", first, *tty, stdin).await?);
+            }
+            let mut create = create;
+            if create.name.is_none() && create.manifest.as_ref().is_none_or(|m| m.metadata.name.is_none()) {
+                create.name = Some(format!("run-{}", std::process::id()));
+            }
+            let info = c.create(&create).await?;
+            eprintln!("sandbox {} created (remove it with `sandbox destroy {}`)", info.name, info.name);
+            let path = format!("/v1/sandboxes/{}/exec/stream", info.name);
+            let first = ClientMsg::Exec { exec: req, stdin };
+            return Ok(stream::run(&c, &path, first, *tty, stdin).await?);
+        }
+        Command::Ls { format, quiet } => {
+            let list = c.list().await?;
+            if *quiet {
+                for s in &list {
+                    println!("{}", s.name);
+                }
+            } else if *format == Format::Json {
+                print_json(&list)?;
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.name.clone(),
+                            serde_json::to_string(&s.state).unwrap_or_default().trim_matches('"').to_string(),
+                            s.image.clone(),
+                            output::ago(&s.created_at),
+                            s.usage.map(|u| output::bytes(u.memory_bytes)).unwrap_or_else(|| "-".into()),
+                            s.usage.map(|u| u.pids.to_string()).unwrap_or_else(|| "-".into()),
+                        ]
+                    })
+                    .collect();
+                output::table(&["NAME", "STATE", "IMAGE", "CREATED", "MEMORY", "PIDS"], &rows);
+            }
+        }
+        Command::Inspect { name } => print_json(&c.inspect(name).await?)?,
+        Command::Start { name } => {
+            c.start(name).await?;
+        }
+        Command::Stop { name, time } => {
+            c.stop(name, Some(*time)).await?;
+        }
+        Command::Destroy { names, force } => {
+            let mut failed = false;
+            for n in names {
+                if let Err(e) = c.destroy(n, *force).await {
+                    eprintln!("sandbox: {e}");
+                    failed = true;
+                }
+            }
+            return Ok(if failed { 1 } else { 0 });
+        }
+        Command::Image(ImageCommand::Import { path, name }) => {
+            let abs = std::fs::canonicalize(path).with_context(|| format!("{} does not exist", path.display()))?;
+            let img = c.import_image(&ImportImageRequest { path: abs.display().to_string(), name: name.clone() }).await?;
+            println!("{} {} ({})", img.name, &img.id[..img.id.len().min(12)], output::bytes(img.size_bytes));
+        }
+        Command::Image(ImageCommand::Ls { format }) => {
+            let list = c.images().await?;
+            if *format == Format::Json {
+                print_json(&list)?;
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.name.clone(),
+                            i.id[..i.id.len().min(12)].to_string(),
+                            i.format.clone(),
+                            if i.id == "host" { "-".into() } else { output::bytes(i.size_bytes) },
+                            if i.used_by.is_empty() { "-".into() } else { i.used_by.join(",") },
+                        ]
+                    })
+                    .collect();
+                output::table(&["NAME", "ID", "FORMAT", "SIZE", "USED BY"], &rows);
+            }
+        }
+        Command::Image(ImageCommand::Rm { reference }) => c.remove_image(reference).await?,
+        Command::Pool(PoolCommand::Info { format }) => {
+            let p = c.pool().await?;
+            if *format == Format::Json {
+                print_json(&p)?;
+            } else {
+                let driver = serde_json::to_string(&p.driver).unwrap_or_default().trim_matches('"').to_string();
+                let rows = vec![
+                    vec!["driver".into(), driver],
+                    vec!["path".into(), p.path.clone()],
+                    vec!["loop file".into(), p.loop_file.clone().unwrap_or_else(|| "-".into())],
+                    vec!["size".into(), output::bytes(p.total_bytes)],
+                    vec!["used".into(), output::bytes(p.used_bytes)],
+                    vec!["free".into(), output::bytes(p.free_bytes)],
+                ];
+                output::table(&["POOL", ""], &rows);
+            }
+        }
+        Command::Daemon { .. } | Command::Api(_) => unreachable_command()?,
+    }
+    Ok(0)
+}
+
+fn unreachable_command() -> anyhow::Result<()> {
+    bail!("this command is handled before connecting to the daemon")
+}

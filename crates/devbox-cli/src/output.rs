@@ -1,0 +1,47 @@
+//! Tables and human-friendly figures.
+
+use std::time::{Duration, SystemTime};
+
+/// Prints rows as left-aligned columns under a header.
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}   ", w = widths[i]));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+/// "3 minutes ago" for an RFC 3339 time.
+pub fn ago(rfc3339: &str) -> String {
+    let Ok(t) = humantime::parse_rfc3339_weak(rfc3339) else { return rfc3339.to_string() };
+    let d = SystemTime::now().duration_since(t).unwrap_or(Duration::ZERO).as_secs();
+    match d {
+        0..=59 => format!("{d} seconds ago"),
+        60..=3599 => format!("{} minutes ago", d / 60),
+        3600..=86399 => format!("{} hours ago", d / 3600),
+        _ => format!("{} days ago", d / 86400),
+    }
+}
+
+/// Bytes for people.
+pub fn bytes(n: u64) -> String {
+    devbox_spec::quantity::format_bytes(n)
+}

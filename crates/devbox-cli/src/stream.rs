@@ -1,0 +1,157 @@
+//! The CLI's side of an exec stream: forwards stdin, terminal size and signals; writes output
+//! as it arrives; returns the command's exit code.
+
+use std::io::{IsTerminal, Write};
+use std::os::fd::AsFd;
+
+use anyhow::{Context, bail};
+use devbox_api::client::{Client, ClientError};
+use devbox_api::wire::{ClientMsg, STDERR, STDOUT, ServerMsg};
+use futures_util::{SinkExt, StreamExt};
+use nix::sys::termios::{SetArg, Termios, cfmakeraw, tcgetattr, tcsetattr};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Puts the terminal on stdin in raw mode until dropped.
+struct RawMode {
+    saved: Termios,
+}
+
+impl RawMode {
+    fn enter() -> Option<Self> {
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(stdin.as_fd()).ok()?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(stdin.as_fd(), SetArg::TCSANOW, &raw).ok()?;
+        Some(Self { saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = tcsetattr(std::io::stdin().as_fd(), SetArg::TCSANOW, &self.saved);
+    }
+}
+
+/// The size of the terminal on stdout (or stdin).
+pub fn terminal_size() -> Option<(u16, u16)> {
+    use std::os::fd::AsRawFd;
+    devbox_runtime::sys::get_winsize(std::io::stdout().as_raw_fd())
+        .or_else(|_| devbox_runtime::sys::get_winsize(std::io::stdin().as_raw_fd()))
+        .ok()
+        .filter(|(r, c)| *r > 0 && *c > 0)
+}
+
+/// Whether stdin should be passed to the command.
+pub fn want_stdin(interactive: bool, tty: bool) -> bool {
+    interactive || tty || !std::io::stdin().is_terminal()
+}
+
+fn text(m: &ClientMsg) -> Message {
+    Message::Text(serde_json::to_string(m).unwrap_or_default().into())
+}
+
+/// Runs a stream to its end; returns the exit code to exit with.
+pub async fn run(client: &Client, path: &str, first: ClientMsg, tty: bool, stdin: bool) -> Result<i32, ClientError> {
+    let (ws, _sandbox, _pid) = client.stream(path, &first).await?;
+    let raw = if tty && std::io::stdin().is_terminal() { RawMode::enter() } else { None };
+    let result = pump(ws, tty, stdin).await;
+    drop(raw);
+    result.map_err(|e| ClientError::Protocol(format!("{e:#}")))
+}
+
+async fn pump(ws: devbox_api::client::ExecStream, tty: bool, stdin: bool) -> anyhow::Result<i32> {
+    let (mut sink, mut stream) = ws.split();
+    let (tx, mut rx) = mpsc::channel::<Message>(32);
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if sink.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut tasks = Vec::new();
+    if stdin {
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut input = tokio::io::stdin();
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match input.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(text(&ClientMsg::StdinEof)).await;
+                        break;
+                    }
+                    Ok(n) => {
+                        if tx.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    {
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut int), Ok(mut term), Ok(mut hup), Ok(mut winch)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+                signal(SignalKind::hangup()),
+                signal(SignalKind::window_change()),
+            ) else {
+                return;
+            };
+            loop {
+                let msg = tokio::select! {
+                    _ = int.recv() => ClientMsg::Signal { signal: libc::SIGINT },
+                    _ = term.recv() => ClientMsg::Signal { signal: libc::SIGTERM },
+                    _ = hup.recv() => ClientMsg::Signal { signal: libc::SIGHUP },
+                    _ = winch.recv() => match terminal_size() {
+                        Some((rows, cols)) if tty => ClientMsg::Resize { rows, cols },
+                        _ => continue,
+                    },
+                };
+                if tx.send(text(&msg)).await.is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+    drop(tx);
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr();
+    let code = loop {
+        match stream.next().await {
+            Some(Ok(Message::Binary(data))) if !data.is_empty() => {
+                let payload = &data[1..];
+                match data[0] {
+                    STDOUT => {
+                        out.write_all(payload).context("writing stdout")?;
+                        out.flush()?;
+                    }
+                    STDERR => {
+                        err.write_all(payload).context("writing stderr")?;
+                    }
+                    _ => {}
+                }
+            }
+            Some(Ok(Message::Text(t))) => match serde_json::from_str::<ServerMsg>(&t) {
+                Ok(ServerMsg::Exit { code, .. }) => break code,
+                Ok(ServerMsg::Error { message, .. }) => bail!("{message}"),
+                _ => {}
+            },
+            Some(Ok(Message::Close(_))) | None => bail!("the daemon closed the stream before the command ended"),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => bail!("stream: {e}"),
+        }
+    };
+    for t in tasks {
+        t.abort();
+    }
+    writer.abort();
+    Ok(code)
+}

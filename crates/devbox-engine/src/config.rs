@@ -1,0 +1,61 @@
+//! Where the engine keeps things, and its defaults.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use devbox_storage::PoolSource;
+
+/// Engine settings. Every path is a parameter so tests run side by side on private roots.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Persistent state: the database, the pool's loop file, exec logs.
+    pub state_dir: PathBuf,
+    /// Runtime state: per-sandbox mount points and agent sockets.
+    pub runtime_dir: PathBuf,
+    /// The storage pool.
+    pub pool: PoolSource,
+    /// Where a loop-file pool is mounted.
+    pub pool_mountpoint: PathBuf,
+    /// Name of the cgroup under which sandboxes' cgroups are made.
+    pub cgroup_parent: String,
+    /// The `sandbox-init` binary.
+    pub init_binary: PathBuf,
+    /// Grace period of a stop before SIGKILL.
+    pub stop_grace: Duration,
+}
+
+impl EngineConfig {
+    /// Settings under one state directory and one runtime directory, with a loop-file pool
+    /// of `pool_size` bytes (or the pool named by `$DEVBOX_POOL`: a btrfs directory, or
+    /// `dir:PATH` for the copy driver).
+    pub fn new(state_dir: PathBuf, runtime_dir: PathBuf, pool_size: Option<u64>) -> Self {
+        let pool_mountpoint = state_dir.join("pool");
+        let pool = match std::env::var("DEVBOX_POOL").ok().filter(|s| !s.is_empty()) {
+            Some(p) if p.starts_with("dir:") => PoolSource::Directory(PathBuf::from(&p[4..])),
+            Some(p) => PoolSource::Btrfs(PathBuf::from(p)),
+            None => PoolSource::LoopFile {
+                image: state_dir.join("pool.img"),
+                size: pool_size.unwrap_or_else(|| devbox_storage::default_loop_size(state_dir.parent().unwrap_or(&state_dir))),
+            },
+        };
+        Self {
+            state_dir,
+            runtime_dir,
+            pool,
+            pool_mountpoint,
+            cgroup_parent: "dev-box".into(),
+            init_binary: devbox_runtime::launch::Launcher::locate().binary().to_path_buf(),
+            stop_grace: Duration::from_secs(10),
+        }
+    }
+
+    /// The database file.
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join("state.db")
+    }
+
+    /// Per-sandbox runtime directories.
+    pub fn sandboxes_runtime_dir(&self) -> PathBuf {
+        self.runtime_dir.join("sandboxes")
+    }
+}

@@ -1,0 +1,243 @@
+//! Running commands in sandboxes: an [`ExecSession`] streams a process's stdio and exit.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use devbox_image::HOST_IMAGE;
+use devbox_runtime::client::AgentConn;
+use devbox_runtime::protocol::{self, AttachedStdio, FailureKind, Reply, Request, WinSize};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::unix::pipe;
+
+use crate::model::ExecRequest;
+use crate::{Engine, EngineError, Result};
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExecExit {
+    /// Exit code (128 + signal when killed by one).
+    pub code: i32,
+    /// The signal that killed it.
+    pub signal: Option<i32>,
+}
+
+/// A terminal's master side, readable and writable asynchronously.
+#[derive(Debug)]
+pub struct Pty {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl Pty {
+    fn new(fd: OwnedFd) -> io::Result<Self> {
+        let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+        Ok(Self { fd: crate::os::async_fd(fd, tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE)? })
+    }
+
+    /// Resizes the terminal.
+    pub fn resize(&self, rows: u16, cols: u16) -> io::Result<()> {
+        devbox_runtime::sys::set_winsize(self.fd.get_ref().as_raw_fd(), rows, cols)
+    }
+}
+
+impl AsyncRead for &Pty {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match guard.try_io(|inner| nix::unistd::read(inner.get_ref(), unfilled).map_err(io::Error::from)) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                // EIO: the terminal's last user closed it; that is the end of the stream.
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Poll::Ready(Ok(())),
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for &Pty {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+            match guard.try_io(|inner| nix::unistd::write(inner.get_ref(), buf).map_err(io::Error::from)) {
+                Ok(result) => return Poll::Ready(result),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A running command. Read its output, feed its input, then [`ExecSession::wait`].
+#[derive(Debug)]
+pub struct ExecSession {
+    /// Pid inside the sandbox.
+    pub pid: i32,
+    /// The command's stdin (when asked for, without a tty).
+    pub stdin: Option<pipe::Sender>,
+    /// The command's stdout (without a tty).
+    pub stdout: Option<pipe::Receiver>,
+    /// The command's stderr (without a tty).
+    pub stderr: Option<pipe::Receiver>,
+    /// The terminal (with a tty): both input and output.
+    pub tty: Option<Pty>,
+    conn: AsyncFd<OwnedFd>,
+}
+
+impl ExecSession {
+    /// Waits for the command to end.
+    pub async fn wait(&self) -> Result<ExecExit> {
+        loop {
+            let mut guard = self.conn.readable().await.map_err(|e| EngineError::internal("exec", e))?;
+            match guard.try_io(|c| protocol::recv::<Reply>(c.get_ref().as_fd())) {
+                Ok(Ok(Some((Reply::Exited { code, signal }, _)))) => return Ok(ExecExit { code, signal }),
+                Ok(Ok(Some(_))) => continue,
+                Ok(Ok(None)) => {
+                    return Err(EngineError::WrongState("the sandbox stopped while the command ran".into()));
+                }
+                Ok(Err(e)) => return Err(EngineError::internal("exec", e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Sends a signal to the command.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        protocol::send(self.conn.get_ref().as_fd(), &Request::Signal { signal }, &[]).map_err(|e| EngineError::internal("signal", e))
+    }
+}
+
+fn failure(kind: FailureKind, message: String) -> EngineError {
+    match kind {
+        FailureKind::BadRequest => EngineError::InvalidRequest(message),
+        FailureKind::Internal => EngineError::Internal(message),
+        FailureKind::NotFound | FailureKind::PermissionDenied => EngineError::ExecFailed(message),
+    }
+}
+
+impl Engine {
+    /// Starts a command in a running sandbox. With `want_stdin`, the session's `stdin` is
+    /// connected; otherwise the command reads from /dev/null.
+    pub async fn exec(self: &Arc<Self>, name: &str, req: &ExecRequest, want_stdin: bool) -> Result<ExecSession> {
+        let argv = req.resolved_argv()?;
+        let lock = self.locks.get(name);
+        let _guard = lock.lock().await;
+        let rec = {
+            let name = name.to_string();
+            self.blocking(move |e| e.record(&name)).await?
+        };
+        if !rec.state.can_exec() {
+            return Err(EngineError::WrongState(format!(
+                "sandbox {} is {}: start it with `sandbox start {}`",
+                rec.name,
+                serde_json::to_string(&rec.state).unwrap_or_default().trim_matches('"'),
+                rec.name
+            )));
+        }
+        let manifest = Self::manifest_of(&rec)?;
+        let image_cfg = if rec.image_id == HOST_IMAGE {
+            devbox_image::ImageConfig::default()
+        } else {
+            self.store
+                .images()?
+                .into_iter()
+                .find(|i| i.id == rec.image_id)
+                .and_then(|i| serde_json::from_str(&i.config).ok())
+                .unwrap_or_default()
+        };
+        let mut env: Vec<String> = image_cfg.env.clone();
+        let mut set = |k: &str, v: &str| {
+            env.retain(|e| e.split_once('=').map(|(key, _)| key) != Some(k));
+            env.push(format!("{k}={v}"));
+        };
+        set("HOSTNAME", manifest.spec.hostname.as_deref().unwrap_or(&rec.name));
+        for (k, v) in manifest.spec.env.iter().chain(req.env.iter()) {
+            if k.is_empty() || k.contains('=') {
+                return Err(EngineError::InvalidRequest(format!("bad environment variable name {k:?}")));
+            }
+            set(k, v);
+        }
+        let default_dir = if rec.image_id == HOST_IMAGE { "/work" } else { "/" };
+        let cwd = req.workdir.clone().or(manifest.spec.workdir.clone()).or(image_cfg.workdir.clone()).unwrap_or(default_dir.into());
+        if !cwd.starts_with('/') {
+            return Err(EngineError::InvalidRequest(format!("workdir {cwd:?} must be an absolute path")));
+        }
+        let user = req.user.clone().or(manifest.spec.user.clone()).or(image_cfg.user.clone());
+        let tty = req.tty.map(|t| WinSize { rows: t.rows, cols: t.cols });
+        let stdio = if tty.is_some() { AttachedStdio::default() } else { AttachedStdio { stdin: want_stdin, stdout: true, stderr: true } };
+        let request = protocol::ExecRequest { argv, env, cwd, user, tty, stdio };
+        let socket = self.sandbox_runtime_dir(&rec.id).join("agent.sock");
+
+        let started = tokio::task::spawn_blocking(move || -> Result<_> {
+            let conn = AgentConn::connect(&socket).map_err(|e| EngineError::internal("connecting to the sandbox's agent", e))?;
+            let mut keep = Vec::new();
+            let mut send = Vec::new();
+            if stdio.stdin {
+                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| EngineError::internal("pipe", e))?;
+                send.push(r);
+                keep.push(w);
+            }
+            for _ in 0..(stdio.stdout as usize + stdio.stderr as usize) {
+                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| EngineError::internal("pipe", e))?;
+                send.push(w);
+                keep.push(r);
+            }
+            let raw: Vec<_> = send.iter().map(|f| f.as_raw_fd()).collect();
+            conn.send(&Request::Exec(request), &raw).map_err(|e| EngineError::internal("exec request", e))?;
+            drop(send);
+            let (reply, fds) = conn.recv().map_err(|e| EngineError::internal("exec reply", e))?;
+            match reply {
+                Reply::Started { pid } => Ok((conn.into_fd(), pid, keep, fds)),
+                Reply::Failed { kind, message } => Err(failure(kind, message)),
+                other => Err(EngineError::Internal(format!("unexpected agent reply {other:?}"))),
+            }
+        })
+        .await
+        .map_err(|e| EngineError::internal("exec task", e))??;
+        let (conn, pid, mut keep, mut fds) = started;
+        let nonblock = |fd: &OwnedFd| {
+            let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).map_err(|e| EngineError::internal("fcntl", e))?;
+            let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(|e| EngineError::internal("fcntl", e))?;
+            Ok::<_, EngineError>(())
+        };
+        nonblock(&conn)?;
+        let conn = crate::os::async_fd(conn, tokio::io::Interest::READABLE).map_err(|e| EngineError::internal("exec", e))?;
+        let mut session = ExecSession { pid, stdin: None, stdout: None, stderr: None, tty: None, conn };
+        if tty.is_some() {
+            let master = fds.pop().ok_or_else(|| EngineError::Internal("the agent sent no terminal".into()))?;
+            session.tty = Some(Pty::new(master).map_err(|e| EngineError::internal("terminal", e))?);
+        } else {
+            let io_err = |e: io::Error| EngineError::internal("exec pipes", e);
+            let mut it = keep.drain(..);
+            if stdio.stdin
+                && let Some(w) = it.next()
+            {
+                session.stdin = Some(pipe::Sender::from_owned_fd(w).map_err(io_err)?);
+            }
+            if let Some(r) = it.next() {
+                session.stdout = Some(pipe::Receiver::from_owned_fd(r).map_err(io_err)?);
+            }
+            if let Some(r) = it.next() {
+                session.stderr = Some(pipe::Receiver::from_owned_fd(r).map_err(io_err)?);
+            }
+        }
+        Ok(session)
+    }
+}

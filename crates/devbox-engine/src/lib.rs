@@ -1,0 +1,124 @@
+//! The engine: dev-box's one internal command API.
+//!
+//! [`Engine`] owns the state ([`devbox_store::Store`]), the storage pool, the image store,
+//! the cgroup driver and the launcher of the native container backend. Its methods are the
+//! operations every front end offers (the REST API, hence the CLI): sandboxes
+//! ([`Engine::create`], [`Engine::start`], [`Engine::stop`], [`Engine::destroy`],
+//! [`Engine::list`], [`Engine::inspect`]), commands ([`Engine::exec`], an [`ExecSession`]),
+//! images and the pool.
+//!
+//! Operations on one sandbox are serialised by a per-name lock; operations on different
+//! sandboxes run in parallel. Each lifecycle step is recorded before it acts, and
+//! [`Engine::open`] reconciles records with the host (processes, cgroups, volumes, runtime
+//! directories), so a daemon killed at any point leaves nothing a restart cannot repair.
+
+mod config;
+mod error;
+mod exec;
+mod images;
+mod locks;
+pub mod model;
+mod os;
+mod reconcile;
+mod sandbox;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use devbox_image::ImageStore;
+use devbox_runtime::cgroup::CgroupDriver;
+use devbox_runtime::launch::Launcher;
+use devbox_storage::{Pool, PoolInfo};
+use devbox_store::Store;
+
+pub use config::EngineConfig;
+pub use error::EngineError;
+pub use exec::{ExecExit, ExecSession, Pty};
+
+/// Result of engine operations.
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+/// The engine. Cheap to share: use it behind an `Arc`.
+pub struct Engine {
+    cfg: EngineConfig,
+    store: Store,
+    pool: Pool,
+    images: ImageStore,
+    cgroups: CgroupDriver,
+    launcher: Launcher,
+    locks: locks::LockTable,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("state_dir", &self.cfg.state_dir).finish_non_exhaustive()
+    }
+}
+
+fn ensure_dir(path: &std::path::Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path).map_err(|e| EngineError::internal(&format!("create {}", path.display()), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| EngineError::internal(&format!("chmod {}", path.display()), e))
+}
+
+impl Engine {
+    /// Opens the engine: sets up the state directory, the database and the pool (creating
+    /// them on first use), then reconciles recorded state with the host. Must run inside a
+    /// tokio runtime (running sandboxes get exit monitors).
+    pub async fn open(cfg: EngineConfig) -> Result<Arc<Engine>> {
+        let engine = tokio::task::spawn_blocking(move || Self::open_blocking(cfg))
+            .await
+            .map_err(|e| EngineError::internal("opening the engine", e))??;
+        let e2 = engine.clone();
+        tokio::task::spawn_blocking(move || e2.reconcile()).await.map_err(|e| EngineError::internal("reconcile", e))??;
+        Ok(engine)
+    }
+
+    fn open_blocking(cfg: EngineConfig) -> Result<Arc<Engine>> {
+        ensure_dir(&cfg.state_dir, 0o700)?;
+        ensure_dir(&cfg.runtime_dir, 0o711)?;
+        ensure_dir(&cfg.sandboxes_runtime_dir(), 0o711)?;
+        let store = Store::open(&cfg.db_path())?;
+        let pool = Pool::open(&cfg.pool, &cfg.pool_mountpoint)?;
+        let images = ImageStore::new(pool.clone());
+        let cgroups = CgroupDriver::detect(&cfg.cgroup_parent).map_err(|e| EngineError::internal("cgroups", e))?;
+        let launcher = Launcher::new(cfg.init_binary.clone());
+        if !launcher.binary().is_file() {
+            return Err(EngineError::Internal(format!(
+                "sandbox-init not found at {}: install it next to the sandbox binary or set DEVBOX_INIT",
+                launcher.binary().display()
+            )));
+        }
+        Ok(Arc::new(Engine { cfg, store, pool, images, cgroups, launcher, locks: locks::LockTable::default() }))
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Size and use of the storage pool.
+    pub fn pool_info(&self) -> PoolInfo {
+        self.pool.info()
+    }
+
+    /// Cgroup mode of the host ("v1", "v2" or "hybrid").
+    pub fn cgroup_mode(&self) -> &'static str {
+        self.cgroups.mode()
+    }
+
+    fn sandbox_runtime_dir(&self, id: &str) -> PathBuf {
+        self.cfg.sandboxes_runtime_dir().join(id)
+    }
+
+    fn sandbox_volume(&self, id: &str) -> PathBuf {
+        self.pool.sandboxes_dir().join(id)
+    }
+
+    /// Runs blocking engine work off the async threads.
+    async fn blocking<T: Send + 'static>(self: &Arc<Self>, f: impl FnOnce(Arc<Engine>) -> Result<T> + Send + 'static) -> Result<T> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(me)).await.map_err(|e| EngineError::internal("engine task", e))?
+    }
+}

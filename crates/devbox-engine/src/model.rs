@@ -1,0 +1,184 @@
+//! The engine's request and response types: the public shapes of the API.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, UNIX_EPOCH};
+
+use devbox_image::ImageConfig;
+use devbox_runtime::cgroup::Usage;
+use devbox_spec::{ResolvedLimits, SandboxManifest};
+use devbox_store::SandboxState;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Formats milliseconds since the epoch as RFC 3339.
+pub fn rfc3339(ms: i64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)).to_string()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Create a sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateSandboxRequest {
+    /// The sandbox's name; overrides `manifest.metadata.name`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The Sandbox document (apiVersion sandbox.io/v1); defaults apply when omitted.
+    #[serde(default)]
+    pub manifest: Option<SandboxManifest>,
+    /// Start it right away (default true).
+    #[serde(default = "default_true")]
+    pub start: bool,
+}
+
+/// Stop a sandbox.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct StopRequest {
+    /// Seconds between SIGTERM and SIGKILL (default 10; 0 kills at once).
+    #[serde(default)]
+    pub grace_seconds: Option<f64>,
+}
+
+/// A process of a sandbox, seen from the host.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProcessInfo {
+    /// Host pid.
+    pub pid: i32,
+    /// Command line.
+    pub command: String,
+}
+
+/// Everything about a sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxInfo {
+    /// Internal id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Lifecycle state.
+    pub state: SandboxState,
+    /// Image reference as given.
+    pub image: String,
+    /// Image id.
+    pub image_id: String,
+    /// The spec.
+    pub manifest: SandboxManifest,
+    /// Limits in force.
+    pub limits: ResolvedLimits,
+    /// Host uid of the sandbox's root.
+    pub uid_base: u32,
+    /// Host pid of the sandbox's init while running.
+    pub init_pid: Option<i32>,
+    /// Processes (inspect only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<ProcessInfo>,
+    /// Resource use (running sandboxes).
+    pub usage: Option<Usage>,
+    /// Bytes in the sandbox's writable layer (inspect only).
+    pub storage_bytes: Option<u64>,
+    /// Created (RFC 3339).
+    pub created_at: String,
+    /// Last started.
+    pub started_at: Option<String>,
+    /// Last stopped.
+    pub stopped_at: Option<String>,
+    /// Why the last lifecycle step failed, if it did.
+    pub last_error: Option<String>,
+}
+
+/// A terminal size.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub struct TtySize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+/// Run a command in a sandbox.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct ExecRequest {
+    /// Program and arguments. Use `["/bin/sh", "-c", "..."]` for shell text, or set `command`.
+    #[serde(default)]
+    pub argv: Vec<String>,
+    /// Shell text, run through `/bin/sh -c` (instead of `argv`).
+    #[serde(default)]
+    pub command: Option<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default: the spec's, the image's, or /work for the host image).
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// `user`, `uid`, `user:group` or `uid:gid`.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Allocate a terminal of this size.
+    #[serde(default)]
+    pub tty: Option<TtySize>,
+    /// Standard input (non-streaming exec): text fed to the command.
+    #[serde(default)]
+    pub stdin: Option<String>,
+}
+
+impl ExecRequest {
+    /// The argv to run.
+    pub fn resolved_argv(&self) -> Result<Vec<String>, crate::EngineError> {
+        match (&self.command, self.argv.is_empty()) {
+            (Some(_), false) => Err(crate::EngineError::InvalidRequest("give either `argv` or `command`, not both".into())),
+            (Some(c), true) => Ok(vec!["/bin/sh".into(), "-c".into(), c.clone()]),
+            (None, false) => Ok(self.argv.clone()),
+            (None, true) => Err(crate::EngineError::InvalidRequest("no command given: set `argv` or `command`".into())),
+        }
+    }
+}
+
+/// The outcome of a non-streaming exec.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExecResult {
+    /// Exit code (128 + signal when killed).
+    pub exit_code: i32,
+    /// Signal that killed the command, if any.
+    pub signal: Option<i32>,
+    /// Standard output (UTF-8, lossy).
+    pub stdout: String,
+    /// Standard error (UTF-8, lossy).
+    pub stderr: String,
+    /// Output was cut at the size limit.
+    pub truncated: bool,
+    /// Wall time in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// Import an image from a path on the daemon's host.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ImportImageRequest {
+    /// Rootfs tarball, rootfs directory, OCI layout (directory or archive) or docker-save archive.
+    pub path: String,
+    /// Name for the image (default: from the archive or the file name).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// An image.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ImageInfo {
+    /// Content id (sha256 hex; `host` for the host image).
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Source format.
+    pub format: String,
+    /// Bytes.
+    pub size_bytes: u64,
+    /// Imported (RFC 3339).
+    pub created_at: String,
+    /// What was imported.
+    pub source: String,
+    /// Run settings.
+    pub config: ImageConfig,
+    /// Sandboxes using it.
+    pub used_by: Vec<String>,
+}

@@ -1,0 +1,99 @@
+//! Bringing recorded state and the host back in line after a restart (or a crash).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use devbox_image::HOST_IMAGE;
+use devbox_store::{SandboxState, now_ms};
+
+use crate::sandbox::alive;
+use crate::{Engine, Result};
+
+impl Engine {
+    /// Finishes or undoes interrupted operations, marks sandboxes whose processes are gone
+    /// as stopped, re-attaches exit monitors to running ones, and removes cgroups, volumes,
+    /// runtime directories and staging areas that no record owns.
+    pub(crate) fn reconcile(self: &Arc<Self>) -> Result<()> {
+        let records = self.store.sandboxes()?;
+        let mut known = HashSet::new();
+        for mut rec in records {
+            match rec.state {
+                SandboxState::Creating => {
+                    tracing::info!(sandbox = %rec.name, "undoing an interrupted create");
+                    self.release_runtime(&rec);
+                    self.delete_volume_retrying(&self.sandbox_volume(&rec.id))?;
+                    self.store.delete_sandbox(&rec.id)?;
+                    continue;
+                }
+                SandboxState::Destroying => {
+                    tracing::info!(sandbox = %rec.name, "finishing an interrupted destroy");
+                    self.destroy_locked(&mut rec, Duration::ZERO)?;
+                    continue;
+                }
+                SandboxState::Running => {
+                    let socket = self.sandbox_runtime_dir(&rec.id).join("agent.sock");
+                    let responsive = alive(rec.init_pid, rec.init_start)
+                        && devbox_runtime::client::ping(&socket, Duration::from_secs(2)).is_ok();
+                    if responsive {
+                        self.watch(&rec);
+                    } else {
+                        tracing::info!(sandbox = %rec.name, "its processes are gone: marking it stopped");
+                        if alive(rec.init_pid, rec.init_start) {
+                            self.halt(&mut rec, Duration::ZERO)?;
+                        } else {
+                            self.release_runtime(&rec);
+                        }
+                        rec.state = SandboxState::Stopped;
+                        rec.init_pid = None;
+                        rec.init_start = None;
+                        rec.stopped_at = Some(now_ms());
+                        rec.last_error = Some("stopped while the daemon was not running (host reboot or crash)".into());
+                        self.store.update_sandbox(&rec)?;
+                    }
+                }
+                SandboxState::Stopped => self.release_runtime(&rec),
+            }
+            known.insert(rec.id.clone());
+        }
+        for id in self.cgroups.existing() {
+            if !known.contains(&id) {
+                tracing::info!(cgroup = %id, "removing a cgroup no sandbox owns");
+                let cg = self.cgroups.sandbox(&id);
+                let _ = cg.kill_all();
+                let _ = cg.remove(Duration::from_secs(5));
+            }
+        }
+        for dir in [self.pool.sandboxes_dir(), self.cfg.sandboxes_runtime_dir()] {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            for e in entries.flatten() {
+                let id = e.file_name().to_string_lossy().to_string();
+                if known.contains(&id) {
+                    continue;
+                }
+                tracing::info!(path = %e.path().display(), "removing what no sandbox owns");
+                if dir == self.pool.sandboxes_dir() {
+                    self.delete_volume_retrying(&e.path())?;
+                } else {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        self.images.clear_staging();
+        let recorded: HashSet<String> = self.store.images()?.into_iter().map(|i| i.id).collect();
+        for id in self.images.stored_ids() {
+            if id != HOST_IMAGE && !recorded.contains(&id) {
+                tracing::info!(image = %id, "removing an image volume no record owns");
+                let _ = self.pool.set_readonly(&self.images.path(&id), false);
+                let _ = self.pool.delete_volume(&self.images.path(&id));
+            }
+        }
+        for id in recorded {
+            if !self.images.exists(&id) {
+                tracing::warn!(image = %id, "forgetting an image whose volume is gone");
+                self.store.delete_image(&id)?;
+            }
+        }
+        Ok(())
+    }
+}
