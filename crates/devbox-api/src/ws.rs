@@ -79,15 +79,21 @@ pub(crate) async fn run_stream(State(engine): State<Arc<Engine>>, ws: WebSocketU
         // Destroy whatever happens to the connection: run in a task of its own.
         let e2 = engine.clone();
         let name = info.name.clone();
+        // The client hears the exit once the sandbox is gone.
         let _ = tokio::spawn(async move {
-            match e2.exec(&name, &exec, stdin).await {
-                Ok(session) => pump(socket, &name, session, OnDisconnect::Kill).await,
+            let end = match e2.exec(&name, &exec, stdin).await {
+                Ok(session) => pump_until_exit(socket, &name, session, OnDisconnect::Kill).await,
                 Err(e) => {
+                    let mut socket = socket;
                     let _ = socket.send(error_msg(&e)).await;
+                    None
                 }
-            }
+            };
             if let Err(e) = e2.destroy(&name, true).await {
                 tracing::warn!(sandbox = %name, "destroying a run sandbox: {e}");
+            }
+            if let Some(end) = end {
+                end.finish().await;
             }
         })
         .await;
@@ -115,10 +121,35 @@ enum OnDisconnect {
 
 /// Moves bytes between the WebSocket and the session until the command ends.
 async fn pump(socket: WebSocket, name: &str, session: ExecSession, on_disconnect: OnDisconnect) {
+    if let Some(end) = pump_until_exit(socket, name, session, on_disconnect).await {
+        end.finish().await;
+    }
+}
+
+/// The end of a stream: the final message, sent when the caller is done.
+struct StreamEnd {
+    last: Message,
+    tx: mpsc::Sender<Message>,
+    writer: tokio::task::JoinHandle<()>,
+    input: tokio::task::JoinHandle<()>,
+}
+
+impl StreamEnd {
+    async fn finish(self) {
+        let _ = self.tx.send(self.last).await;
+        let _ = self.tx.send(Message::Close(None)).await;
+        drop(self.tx);
+        let _ = self.writer.await;
+        self.input.abort();
+    }
+}
+
+/// Streams until the command exits; returns what is left to send.
+async fn pump_until_exit(socket: WebSocket, name: &str, session: ExecSession, on_disconnect: OnDisconnect) -> Option<StreamEnd> {
     let mut session = session;
     let (mut sink, mut stream) = socket.split();
     if sink.send(text(&ServerMsg::Started { sandbox: name.to_string(), pid: session.pid })).await.is_err() {
-        return;
+        return None;
     }
     let (tx, mut rx) = mpsc::channel::<Message>(64);
     let writer = tokio::spawn(async move {
@@ -198,11 +229,7 @@ async fn pump(socket: WebSocket, name: &str, session: ExecSession, on_disconnect
         Ok(x) => text(&ServerMsg::Exit { code: x.code, signal: x.signal }),
         Err(e) => error_msg(&e),
     };
-    let _ = tx.send(last).await;
-    let _ = tx.send(Message::Close(None)).await;
-    drop(tx);
-    let _ = writer.await;
-    input.abort();
+    Some(StreamEnd { last, tx, writer, input })
 }
 
 async fn drain(mut r: tokio::net::unix::pipe::Receiver, channel: u8, tx: mpsc::Sender<Message>) {

@@ -82,6 +82,7 @@ impl Engine {
         let store = Store::open(&cfg.db_path())?;
         let pool = Pool::open(&cfg.pool, &cfg.pool_mountpoint)?;
         let images = ImageStore::new(pool.clone());
+        images.ensure_host()?;
         let cgroups = CgroupDriver::detect(&cfg.cgroup_parent).map_err(|e| EngineError::internal("cgroups", e))?;
         let launcher = Launcher::new(cfg.init_binary.clone());
         if !launcher.binary().is_file() {

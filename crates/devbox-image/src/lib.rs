@@ -188,6 +188,8 @@ impl ImageStore {
 
     /// Builds the host image if it is missing; returns its volume.
     pub fn ensure_host(&self) -> Result<PathBuf, ImageError> {
+        static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
         let dest = self.path(HOST_IMAGE);
         if dest.is_dir() {
             return Ok(dest);

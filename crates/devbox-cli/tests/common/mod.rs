@@ -1,0 +1,270 @@
+//! A private dev-box for each test: its own state and runtime directories, btrfs pool (a
+//! loop file), cgroup parent and daemon, all removed when the test ends, also on failure.
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Why this test cannot run here, if it cannot.
+pub fn skip_reason() -> Option<String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some("needs root (namespaces, cgroups, mounts)".into());
+    }
+    for tool in ["mkfs.btrfs", "mount"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
+            .unwrap_or(false);
+        if !found {
+            return Some(format!("needs {tool} (run scripts/deps.sh)"));
+        }
+    }
+    None
+}
+
+/// Skips the test (returning early) when the machine cannot run it.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if let Some(why) = common::skip_reason() {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+}
+
+/// A private dev-box.
+pub struct TestEnv {
+    pub root: tempfile::TempDir,
+    pub state: PathBuf,
+    pub runtime: PathBuf,
+    pub socket: PathBuf,
+    pub cgroup_parent: String,
+    pub pool_size: String,
+    daemon: Option<Child>,
+}
+
+pub fn sandbox_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sandbox"))
+}
+
+impl TestEnv {
+    /// A new environment with its daemon running.
+    pub fn new() -> Self {
+        Self::with_pool_size("1G")
+    }
+
+    /// A new environment whose pool is a loop file of `size`.
+    pub fn with_pool_size(size: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let root = tempfile::Builder::new().prefix("devbox-test-").tempdir().expect("tempdir");
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+        let state = root.path().join("state");
+        let runtime = root.path().join("run");
+        let socket = runtime.join("api.sock");
+        let mut env = TestEnv {
+            cgroup_parent: format!("devbox-test-{}-{n}", std::process::id()),
+            root,
+            state,
+            runtime,
+            socket,
+            pool_size: size.to_string(),
+            daemon: None,
+        };
+        env.start_daemon();
+        env
+    }
+
+    fn envs(&self, cmd: &mut Command) {
+        cmd.env("DEVBOX_STATE_DIR", &self.state)
+            .env("DEVBOX_RUNTIME_DIR", &self.runtime)
+            .env("DEVBOX_SOCKET", &self.socket)
+            .env("DEVBOX_CGROUP_PARENT", &self.cgroup_parent)
+            .env("DEVBOX_POOL_SIZE", &self.pool_size)
+            .env("DEVBOX_NO_AUTOSTART", "1")
+            .env_remove("DEVBOX_POOL");
+    }
+
+    /// Starts the daemon and waits for its socket.
+    pub fn start_daemon(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.path().join("daemon.log"))
+            .expect("log");
+        let mut cmd = Command::new(sandbox_bin());
+        self.envs(&mut cmd);
+        cmd.arg("daemon").stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        let mut child = cmd.spawn().expect("spawn daemon");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("daemon exited: {st}\n{}", self.daemon_log());
+            }
+            assert!(Instant::now() < deadline, "daemon did not start\n{}", self.daemon_log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.daemon = Some(child);
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.root.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILLs the daemon (sandboxes keep running).
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the daemon with SIGTERM.
+    pub fn stop_daemon(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A `sandbox` command with this environment.
+    pub fn cmd(&self) -> Command {
+        let mut cmd = Command::new(sandbox_bin());
+        self.envs(&mut cmd);
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `sandbox ARGS`.
+    pub fn sb(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("run sandbox")
+    }
+
+    /// Runs `sandbox ARGS`, asserts success, returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.sb(args);
+        assert!(
+            out.status.success(),
+            "sandbox {args:?} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.daemon_log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `sandbox ARGS`, asserts failure, returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.sb(args);
+        assert!(!out.status.success(), "sandbox {args:?} should have failed; stdout: {}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Runs shell text in a sandbox; returns (exit code, stdout, stderr).
+    pub fn sh(&self, sandbox: &str, text: &str) -> (i32, String, String) {
+        let out = self.sb(&["exec", sandbox, text]);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn pool_dir(&self) -> PathBuf {
+        self.state.join("pool")
+    }
+
+    /// Host pid of a sandbox's init.
+    pub fn init_pid(&self, name: &str) -> Option<i32> {
+        let v: serde_json::Value = serde_json::from_str(&self.ok(&["inspect", name])).ok()?;
+        v["init_pid"].as_i64().map(|p| p as i32)
+    }
+
+    /// Cgroup directories under this environment's parent, in every hierarchy.
+    pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for h in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+            let p = h.path().join(&self.cgroup_parent);
+            if let Ok(entries) = std::fs::read_dir(&p) {
+                for e in entries.flatten() {
+                    if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                        out.push(e.path());
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if self.daemon.is_some()
+            && let Ok(out) = self.cmd().args(["ls", "-q"]).output()
+        {
+            for name in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = self.cmd().args(["destroy", "--force", name]).output();
+            }
+        }
+        self.stop_daemon();
+        // Anything left in this environment's cgroups is killed and removed.
+        for h in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+            let parent = h.path().join(&self.cgroup_parent);
+            if !parent.exists() {
+                continue;
+            }
+            for e in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                let procs = std::fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|l| l.parse::<i32>().ok()) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        for h in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+            let parent = h.path().join(&self.cgroup_parent);
+            for e in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                let _ = std::fs::remove_dir(e.path());
+            }
+            let _ = std::fs::remove_dir(&parent);
+        }
+        let pool = self.pool_dir();
+        for _ in 0..50 {
+            if !is_mounted(&pool) {
+                break;
+            }
+            if nix::mount::umount2(&pool, nix::mount::MntFlags::empty()).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Whether `path` is a mount point.
+pub fn is_mounted(path: &Path) -> bool {
+    let want = path.to_string_lossy().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+/// A unique sandbox name for this process.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
+}
