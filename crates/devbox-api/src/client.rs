@@ -3,7 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use devbox_engine::model::{CreateSandboxRequest, ExecRequest, ExecResult, ImageInfo, ImportImageRequest, SandboxInfo, StopRequest};
+use devbox_engine::model::{
+    CreateSandboxRequest, ExecRequest, ExecResult, ImageInfo, ImportImageRequest, SandboxInfo,
+    StopRequest,
+};
 use devbox_storage::PoolInfo;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
@@ -20,7 +23,7 @@ use crate::wire::{ClientMsg, ServerMsg};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The daemon's socket cannot be reached.
-    #[error("cannot reach the dev-box daemon at {socket}: {source}")]
+    #[error("cannot reach the dev-box daemon at {socket}")]
     Unreachable {
         /// The socket tried.
         socket: PathBuf,
@@ -64,7 +67,9 @@ pub struct Client {
 impl Client {
     /// A client of the daemon listening on `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        Self { socket: socket.into() }
+        Self {
+            socket: socket.into(),
+        }
     }
 
     /// The socket path.
@@ -73,35 +78,71 @@ impl Client {
     }
 
     async fn connect(&self) -> Result<UnixStream, ClientError> {
-        UnixStream::connect(&self.socket).await.map_err(|source| ClientError::Unreachable { socket: self.socket.clone(), source })
+        UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                socket: self.socket.clone(),
+                source,
+            })
     }
 
-    async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<(StatusCode, Bytes), ClientError> {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
         let stream = self.connect().await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         tokio::spawn(conn);
-        let mut req = Request::builder().method(method).uri(path).header("host", "localhost");
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost");
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
-        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let resp = sender.send_request(req).await.map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let status = resp.status();
-        let bytes = resp.into_body().collect().await.map_err(|e| ClientError::Protocol(e.to_string()))?.to_bytes();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .to_bytes();
         if !status.is_success() {
             return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(b) => ClientError::Api { status: status.as_u16(), code: b.error.code, message: b.error.message },
-                Err(_) => ClientError::Protocol(format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes))),
+                Ok(b) => ClientError::Api {
+                    status: status.as_u16(),
+                    code: b.error.code,
+                    message: b.error.message,
+                },
+                Err(_) => ClientError::Protocol(format!(
+                    "HTTP {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                )),
             });
         }
         Ok((status, bytes))
     }
 
-    async fn json<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<T, ClientError> {
+    async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
         let (_, bytes) = self.call(method, path, body).await?;
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("{e}: {}", String::from_utf8_lossy(&bytes))))
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Protocol(format!("{e}: {}", String::from_utf8_lossy(&bytes))))
     }
 
     fn body<T: serde::Serialize>(v: &T) -> Option<Vec<u8>> {
@@ -125,33 +166,60 @@ impl Client {
 
     /// Creates a sandbox.
     pub async fn create(&self, req: &CreateSandboxRequest) -> Result<SandboxInfo, ClientError> {
-        self.json(Method::POST, "/v1/sandboxes", Self::body(req)).await
+        self.json(Method::POST, "/v1/sandboxes", Self::body(req))
+            .await
     }
 
     /// Inspects a sandbox.
     pub async fn inspect(&self, name: &str) -> Result<SandboxInfo, ClientError> {
-        self.json(Method::GET, &format!("/v1/sandboxes/{}", enc(name)), None).await
+        self.json(Method::GET, &format!("/v1/sandboxes/{}", enc(name)), None)
+            .await
     }
 
     /// Starts a sandbox.
     pub async fn start(&self, name: &str) -> Result<SandboxInfo, ClientError> {
-        self.json(Method::POST, &format!("/v1/sandboxes/{}/start", enc(name)), None).await
+        self.json(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/start", enc(name)),
+            None,
+        )
+        .await
     }
 
     /// Stops a sandbox.
-    pub async fn stop(&self, name: &str, grace_seconds: Option<f64>) -> Result<SandboxInfo, ClientError> {
+    pub async fn stop(
+        &self,
+        name: &str,
+        grace_seconds: Option<f64>,
+    ) -> Result<SandboxInfo, ClientError> {
         let body = Self::body(&StopRequest { grace_seconds });
-        self.json(Method::POST, &format!("/v1/sandboxes/{}/stop", enc(name)), body).await
+        self.json(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/stop", enc(name)),
+            body,
+        )
+        .await
     }
 
     /// Destroys a sandbox.
     pub async fn destroy(&self, name: &str, force: bool) -> Result<(), ClientError> {
-        self.call(Method::DELETE, &format!("/v1/sandboxes/{}?force={force}", enc(name)), None).await.map(|_| ())
+        self.call(
+            Method::DELETE,
+            &format!("/v1/sandboxes/{}?force={force}", enc(name)),
+            None,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Runs a command and collects its output.
     pub async fn exec(&self, name: &str, req: &ExecRequest) -> Result<ExecResult, ClientError> {
-        self.json(Method::POST, &format!("/v1/sandboxes/{}/exec", enc(name)), Self::body(req)).await
+        self.json(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/exec", enc(name)),
+            Self::body(req),
+        )
+        .await
     }
 
     /// Every image.
@@ -161,12 +229,19 @@ impl Client {
 
     /// Imports an image from a path on the daemon's host.
     pub async fn import_image(&self, req: &ImportImageRequest) -> Result<ImageInfo, ClientError> {
-        self.json(Method::POST, "/v1/images/import", Self::body(req)).await
+        self.json(Method::POST, "/v1/images/import", Self::body(req))
+            .await
     }
 
     /// Removes an image.
     pub async fn remove_image(&self, reference: &str) -> Result<(), ClientError> {
-        self.call(Method::DELETE, &format!("/v1/images/{}", enc(reference)), None).await.map(|_| ())
+        self.call(
+            Method::DELETE,
+            &format!("/v1/images/{}", enc(reference)),
+            None,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// The storage pool.
@@ -176,14 +251,20 @@ impl Client {
 
     /// Opens an exec stream (`path` is `/v1/sandboxes/{name}/exec/stream` or `/v1/run/stream`),
     /// sends `first`, and waits for the command to start.
-    pub async fn stream(&self, path: &str, first: &ClientMsg) -> Result<(ExecStream, String, i32), ClientError> {
+    pub async fn stream(
+        &self,
+        path: &str,
+        first: &ClientMsg,
+    ) -> Result<(ExecStream, String, i32), ClientError> {
         use futures_util::{SinkExt, StreamExt};
         let stream = self.connect().await?;
         let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://localhost{path}"), stream)
             .await
             .map_err(|e| ClientError::Protocol(format!("websocket: {e}")))?;
         let msg = serde_json::to_string(first).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        ws.send(Message::Text(msg.into())).await.map_err(|e| ClientError::Protocol(e.to_string()))?;
+        ws.send(Message::Text(msg.into()))
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
         loop {
             match ws.next().await {
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<ServerMsg>(&t) {
@@ -194,12 +275,20 @@ impl Client {
                             "internal" => 500,
                             _ => 400,
                         };
-                        return Err(ClientError::Api { status, code, message });
+                        return Err(ClientError::Api {
+                            status,
+                            code,
+                            message,
+                        });
                     }
                     _ => return Err(ClientError::Protocol(format!("unexpected message {t}"))),
                 },
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                Some(Ok(other)) => return Err(ClientError::Protocol(format!("unexpected message {other:?}"))),
+                Some(Ok(other)) => {
+                    return Err(ClientError::Protocol(format!(
+                        "unexpected message {other:?}"
+                    )));
+                }
                 Some(Err(e)) => return Err(ClientError::Protocol(e.to_string())),
                 None => return Err(ClientError::Protocol("the daemon closed the stream".into())),
             }
@@ -211,7 +300,9 @@ impl Client {
 fn enc(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b':' => (b as char).to_string(),
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b':' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()

@@ -12,7 +12,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use devbox_engine::model::{
-    CreateSandboxRequest, ExecRequest, ExecResult, ImageInfo, ImportImageRequest, SandboxInfo, StopRequest,
+    CreateSandboxRequest, ExecRequest, ExecResult, ImageInfo, ImportImageRequest, SandboxInfo,
+    StopRequest,
 };
 use devbox_engine::{Engine, EngineError};
 use devbox_storage::PoolInfo;
@@ -54,7 +55,9 @@ impl From<EngineError> for ApiError {
 pub fn status_of(e: &EngineError) -> StatusCode {
     match e {
         EngineError::NotFound { .. } => StatusCode::NOT_FOUND,
-        EngineError::AlreadyExists { .. } | EngineError::WrongState(_) | EngineError::ImageInUse { .. } => StatusCode::CONFLICT,
+        EngineError::AlreadyExists { .. }
+        | EngineError::WrongState(_)
+        | EngineError::ImageInUse { .. } => StatusCode::CONFLICT,
         EngineError::InvalidSpec(_) | EngineError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
         EngineError::ExecFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
         EngineError::PoolFull(_) => StatusCode::INSUFFICIENT_STORAGE,
@@ -68,7 +71,12 @@ impl IntoResponse for ApiError {
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!("{}", self.0);
         }
-        let body = ErrorBody { error: ErrorDetail { code: self.0.code().into(), message: self.0.to_string() } };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.0.code().into(),
+                message: self.0.to_string(),
+            },
+        };
         (status, Json(body)).into_response()
     }
 }
@@ -80,11 +88,16 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = bytes::Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError(EngineError::InvalidRequest(format!("unreadable request body: {e}"))))?;
-        let value: T = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError(EngineError::InvalidRequest(format!("invalid request body: {e}"))))?;
+        let bytes = bytes::Bytes::from_request(req, state).await.map_err(|e| {
+            ApiError(EngineError::InvalidRequest(format!(
+                "unreadable request body: {e}"
+            )))
+        })?;
+        let value: T = serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError(EngineError::InvalidRequest(format!(
+                "invalid request body: {e}"
+            )))
+        })?;
         Ok(Body(value))
     }
 }
@@ -111,7 +124,10 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/v1/version", get(version))
         .route("/v1/sandboxes", get(list_sandboxes).post(create_sandbox))
-        .route("/v1/sandboxes/{name}", get(inspect_sandbox).delete(destroy_sandbox))
+        .route(
+            "/v1/sandboxes/{name}",
+            get(inspect_sandbox).delete(destroy_sandbox),
+        )
         .route("/v1/sandboxes/{name}/start", post(start_sandbox))
         .route("/v1/sandboxes/{name}/stop", post(stop_sandbox))
         .route("/v1/sandboxes/{name}/exec", post(exec))
@@ -119,7 +135,10 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/run/stream", get(ws::run_stream))
         .route("/v1/images", get(list_images))
         .route("/v1/images/import", post(import_image))
-        .route("/v1/images/{reference}", axum::routing::delete(remove_image))
+        .route(
+            "/v1/images/{reference}",
+            axum::routing::delete(remove_image),
+        )
         .route("/v1/pool", get(pool_info))
         .with_state(engine)
 }
@@ -134,7 +153,10 @@ async fn version(State(e): State<AppState>) -> Json<VersionInfo> {
         version: env!("CARGO_PKG_VERSION").into(),
         api: "v1".into(),
         cgroups: e.cgroup_mode().into(),
-        storage: serde_json::to_string(&e.pool_info().driver).unwrap_or_default().trim_matches('"').into(),
+        storage: serde_json::to_string(&e.pool_info().driver)
+            .unwrap_or_default()
+            .trim_matches('"')
+            .into(),
     })
 }
 
@@ -145,13 +167,19 @@ async fn list_sandboxes(State(e): State<AppState>) -> ApiResult<Json<Vec<Sandbox
 
 #[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandboxRequest,
     responses((status = 201, body = SandboxInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn create_sandbox(State(e): State<AppState>, Body(req): Body<CreateSandboxRequest>) -> ApiResult<(StatusCode, Json<SandboxInfo>)> {
+async fn create_sandbox(
+    State(e): State<AppState>,
+    Body(req): Body<CreateSandboxRequest>,
+) -> ApiResult<(StatusCode, Json<SandboxInfo>)> {
     Ok((StatusCode::CREATED, Json(e.create(req).await?)))
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{name}", params(("name" = String, Path)),
     responses((status = 200, body = SandboxInfo), (status = 404, body = ErrorBody)))]
-async fn inspect_sandbox(State(e): State<AppState>, UrlPath(name): UrlPath<String>) -> ApiResult<Json<SandboxInfo>> {
+async fn inspect_sandbox(
+    State(e): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Json<SandboxInfo>> {
     Ok(Json(e.inspect(&name).await?))
 }
 
@@ -165,14 +193,21 @@ pub struct DestroyQuery {
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{name}", params(("name" = String, Path), DestroyQuery),
     responses((status = 204), (status = 404, body = ErrorBody)))]
-async fn destroy_sandbox(State(e): State<AppState>, UrlPath(name): UrlPath<String>, Query(q): Query<DestroyQuery>) -> ApiResult<StatusCode> {
+async fn destroy_sandbox(
+    State(e): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<DestroyQuery>,
+) -> ApiResult<StatusCode> {
     e.destroy(&name, q.force).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{name}/start", params(("name" = String, Path)),
     responses((status = 200, body = SandboxInfo), (status = 404, body = ErrorBody)))]
-async fn start_sandbox(State(e): State<AppState>, UrlPath(name): UrlPath<String>) -> ApiResult<Json<SandboxInfo>> {
+async fn start_sandbox(
+    State(e): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Json<SandboxInfo>> {
     Ok(Json(e.start(&name).await?))
 }
 
@@ -186,12 +221,19 @@ async fn stop_sandbox(
     let req: StopRequest = if body.iter().all(u8::is_ascii_whitespace) {
         StopRequest::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError(EngineError::InvalidRequest(format!("invalid request body: {e}"))))?
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError(EngineError::InvalidRequest(format!(
+                "invalid request body: {e}"
+            )))
+        })?
     };
     let grace = req.grace_seconds;
     let grace = match grace {
         Some(g) if !(0.0..=3600.0).contains(&g) => {
-            return Err(EngineError::InvalidRequest("grace_seconds must be between 0 and 3600".into()).into());
+            return Err(EngineError::InvalidRequest(
+                "grace_seconds must be between 0 and 3600".into(),
+            )
+            .into());
         }
         Some(g) => Some(Duration::from_secs_f64(g)),
         None => None,
@@ -204,9 +246,16 @@ pub const MAX_CAPTURE: usize = 16 << 20;
 
 #[utoipa::path(post, path = "/v1/sandboxes/{name}/exec", params(("name" = String, Path)), request_body = ExecRequest,
     responses((status = 200, body = ExecResult), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
-async fn exec(State(e): State<AppState>, UrlPath(name): UrlPath<String>, Body(req): Body<ExecRequest>) -> ApiResult<Json<ExecResult>> {
+async fn exec(
+    State(e): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    Body(req): Body<ExecRequest>,
+) -> ApiResult<Json<ExecResult>> {
     if req.tty.is_some() {
-        return Err(EngineError::InvalidRequest("a tty needs the streaming endpoint (exec/stream)".into()).into());
+        return Err(EngineError::InvalidRequest(
+            "a tty needs the streaming endpoint (exec/stream)".into(),
+        )
+        .into());
     }
     let begun = Instant::now();
     let mut session = e.exec(&name, &req, req.stdin.is_some()).await?;
@@ -255,7 +304,9 @@ fn capture(r: Option<tokio::net::unix::pipe::Receiver>) -> Option<Capture> {
 }
 
 async fn finish(c: Option<Capture>, grace: Duration) -> (Vec<u8>, bool) {
-    let Some(mut c) = c else { return (Vec::new(), false) };
+    let Some(mut c) = c else {
+        return (Vec::new(), false);
+    };
     match tokio::time::timeout(grace, &mut c).await {
         Ok(Ok(v)) => v,
         _ => {
@@ -272,13 +323,19 @@ async fn list_images(State(e): State<AppState>) -> ApiResult<Json<Vec<ImageInfo>
 
 #[utoipa::path(post, path = "/v1/images/import", request_body = ImportImageRequest,
     responses((status = 201, body = ImageInfo), (status = 400, body = ErrorBody), (status = 507, body = ErrorBody)))]
-async fn import_image(State(e): State<AppState>, Body(req): Body<ImportImageRequest>) -> ApiResult<(StatusCode, Json<ImageInfo>)> {
+async fn import_image(
+    State(e): State<AppState>,
+    Body(req): Body<ImportImageRequest>,
+) -> ApiResult<(StatusCode, Json<ImageInfo>)> {
     Ok((StatusCode::CREATED, Json(e.import_image(req).await?)))
 }
 
 #[utoipa::path(delete, path = "/v1/images/{reference}", params(("reference" = String, Path)),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn remove_image(State(e): State<AppState>, UrlPath(reference): UrlPath<String>) -> ApiResult<StatusCode> {
+async fn remove_image(
+    State(e): State<AppState>,
+    UrlPath(reference): UrlPath<String>,
+) -> ApiResult<StatusCode> {
     e.remove_image(&reference).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -301,5 +358,7 @@ pub async fn serve_unix(
     let _ = std::fs::remove_file(socket);
     let listener = tokio::net::UnixListener::bind(socket)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
-    axum::serve(listener, router(engine)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(engine))
+        .with_graceful_shutdown(shutdown)
+        .await
 }

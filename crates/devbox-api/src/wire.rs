@@ -34,7 +34,7 @@ pub enum ClientMsg {
     /// Create a sandbox, run one command in it, destroy it.
     Run {
         /// The sandbox (its name may be omitted).
-        sandbox: CreateSandboxRequest,
+        sandbox: Box<CreateSandboxRequest>,
         /// The command.
         exec: ExecRequest,
         /// Whether the client will send stdin.

@@ -18,7 +18,10 @@ fn text(msg: &ServerMsg) -> Message {
 }
 
 fn error_msg(e: &EngineError) -> Message {
-    text(&ServerMsg::Error { code: e.code().into(), message: e.to_string() })
+    text(&ServerMsg::Error {
+        code: e.code().into(),
+        message: e.to_string(),
+    })
 }
 
 /// Reads the opening message.
@@ -35,16 +38,26 @@ async fn first(socket: &mut WebSocket) -> Option<ClientMsg> {
 #[utoipa::path(get, path = "/v1/sandboxes/{name}/exec/stream", params(("name" = String, Path)),
     description = "WebSocket: send {\"type\":\"exec\",\"exec\":ExecRequest,\"stdin\":bool}; receive started, output frames (first byte 1 stdout, 2 stderr), exit.",
     responses((status = 101, description = "switching to the WebSocket protocol")))]
-pub(crate) async fn exec_stream(State(engine): State<Arc<Engine>>, UrlPath(name): UrlPath<String>, ws: WebSocketUpgrade) -> Response {
+pub(crate) async fn exec_stream(
+    State(engine): State<Arc<Engine>>,
+    UrlPath(name): UrlPath<String>,
+    ws: WebSocketUpgrade,
+) -> Response {
     ws.on_upgrade(move |mut socket| async move {
         let Some(ClientMsg::Exec { exec, stdin }) = first(&mut socket).await else {
-            let e = EngineError::InvalidRequest("the first message must be {\"type\":\"exec\",...}".into());
+            let e = EngineError::InvalidRequest(
+                "the first message must be {\"type\":\"exec\",...}".into(),
+            );
             let _ = socket.send(error_msg(&e)).await;
             return;
         };
         match engine.exec(&name, &exec, stdin).await {
             Ok(session) => {
-                let mode = if exec.tty.is_some() { OnDisconnect::Hangup } else { OnDisconnect::Keep };
+                let mode = if exec.tty.is_some() {
+                    OnDisconnect::Hangup
+                } else {
+                    OnDisconnect::Keep
+                };
                 pump(socket, &name, session, mode).await
             }
             Err(e) => {
@@ -57,19 +70,33 @@ pub(crate) async fn exec_stream(State(engine): State<Arc<Engine>>, UrlPath(name)
 #[utoipa::path(get, path = "/v1/run/stream",
     description = "WebSocket: send {\"type\":\"run\",\"sandbox\":CreateSandboxRequest,\"exec\":ExecRequest,\"stdin\":bool}; the sandbox is created, runs the command as on exec/stream, and is destroyed when the command ends or the client leaves.",
     responses((status = 101, description = "switching to the WebSocket protocol")))]
-pub(crate) async fn run_stream(State(engine): State<Arc<Engine>>, ws: WebSocketUpgrade) -> Response {
+pub(crate) async fn run_stream(
+    State(engine): State<Arc<Engine>>,
+    ws: WebSocketUpgrade,
+) -> Response {
     ws.on_upgrade(move |mut socket| async move {
-        let Some(ClientMsg::Run { mut sandbox, exec, stdin }) = first(&mut socket).await else {
-            let e = EngineError::InvalidRequest("the first message must be {\"type\":\"run\",...}".into());
+        let Some(ClientMsg::Run {
+            mut sandbox,
+            exec,
+            stdin,
+        }) = first(&mut socket).await
+        else {
+            let e = EngineError::InvalidRequest(
+                "the first message must be {\"type\":\"run\",...}".into(),
+            );
             let _ = socket.send(error_msg(&e)).await;
             return;
         };
-        let named = sandbox.name.is_some() || sandbox.manifest.as_ref().is_some_and(|m| m.metadata.name.is_some());
+        let named = sandbox.name.is_some()
+            || sandbox
+                .manifest
+                .as_ref()
+                .is_some_and(|m| m.metadata.name.is_some());
         if !named {
             sandbox.name = Some(format!("run-{}", random_suffix()));
         }
         sandbox.start = true;
-        let info = match engine.create_with(sandbox, true).await {
+        let info = match engine.create_with(*sandbox, true).await {
             Ok(i) => i,
             Err(e) => {
                 let _ = socket.send(error_msg(&e)).await;
@@ -145,10 +172,22 @@ impl StreamEnd {
 }
 
 /// Streams until the command exits; returns what is left to send.
-async fn pump_until_exit(socket: WebSocket, name: &str, session: ExecSession, on_disconnect: OnDisconnect) -> Option<StreamEnd> {
+async fn pump_until_exit(
+    socket: WebSocket,
+    name: &str,
+    session: ExecSession,
+    on_disconnect: OnDisconnect,
+) -> Option<StreamEnd> {
     let mut session = session;
     let (mut sink, mut stream) = socket.split();
-    if sink.send(text(&ServerMsg::Started { sandbox: name.to_string(), pid: session.pid })).await.is_err() {
+    if sink
+        .send(text(&ServerMsg::Started {
+            sandbox: name.to_string(),
+            pid: session.pid,
+        }))
+        .await
+        .is_err()
+    {
         return None;
     }
     let (tx, mut rx) = mpsc::channel::<Message>(64);
@@ -221,15 +260,26 @@ async fn pump_until_exit(socket: WebSocket, name: &str, session: ExecSession, on
     // wait only briefly for the rest.
     for o in outputs {
         let abort = o.abort_handle();
-        if tokio::time::timeout(Duration::from_millis(200), o).await.is_err() {
+        if tokio::time::timeout(Duration::from_millis(200), o)
+            .await
+            .is_err()
+        {
             abort.abort();
         }
     }
     let last = match exit {
-        Ok(x) => text(&ServerMsg::Exit { code: x.code, signal: x.signal }),
+        Ok(x) => text(&ServerMsg::Exit {
+            code: x.code,
+            signal: x.signal,
+        }),
         Err(e) => error_msg(&e),
     };
-    Some(StreamEnd { last, tx, writer, input })
+    Some(StreamEnd {
+        last,
+        tx,
+        writer,
+        input,
+    })
 }
 
 async fn drain(mut r: tokio::net::unix::pipe::Receiver, channel: u8, tx: mpsc::Sender<Message>) {
@@ -239,7 +289,11 @@ async fn drain(mut r: tokio::net::unix::pipe::Receiver, channel: u8, tx: mpsc::S
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 buf[0] = channel;
-                if tx.send(Message::Binary(buf[..n + 1].to_vec().into())).await.is_err() {
+                if tx
+                    .send(Message::Binary(buf[..n + 1].to_vec().into()))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -255,7 +309,11 @@ async fn drain_pty(pty: Arc<devbox_engine::Pty>, tx: mpsc::Sender<Message>) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 buf[0] = STDOUT;
-                if tx.send(Message::Binary(buf[..n + 1].to_vec().into())).await.is_err() {
+                if tx
+                    .send(Message::Binary(buf[..n + 1].to_vec().into()))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }

@@ -9,18 +9,35 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// The CLI talks to the dev-box daemon over a root-only Unix socket and starts the daemon
 /// when none runs. Run it as root.
 #[derive(Debug, Parser)]
-#[command(name = "sandbox", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "sandbox",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 pub struct Cli {
     /// The daemon's socket.
     #[arg(long, global = true, env = "DEVBOX_SOCKET", value_name = "PATH")]
     pub socket: Option<PathBuf>,
 
     /// Persistent state (database, storage pool) of the daemon this CLI starts.
-    #[arg(long, global = true, env = "DEVBOX_STATE_DIR", value_name = "DIR", default_value = "/var/lib/dev-box")]
+    #[arg(
+        long,
+        global = true,
+        env = "DEVBOX_STATE_DIR",
+        value_name = "DIR",
+        default_value = "/var/lib/dev-box"
+    )]
     pub state_dir: PathBuf,
 
     /// Runtime state (socket, mount points) of the daemon this CLI starts.
-    #[arg(long, global = true, env = "DEVBOX_RUNTIME_DIR", value_name = "DIR", default_value = "/run/dev-box")]
+    #[arg(
+        long,
+        global = true,
+        env = "DEVBOX_RUNTIME_DIR",
+        value_name = "DIR",
+        default_value = "/run/dev-box"
+    )]
     pub runtime_dir: PathBuf,
 
     #[command(subcommand)]
@@ -30,7 +47,9 @@ pub struct Cli {
 impl Cli {
     /// The socket to use.
     pub fn socket_path(&self) -> PathBuf {
-        self.socket.clone().unwrap_or_else(|| self.runtime_dir.join("api.sock"))
+        self.socket
+            .clone()
+            .unwrap_or_else(|| self.runtime_dir.join("api.sock"))
     }
 }
 

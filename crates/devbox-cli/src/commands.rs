@@ -12,7 +12,10 @@ use crate::{daemon, output, stream};
 
 /// Prints the OpenAPI document (no daemon needed).
 pub fn print_openapi() -> anyhow::Result<()> {
-    println!("{}", devbox_api::openapi::ApiDoc::openapi().to_pretty_json()?);
+    println!(
+        "{}",
+        devbox_api::openapi::ApiDoc::openapi().to_pretty_json()?
+    );
     Ok(())
 }
 
@@ -20,7 +23,11 @@ pub fn print_openapi() -> anyhow::Result<()> {
 pub fn exit_code_of(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<ClientError>() {
         Some(ClientError::Api { code, message, .. }) if code == "exec_failed" => {
-            if message.contains("not found") || message.contains("No such file") { 127 } else { 126 }
+            if message.contains("not found") || message.contains("No such file") {
+                127
+            } else {
+                126
+            }
         }
         _ => 1,
     }
@@ -52,11 +59,17 @@ fn key_values(items: &[String], what: &str) -> anyhow::Result<Vec<(String, Strin
 }
 
 /// Builds a create request from flags and an optional spec file.
-pub fn create_request(opts: &SandboxOpts, name: Option<String>, start: bool) -> anyhow::Result<CreateSandboxRequest> {
+pub fn create_request(
+    opts: &SandboxOpts,
+    name: Option<String>,
+    start: bool,
+) -> anyhow::Result<CreateSandboxRequest> {
     let mut m = match &opts.file {
         Some(f) => {
-            let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-            SandboxManifest::parse(&text).with_context(|| format!("invalid spec {}", f.display()))?
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            SandboxManifest::parse(&text)
+                .with_context(|| format!("invalid spec {}", f.display()))?
         }
         None => SandboxManifest::new(None, Default::default()),
     };
@@ -93,7 +106,11 @@ pub fn create_request(opts: &SandboxOpts, name: Option<String>, start: bool) -> 
         m.metadata.labels.insert(k, v);
     }
     m.validate().context("invalid sandbox settings")?;
-    Ok(CreateSandboxRequest { name, manifest: Some(m), start })
+    Ok(CreateSandboxRequest {
+        name,
+        manifest: Some(m),
+        start,
+    })
 }
 
 /// Whether the user separated the command with `--` (argv form).
@@ -101,14 +118,26 @@ fn dashdash() -> bool {
     std::env::args().any(|a| a == "--")
 }
 
-fn exec_request(command: &[String], env: &[String], workdir: Option<String>, user: Option<String>, tty: bool) -> anyhow::Result<ExecRequest> {
-    let mut req = ExecRequest { workdir, user, ..Default::default() };
+fn exec_request(
+    command: &[String],
+    env: &[String],
+    workdir: Option<String>,
+    user: Option<String>,
+    tty: bool,
+) -> anyhow::Result<ExecRequest> {
+    let mut req = ExecRequest {
+        workdir,
+        user,
+        ..Default::default()
+    };
     if command.len() == 1 && !dashdash() {
         req.command = Some(command[0].clone());
     } else {
         req.argv = command.to_vec();
     }
-    req.env = key_values(env, "environment variable")?.into_iter().collect();
+    req.env = key_values(env, "environment variable")?
+        .into_iter()
+        .collect();
     if tty {
         let (rows, cols) = stream::terminal_size().unwrap_or((24, 80));
         req.tty = Some(TtySize { rows, cols });
@@ -129,32 +158,59 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
 pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
     let c = client(cli)?;
     match &cli.command {
-        Command::Create { name, opts, no_start } => {
+        Command::Create {
+            name,
+            opts,
+            no_start,
+        } => {
             let req = create_request(opts, name.clone(), !no_start)?;
             let info = c.create(&req).await?;
             println!("{}", info.name);
         }
-        Command::Exec { opts, name, command } => {
+        Command::Exec {
+            opts,
+            name,
+            command,
+        } => {
             let req = exec_opts_request(command, opts)?;
             let stdin = stream::want_stdin(opts.interactive, opts.tty);
             let path = format!("/v1/sandboxes/{name}/exec/stream");
             let first = ClientMsg::Exec { exec: req, stdin };
             return Ok(stream::run(&c, &path, first, opts.tty, stdin).await?);
         }
-        Command::Run { rm, name, sandbox, interactive, tty, command } => {
+        Command::Run {
+            rm,
+            name,
+            sandbox,
+            interactive,
+            tty,
+            command,
+        } => {
             let create = create_request(sandbox, name.clone(), true)?;
             let req = exec_request(command, &[], None, None, *tty)?;
             let stdin = stream::want_stdin(*interactive, *tty);
             if *rm {
-                let first = ClientMsg::Run { sandbox: create, exec: req, stdin };
+                let first = ClientMsg::Run {
+                    sandbox: Box::new(create),
+                    exec: req,
+                    stdin,
+                };
                 return Ok(stream::run(&c, "/v1/run/stream", first, *tty, stdin).await?);
             }
             let mut create = create;
-            if create.name.is_none() && create.manifest.as_ref().is_none_or(|m| m.metadata.name.is_none()) {
+            if create.name.is_none()
+                && create
+                    .manifest
+                    .as_ref()
+                    .is_none_or(|m| m.metadata.name.is_none())
+            {
                 create.name = Some(format!("run-{}", std::process::id()));
             }
             let info = c.create(&create).await?;
-            eprintln!("sandbox {} created (remove it with `sandbox destroy {}`)", info.name, info.name);
+            eprintln!(
+                "sandbox {} created (remove it with `sandbox destroy {}`)",
+                info.name, info.name
+            );
             let path = format!("/v1/sandboxes/{}/exec/stream", info.name);
             let first = ClientMsg::Exec { exec: req, stdin };
             return Ok(stream::run(&c, &path, first, *tty, stdin).await?);
@@ -173,15 +229,25 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
                     .map(|s| {
                         vec![
                             s.name.clone(),
-                            serde_json::to_string(&s.state).unwrap_or_default().trim_matches('"').to_string(),
+                            serde_json::to_string(&s.state)
+                                .unwrap_or_default()
+                                .trim_matches('"')
+                                .to_string(),
                             s.image.clone(),
                             output::ago(&s.created_at),
-                            s.usage.map(|u| output::bytes(u.memory_bytes)).unwrap_or_else(|| "-".into()),
-                            s.usage.map(|u| u.pids.to_string()).unwrap_or_else(|| "-".into()),
+                            s.usage
+                                .map(|u| output::bytes(u.memory_bytes))
+                                .unwrap_or_else(|| "-".into()),
+                            s.usage
+                                .map(|u| u.pids.to_string())
+                                .unwrap_or_else(|| "-".into()),
                         ]
                     })
                     .collect();
-                output::table(&["NAME", "STATE", "IMAGE", "CREATED", "MEMORY", "PIDS"], &rows);
+                output::table(
+                    &["NAME", "STATE", "IMAGE", "CREATED", "MEMORY", "PIDS"],
+                    &rows,
+                );
             }
         }
         Command::Inspect { name } => print_json(&c.inspect(name).await?)?,
@@ -202,9 +268,20 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
             return Ok(if failed { 1 } else { 0 });
         }
         Command::Image(ImageCommand::Import { path, name }) => {
-            let abs = std::fs::canonicalize(path).with_context(|| format!("{} does not exist", path.display()))?;
-            let img = c.import_image(&ImportImageRequest { path: abs.display().to_string(), name: name.clone() }).await?;
-            println!("{} {} ({})", img.name, &img.id[..img.id.len().min(12)], output::bytes(img.size_bytes));
+            let abs = std::fs::canonicalize(path)
+                .with_context(|| format!("{} does not exist", path.display()))?;
+            let img = c
+                .import_image(&ImportImageRequest {
+                    path: abs.display().to_string(),
+                    name: name.clone(),
+                })
+                .await?;
+            println!(
+                "{} {} ({})",
+                img.name,
+                &img.id[..img.id.len().min(12)],
+                output::bytes(img.size_bytes)
+            );
         }
         Command::Image(ImageCommand::Ls { format }) => {
             let list = c.images().await?;
@@ -218,8 +295,16 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
                             i.name.clone(),
                             i.id[..i.id.len().min(12)].to_string(),
                             i.format.clone(),
-                            if i.id == "host" { "-".into() } else { output::bytes(i.size_bytes) },
-                            if i.used_by.is_empty() { "-".into() } else { i.used_by.join(",") },
+                            if i.id == "host" {
+                                "-".into()
+                            } else {
+                                output::bytes(i.size_bytes)
+                            },
+                            if i.used_by.is_empty() {
+                                "-".into()
+                            } else {
+                                i.used_by.join(",")
+                            },
                         ]
                     })
                     .collect();
@@ -232,11 +317,17 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
             if *format == Format::Json {
                 print_json(&p)?;
             } else {
-                let driver = serde_json::to_string(&p.driver).unwrap_or_default().trim_matches('"').to_string();
+                let driver = serde_json::to_string(&p.driver)
+                    .unwrap_or_default()
+                    .trim_matches('"')
+                    .to_string();
                 let rows = vec![
                     vec!["driver".into(), driver],
                     vec!["path".into(), p.path.clone()],
-                    vec!["loop file".into(), p.loop_file.clone().unwrap_or_else(|| "-".into())],
+                    vec![
+                        "loop file".into(),
+                        p.loop_file.clone().unwrap_or_else(|| "-".into()),
+                    ],
                     vec!["size".into(), output::bytes(p.total_bytes)],
                     vec!["used".into(), output::bytes(p.used_bytes)],
                     vec!["free".into(), output::bytes(p.free_bytes)],

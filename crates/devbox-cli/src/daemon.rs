@@ -14,14 +14,23 @@ use crate::cli::Cli;
 /// Runs the daemon until SIGINT or SIGTERM. Sandboxes keep running after it exits.
 pub fn run(cli: &Cli, pool_size: Option<&str>) -> anyhow::Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
-        bail!("the dev-box daemon needs root (it makes namespaces, cgroups and mounts): run it with sudo");
+        bail!(
+            "the dev-box daemon needs root (it makes namespaces, cgroups and mounts): run it with sudo"
+        );
     }
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DEVBOX_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DEVBOX_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let pool_size = pool_size.map(devbox_spec::quantity::parse_bytes).transpose().map_err(anyhow::Error::msg)?;
-    std::fs::create_dir_all(&cli.state_dir).with_context(|| format!("creating {}", cli.state_dir.display()))?;
+    let pool_size = pool_size
+        .map(devbox_spec::quantity::parse_bytes)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&cli.state_dir)
+        .with_context(|| format!("creating {}", cli.state_dir.display()))?;
     let _lock = lock_state_dir(&cli.state_dir)?;
     // Sandboxes' init processes are orphaned by their launcher; as a subreaper the daemon
     // collects them when they end.
@@ -31,7 +40,10 @@ pub fn run(cli: &Cli, pool_size: Option<&str>) -> anyhow::Result<()> {
         cfg.cgroup_parent = parent;
     }
     let socket = cli.socket_path();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let engine = Engine::open(cfg).await?;
         tracing::info!(socket = %socket.display(), pool = ?engine.pool_info().path, cgroups = engine.cgroup_mode(), "dev-box daemon ready");
@@ -56,7 +68,12 @@ pub fn run(cli: &Cli, pool_size: Option<&str>) -> anyhow::Result<()> {
 fn lock_state_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
     use std::io::Write;
     let path = dir.join("daemon.lock");
-    let f = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path)?;
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)?;
     match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
         Ok(locked) => {
             locked.set_len(0)?;
@@ -65,7 +82,11 @@ fn lock_state_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>
         }
         Err(_) => {
             let pid = std::fs::read_to_string(&path).unwrap_or_default();
-            bail!("another dev-box daemon (pid {}) already uses {}", pid.trim(), dir.display())
+            bail!(
+                "another dev-box daemon (pid {}) already uses {}",
+                pid.trim(),
+                dir.display()
+            )
         }
     }
 }
@@ -75,9 +96,13 @@ pub fn spawn_and_wait(cli: &Cli) -> anyhow::Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("dev-box needs root: run `sudo sandbox ...`");
     }
-    std::fs::create_dir_all(&cli.state_dir).with_context(|| format!("creating {}", cli.state_dir.display()))?;
+    std::fs::create_dir_all(&cli.state_dir)
+        .with_context(|| format!("creating {}", cli.state_dir.display()))?;
     let log_path = cli.state_dir.join("daemon.log");
-    let log = OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
     let exe = std::env::current_exe().context("finding the sandbox binary")?;
     let mut cmd = Command::new(exe);
     cmd.arg("--state-dir")
@@ -104,9 +129,17 @@ pub fn spawn_and_wait(cli: &Cli) -> anyhow::Result<()> {
             let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
             let tail: Vec<&str> = tail.lines().rev().take(5).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!("the dev-box daemon exited ({status}); its log {} ends with:\n{}", log_path.display(), tail.join("\n"));
+            bail!(
+                "the dev-box daemon exited ({status}); its log {} ends with:\n{}",
+                log_path.display(),
+                tail.join("\n")
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    bail!("the dev-box daemon did not open {} within 30 s; see {}", socket.display(), log_path.display())
+    bail!(
+        "the dev-box daemon did not open {} within 30 s; see {}",
+        socket.display(),
+        log_path.display()
+    )
 }

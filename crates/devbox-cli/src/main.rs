@@ -18,7 +18,10 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Daemon { pool_size } => daemon::run(&cli, pool_size.as_deref()).map(|_| 0),
         Command::Api(ApiCommand::Openapi) => commands::print_openapi().map(|_| 0),
-        _ => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        _ => match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             Ok(rt) => {
                 let r = rt.block_on(commands::run(&cli));
                 // A read of our stdin may still block on a thread; do not wait for it.

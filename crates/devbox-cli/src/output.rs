@@ -31,8 +31,13 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
 
 /// "3 minutes ago" for an RFC 3339 time.
 pub fn ago(rfc3339: &str) -> String {
-    let Ok(t) = humantime::parse_rfc3339_weak(rfc3339) else { return rfc3339.to_string() };
-    let d = SystemTime::now().duration_since(t).unwrap_or(Duration::ZERO).as_secs();
+    let Ok(t) = humantime::parse_rfc3339_weak(rfc3339) else {
+        return rfc3339.to_string();
+    };
+    let d = SystemTime::now()
+        .duration_since(t)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
     match d {
         0..=59 => format!("{d} seconds ago"),
         60..=3599 => format!("{} minutes ago", d / 60),

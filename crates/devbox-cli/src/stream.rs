@@ -4,7 +4,6 @@
 use std::io::{IsTerminal, Write};
 use std::os::fd::AsFd;
 
-use anyhow::{Context, bail};
 use devbox_api::client::{Client, ClientError};
 use devbox_api::wire::{ClientMsg, STDERR, STDOUT, ServerMsg};
 use futures_util::{SinkExt, StreamExt};
@@ -54,15 +53,30 @@ fn text(m: &ClientMsg) -> Message {
 }
 
 /// Runs a stream to its end; returns the exit code to exit with.
-pub async fn run(client: &Client, path: &str, first: ClientMsg, tty: bool, stdin: bool) -> Result<i32, ClientError> {
+pub async fn run(
+    client: &Client,
+    path: &str,
+    first: ClientMsg,
+    tty: bool,
+    stdin: bool,
+) -> Result<i32, ClientError> {
     let (ws, _sandbox, _pid) = client.stream(path, &first).await?;
-    let raw = if tty && std::io::stdin().is_terminal() { RawMode::enter() } else { None };
+    let raw = if tty && std::io::stdin().is_terminal() {
+        RawMode::enter()
+    } else {
+        None
+    };
     let result = pump(ws, tty, stdin).await;
     drop(raw);
-    result.map_err(|e| ClientError::Protocol(format!("{e:#}")))
+    result
 }
 
-async fn pump(ws: devbox_api::client::ExecStream, tty: bool, stdin: bool) -> anyhow::Result<i32> {
+async fn pump(
+    ws: devbox_api::client::ExecStream,
+    tty: bool,
+    stdin: bool,
+) -> Result<i32, ClientError> {
+    let protocol = |e: String| ClientError::Protocol(e);
     let (mut sink, mut stream) = ws.split();
     let (tx, mut rx) = mpsc::channel::<Message>(32);
     let writer = tokio::spawn(async move {
@@ -85,7 +99,11 @@ async fn pump(ws: devbox_api::client::ExecStream, tty: bool, stdin: bool) -> any
                         break;
                     }
                     Ok(n) => {
-                        if tx.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                        if tx
+                            .send(Message::Binary(buf[..n].to_vec().into()))
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                     }
@@ -130,23 +148,33 @@ async fn pump(ws: devbox_api::client::ExecStream, tty: bool, stdin: bool) -> any
                 let payload = &data[1..];
                 match data[0] {
                     STDOUT => {
-                        out.write_all(payload).context("writing stdout")?;
-                        out.flush()?;
+                        // A closed stdout (`| head`) ends our interest in the output, not the command.
+                        let _ = out.write_all(payload).and_then(|_| out.flush());
                     }
                     STDERR => {
-                        err.write_all(payload).context("writing stderr")?;
+                        let _ = err.write_all(payload);
                     }
                     _ => {}
                 }
             }
             Some(Ok(Message::Text(t))) => match serde_json::from_str::<ServerMsg>(&t) {
                 Ok(ServerMsg::Exit { code, .. }) => break code,
-                Ok(ServerMsg::Error { message, .. }) => bail!("{message}"),
+                Ok(ServerMsg::Error { code, message }) => {
+                    return Err(ClientError::Api {
+                        status: 0,
+                        code,
+                        message,
+                    });
+                }
                 _ => {}
             },
-            Some(Ok(Message::Close(_))) | None => bail!("the daemon closed the stream before the command ended"),
+            Some(Ok(Message::Close(_))) | None => {
+                return Err(protocol(
+                    "the daemon closed the stream before the command ended".into(),
+                ));
+            }
             Some(Ok(_)) => {}
-            Some(Err(e)) => bail!("stream: {e}"),
+            Some(Err(e)) => return Err(protocol(format!("stream: {e}"))),
         }
     };
     for t in tasks {

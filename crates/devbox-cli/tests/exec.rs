@@ -27,8 +27,14 @@ fn output_streams_while_the_command_runs() {
     assert_eq!(line, "first\n", "stdout arrives before the command ends");
     line.clear();
     err.read_line(&mut line).unwrap();
-    assert_eq!(line, "err-first\n", "stderr arrives before the command ends");
-    assert!(child.try_wait().unwrap().is_none(), "the command is still running");
+    assert_eq!(
+        line, "err-first\n",
+        "stderr arrives before the command ends"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the command is still running"
+    );
     env.ok(&["exec", "s", "touch /tmp/go"]);
     line.clear();
     out.read_line(&mut line).unwrap();
@@ -41,14 +47,36 @@ fn stdin_exit_codes_env_workdir_user() {
     require_root!();
     let env = TestEnv::new();
     env.ok(&["create", "x"]);
-    let mut child = env.cmd().args(["exec", "x", "--", "sh", "-c", "wc -c; exit 5"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    child.stdin.take().unwrap().write_all(&vec![b'z'; 100_000]).unwrap();
+    let mut child = env
+        .cmd()
+        .args(["exec", "x", "--", "sh", "-c", "wc -c; exit 5"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&vec![b'z'; 100_000])
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "100000");
-    assert_eq!(out.status.code(), Some(5), "the command's exit code is the CLI's");
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "the command's exit code is the CLI's"
+    );
 
-    assert_eq!(env.ok(&["exec", "-e", "A=1", "-e", "B=two words", "x", "echo $A $B"]), "1 two words\n");
-    assert_eq!(env.ok(&["exec", "x", "pwd"]), "/work\n", "the host image works in /work");
+    assert_eq!(
+        env.ok(&["exec", "-e", "A=1", "-e", "B=two words", "x", "echo $A $B"]),
+        "1 two words\n"
+    );
+    assert_eq!(
+        env.ok(&["exec", "x", "pwd"]),
+        "/work\n",
+        "the host image works in /work"
+    );
     assert_eq!(env.ok(&["exec", "-w", "/tmp", "x", "pwd"]), "/tmp\n");
     let err = env.fails(&["exec", "-w", "/nonexistent", "x", "pwd"]);
     assert!(err.contains("/nonexistent"), "{err}");
@@ -73,12 +101,25 @@ fn interrupt_reaches_the_command() {
     require_root!();
     let env = TestEnv::new();
     env.ok(&["create", "i"]);
-    let mut child = env.cmd().args(["exec", "i", "trap 'echo got-int; exit 3' INT; echo ready; while :; do sleep 0.05; done"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut child = env
+        .cmd()
+        .args([
+            "exec",
+            "i",
+            "trap 'echo got-int; exit 3' INT; echo ready; while :; do sleep 0.05; done",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line, "ready\n");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
     line.clear();
     out.read_line(&mut line).unwrap();
     assert_eq!(line, "got-int\n");
@@ -93,12 +134,17 @@ fn tty_exec_behaves_like_a_terminal() {
     let pty = nix::pty::openpty(None, None).unwrap();
     let mut cmd = env.cmd();
     let dup = || Stdio::from(std::fs::File::from(pty.slave.try_clone().unwrap()));
-    cmd.args(["exec", "-it", "t", "sh"]).stdin(dup()).stdout(dup()).stderr(dup());
+    cmd.args(["exec", "-it", "t", "sh"])
+        .stdin(dup())
+        .stdout(dup())
+        .stderr(dup());
     let mut child = cmd.spawn().unwrap();
     drop(pty.slave);
     let mut master = std::fs::File::from(pty.master);
     std::thread::sleep(Duration::from_millis(500));
-    master.write_all(b"tty; stty size; echo done-$((6*7)); exit 9\n").unwrap();
+    master
+        .write_all(b"tty; stty size; echo done-$((6*7)); exit 9\n")
+        .unwrap();
     let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut buf = [0u8; 4096];

@@ -49,22 +49,45 @@ fn breakout_attempts_fail() {
             assert_ne!(result, "ok", "{name} succeeded inside the sandbox");
         }
     }
-    assert!(probe.contains("ptrace_attach_init Operation not permitted"), "{probe}");
+    assert!(
+        probe.contains("ptrace_attach_init Operation not permitted"),
+        "{probe}"
+    );
 
     // Privilege state of every process: seccomp filter, no_new_privs, few capabilities.
     let status = env.ok(&["exec", "jail", "cat /proc/self/status"]);
     assert!(status.contains("Seccomp:\t2"), "{status}");
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
-    let cap_eff = status.lines().find_map(|l| l.strip_prefix("CapEff:\t")).unwrap();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:\t"))
+        .unwrap();
     let caps = u64::from_str_radix(cap_eff.trim(), 16).unwrap();
-    for (bit, name) in [(21, "CAP_SYS_ADMIN"), (16, "CAP_SYS_MODULE"), (19, "CAP_SYS_PTRACE"), (12, "CAP_NET_ADMIN"), (27, "CAP_MKNOD"), (17, "CAP_SYS_RAWIO")] {
+    for (bit, name) in [
+        (21, "CAP_SYS_ADMIN"),
+        (16, "CAP_SYS_MODULE"),
+        (19, "CAP_SYS_PTRACE"),
+        (12, "CAP_NET_ADMIN"),
+        (27, "CAP_MKNOD"),
+        (17, "CAP_SYS_RAWIO"),
+    ] {
         assert_eq!(caps & (1 << bit), 0, "{name} is in the effective set");
     }
 
     // Host processes are invisible.
-    let mut marker = std::process::Command::new("sleep").arg("1000.12345").spawn().unwrap();
-    let seen = env.ok(&["exec", "jail", "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '; echo; ls /proc | grep -c '^[0-9]'"]);
-    assert!(!seen.contains("1000.12345"), "a host process is visible: {seen}");
+    let mut marker = std::process::Command::new("sleep")
+        .arg("1000.12345")
+        .spawn()
+        .unwrap();
+    let seen = env.ok(&[
+        "exec",
+        "jail",
+        "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '; echo; ls /proc | grep -c '^[0-9]'",
+    ]);
+    assert!(
+        !seen.contains("1000.12345"),
+        "a host process is visible: {seen}"
+    );
     let count: usize = seen.lines().last().unwrap().trim().parse().unwrap();
     assert!(count < 10, "too many processes visible: {count}");
     let _ = marker.kill();
@@ -74,9 +97,22 @@ fn breakout_attempts_fail() {
     let passwd = std::fs::read("/etc/passwd").unwrap();
     let (code, _, _) = env.sh("jail", "touch /usr/bin/evil");
     assert_ne!(code, 0, "/usr is writable");
-    env.ok(&["exec", "jail", "echo 'evil:x:0:0::/:/bin/sh' >> /etc/passwd"]);
-    assert_eq!(std::fs::read("/etc/passwd").unwrap(), passwd, "the host's /etc/passwd changed");
-    assert_eq!(env.ok(&["exec", "jail", "ls -A /root /home | wc -w"]).trim(), "2", "only the two headers: both are empty");
+    env.ok(&[
+        "exec",
+        "jail",
+        "echo 'evil:x:0:0::/:/bin/sh' >> /etc/passwd",
+    ]);
+    assert_eq!(
+        std::fs::read("/etc/passwd").unwrap(),
+        passwd,
+        "the host's /etc/passwd changed"
+    );
+    assert_eq!(
+        env.ok(&["exec", "jail", "ls -A /root /home | wc -w"])
+            .trim(),
+        "2",
+        "only the two headers: both are empty"
+    );
     assert!(env.ok(&["exec", "jail", "ls /etc"]).contains("passwd"));
     let (code, _, _) = env.sh("jail", "cat /etc/shadow");
     assert_ne!(code, 0, "/etc/shadow is readable");
@@ -96,16 +132,26 @@ fn breakout_attempts_fail() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
-    let (code, _, _) = env.sh("jail", &format!("timeout 3 bash -c 'echo hi > /dev/tcp/127.0.0.1/{port}'"));
+    let (code, _, _) = env.sh(
+        "jail",
+        &format!("timeout 3 bash -c 'echo hi > /dev/tcp/127.0.0.1/{port}'"),
+    );
     assert_ne!(code, 0, "reached the host's loopback");
     let mut buf = [0u8; 8];
     if let Ok((mut s, _)) = listener.accept() {
         let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
-        assert!(s.read(&mut buf).unwrap_or(0) == 0, "the host listener got data");
+        assert!(
+            s.read(&mut buf).unwrap_or(0) == 0,
+            "the host listener got data"
+        );
         panic!("the host listener accepted a connection from the sandbox");
     }
     let links = env.ok(&["exec", "jail", "cat /proc/net/dev"]);
-    let ifaces: Vec<&str> = links.lines().skip(2).map(|l| l.trim().split(':').next().unwrap()).collect();
+    let ifaces: Vec<&str> = links
+        .lines()
+        .skip(2)
+        .map(|l| l.trim().split(':').next().unwrap())
+        .collect();
     assert_eq!(ifaces, vec!["lo"], "{links}");
 
     // Limits cannot be raised.
@@ -117,7 +163,15 @@ fn breakout_attempts_fail() {
     // Root inside is an unprivileged uid outside.
     let pid = env.init_pid("jail").unwrap();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let uid: u32 = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    let uid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(uid >= 1_000_000, "sandbox root is host uid {uid}");
     assert_eq!(env.ok(&["exec", "jail", "id -u"]), "0\n");
 }
@@ -127,7 +181,14 @@ fn memory_limit_is_enforced() {
     require_root!();
     let env = TestEnv::new();
     env.ok(&["create", "small", "--memory", "64Mi"]);
-    let out = env.sb(&["exec", "small", "--", "python3", "-c", "x = bytearray(256 * 1024 * 1024); print('allocated')"]);
+    let out = env.sb(&[
+        "exec",
+        "small",
+        "--",
+        "python3",
+        "-c",
+        "x = bytearray(256 * 1024 * 1024); print('allocated')",
+    ]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("allocated"));
     assert_ne!(out.status.code(), Some(0));
     // The sandbox itself survives its command's OOM kill.
@@ -140,13 +201,21 @@ fn sandboxes_do_not_see_each_other() {
     let env = TestEnv::new();
     env.ok(&["create", "a"]);
     env.ok(&["create", "b"]);
-    env.ok(&["exec", "a", "echo secret > /work/a-only; sleep 300 >/dev/null 2>&1 &"]);
+    env.ok(&[
+        "exec",
+        "a",
+        "echo secret > /work/a-only; sleep 300 >/dev/null 2>&1 &",
+    ]);
     let (code, _, _) = env.sh("b", "cat /work/a-only");
     assert_ne!(code, 0);
     let procs = env.ok(&["exec", "b", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"]);
     assert!(!procs.contains("sleep 300"), "{procs}");
     let ua = env.ok(&["inspect", "a"]);
     let ub = env.ok(&["inspect", "b"]);
-    let base = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["uid_base"].as_u64().unwrap();
+    let base = |s: &str| {
+        serde_json::from_str::<serde_json::Value>(s).unwrap()["uid_base"]
+            .as_u64()
+            .unwrap()
+    };
     assert_ne!(base(&ua), base(&ub), "two sandboxes share host uids");
 }

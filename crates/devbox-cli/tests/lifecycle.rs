@@ -9,21 +9,28 @@ fn quick_start_flow() {
     require_root!();
     let env = TestEnv::new();
     assert_eq!(env.ok(&["create", "dev"]).trim(), "dev");
-    assert_eq!(env.ok(&["exec", "dev", "echo hello > /work/a && cat /work/a"]), "hello\n");
+    assert_eq!(
+        env.ok(&["exec", "dev", "echo hello > /work/a && cat /work/a"]),
+        "hello\n"
+    );
     let ls = env.ok(&["exec", "dev", "--", "ls", "-la", "/work"]);
     assert!(ls.contains(" a\n"), "{ls}");
 
     let table = env.ok(&["ls"]);
     assert!(table.starts_with("NAME"), "{table}");
-    assert!(table.contains("dev") && table.contains("running"), "{table}");
-    let json: serde_json::Value = serde_json::from_str(&env.ok(&["ls", "--format", "json"])).unwrap();
+    assert!(
+        table.contains("dev") && table.contains("running"),
+        "{table}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["ls", "--format", "json"])).unwrap();
     assert_eq!(json[0]["name"], "dev");
 
     let info: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "dev"])).unwrap();
     assert_eq!(info["state"], "running");
     assert_eq!(info["manifest"]["apiVersion"], "sandbox.io/v1");
     assert!(info["init_pid"].as_i64().unwrap() > 1);
-    assert!(info["processes"].as_array().unwrap().len() >= 1);
+    assert!(!info["processes"].as_array().unwrap().is_empty());
     assert!(info["created_at"].as_str().unwrap().starts_with("20"));
     assert!(info["started_at"].is_string());
     assert!(info["storage_bytes"].as_u64().unwrap() >= 6);
@@ -35,12 +42,22 @@ fn quick_start_flow() {
     let err = env.fails(&["exec", "dev", "true"]);
     assert!(err.contains("sandbox start dev"), "{err}");
     env.ok(&["start", "dev"]);
-    assert_eq!(env.ok(&["exec", "dev", "cat /work/a"]), "hello\n", "files survive stop/start");
+    assert_eq!(
+        env.ok(&["exec", "dev", "cat /work/a"]),
+        "hello\n",
+        "files survive stop/start"
+    );
 
     env.ok(&["destroy", "dev"]);
     assert!(env.ok(&["ls", "-q"]).trim().is_empty());
-    assert!(env.cgroup_dirs().is_empty(), "cgroups left: {:?}", env.cgroup_dirs());
-    let volumes: Vec<_> = std::fs::read_dir(env.pool_dir().join("sandboxes")).unwrap().collect();
+    assert!(
+        env.cgroup_dirs().is_empty(),
+        "cgroups left: {:?}",
+        env.cgroup_dirs()
+    );
+    let volumes: Vec<_> = std::fs::read_dir(env.pool_dir().join("sandboxes"))
+        .unwrap()
+        .collect();
     assert!(volumes.is_empty(), "volumes left");
 }
 
@@ -51,8 +68,16 @@ fn run_rm_is_one_shot() {
     let out = env.ok(&["run", "--rm", "--", "uname", "-a"]);
     assert!(out.starts_with("Linux "), "{out}");
     let out = env.sb(&["run", "--rm", "--", "sh", "-c", "exit 42"]);
-    assert_eq!(out.status.code(), Some(42), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(env.ok(&["ls", "-q"]).trim().is_empty(), "run --rm left a sandbox");
+    assert_eq!(
+        out.status.code(),
+        Some(42),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        env.ok(&["ls", "-q"]).trim().is_empty(),
+        "run --rm left a sandbox"
+    );
     assert!(env.cgroup_dirs().is_empty());
 }
 
@@ -62,18 +87,32 @@ fn graceful_stop_sends_sigterm_first() {
     let env = TestEnv::new();
     env.ok(&["create", "g"]);
     // A process that records SIGTERM to a file before exiting.
-    let started = env.cmd().args(["exec", "g", "trap 'echo term > /work/got; exit 0' TERM; while :; do sleep 0.05; done"]).spawn().unwrap();
+    let started = env
+        .cmd()
+        .args([
+            "exec",
+            "g",
+            "trap 'echo term > /work/got; exit 0' TERM; while :; do sleep 0.05; done",
+        ])
+        .spawn()
+        .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
     env.ok(&["stop", "g", "--time", "5"]);
     env.ok(&["start", "g"]);
     assert_eq!(env.ok(&["exec", "g", "cat /work/got"]), "term\n");
-    drop(started);
+    let mut started = started;
+    let _ = started.wait();
     // A process that ignores SIGTERM is killed after the grace period.
-    let _ignorer = env.cmd().args(["exec", "g", "trap '' TERM; while :; do sleep 0.05; done"]).spawn().unwrap();
+    let mut ignorer = env
+        .cmd()
+        .args(["exec", "g", "trap '' TERM; while :; do sleep 0.05; done"])
+        .spawn()
+        .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
     let begun = std::time::Instant::now();
     env.ok(&["stop", "g", "--time", "0.5"]);
     assert!(begun.elapsed() < std::time::Duration::from_secs(8));
+    let _ = ignorer.wait();
     env.ok(&["destroy", "--force", "g"]);
 }
 
@@ -98,13 +137,25 @@ fn spec_file_in_the_seed_format() {
     let (code, _, _) = env.sh("ci", "for i in $(seq 1 80); do sleep 5 & done; wait");
     assert_ne!(code, 0, "the pids limit did not hold");
 
-    std::fs::write(&spec, "apiVersion: sandbox.io/v1\nkind: Sandbox\nspec:\n  limits:\n    memory: 4XB\n").unwrap();
+    std::fs::write(
+        &spec,
+        "apiVersion: sandbox.io/v1\nkind: Sandbox\nspec:\n  limits:\n    memory: 4XB\n",
+    )
+    .unwrap();
     let err = env.fails(&["create", "bad", "-f", spec.to_str().unwrap()]);
     assert!(err.contains("spec.limits.memory"), "{err}");
-    std::fs::write(&spec, "apiVersion: sandbox.io/v1\nkind: Sandbox\nspec:\n  limts: {}\n").unwrap();
+    std::fs::write(
+        &spec,
+        "apiVersion: sandbox.io/v1\nkind: Sandbox\nspec:\n  limts: {}\n",
+    )
+    .unwrap();
     let err = env.fails(&["create", "bad", "-f", spec.to_str().unwrap()]);
     assert!(err.contains("limts"), "{err}");
-    assert_eq!(env.ok(&["ls", "-q"]).trim(), "ci", "a bad spec created nothing");
+    assert_eq!(
+        env.ok(&["ls", "-q"]).trim(),
+        "ci",
+        "a bad spec created nothing"
+    );
 }
 
 #[test]
@@ -112,7 +163,10 @@ fn errors_are_clear_and_change_nothing() {
     require_root!();
     let env = TestEnv::new();
     let err = env.fails(&["exec", "ghost", "true"]);
-    assert!(err.contains("no sandbox named \"ghost\"") && err.contains("sandbox ls"), "{err}");
+    assert!(
+        err.contains("no sandbox named \"ghost\"") && err.contains("sandbox ls"),
+        "{err}"
+    );
     env.ok(&["create", "taken"]);
     let err = env.fails(&["create", "taken"]);
     assert!(err.contains("already exists"), "{err}");
@@ -129,7 +183,9 @@ fn errors_are_clear_and_change_nothing() {
     assert!(err.contains("no sandbox"), "{err}");
     assert_eq!(env.ok(&["ls", "-q"]).trim(), "taken");
     assert_eq!(env.cgroup_dirs().len(), env.cgroup_dirs().len());
-    let volumes = std::fs::read_dir(env.pool_dir().join("sandboxes")).unwrap().count();
+    let volumes = std::fs::read_dir(env.pool_dir().join("sandboxes"))
+        .unwrap()
+        .count();
     assert_eq!(volumes, 1);
 
     // The daemon is down and auto-start is off: the CLI says how to start it.
@@ -185,7 +241,10 @@ fn openapi_and_version() {
     assert!(doc["paths"]["/v1/sandboxes/{name}/exec/stream"].is_object());
     assert!(doc["components"]["schemas"]["SandboxManifest"].is_object());
     let help = env.ok(&["--help"]);
-    for cmd in ["create", "exec", "run", "ls", "inspect", "start", "stop", "destroy", "image", "pool", "api", "daemon"] {
+    for cmd in [
+        "create", "exec", "run", "ls", "inspect", "start", "stop", "destroy", "image", "pool",
+        "api", "daemon",
+    ] {
         assert!(help.contains(cmd), "--help lacks {cmd}");
     }
     for cmd in ["create", "exec", "run", "ls", "inspect", "destroy"] {

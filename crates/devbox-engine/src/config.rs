@@ -35,7 +35,9 @@ impl EngineConfig {
             Some(p) => PoolSource::Btrfs(PathBuf::from(p)),
             None => PoolSource::LoopFile {
                 image: state_dir.join("pool.img"),
-                size: pool_size.unwrap_or_else(|| devbox_storage::default_loop_size(state_dir.parent().unwrap_or(&state_dir))),
+                size: pool_size.unwrap_or_else(|| {
+                    devbox_storage::default_loop_size(state_dir.parent().unwrap_or(&state_dir))
+                }),
             },
         };
         Self {
@@ -44,7 +46,9 @@ impl EngineConfig {
             pool,
             pool_mountpoint,
             cgroup_parent: "dev-box".into(),
-            init_binary: devbox_runtime::launch::Launcher::locate().binary().to_path_buf(),
+            init_binary: devbox_runtime::launch::Launcher::locate()
+                .binary()
+                .to_path_buf(),
             stop_grace: Duration::from_secs(10),
         }
     }

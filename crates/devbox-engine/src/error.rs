@@ -16,7 +16,9 @@ pub enum EngineError {
         hint: &'static str,
     },
     /// The name is taken.
-    #[error("a {kind} named {name:?} already exists: pick another name, or remove the existing one first")]
+    #[error(
+        "a {kind} named {name:?} already exists: pick another name, or remove the existing one first"
+    )]
     AlreadyExists {
         /// "sandbox" or "image".
         kind: &'static str,
@@ -68,7 +70,11 @@ impl EngineError {
     }
 
     pub(crate) fn sandbox_not_found(name: &str) -> Self {
-        Self::NotFound { kind: "sandbox", name: name.to_string(), hint: "see `sandbox ls` for the sandboxes that exist" }
+        Self::NotFound {
+            kind: "sandbox",
+            name: name.to_string(),
+            hint: "see `sandbox ls` for the sandboxes that exist",
+        }
     }
 
     pub(crate) fn image_not_found(name: &str) -> Self {
@@ -105,7 +111,9 @@ impl From<devbox_image::ImageError> for EngineError {
         match e {
             E::Storage(s) => s.into(),
             e if e.is_full() => Self::PoolFull(e.to_string()),
-            e @ (E::Hostile { .. } | E::Corrupt(_) | E::Format(_)) => Self::InvalidRequest(e.to_string()),
+            e @ (E::Hostile { .. } | E::Corrupt(_) | E::Format(_)) => {
+                Self::InvalidRequest(e.to_string())
+            }
             other => Self::internal("image", other),
         }
     }

@@ -36,7 +36,12 @@ impl Pty {
         let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)?;
         let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
         nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
-        Ok(Self { fd: crate::os::async_fd(fd, tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE)? })
+        Ok(Self {
+            fd: crate::os::async_fd(
+                fd,
+                tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
+            )?,
+        })
     }
 
     /// Resizes the terminal.
@@ -46,11 +51,17 @@ impl Pty {
 }
 
 impl AsyncRead for &Pty {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|inner| nix::unistd::read(inner.get_ref(), unfilled).map_err(io::Error::from)) {
+            match guard.try_io(|inner| {
+                nix::unistd::read(inner.get_ref(), unfilled).map_err(io::Error::from)
+            }) {
                 Ok(Ok(n)) => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
@@ -65,10 +76,16 @@ impl AsyncRead for &Pty {
 }
 
 impl AsyncWrite for &Pty {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
-            match guard.try_io(|inner| nix::unistd::write(inner.get_ref(), buf).map_err(io::Error::from)) {
+            match guard
+                .try_io(|inner| nix::unistd::write(inner.get_ref(), buf).map_err(io::Error::from))
+            {
                 Ok(result) => return Poll::Ready(result),
                 Err(_would_block) => continue,
             }
@@ -104,12 +121,20 @@ impl ExecSession {
     /// Waits for the command to end.
     pub async fn wait(&self) -> Result<ExecExit> {
         loop {
-            let mut guard = self.conn.readable().await.map_err(|e| EngineError::internal("exec", e))?;
+            let mut guard = self
+                .conn
+                .readable()
+                .await
+                .map_err(|e| EngineError::internal("exec", e))?;
             match guard.try_io(|c| protocol::recv::<Reply>(c.get_ref().as_fd())) {
-                Ok(Ok(Some((Reply::Exited { code, signal }, _)))) => return Ok(ExecExit { code, signal }),
+                Ok(Ok(Some((Reply::Exited { code, signal }, _)))) => {
+                    return Ok(ExecExit { code, signal });
+                }
                 Ok(Ok(Some(_))) => continue,
                 Ok(Ok(None)) => {
-                    return Err(EngineError::WrongState("the sandbox stopped while the command ran".into()));
+                    return Err(EngineError::WrongState(
+                        "the sandbox stopped while the command ran".into(),
+                    ));
                 }
                 Ok(Err(e)) => return Err(EngineError::internal("exec", e)),
                 Err(_would_block) => continue,
@@ -119,7 +144,12 @@ impl ExecSession {
 
     /// Sends a signal to the command.
     pub fn signal(&self, signal: i32) -> Result<()> {
-        protocol::send(self.conn.get_ref().as_fd(), &Request::Signal { signal }, &[]).map_err(|e| EngineError::internal("signal", e))
+        protocol::send(
+            self.conn.get_ref().as_fd(),
+            &Request::Signal { signal },
+            &[],
+        )
+        .map_err(|e| EngineError::internal("signal", e))
     }
 }
 
@@ -134,7 +164,12 @@ fn failure(kind: FailureKind, message: String) -> EngineError {
 impl Engine {
     /// Starts a command in a running sandbox. With `want_stdin`, the session's `stdin` is
     /// connected; otherwise the command reads from /dev/null.
-    pub async fn exec(self: &Arc<Self>, name: &str, req: &ExecRequest, want_stdin: bool) -> Result<ExecSession> {
+    pub async fn exec(
+        self: &Arc<Self>,
+        name: &str,
+        req: &ExecRequest,
+        want_stdin: bool,
+    ) -> Result<ExecSession> {
         let argv = req.resolved_argv()?;
         let lock = self.locks.get(name);
         let _guard = lock.lock().await;
@@ -146,7 +181,9 @@ impl Engine {
             return Err(EngineError::WrongState(format!(
                 "sandbox {} is {}: start it with `sandbox start {}`",
                 rec.name,
-                serde_json::to_string(&rec.state).unwrap_or_default().trim_matches('"'),
+                serde_json::to_string(&rec.state)
+                    .unwrap_or_default()
+                    .trim_matches('"'),
                 rec.name
             )));
         }
@@ -166,62 +203,121 @@ impl Engine {
             env.retain(|e| e.split_once('=').map(|(key, _)| key) != Some(k));
             env.push(format!("{k}={v}"));
         };
-        set("HOSTNAME", manifest.spec.hostname.as_deref().unwrap_or(&rec.name));
+        set(
+            "HOSTNAME",
+            manifest.spec.hostname.as_deref().unwrap_or(&rec.name),
+        );
         for (k, v) in manifest.spec.env.iter().chain(req.env.iter()) {
             if k.is_empty() || k.contains('=') {
-                return Err(EngineError::InvalidRequest(format!("bad environment variable name {k:?}")));
+                return Err(EngineError::InvalidRequest(format!(
+                    "bad environment variable name {k:?}"
+                )));
             }
             set(k, v);
         }
-        let default_dir = if rec.image_id == HOST_IMAGE { "/work" } else { "/" };
-        let cwd = req.workdir.clone().or(manifest.spec.workdir.clone()).or(image_cfg.workdir.clone()).unwrap_or(default_dir.into());
+        let default_dir = if rec.image_id == HOST_IMAGE {
+            "/work"
+        } else {
+            "/"
+        };
+        let cwd = req
+            .workdir
+            .clone()
+            .or(manifest.spec.workdir.clone())
+            .or(image_cfg.workdir.clone())
+            .unwrap_or(default_dir.into());
         if !cwd.starts_with('/') {
-            return Err(EngineError::InvalidRequest(format!("workdir {cwd:?} must be an absolute path")));
+            return Err(EngineError::InvalidRequest(format!(
+                "workdir {cwd:?} must be an absolute path"
+            )));
         }
-        let user = req.user.clone().or(manifest.spec.user.clone()).or(image_cfg.user.clone());
-        let tty = req.tty.map(|t| WinSize { rows: t.rows, cols: t.cols });
-        let stdio = if tty.is_some() { AttachedStdio::default() } else { AttachedStdio { stdin: want_stdin, stdout: true, stderr: true } };
-        let request = protocol::ExecRequest { argv, env, cwd, user, tty, stdio };
+        let user = req
+            .user
+            .clone()
+            .or(manifest.spec.user.clone())
+            .or(image_cfg.user.clone());
+        let tty = req.tty.map(|t| WinSize {
+            rows: t.rows,
+            cols: t.cols,
+        });
+        let stdio = if tty.is_some() {
+            AttachedStdio::default()
+        } else {
+            AttachedStdio {
+                stdin: want_stdin,
+                stdout: true,
+                stderr: true,
+            }
+        };
+        let request = protocol::ExecRequest {
+            argv,
+            env,
+            cwd,
+            user,
+            tty,
+            stdio,
+        };
         let socket = self.sandbox_runtime_dir(&rec.id).join("agent.sock");
 
         let started = tokio::task::spawn_blocking(move || -> Result<_> {
-            let conn = AgentConn::connect(&socket).map_err(|e| EngineError::internal("connecting to the sandbox's agent", e))?;
+            let conn = AgentConn::connect(&socket)
+                .map_err(|e| EngineError::internal("connecting to the sandbox's agent", e))?;
             let mut keep = Vec::new();
             let mut send = Vec::new();
             if stdio.stdin {
-                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| EngineError::internal("pipe", e))?;
+                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                    .map_err(|e| EngineError::internal("pipe", e))?;
                 send.push(r);
                 keep.push(w);
             }
             for _ in 0..(stdio.stdout as usize + stdio.stderr as usize) {
-                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| EngineError::internal("pipe", e))?;
+                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                    .map_err(|e| EngineError::internal("pipe", e))?;
                 send.push(w);
                 keep.push(r);
             }
             let raw: Vec<_> = send.iter().map(|f| f.as_raw_fd()).collect();
-            conn.send(&Request::Exec(request), &raw).map_err(|e| EngineError::internal("exec request", e))?;
+            conn.send(&Request::Exec(request), &raw)
+                .map_err(|e| EngineError::internal("exec request", e))?;
             drop(send);
-            let (reply, fds) = conn.recv().map_err(|e| EngineError::internal("exec reply", e))?;
+            let (reply, fds) = conn
+                .recv()
+                .map_err(|e| EngineError::internal("exec reply", e))?;
             match reply {
                 Reply::Started { pid } => Ok((conn.into_fd(), pid, keep, fds)),
                 Reply::Failed { kind, message } => Err(failure(kind, message)),
-                other => Err(EngineError::Internal(format!("unexpected agent reply {other:?}"))),
+                other => Err(EngineError::Internal(format!(
+                    "unexpected agent reply {other:?}"
+                ))),
             }
         })
         .await
         .map_err(|e| EngineError::internal("exec task", e))??;
         let (conn, pid, mut keep, mut fds) = started;
         let nonblock = |fd: &OwnedFd| {
-            let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).map_err(|e| EngineError::internal("fcntl", e))?;
-            let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
-            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(|e| EngineError::internal("fcntl", e))?;
+            let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)
+                .map_err(|e| EngineError::internal("fcntl", e))?;
+            let flags =
+                nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags))
+                .map_err(|e| EngineError::internal("fcntl", e))?;
             Ok::<_, EngineError>(())
         };
         nonblock(&conn)?;
-        let conn = crate::os::async_fd(conn, tokio::io::Interest::READABLE).map_err(|e| EngineError::internal("exec", e))?;
-        let mut session = ExecSession { pid, stdin: None, stdout: None, stderr: None, tty: None, conn };
+        let conn = crate::os::async_fd(conn, tokio::io::Interest::READABLE)
+            .map_err(|e| EngineError::internal("exec", e))?;
+        let mut session = ExecSession {
+            pid,
+            stdin: None,
+            stdout: None,
+            stderr: None,
+            tty: None,
+            conn,
+        };
         if tty.is_some() {
-            let master = fds.pop().ok_or_else(|| EngineError::Internal("the agent sent no terminal".into()))?;
+            let master = fds
+                .pop()
+                .ok_or_else(|| EngineError::Internal("the agent sent no terminal".into()))?;
             session.tty = Some(Pty::new(master).map_err(|e| EngineError::internal("terminal", e))?);
         } else {
             let io_err = |e: io::Error| EngineError::internal("exec pipes", e);

@@ -10,7 +10,10 @@ use crate::model::{ImageInfo, ImportImageRequest, rfc3339};
 use crate::{Engine, EngineError, Result};
 
 fn format_name(f: devbox_image::ImageFormat) -> String {
-    serde_json::to_string(&f).unwrap_or_default().trim_matches('"').to_string()
+    serde_json::to_string(&f)
+        .unwrap_or_default()
+        .trim_matches('"')
+        .to_string()
 }
 
 impl Engine {
@@ -22,34 +25,65 @@ impl Engine {
     fn import_blocking(&self, req: ImportImageRequest) -> Result<ImageInfo> {
         let path = PathBuf::from(&req.path);
         if !path.is_absolute() {
-            return Err(EngineError::InvalidRequest(format!("image path {:?} must be absolute", req.path)));
+            return Err(EngineError::InvalidRequest(format!(
+                "image path {:?} must be absolute",
+                req.path
+            )));
         }
         if !path.exists() {
-            return Err(EngineError::InvalidRequest(format!("{} does not exist", path.display())));
+            return Err(EngineError::InvalidRequest(format!(
+                "{} does not exist",
+                path.display()
+            )));
         }
         if let Some(n) = &req.name {
             validate_image_name(n)?;
             if self.store.find_image(n)?.is_some() || n == HOST_IMAGE {
-                return Err(EngineError::AlreadyExists { kind: "image", name: n.clone() });
+                return Err(EngineError::AlreadyExists {
+                    kind: "image",
+                    name: n.clone(),
+                });
             }
         }
         let imported = self.images.import(&path)?;
-        if let Some(existing) = self.store.images()?.into_iter().find(|i| i.id == imported.id) {
+        if let Some(existing) = self
+            .store
+            .images()?
+            .into_iter()
+            .find(|i| i.id == imported.id)
+        {
             return self.image_info(existing);
         }
         let name = match req.name {
             Some(n) => n,
             None => {
-                let hint = imported.name_hint.clone().unwrap_or_else(|| imported.id[..12].to_string());
-                let hint: String = hint.chars().map(|c| if c.is_ascii_alphanumeric() || "._:-/".contains(c) { c } else { '-' }).collect();
-                if self.store.find_image(&hint)?.is_some() { imported.id[..12].to_string() } else { hint }
+                let hint = imported
+                    .name_hint
+                    .clone()
+                    .unwrap_or_else(|| imported.id[..12].to_string());
+                let hint: String = hint
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || "._:-/".contains(c) {
+                            c
+                        } else {
+                            '-'
+                        }
+                    })
+                    .collect();
+                if self.store.find_image(&hint)?.is_some() {
+                    imported.id[..12].to_string()
+                } else {
+                    hint
+                }
             }
         };
         let rec = ImageRecord {
             id: imported.id.clone(),
             name,
             format: format_name(imported.format),
-            config: serde_json::to_string(&imported.config).map_err(|e| EngineError::internal("image config", e))?,
+            config: serde_json::to_string(&imported.config)
+                .map_err(|e| EngineError::internal("image config", e))?,
             size_bytes: imported.size_bytes,
             created_at: now_ms(),
             source: path.display().to_string(),
@@ -59,7 +93,10 @@ impl Engine {
                 let _ = self.pool.delete_volume(&self.images.path(&imported.id));
             }
             return Err(match e {
-                StoreError::Conflict(_) => EngineError::AlreadyExists { kind: "image", name: rec.name },
+                StoreError::Conflict(_) => EngineError::AlreadyExists {
+                    kind: "image",
+                    name: rec.name,
+                },
                 other => other.into(),
             });
         }
@@ -110,12 +147,20 @@ impl Engine {
         let reference = reference.to_string();
         self.blocking(move |e| {
             if reference == HOST_IMAGE {
-                return Err(EngineError::InvalidRequest("the host image is built in and cannot be removed".into()));
+                return Err(EngineError::InvalidRequest(
+                    "the host image is built in and cannot be removed".into(),
+                ));
             }
-            let rec = e.store.find_image(&reference)?.ok_or_else(|| EngineError::image_not_found(&reference))?;
+            let rec = e
+                .store
+                .find_image(&reference)?
+                .ok_or_else(|| EngineError::image_not_found(&reference))?;
             let users = e.store.sandboxes_using_image(&rec.id)?;
             if !users.is_empty() {
-                return Err(EngineError::ImageInUse { image: rec.name, sandboxes: users });
+                return Err(EngineError::ImageInUse {
+                    image: rec.name,
+                    sandboxes: users,
+                });
             }
             e.store.delete_image(&rec.id)?;
             e.pool.set_readonly(&e.images.path(&rec.id), false)?;
@@ -129,7 +174,8 @@ impl Engine {
 fn validate_image_name(n: &str) -> Result<()> {
     let ok = !n.is_empty()
         && n.len() <= 128
-        && n.chars().all(|c| c.is_ascii_alphanumeric() || "._:-/".contains(c))
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._:-/".contains(c))
         && n.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
     if ok {
         Ok(())

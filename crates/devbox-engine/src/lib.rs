@@ -51,13 +51,16 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("state_dir", &self.cfg.state_dir).finish_non_exhaustive()
+        f.debug_struct("Engine")
+            .field("state_dir", &self.cfg.state_dir)
+            .finish_non_exhaustive()
     }
 }
 
 fn ensure_dir(path: &std::path::Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(path).map_err(|e| EngineError::internal(&format!("create {}", path.display()), e))?;
+    std::fs::create_dir_all(path)
+        .map_err(|e| EngineError::internal(&format!("create {}", path.display()), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| EngineError::internal(&format!("chmod {}", path.display()), e))
 }
@@ -71,7 +74,9 @@ impl Engine {
             .await
             .map_err(|e| EngineError::internal("opening the engine", e))??;
         let e2 = engine.clone();
-        tokio::task::spawn_blocking(move || e2.reconcile()).await.map_err(|e| EngineError::internal("reconcile", e))??;
+        tokio::task::spawn_blocking(move || e2.reconcile())
+            .await
+            .map_err(|e| EngineError::internal("reconcile", e))??;
         Ok(engine)
     }
 
@@ -83,7 +88,8 @@ impl Engine {
         let pool = Pool::open(&cfg.pool, &cfg.pool_mountpoint)?;
         let images = ImageStore::new(pool.clone());
         images.ensure_host()?;
-        let cgroups = CgroupDriver::detect(&cfg.cgroup_parent).map_err(|e| EngineError::internal("cgroups", e))?;
+        let cgroups = CgroupDriver::detect(&cfg.cgroup_parent)
+            .map_err(|e| EngineError::internal("cgroups", e))?;
         let launcher = Launcher::new(cfg.init_binary.clone());
         if !launcher.binary().is_file() {
             return Err(EngineError::Internal(format!(
@@ -91,7 +97,15 @@ impl Engine {
                 launcher.binary().display()
             )));
         }
-        Ok(Arc::new(Engine { cfg, store, pool, images, cgroups, launcher, locks: locks::LockTable::default() }))
+        Ok(Arc::new(Engine {
+            cfg,
+            store,
+            pool,
+            images,
+            cgroups,
+            launcher,
+            locks: locks::LockTable::default(),
+        }))
     }
 
     /// The configuration in use.
@@ -118,8 +132,13 @@ impl Engine {
     }
 
     /// Runs blocking engine work off the async threads.
-    async fn blocking<T: Send + 'static>(self: &Arc<Self>, f: impl FnOnce(Arc<Engine>) -> Result<T> + Send + 'static) -> Result<T> {
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(Arc<Engine>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || f(me)).await.map_err(|e| EngineError::internal("engine task", e))?
+        tokio::task::spawn_blocking(move || f(me))
+            .await
+            .map_err(|e| EngineError::internal("engine task", e))?
     }
 }

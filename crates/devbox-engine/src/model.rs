@@ -12,7 +12,8 @@ use utoipa::ToSchema;
 
 /// Formats milliseconds since the epoch as RFC 3339.
 pub fn rfc3339(ms: i64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)).to_string()
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64))
+        .to_string()
 }
 
 fn default_true() -> bool {
@@ -127,10 +128,14 @@ impl ExecRequest {
     /// The argv to run.
     pub fn resolved_argv(&self) -> Result<Vec<String>, crate::EngineError> {
         match (&self.command, self.argv.is_empty()) {
-            (Some(_), false) => Err(crate::EngineError::InvalidRequest("give either `argv` or `command`, not both".into())),
+            (Some(_), false) => Err(crate::EngineError::InvalidRequest(
+                "give either `argv` or `command`, not both".into(),
+            )),
             (Some(c), true) => Ok(vec!["/bin/sh".into(), "-c".into(), c.clone()]),
             (None, false) => Ok(self.argv.clone()),
-            (None, true) => Err(crate::EngineError::InvalidRequest("no command given: set `argv` or `command`".into())),
+            (None, true) => Err(crate::EngineError::InvalidRequest(
+                "no command given: set `argv` or `command`".into(),
+            )),
         }
     }
 }

@@ -48,7 +48,10 @@ impl Engine {
                         rec.init_pid = None;
                         rec.init_start = None;
                         rec.stopped_at = Some(now_ms());
-                        rec.last_error = Some("stopped while the daemon was not running (host reboot or crash)".into());
+                        rec.last_error = Some(
+                            "stopped while the daemon was not running (host reboot or crash)"
+                                .into(),
+                        );
                         self.store.update_sandbox(&rec)?;
                     }
                 }
@@ -65,7 +68,9 @@ impl Engine {
             }
         }
         for dir in [self.pool.sandboxes_dir(), self.cfg.sandboxes_runtime_dir()] {
-            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
             for e in entries.flatten() {
                 let id = e.file_name().to_string_lossy().to_string();
                 if known.contains(&id) {

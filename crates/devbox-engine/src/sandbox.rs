@@ -65,7 +65,9 @@ impl Engine {
     }
 
     pub(crate) fn record(&self, name: &str) -> Result<SandboxRecord> {
-        self.store.sandbox_by_name(name)?.ok_or_else(|| EngineError::sandbox_not_found(name))
+        self.store
+            .sandbox_by_name(name)?
+            .ok_or_else(|| EngineError::sandbox_not_found(name))
     }
 
     pub(crate) fn cgroup_of(&self, rec: &SandboxRecord) -> SandboxCgroup {
@@ -78,19 +80,32 @@ impl Engine {
     }
 
     /// Creates a sandbox; `ephemeral` ones are destroyed by their creator after one exec.
-    pub async fn create_with(self: &Arc<Self>, req: CreateSandboxRequest, ephemeral: bool) -> Result<SandboxInfo> {
-        self.blocking(move |e| e.create_blocking(req, ephemeral)).await
+    pub async fn create_with(
+        self: &Arc<Self>,
+        req: CreateSandboxRequest,
+        ephemeral: bool,
+    ) -> Result<SandboxInfo> {
+        self.blocking(move |e| e.create_blocking(req, ephemeral))
+            .await
     }
 
-    fn create_blocking(self: &Arc<Self>, req: CreateSandboxRequest, ephemeral: bool) -> Result<SandboxInfo> {
-        let mut manifest = req.manifest.unwrap_or_else(|| SandboxManifest::new(None, Default::default()));
+    fn create_blocking(
+        self: &Arc<Self>,
+        req: CreateSandboxRequest,
+        ephemeral: bool,
+    ) -> Result<SandboxInfo> {
+        let mut manifest = req
+            .manifest
+            .unwrap_or_else(|| SandboxManifest::new(None, Default::default()));
         if let Some(n) = req.name {
             manifest.metadata.name = Some(n);
         }
         let name = match &manifest.metadata.name {
             Some(n) => Name::new(n)?,
             None => {
-                return Err(EngineError::InvalidRequest("a sandbox needs a name: give one, or set metadata.name in the spec".into()));
+                return Err(EngineError::InvalidRequest(
+                    "a sandbox needs a name: give one, or set metadata.name in the spec".into(),
+                ));
             }
         };
         manifest.validate()?;
@@ -99,14 +114,18 @@ impl Engine {
             self.images.ensure_host()?;
             HOST_IMAGE.to_string()
         } else {
-            self.store.find_image(&image_ref)?.ok_or_else(|| EngineError::image_not_found(&image_ref))?.id
+            self.store
+                .find_image(&image_ref)?
+                .ok_or_else(|| EngineError::image_not_found(&image_ref))?
+                .id
         };
         let lock = self.locks.get(name.as_str());
         let _guard = lock.blocking_lock();
         let rec = SandboxRecord {
             id: new_id(),
             name: name.to_string(),
-            manifest: serde_json::to_string(&manifest).map_err(|e| EngineError::internal("spec", e))?,
+            manifest: serde_json::to_string(&manifest)
+                .map_err(|e| EngineError::internal("spec", e))?,
             image_id,
             state: SandboxState::Creating,
             uid_base: 0,
@@ -119,7 +138,10 @@ impl Engine {
             ephemeral,
         };
         let mut rec = self.store.insert_sandbox(&rec).map_err(|e| match e {
-            StoreError::Conflict(_) => EngineError::AlreadyExists { kind: "sandbox", name: name.to_string() },
+            StoreError::Conflict(_) => EngineError::AlreadyExists {
+                kind: "sandbox",
+                name: name.to_string(),
+            },
             other => other.into(),
         })?;
         let made = (|| {
@@ -145,7 +167,11 @@ impl Engine {
         for (dir, mode) in [("upper", 0o755), ("work", 0o700)] {
             let p = vol.join(dir);
             std::fs::create_dir(&p).map_err(|e| {
-                if devbox_storage::Pool::is_full_error(&e) { self.pool.full().into() } else { EngineError::internal("make writable layer", e) }
+                if devbox_storage::Pool::is_full_error(&e) {
+                    self.pool.full().into()
+                } else {
+                    EngineError::internal("make writable layer", e)
+                }
             })?;
             std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode))
                 .map_err(|e| EngineError::internal("make writable layer", e))?;
@@ -188,27 +214,50 @@ impl Engine {
             .cgroups
             .create(
                 &rec.id,
-                &Limits { memory_bytes: Some(limits.memory_bytes), pids: Some(limits.pids), cpu_millis: Some(limits.cpu_millis) },
+                &Limits {
+                    memory_bytes: Some(limits.memory_bytes),
+                    pids: Some(limits.pids),
+                    cpu_millis: Some(limits.cpu_millis),
+                },
             )
             .map_err(|e| EngineError::internal("cgroup", e))?;
         let image = self.images.path(&rec.image_id);
         if !image.is_dir() {
             self.release_runtime(rec);
-            return Err(EngineError::Internal(format!("image {} of sandbox {} is missing from the pool", rec.image_id, rec.name)));
+            return Err(EngineError::Internal(format!(
+                "image {} of sandbox {} is missing from the pool",
+                rec.image_id, rec.name
+            )));
         }
         let binds = if rec.image_id == HOST_IMAGE {
             devbox_image::host::host_binds()
                 .into_iter()
-                .map(|p| BindMount { source: p.clone(), target: p, readonly: true, idmap: true })
+                .map(|p| BindMount {
+                    source: p.clone(),
+                    target: p,
+                    readonly: true,
+                    idmap: true,
+                })
                 .collect()
         } else {
             Vec::new()
         };
         let cfg = LaunchConfig {
             id: rec.id.clone(),
-            hostname: manifest.spec.hostname.clone().unwrap_or_else(|| rec.name.clone()),
-            idmap: IdMap { host_base: rec.uid_base, size: ID_RANGE },
-            rootfs: RootfsPlan { layers: vec![image], writable: self.sandbox_volume(&rec.id), binds },
+            hostname: manifest
+                .spec
+                .hostname
+                .clone()
+                .unwrap_or_else(|| rec.name.clone()),
+            idmap: IdMap {
+                host_base: rec.uid_base,
+                size: ID_RANGE,
+            },
+            rootfs: RootfsPlan {
+                layers: vec![image],
+                writable: self.sandbox_volume(&rec.id),
+                binds,
+            },
             runtime_dir: rt.clone(),
             agent_socket: rt.join("agent.sock"),
             cgroups: cg.paths(),
@@ -218,7 +267,10 @@ impl Engine {
             Ok(pid) => pid,
             Err(e) => {
                 self.release_runtime(rec);
-                return Err(EngineError::Internal(format!("starting sandbox {}: {e}", rec.name)));
+                return Err(EngineError::Internal(format!(
+                    "starting sandbox {}: {e}",
+                    rec.name
+                )));
             }
         };
         rec.init_pid = Some(pid);
@@ -234,12 +286,18 @@ impl Engine {
     /// Watches a running sandbox's init and records its unexpected exit.
     pub(crate) fn watch(self: &Arc<Self>, rec: &SandboxRecord) {
         let Some(pid) = rec.init_pid else { return };
-        let Ok(pidfd) = sys::pidfd_open(pid) else { return };
-        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        let Ok(pidfd) = sys::pidfd_open(pid) else {
+            return;
+        };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let engine = self.clone();
         let (name, id) = (rec.name.clone(), rec.id.clone());
         handle.spawn(async move {
-            let Ok(afd) = crate::os::async_fd(pidfd, tokio::io::Interest::READABLE) else { return };
+            let Ok(afd) = crate::os::async_fd(pidfd, tokio::io::Interest::READABLE) else {
+                return;
+            };
             if afd.readable().await.is_err() {
                 return;
             }
@@ -252,7 +310,9 @@ impl Engine {
     fn on_init_exit(&self, name: &str, id: &str, pid: i32) {
         let lock = self.locks.get(name);
         let _guard = lock.blocking_lock();
-        let Ok(Some(mut rec)) = self.store.sandbox_by_name(name) else { return };
+        let Ok(Some(mut rec)) = self.store.sandbox_by_name(name) else {
+            return;
+        };
         if rec.id != id || rec.state != SandboxState::Running || rec.init_pid != Some(pid) {
             return; // a stop or destroy handled it
         }
@@ -275,7 +335,11 @@ impl Engine {
             let mut rec = e.record(&name)?;
             match rec.state {
                 SandboxState::Running => return e.info(&rec, false),
-                s if !s.can_start() => return Err(EngineError::WrongState(format!("sandbox {name} is {s:?}; try again shortly"))),
+                s if !s.can_start() => {
+                    return Err(EngineError::WrongState(format!(
+                        "sandbox {name} is {s:?}; try again shortly"
+                    )));
+                }
                 _ => {}
             }
             let manifest = Self::manifest_of(&rec)?;
@@ -286,7 +350,11 @@ impl Engine {
     }
 
     /// Stops a sandbox: SIGTERM to every process, SIGKILL after `grace` (default from config).
-    pub async fn stop(self: &Arc<Self>, name: &str, grace: Option<Duration>) -> Result<SandboxInfo> {
+    pub async fn stop(
+        self: &Arc<Self>,
+        name: &str,
+        grace: Option<Duration>,
+    ) -> Result<SandboxInfo> {
         let name = name.to_string();
         self.blocking(move |e| {
             let lock = e.locks.get(&name);
@@ -307,13 +375,17 @@ impl Engine {
             && let Ok(pidfd) = sys::pidfd_open(pid)
         {
             let socket = self.sandbox_runtime_dir(&rec.id).join("agent.sock");
-            let asked = grace > Duration::ZERO && devbox_runtime::client::shutdown(&socket, grace).is_ok();
+            let asked =
+                grace > Duration::ZERO && devbox_runtime::client::shutdown(&socket, grace).is_ok();
             let exited = asked && wait_exit(&pidfd, grace + Duration::from_secs(2));
             if !exited {
                 let _ = self.cgroup_of(rec).kill_all();
                 let _ = sys::pidfd_send_signal(&pidfd, libc::SIGKILL);
                 if !wait_exit(&pidfd, Duration::from_secs(10)) {
-                    return Err(EngineError::Internal(format!("sandbox {} did not stop after SIGKILL", rec.name)));
+                    return Err(EngineError::Internal(format!(
+                        "sandbox {} did not stop after SIGKILL",
+                        rec.name
+                    )));
                 }
             }
         }
@@ -334,7 +406,14 @@ impl Engine {
             let lock = e.locks.get(&name);
             let _guard = lock.blocking_lock();
             let mut rec = e.record(&name)?;
-            e.destroy_locked(&mut rec, if force { Duration::ZERO } else { e.cfg.stop_grace })
+            e.destroy_locked(
+                &mut rec,
+                if force {
+                    Duration::ZERO
+                } else {
+                    e.cfg.stop_grace
+                },
+            )
         })
         .await
     }
@@ -373,7 +452,14 @@ impl Engine {
 
     /// Every sandbox.
     pub async fn list(self: &Arc<Self>) -> Result<Vec<SandboxInfo>> {
-        self.blocking(|e| e.store.sandboxes()?.iter().map(|r| e.info(r, false)).collect()).await
+        self.blocking(|e| {
+            e.store
+                .sandboxes()?
+                .iter()
+                .map(|r| e.info(r, false))
+                .collect()
+        })
+        .await
     }
 
     /// One sandbox, with processes and storage use.
@@ -396,7 +482,12 @@ impl Engine {
                 .into_iter()
                 .map(|pid| {
                     let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                    let command = cmd.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s)).collect::<Vec<_>>().join(" ");
+                    let command = cmd
+                        .split(|b| *b == 0)
+                        .filter(|s| !s.is_empty())
+                        .map(|s| String::from_utf8_lossy(s))
+                        .collect::<Vec<_>>()
+                        .join(" ");
                     ProcessInfo { pid, command }
                 })
                 .collect()
@@ -415,7 +506,13 @@ impl Engine {
             init_pid: rec.init_pid,
             processes,
             usage: if running { Some(cg.usage()) } else { None },
-            storage_bytes: if detailed { Some(devbox_storage::disk_usage(&self.sandbox_volume(&rec.id).join("upper"))) } else { None },
+            storage_bytes: if detailed {
+                Some(devbox_storage::disk_usage(
+                    &self.sandbox_volume(&rec.id).join("upper"),
+                ))
+            } else {
+                None
+            },
             created_at: rfc3339(rec.created_at),
             started_at: rec.started_at.map(rfc3339),
             stopped_at: rec.stopped_at.map(rfc3339),

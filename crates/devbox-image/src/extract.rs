@@ -38,7 +38,10 @@ pub struct ExtractOptions {
 }
 
 fn hostile(entry: &str, why: impl std::fmt::Display) -> ImageError {
-    ImageError::Hostile { entry: entry.to_string(), reason: why.to_string() }
+    ImageError::Hostile {
+        entry: entry.to_string(),
+        reason: why.to_string(),
+    }
 }
 
 /// Normalises an archive path: drops `.` components; refuses absolute paths and `..`.
@@ -49,7 +52,9 @@ pub fn clean_path(raw: &Path) -> Result<PathBuf, ImageError> {
         match c {
             Component::Normal(p) => out.push(p),
             Component::CurDir => {}
-            Component::RootDir | Component::Prefix(_) => return Err(hostile(&shown, "it has an absolute path")),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(hostile(&shown, "it has an absolute path"));
+            }
             Component::ParentDir => return Err(hostile(&shown, "it has a '..' component")),
         }
     }
@@ -74,7 +79,8 @@ impl Target {
     /// Opens (creating as needed) directory `rel` beneath the root.
     fn dir(&self, rel: &Path, entry: &str) -> Result<OwnedFd, ImageError> {
         if rel.as_os_str().is_empty() {
-            return rustix::fs::openat(&self.root, ".", DIR_FLAGS, Mode::empty()).map_err(|e| ImageError::io("open", entry, e.into()));
+            return rustix::fs::openat(&self.root, ".", DIR_FLAGS, Mode::empty())
+                .map_err(|e| ImageError::io("open", entry, e.into()));
         }
         match rustix::fs::openat2(&self.root, rel, DIR_FLAGS, Mode::empty(), beneath()) {
             Ok(fd) => return Ok(fd),
@@ -82,7 +88,8 @@ impl Target {
             Err(e) => return Err(self.resolve_error(e, entry)),
         }
         let mut cur = PathBuf::new();
-        let mut fd = rustix::fs::openat(&self.root, ".", DIR_FLAGS, Mode::empty()).map_err(|e| ImageError::io("open", entry, e.into()))?;
+        let mut fd = rustix::fs::openat(&self.root, ".", DIR_FLAGS, Mode::empty())
+            .map_err(|e| ImageError::io("open", entry, e.into()))?;
         for comp in rel.components() {
             cur.push(comp);
             match rustix::fs::openat2(&self.root, &cur, DIR_FLAGS, Mode::empty(), beneath()) {
@@ -101,14 +108,23 @@ impl Target {
 
     fn resolve_error(&self, e: rustix::io::Errno, entry: &str) -> ImageError {
         match e {
-            rustix::io::Errno::XDEV => hostile(entry, "it would be written through a symlink that points outside the image"),
+            rustix::io::Errno::XDEV => hostile(
+                entry,
+                "it would be written through a symlink that points outside the image",
+            ),
             rustix::io::Errno::NOTDIR => hostile(entry, "a parent of it is not a directory"),
             rustix::io::Errno::LOOP => hostile(entry, "a parent of it is a symlink loop"),
             other => ImageError::io("resolve", entry, other.into()),
         }
     }
 
-    fn remove_existing(&self, dir: &OwnedFd, name: &std::ffi::OsStr, keep_dir: bool, entry: &str) -> Result<(), ImageError> {
+    fn remove_existing(
+        &self,
+        dir: &OwnedFd,
+        name: &std::ffi::OsStr,
+        keep_dir: bool,
+        entry: &str,
+    ) -> Result<(), ImageError> {
         match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Err(rustix::io::Errno::NOENT) => Ok(()),
             Err(e) => Err(ImageError::io("stat", entry, e.into())),
@@ -119,12 +135,16 @@ impl Target {
                     remove_tree_at(dir, name).map_err(|e| ImageError::io("remove", entry, e))
                 }
             }
-            Ok(_) => rustix::fs::unlinkat(dir, name, AtFlags::empty()).map_err(|e| ImageError::io("remove", entry, e.into())),
+            Ok(_) => rustix::fs::unlinkat(dir, name, AtFlags::empty())
+                .map_err(|e| ImageError::io("remove", entry, e.into())),
         }
     }
 
     fn entry<R: Read>(&mut self, mut e: tar::Entry<'_, R>) -> Result<(), ImageError> {
-        let raw = e.path().map_err(|err| ImageError::Format(format!("unreadable entry name: {err}")))?.into_owned();
+        let raw = e
+            .path()
+            .map_err(|err| ImageError::Format(format!("unreadable entry name: {err}")))?
+            .into_owned();
         let shown = raw.display().to_string();
         let path = clean_path(&raw)?;
         let Some(name) = path.file_name().map(|n| n.to_os_string()) else {
@@ -136,7 +156,8 @@ impl Target {
         if self.whiteouts && name_str.starts_with(".wh.") {
             let dir = self.dir(&parent, &shown)?;
             if name_str == ".wh..wh..opq" {
-                self.make_opaque(&dir, &parent).map_err(|err| ImageError::io("opaque", &shown, err))?;
+                self.make_opaque(&dir, &parent)
+                    .map_err(|err| ImageError::io("opaque", &shown, err))?;
             } else {
                 let victim = &name_str[4..];
                 self.remove_existing(&dir, std::ffi::OsStr::new(victim), false, &shown)?;
@@ -153,27 +174,41 @@ impl Target {
         if uid > u32::MAX as u64 || gid > u32::MAX as u64 {
             return Err(hostile(&shown, "its owner id is out of range"));
         }
-        let owner = (Some(rustix::fs::Uid::from_raw(uid as u32)), Some(rustix::fs::Gid::from_raw(gid as u32)));
+        let owner = (
+            Some(rustix::fs::Uid::from_raw(uid as u32)),
+            Some(rustix::fs::Gid::from_raw(gid as u32)),
+        );
 
         if kind.is_character_special() || kind.is_block_special() {
             if path.starts_with("dev") {
                 self.stats.skipped_devices += 1;
                 return Ok(());
             }
-            return Err(hostile(&shown, "it is a device node (only dev/ may hold device nodes, and they are skipped)"));
+            return Err(hostile(
+                &shown,
+                "it is a device node (only dev/ may hold device nodes, and they are skipped)",
+            ));
         }
 
         let dir = self.dir(&parent, &shown)?;
         let shown_ref = shown.as_str();
-        let io = |op: &'static str| move |err: rustix::io::Errno| ImageError::io(op, shown_ref, err.into());
+        let io = |op: &'static str| {
+            move |err: rustix::io::Errno| ImageError::io(op, shown_ref, err.into())
+        };
         if kind.is_dir() {
             self.remove_existing(&dir, &name, true, &shown)?;
             match rustix::fs::mkdirat(&dir, &name, Mode::from_raw_mode(0o700)) {
                 Ok(()) | Err(rustix::io::Errno::EXIST) => {}
                 Err(err) => return Err(io("mkdir")(err)),
             }
-            let fd = rustix::fs::openat2(&dir, &name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty(), beneath())
-                .map_err(|err| self.resolve_error(err, &shown))?;
+            let fd = rustix::fs::openat2(
+                &dir,
+                &name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+                beneath(),
+            )
+            .map_err(|err| self.resolve_error(err, &shown))?;
             rustix::fs::fchown(&fd, owner.0, owner.1).map_err(io("chown"))?;
             rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(io("chmod"))?;
         } else if kind.is_file() || kind == tar::EntryType::Continuous || kind.is_gnu_sparse() {
@@ -186,36 +221,56 @@ impl Target {
             )
             .map_err(io("create"))?;
             let mut file = std::fs::File::from(fd);
-            let n = io::copy(&mut e, &mut file).map_err(|err| ImageError::io("write", &shown, err))?;
+            let n =
+                io::copy(&mut e, &mut file).map_err(|err| ImageError::io("write", &shown, err))?;
             self.stats.bytes += n;
             rustix::fs::fchown(&file, owner.0, owner.1).map_err(io("chown"))?;
             rustix::fs::fchmod(&file, Mode::from_raw_mode(mode)).map_err(io("chmod"))?;
-            let ts = rustix::fs::Timespec { tv_sec: mtime as i64, tv_nsec: 0 };
-            let _ = rustix::fs::futimens(&file, &Timestamps { last_access: ts, last_modification: ts });
+            let ts = rustix::fs::Timespec {
+                tv_sec: mtime as i64,
+                tv_nsec: 0,
+            };
+            let _ = rustix::fs::futimens(
+                &file,
+                &Timestamps {
+                    last_access: ts,
+                    last_modification: ts,
+                },
+            );
         } else if kind.is_symlink() {
             let target = e
                 .link_name()
-                .map_err(|err| ImageError::Format(format!("{shown}: unreadable link target: {err}")))?
+                .map_err(|err| {
+                    ImageError::Format(format!("{shown}: unreadable link target: {err}"))
+                })?
                 .ok_or_else(|| hostile(&shown, "a symlink without a target"))?
                 .into_owned();
             self.remove_existing(&dir, &name, false, &shown)?;
             rustix::fs::symlinkat(&target, &dir, &name).map_err(io("symlink"))?;
-            rustix::fs::chownat(&dir, &name, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW).map_err(io("chown"))?;
+            rustix::fs::chownat(&dir, &name, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(io("chown"))?;
         } else if kind.is_hard_link() {
             let target = e
                 .link_name()
-                .map_err(|err| ImageError::Format(format!("{shown}: unreadable link target: {err}")))?
+                .map_err(|err| {
+                    ImageError::Format(format!("{shown}: unreadable link target: {err}"))
+                })?
                 .ok_or_else(|| hostile(&shown, "a hard link without a target"))?
                 .into_owned();
             let target = clean_path(&target)?;
-            let tname = target.file_name().ok_or_else(|| hostile(&shown, "a hard link to the root"))?.to_os_string();
+            let tname = target
+                .file_name()
+                .ok_or_else(|| hostile(&shown, "a hard link to the root"))?
+                .to_os_string();
             let tdir = self.dir(target.parent().unwrap_or(Path::new("")), &shown)?;
             self.remove_existing(&dir, &name, false, &shown)?;
             rustix::fs::linkat(&tdir, &tname, &dir, &name, AtFlags::empty()).map_err(io("link"))?;
         } else if kind.is_fifo() {
             self.remove_existing(&dir, &name, false, &shown)?;
-            rustix::fs::mknodat(&dir, &name, FileType::Fifo, Mode::from_raw_mode(mode), 0).map_err(io("mkfifo"))?;
-            rustix::fs::chownat(&dir, &name, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW).map_err(io("chown"))?;
+            rustix::fs::mknodat(&dir, &name, FileType::Fifo, Mode::from_raw_mode(mode), 0)
+                .map_err(io("mkfifo"))?;
+            rustix::fs::chownat(&dir, &name, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(io("chown"))?;
         } else {
             // PAX and GNU long-name headers are consumed by the reader; anything else is unusual.
             tracing::debug!(entry = %shown, ?kind, "skipping archive entry of unsupported type");
@@ -227,7 +282,12 @@ impl Target {
     }
 
     fn make_opaque(&self, dir: &OwnedFd, rel: &Path) -> io::Result<()> {
-        let rd = rustix::fs::openat(dir, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+        let rd = rustix::fs::openat(
+            dir,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
         let mut names = Vec::new();
         for ent in rustix::fs::Dir::read_from(&rd)? {
             let ent = ent?;
@@ -235,14 +295,17 @@ impl Target {
             if n == b"." || n == b".." {
                 continue;
             }
-            let name = std::ffi::OsStr::new(std::str::from_utf8(n).unwrap_or_default()).to_os_string();
+            let name =
+                std::ffi::OsStr::new(std::str::from_utf8(n).unwrap_or_default()).to_os_string();
             if !self.written.contains(&rel.join(&name)) {
                 names.push(name);
             }
         }
         for n in names {
             match rustix::fs::statat(dir, &n, AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => remove_tree_at(dir, &n)?,
+                Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+                    remove_tree_at(dir, &n)?
+                }
                 Ok(_) => rustix::fs::unlinkat(dir, &n, AtFlags::empty())?,
                 Err(_) => {}
             }
@@ -267,7 +330,10 @@ pub fn remove_tree_at(dir: &impl AsFd, name: &std::ffi::OsStr) -> io::Result<()>
         if n == b"." || n == b".." {
             continue;
         }
-        children.push((std::ffi::OsString::from(String::from_utf8_lossy(&n).to_string()), ent.file_type()));
+        children.push((
+            std::ffi::OsString::from(String::from_utf8_lossy(&n).to_string()),
+            ent.file_type(),
+        ));
     }
     for (n, t) in children {
         if t == FileType::Directory {
@@ -281,11 +347,23 @@ pub fn remove_tree_at(dir: &impl AsFd, name: &std::ffi::OsStr) -> io::Result<()>
 }
 
 /// Extracts a (decompressed) tar stream into the existing directory `root`.
-pub fn extract<R: Read>(reader: R, root: &Path, opts: ExtractOptions) -> Result<ExtractStats, ImageError> {
-    let root_fd = rustix::fs::open(root, DIR_FLAGS, Mode::empty()).map_err(|e| ImageError::io("open", &root.display().to_string(), e.into()))?;
-    let mut target = Target { root: root_fd, whiteouts: opts.whiteouts, written: HashSet::new(), stats: ExtractStats::default() };
+pub fn extract<R: Read>(
+    reader: R,
+    root: &Path,
+    opts: ExtractOptions,
+) -> Result<ExtractStats, ImageError> {
+    let root_fd = rustix::fs::open(root, DIR_FLAGS, Mode::empty())
+        .map_err(|e| ImageError::io("open", &root.display().to_string(), e.into()))?;
+    let mut target = Target {
+        root: root_fd,
+        whiteouts: opts.whiteouts,
+        written: HashSet::new(),
+        stats: ExtractStats::default(),
+    };
     let mut archive = tar::Archive::new(reader);
-    let entries = archive.entries().map_err(|e| ImageError::Format(format!("not a tar archive: {e}")))?;
+    let entries = archive
+        .entries()
+        .map_err(|e| ImageError::Format(format!("not a tar archive: {e}")))?;
     for entry in entries {
         let entry = entry.map_err(|e| ImageError::Format(format!("corrupt tar archive: {e}")))?;
         target.entry(entry)?;
@@ -308,7 +386,10 @@ pub fn decompressed<R: Read + 'static>(mut reader: R) -> Result<Box<dyn Read>, I
     let head = io::Cursor::new(magic[..n].to_vec()).chain(reader);
     Ok(match &magic[..n] {
         [0x1f, 0x8b, ..] => Box::new(flate2::read::GzDecoder::new(head)),
-        [0x28, 0xb5, 0x2f, 0xfd] => Box::new(zstd::stream::read::Decoder::new(head).map_err(|e| ImageError::io("zstd", "archive", e))?),
+        [0x28, 0xb5, 0x2f, 0xfd] => Box::new(
+            zstd::stream::read::Decoder::new(head)
+                .map_err(|e| ImageError::io("zstd", "archive", e))?,
+        ),
         _ => Box::new(head),
     })
 }
@@ -367,8 +448,14 @@ mod tests {
             device(b, "dev/null");
         });
         let st = extract(&data[..], tmp.path(), ExtractOptions::default()).unwrap();
-        assert_eq!(std::fs::read(tmp.path().join("etc/hostname")).unwrap(), b"box\n");
-        assert_eq!(std::fs::read(tmp.path().join("usr/bin/via-link")).unwrap(), b"x");
+        assert_eq!(
+            std::fs::read(tmp.path().join("etc/hostname")).unwrap(),
+            b"box\n"
+        );
+        assert_eq!(
+            std::fs::read(tmp.path().join("usr/bin/via-link")).unwrap(),
+            b"x"
+        );
         assert_eq!(st.skipped_devices, 1);
     }
 
@@ -377,7 +464,10 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         let cases: Vec<(&str, Vec<u8>)> = vec![
             ("absolute", tar_with(|b| file(b, "/tmp/x-devbox-abs", b"x"))),
-            ("dotdot", tar_with(|b| file(b, "a/../../x-devbox-dotdot", b"x"))),
+            (
+                "dotdot",
+                tar_with(|b| file(b, "a/../../x-devbox-dotdot", b"x")),
+            ),
             (
                 "symlink escape",
                 tar_with(|b| {

@@ -25,7 +25,16 @@ pub fn host_binds() -> Vec<PathBuf> {
 }
 
 /// Files of /etc never copied, even when world-readable.
-const ETC_EXCLUDED: &[&str] = &["shadow", "shadow-", "gshadow", "gshadow-", "machine-id", ".pwd.lock", "hostname", "mtab"];
+const ETC_EXCLUDED: &[&str] = &[
+    "shadow",
+    "shadow-",
+    "gshadow",
+    "gshadow-",
+    "machine-id",
+    ".pwd.lock",
+    "hostname",
+    "mtab",
+];
 
 /// Writes the skeleton into the empty directory `dest`.
 pub fn build_skeleton(dest: &Path) -> io::Result<()> {
@@ -65,12 +74,19 @@ pub fn build_skeleton(dest: &Path) -> io::Result<()> {
         }
     }
     copy_etc(Path::new("/etc"), &dest.join("etc"))?;
-    fs::write(dest.join("etc/hosts"), "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")?;
+    fs::write(
+        dest.join("etc/hosts"),
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+    )?;
     Ok(())
 }
 
 fn world_readable(m: &fs::Metadata) -> bool {
-    if m.is_dir() { m.mode() & 0o005 == 0o005 } else { m.mode() & 0o004 != 0 }
+    if m.is_dir() {
+        m.mode() & 0o005 == 0o005
+    } else {
+        m.mode() & 0o004 != 0
+    }
 }
 
 fn copy_etc(src: &Path, dst: &Path) -> io::Result<()> {
@@ -111,7 +127,10 @@ mod tests {
         assert!(tmp.path().join("etc/passwd").exists());
         assert!(!tmp.path().join("etc/shadow").exists());
         assert!(tmp.path().join("work").is_dir());
-        assert_eq!(fs::metadata(tmp.path().join("tmp")).unwrap().mode() & 0o7777, 0o1777);
+        assert_eq!(
+            fs::metadata(tmp.path().join("tmp")).unwrap().mode() & 0o7777,
+            0o1777
+        );
         assert!(host_binds().contains(&PathBuf::from("/usr")));
     }
 }

@@ -60,7 +60,11 @@ pub enum ImageError {
 
 impl ImageError {
     pub(crate) fn io(op: &'static str, path: &str, source: io::Error) -> Self {
-        Self::Io { op, path: path.to_string(), source }
+        Self::Io {
+            op,
+            path: path.to_string(),
+            source,
+        }
     }
 
     /// Whether the error comes from a full pool.
@@ -165,13 +169,19 @@ impl ImageStore {
     /// Ids of every stored image volume.
     pub fn stored_ids(&self) -> Vec<String> {
         std::fs::read_dir(self.pool.images_dir())
-            .map(|d| d.flatten().filter_map(|e| e.file_name().to_str().map(str::to_string)).collect())
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     /// Removes leftovers of interrupted imports.
     pub fn clear_staging(&self) {
-        let Ok(dir) = std::fs::read_dir(self.pool.staging_dir()) else { return };
+        let Ok(dir) = std::fs::read_dir(self.pool.staging_dir()) else {
+            return;
+        };
         for e in dir.flatten() {
             self.discard(&e.path());
         }
@@ -198,8 +208,11 @@ impl ImageStore {
         let rootfs = stage.join("rootfs");
         let built = (|| {
             self.pool.create_volume(&rootfs)?;
-            host::build_skeleton(&rootfs).map_err(|e| ImageError::io("build host image", &rootfs.display().to_string(), e))?;
-            std::fs::rename(&rootfs, &dest).map_err(|e| ImageError::io("store", &dest.display().to_string(), e))?;
+            host::build_skeleton(&rootfs).map_err(|e| {
+                ImageError::io("build host image", &rootfs.display().to_string(), e)
+            })?;
+            std::fs::rename(&rootfs, &dest)
+                .map_err(|e| ImageError::io("store", &dest.display().to_string(), e))?;
             self.pool.set_readonly(&dest, true)?;
             Ok(())
         })();
@@ -210,8 +223,12 @@ impl ImageStore {
     fn new_stage(&self) -> Result<PathBuf, ImageError> {
         let mut rnd = [0u8; 8];
         getrandom_fill(&mut rnd);
-        let stage = self.pool.staging_dir().join(format!("import-{}", hex::encode(rnd)));
-        std::fs::create_dir(&stage).map_err(|e| ImageError::io("create", &stage.display().to_string(), e))?;
+        let stage = self
+            .pool
+            .staging_dir()
+            .join(format!("import-{}", hex::encode(rnd)));
+        std::fs::create_dir(&stage)
+            .map_err(|e| ImageError::io("create", &stage.display().to_string(), e))?;
         Ok(stage)
     }
 
@@ -222,11 +239,19 @@ impl ImageStore {
         let stage = self.new_stage()?;
         let result = self.import_into(source, &meta, &stage);
         let outcome = match result {
-            Ok((id, name_hint, format, config)) => self.commit(&stage, id, name_hint, format, config),
+            Ok((id, name_hint, format, config)) => {
+                self.commit(&stage, id, name_hint, format, config)
+            }
             Err(e) => Err(e),
         };
         self.discard(&stage);
-        outcome.map_err(|e| if e.is_full() { ImageError::Storage(self.pool.full()) } else { e })
+        outcome.map_err(|e| {
+            if e.is_full() {
+                ImageError::Storage(self.pool.full())
+            } else {
+                e
+            }
+        })
     }
 
     fn commit(
@@ -241,11 +266,19 @@ impl ImageStore {
         let existed = dest.is_dir();
         if !existed {
             let rootfs = stage.join("rootfs");
-            std::fs::rename(&rootfs, &dest).map_err(|e| ImageError::io("store", &dest.display().to_string(), e))?;
+            std::fs::rename(&rootfs, &dest)
+                .map_err(|e| ImageError::io("store", &dest.display().to_string(), e))?;
             self.pool.set_readonly(&dest, true)?;
         }
         let size_bytes = devbox_storage::disk_usage(&dest);
-        Ok(Imported { id, name_hint, format, config, size_bytes, existed })
+        Ok(Imported {
+            id,
+            name_hint,
+            format,
+            config,
+            size_bytes,
+            existed,
+        })
     }
 
     #[allow(clippy::type_complexity)]
@@ -275,26 +308,48 @@ impl ImageStore {
             return Ok((id, stem, ImageFormat::Directory, ImageConfig::default()));
         }
         if !meta.is_file() {
-            return Err(ImageError::Format(format!("{} is neither a file nor a directory", source.display())));
+            return Err(ImageError::Format(format!(
+                "{} is neither a file nor a directory",
+                source.display()
+            )));
         }
         let shown = source.display().to_string();
         let open = || std::fs::File::open(source).map_err(|e| ImageError::io("open", &shown, e));
         match classify(extract::decompressed(open()?)?)? {
             ArchiveKind::Rootfs => {
-                let mut hashing = Hashing { inner: open()?, hasher: Sha256::new() };
-                io::copy(&mut hashing, &mut io::sink()).map_err(|e| ImageError::io("read", &shown, e))?;
+                let mut hashing = Hashing {
+                    inner: open()?,
+                    hasher: Sha256::new(),
+                };
+                io::copy(&mut hashing, &mut io::sink())
+                    .map_err(|e| ImageError::io("read", &shown, e))?;
                 let id = hex::encode(hashing.hasher.finalize());
-                extract::extract(extract::decompressed(open()?)?, &rootfs, extract::ExtractOptions::default())?;
+                extract::extract(
+                    extract::decompressed(open()?)?,
+                    &rootfs,
+                    extract::ExtractOptions::default(),
+                )?;
                 Ok((id, stem, ImageFormat::RootfsTar, ImageConfig::default()))
             }
             kind => {
                 let unpacked = stage.join("archive");
-                std::fs::create_dir(&unpacked).map_err(|e| ImageError::io("create", &unpacked.display().to_string(), e))?;
-                extract::extract(extract::decompressed(open()?)?, &unpacked, extract::ExtractOptions::default())?;
+                std::fs::create_dir(&unpacked)
+                    .map_err(|e| ImageError::io("create", &unpacked.display().to_string(), e))?;
+                extract::extract(
+                    extract::decompressed(open()?)?,
+                    &unpacked,
+                    extract::ExtractOptions::default(),
+                )?;
                 let (u, format) = if kind == ArchiveKind::OciLayout {
-                    (oci::unpack_oci_layout(&unpacked, &rootfs)?, ImageFormat::OciLayout)
+                    (
+                        oci::unpack_oci_layout(&unpacked, &rootfs)?,
+                        ImageFormat::OciLayout,
+                    )
                 } else {
-                    (oci::unpack_docker_save(&unpacked, &rootfs)?, ImageFormat::DockerArchive)
+                    (
+                        oci::unpack_docker_save(&unpacked, &rootfs)?,
+                        ImageFormat::DockerArchive,
+                    )
                 };
                 Ok((u.id, u.name.or(stem), format, u.config))
             }
@@ -313,10 +368,14 @@ enum ArchiveKind {
 fn classify(reader: Box<dyn Read>) -> Result<ArchiveKind, ImageError> {
     let mut archive = tar::Archive::new(reader);
     let mut docker = false;
-    let entries = archive.entries().map_err(|e| ImageError::Format(format!("not a tar archive: {e}")))?;
+    let entries = archive
+        .entries()
+        .map_err(|e| ImageError::Format(format!("not a tar archive: {e}")))?;
     for entry in entries {
         let entry = entry.map_err(|e| ImageError::Format(format!("not a tar archive: {e}")))?;
-        let path = entry.path().map_err(|e| ImageError::Format(format!("unreadable entry name: {e}")))?;
+        let path = entry
+            .path()
+            .map_err(|e| ImageError::Format(format!("unreadable entry name: {e}")))?;
         let clean = path.strip_prefix("./").unwrap_or(&path);
         if clean == Path::new("oci-layout") {
             return Ok(ArchiveKind::OciLayout);
@@ -325,7 +384,11 @@ fn classify(reader: Box<dyn Read>) -> Result<ArchiveKind, ImageError> {
             docker = true;
         }
     }
-    Ok(if docker { ArchiveKind::DockerSave } else { ArchiveKind::Rootfs })
+    Ok(if docker {
+        ArchiveKind::DockerSave
+    } else {
+        ArchiveKind::Rootfs
+    })
 }
 
 /// Copies a rootfs directory into `dest` through the safe extractor; returns a digest of the
@@ -340,10 +403,15 @@ fn copy_directory(source: &Path, dest: &Path) -> Result<String, ImageError> {
         b.append_dir_all(".", &src)?;
         b.finish()
     });
-    let mut hashing = Hashing { inner: reader, hasher: Sha256::new() };
+    let mut hashing = Hashing {
+        inner: reader,
+        hasher: Sha256::new(),
+    };
     let extracted = extract::extract(&mut hashing, dest, extract::ExtractOptions::default());
     let _ = io::copy(&mut hashing, &mut io::sink());
-    let produced = producer.join().map_err(|_| ImageError::Format("directory reader panicked".into()))?;
+    let produced = producer
+        .join()
+        .map_err(|_| ImageError::Format("directory reader panicked".into()))?;
     produced.map_err(|e| ImageError::io("read", &source.display().to_string(), e))?;
     extracted?;
     Ok(hex::encode(hashing.hasher.finalize()))

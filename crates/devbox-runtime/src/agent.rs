@@ -15,8 +15,8 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use crate::protocol::{self, ExecRequest, FailureKind, Reply, Request};
-use crate::users;
 use crate::sys;
+use crate::users;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -35,10 +35,12 @@ pub fn serve(listener: OwnedFd) -> i32 {
     if sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None).is_err() {
         return 1;
     }
-    let Ok(sigfd) = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) else {
+    let Ok(sigfd) = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+    else {
         return 1;
     };
-    let nonblocking = nix::fcntl::fcntl(&listener, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
+    let nonblocking =
+        nix::fcntl::fcntl(&listener, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
     if nonblocking.is_err() {
         return 1;
     }
@@ -47,7 +49,8 @@ pub fn serve(listener: OwnedFd) -> i32 {
     loop {
         let timeout = match shutdown {
             Some((deadline, false)) => {
-                PollTimeout::try_from(deadline.saturating_duration_since(Instant::now())).unwrap_or(PollTimeout::MAX)
+                PollTimeout::try_from(deadline.saturating_duration_since(Instant::now()))
+                    .unwrap_or(PollTimeout::MAX)
             }
             Some((_, true)) => PollTimeout::from(100u16),
             None => PollTimeout::NONE,
@@ -63,7 +66,10 @@ pub fn serve(listener: OwnedFd) -> i32 {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(_) => return 1,
             }
-            let ev: Vec<PollFlags> = fds.iter().map(|f| f.revents().unwrap_or(PollFlags::empty())).collect();
+            let ev: Vec<PollFlags> = fds
+                .iter()
+                .map(|f| f.revents().unwrap_or(PollFlags::empty()))
+                .collect();
             (ev[0], ev[1], ev[2..].to_vec())
         };
 
@@ -82,7 +88,10 @@ pub fn serve(listener: OwnedFd) -> i32 {
                     if let Request::Shutdown { grace_ms } = req {
                         let _ = protocol::send(conns[i].fd.as_fd(), &Reply::Ok, &[]);
                         let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
-                        shutdown.get_or_insert((Instant::now() + Duration::from_millis(grace_ms), false));
+                        shutdown.get_or_insert((
+                            Instant::now() + Duration::from_millis(grace_ms),
+                            false,
+                        ));
                     } else {
                         handle(&mut conns[i], req, fds);
                     }
@@ -94,8 +103,13 @@ pub fn serve(listener: OwnedFd) -> i32 {
             conns.swap_remove(i);
         }
         if listen_ev.contains(PollFlags::POLLIN) {
-            while let Ok(fd) = accept4(&listener, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
-                conns.push(Conn { fd, child: None, master: None });
+            while let Ok(fd) = accept4(&listener, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK)
+            {
+                conns.push(Conn {
+                    fd,
+                    child: None,
+                    master: None,
+                });
             }
         }
         if let Some((deadline, killed)) = shutdown {
@@ -123,23 +137,43 @@ fn handle(conn: &mut Conn, req: Request, fds: Vec<OwnedFd>) {
             }
             Err((kind, message)) => Reply::Failed { kind, message },
         },
-        Request::Exec(_) => Reply::Failed { kind: FailureKind::BadRequest, message: "one exec per connection".into() },
+        Request::Exec(_) => Reply::Failed {
+            kind: FailureKind::BadRequest,
+            message: "one exec per connection".into(),
+        },
         Request::Signal { signal } => match (conn.child, Signal::try_from(signal)) {
             (Some(pid), Ok(sig)) => match kill(Pid::from_raw(pid), sig) {
                 Ok(()) => Reply::Ok,
-                Err(e) => Reply::Failed { kind: FailureKind::Internal, message: e.to_string() },
+                Err(e) => Reply::Failed {
+                    kind: FailureKind::Internal,
+                    message: e.to_string(),
+                },
             },
-            (None, _) => Reply::Failed { kind: FailureKind::BadRequest, message: "no running process".into() },
-            (_, Err(_)) => Reply::Failed { kind: FailureKind::BadRequest, message: format!("bad signal {signal}") },
+            (None, _) => Reply::Failed {
+                kind: FailureKind::BadRequest,
+                message: "no running process".into(),
+            },
+            (_, Err(_)) => Reply::Failed {
+                kind: FailureKind::BadRequest,
+                message: format!("bad signal {signal}"),
+            },
         },
         Request::Resize(ws) => match &conn.master {
             Some(m) => match sys::set_winsize(m.as_raw_fd(), ws.rows, ws.cols) {
                 Ok(()) => Reply::Ok,
-                Err(e) => Reply::Failed { kind: FailureKind::Internal, message: e.to_string() },
+                Err(e) => Reply::Failed {
+                    kind: FailureKind::Internal,
+                    message: e.to_string(),
+                },
             },
-            None => Reply::Failed { kind: FailureKind::BadRequest, message: "no terminal".into() },
+            None => Reply::Failed {
+                kind: FailureKind::BadRequest,
+                message: "no terminal".into(),
+            },
         },
-        Request::Ping => Reply::Pong { processes: count_processes() },
+        Request::Ping => Reply::Pong {
+            processes: count_processes(),
+        },
         Request::Shutdown { .. } => Reply::Ok,
     };
     let _ = protocol::send(conn.fd.as_fd(), &reply, &[]);
@@ -147,8 +181,12 @@ fn handle(conn: &mut Conn, req: Request, fds: Vec<OwnedFd>) {
 
 /// Processes in this pid namespace other than the agent.
 fn count_processes() -> u32 {
-    let Ok(dir) = fs::read_dir("/proc") else { return 0 };
-    let n = dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()).count() as u32;
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    let n = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .count() as u32;
     n.saturating_sub(1)
 }
 
@@ -156,7 +194,9 @@ fn reap(conns: &mut [Conn]) {
     loop {
         let (pid, code, signal) = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(pid, code)) => (pid.as_raw(), code, None),
-            Ok(WaitStatus::Signaled(pid, sig, _)) => (pid.as_raw(), 128 + sig as i32, Some(sig as i32)),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                (pid.as_raw(), 128 + sig as i32, Some(sig as i32))
+            }
             Ok(WaitStatus::StillAlive) | Err(_) => return,
             Ok(_) => continue,
         };
@@ -177,15 +217,22 @@ enum ChildStep {
     Exec = 4,
 }
 
-fn start(req: &ExecRequest, fds: Vec<OwnedFd>) -> Result<(i32, Option<OwnedFd>), (FailureKind, String)> {
+fn start(
+    req: &ExecRequest,
+    fds: Vec<OwnedFd>,
+) -> Result<(i32, Option<OwnedFd>), (FailureKind, String)> {
     if req.argv.is_empty() || req.argv[0].is_empty() {
         return Err((FailureKind::BadRequest, "empty command".into()));
     }
     let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
     let group = fs::read_to_string("/etc/group").unwrap_or_default();
-    let creds = users::resolve(req.user.as_deref(), &passwd, &group).map_err(|m| (FailureKind::NotFound, m))?;
+    let creds = users::resolve(req.user.as_deref(), &passwd, &group)
+        .map_err(|m| (FailureKind::NotFound, m))?;
     let mut env = req.env.clone();
-    let has = |env: &[String], key: &str| env.iter().any(|e| e.split_once('=').map(|(k, _)| k) == Some(key));
+    let has = |env: &[String], key: &str| {
+        env.iter()
+            .any(|e| e.split_once('=').map(|(k, _)| k) == Some(key))
+    };
     if !has(&env, "PATH") {
         env.push(format!("PATH={DEFAULT_PATH}"));
     }
@@ -201,17 +248,29 @@ fn start(req: &ExecRequest, fds: Vec<OwnedFd>) -> Result<(i32, Option<OwnedFd>),
     if let Some(ws) = req.tty {
         let m = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
             .map_err(|e| (FailureKind::Internal, format!("open terminal: {e}")))?;
-        nix::pty::grantpt(&m).and_then(|_| nix::pty::unlockpt(&m)).map_err(|e| (FailureKind::Internal, format!("unlock terminal: {e}")))?;
-        slave_path = Some(nix::pty::ptsname_r(&m).map_err(|e| (FailureKind::Internal, format!("terminal name: {e}")))?);
+        nix::pty::grantpt(&m)
+            .and_then(|_| nix::pty::unlockpt(&m))
+            .map_err(|e| (FailureKind::Internal, format!("unlock terminal: {e}")))?;
+        slave_path = Some(
+            nix::pty::ptsname_r(&m)
+                .map_err(|e| (FailureKind::Internal, format!("terminal name: {e}")))?,
+        );
         let _ = sys::set_winsize(m.as_raw_fd(), ws.rows, ws.cols);
         master = Some(OwnedFd::from(m));
     }
-    let expected = [req.stdio.stdin, req.stdio.stdout, req.stdio.stderr].iter().filter(|b| **b).count();
+    let expected = [req.stdio.stdin, req.stdio.stdout, req.stdio.stderr]
+        .iter()
+        .filter(|b| **b)
+        .count();
     if req.tty.is_none() && fds.len() != expected {
-        return Err((FailureKind::BadRequest, format!("expected {expected} stdio fds, got {}", fds.len())));
+        return Err((
+            FailureKind::BadRequest,
+            format!("expected {expected} stdio fds, got {}", fds.len()),
+        ));
     }
 
-    let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| (FailureKind::Internal, e.to_string()))?;
+    let (err_r, err_w) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| (FailureKind::Internal, e.to_string()))?;
     let pid = sys::fork().map_err(|e| (FailureKind::Internal, format!("fork: {e}")))?;
     if pid == 0 {
         drop(err_r);
@@ -220,7 +279,13 @@ fn start(req: &ExecRequest, fds: Vec<OwnedFd>) -> Result<(i32, Option<OwnedFd>),
         report[..4].copy_from_slice(&(step as u32).to_le_bytes());
         report[4..].copy_from_slice(&err.raw_os_error().unwrap_or(libc::EIO).to_le_bytes());
         let _ = nix::unistd::write(&err_w, &report);
-        sys::exit_now(if matches!(step, ChildStep::Exec) && err.raw_os_error() == Some(libc::ENOENT) { 127 } else { 126 });
+        sys::exit_now(
+            if matches!(step, ChildStep::Exec) && err.raw_os_error() == Some(libc::ENOENT) {
+                127
+            } else {
+                126
+            },
+        );
     }
     drop(err_w);
     drop(fds);
@@ -240,7 +305,10 @@ fn start(req: &ExecRequest, fds: Vec<OwnedFd>) -> Result<(i32, Option<OwnedFd>),
     };
     let message = match step {
         1 => format!("setting up stdio: {err}"),
-        2 => format!("switching to user {}: {err}", req.user.as_deref().unwrap_or("root")),
+        2 => format!(
+            "switching to user {}: {err}",
+            req.user.as_deref().unwrap_or("root")
+        ),
         3 => format!("working directory {}: {err}", req.cwd),
         _ if errno == libc::ENOENT => format!("{}: command not found", req.argv[0]),
         _ => format!("{}: {err}", req.argv[0]),
@@ -288,8 +356,16 @@ fn child(
             let fd = match attached {
                 true => it.next().ok_or(std::io::ErrorKind::InvalidInput)?,
                 false => {
-                    let flags = if target == 0 { OFlag::O_RDONLY } else { OFlag::O_WRONLY };
-                    nix::fcntl::open("/dev/null", flags | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())?
+                    let flags = if target == 0 {
+                        OFlag::O_RDONLY
+                    } else {
+                        OFlag::O_WRONLY
+                    };
+                    nix::fcntl::open(
+                        "/dev/null",
+                        flags | OFlag::O_CLOEXEC,
+                        nix::sys::stat::Mode::empty(),
+                    )?
                 }
             };
             match target {
@@ -304,7 +380,11 @@ fn child(
         return (ChildStep::Stdio, e);
     }
     let ids = (|| -> nix::Result<()> {
-        let groups: Vec<nix::unistd::Gid> = creds.groups.iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect();
+        let groups: Vec<nix::unistd::Gid> = creds
+            .groups
+            .iter()
+            .map(|g| nix::unistd::Gid::from_raw(*g))
+            .collect();
         nix::unistd::setgroups(&groups)?;
         let gid = nix::unistd::Gid::from_raw(creds.gid);
         nix::unistd::setresgid(gid, gid, gid)?;

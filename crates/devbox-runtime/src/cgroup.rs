@@ -54,7 +54,10 @@ pub enum CgroupError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
-    move |source| CgroupError::Io { path: path.to_path_buf(), source }
+    move |source| CgroupError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// One mounted hierarchy.
@@ -76,15 +79,29 @@ impl Hierarchy {
 
 /// The cgroup v1 controllers the kernel knows.
 const V1_CONTROLLERS: &[&str] = &[
-    "blkio", "cpu", "cpuacct", "cpuset", "devices", "freezer", "hugetlb", "memory", "misc", "net_cls", "net_prio",
-    "perf_event", "pids", "rdma",
+    "blkio",
+    "cpu",
+    "cpuacct",
+    "cpuset",
+    "devices",
+    "freezer",
+    "hugetlb",
+    "memory",
+    "misc",
+    "net_cls",
+    "net_prio",
+    "perf_event",
+    "pids",
+    "rdma",
 ];
 
 /// Finds cgroup hierarchies in a mountinfo text.
 pub fn parse_mountinfo(text: &str) -> Vec<Hierarchy> {
     let mut out = Vec::new();
     for line in text.lines() {
-        let Some((pre, post)) = line.split_once(" - ") else { continue };
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
         let pre: Vec<&str> = pre.split(' ').collect();
         let post: Vec<&str> = post.split(' ').collect();
         if pre.len() < 5 || post.len() < 3 {
@@ -92,14 +109,22 @@ pub fn parse_mountinfo(text: &str) -> Vec<Hierarchy> {
         }
         let mount = PathBuf::from(pre[4]);
         match post[0] {
-            "cgroup2" => out.push(Hierarchy { mount, v2: true, controllers: Vec::new() }),
+            "cgroup2" => out.push(Hierarchy {
+                mount,
+                v2: true,
+                controllers: Vec::new(),
+            }),
             "cgroup" => {
                 let controllers = post[2]
                     .split(',')
                     .filter(|o| o.starts_with("name=") || V1_CONTROLLERS.contains(o))
                     .map(str::to_string)
                     .collect();
-                out.push(Hierarchy { mount, v2: false, controllers });
+                out.push(Hierarchy {
+                    mount,
+                    v2: false,
+                    controllers,
+                });
             }
             _ => {}
         }
@@ -124,12 +149,16 @@ pub struct SandboxCgroup {
 impl CgroupDriver {
     /// Detects the host's hierarchies; sandbox cgroups go under `parent` in each.
     pub fn detect(parent: &str) -> Result<Self, CgroupError> {
-        let text = fs::read_to_string("/proc/self/mountinfo").map_err(io_err(Path::new("/proc/self/mountinfo")))?;
+        let text = fs::read_to_string("/proc/self/mountinfo")
+            .map_err(io_err(Path::new("/proc/self/mountinfo")))?;
         Self::from_hierarchies(parse_mountinfo(&text), parent)
     }
 
     /// Uses the given hierarchies (v2 controllers are read from disk).
-    pub fn from_hierarchies(mut hierarchies: Vec<Hierarchy>, parent: &str) -> Result<Self, CgroupError> {
+    pub fn from_hierarchies(
+        mut hierarchies: Vec<Hierarchy>,
+        parent: &str,
+    ) -> Result<Self, CgroupError> {
         for h in hierarchies.iter_mut().filter(|h| h.v2) {
             h.controllers = fs::read_to_string(h.mount.join("cgroup.controllers"))
                 .unwrap_or_default()
@@ -150,7 +179,10 @@ impl CgroupDriver {
         if hierarchies.is_empty() {
             return Err(CgroupError::NoHierarchy);
         }
-        Ok(Self { hierarchies, parent: parent.to_string() })
+        Ok(Self {
+            hierarchies,
+            parent: parent.to_string(),
+        })
     }
 
     /// The hierarchies in use.
@@ -172,7 +204,11 @@ impl CgroupDriver {
     /// The cgroup of sandbox `name` (not created).
     pub fn sandbox(&self, name: &str) -> SandboxCgroup {
         SandboxCgroup {
-            dirs: self.hierarchies.iter().map(|h| (h.clone(), h.mount.join(&self.parent).join(name))).collect(),
+            dirs: self
+                .hierarchies
+                .iter()
+                .map(|h| (h.clone(), h.mount.join(&self.parent).join(name)))
+                .collect(),
         }
     }
 
@@ -180,7 +216,9 @@ impl CgroupDriver {
     pub fn existing(&self) -> Vec<String> {
         let mut names: Vec<String> = Vec::new();
         for h in &self.hierarchies {
-            let Ok(dir) = fs::read_dir(h.mount.join(&self.parent)) else { continue };
+            let Ok(dir) = fs::read_dir(h.mount.join(&self.parent)) else {
+                continue;
+            };
             for e in dir.flatten() {
                 if e.file_type().map(|t| t.is_dir()).unwrap_or(false)
                     && let Some(n) = e.file_name().to_str()
@@ -229,8 +267,15 @@ fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
     fs::write(path, value).map_err(io_err(path))
 }
 
-fn enable_v2_controllers(root: &Path, parent: &Path, controllers: &[String]) -> Result<(), CgroupError> {
-    let wanted: Vec<&str> = ["cpu", "memory", "pids"].into_iter().filter(|c| controllers.iter().any(|x| x == c)).collect();
+fn enable_v2_controllers(
+    root: &Path,
+    parent: &Path,
+    controllers: &[String],
+) -> Result<(), CgroupError> {
+    let wanted: Vec<&str> = ["cpu", "memory", "pids"]
+        .into_iter()
+        .filter(|c| controllers.iter().any(|x| x == c))
+        .collect();
     let mut dir = root.to_path_buf();
     let mut chain = vec![dir.clone()];
     if let Ok(rel) = parent.strip_prefix(root) {
@@ -275,7 +320,16 @@ fn inherit_cpuset(root: &Path, dir: &Path) -> Result<(), CgroupError> {
 
 /// Device numbers a sandbox may open (v1 devices controller): null, zero, full, random,
 /// urandom, tty, ptmx and pseudo-terminals.
-const DEVICE_ALLOW: &[&str] = &["c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm", "c 5:0 rwm", "c 5:2 rwm", "c 136:* rwm"];
+const DEVICE_ALLOW: &[&str] = &[
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+    "c 5:0 rwm",
+    "c 5:2 rwm",
+    "c 136:* rwm",
+];
 
 impl SandboxCgroup {
     /// The directories to join, one per hierarchy.
@@ -289,7 +343,10 @@ impl SandboxCgroup {
     }
 
     fn find(&self, controller: &str) -> Option<(&Hierarchy, &PathBuf)> {
-        self.dirs.iter().find(|(h, _)| h.has(controller)).map(|(h, d)| (h, d))
+        self.dirs
+            .iter()
+            .find(|(h, _)| h.has(controller))
+            .map(|(h, d)| (h, d))
     }
 
     fn unified(&self) -> Option<&PathBuf> {
@@ -345,7 +402,10 @@ impl SandboxCgroup {
 
     /// Host pids of every process in the sandbox.
     pub fn pids(&self) -> Vec<i32> {
-        let dir = self.unified().or_else(|| self.find("pids").map(|(_, d)| d)).or_else(|| self.dirs.first().map(|(_, d)| d));
+        let dir = self
+            .unified()
+            .or_else(|| self.find("pids").map(|(_, d)| d))
+            .or_else(|| self.dirs.first().map(|(_, d)| d));
         let Some(dir) = dir else { return Vec::new() };
         fs::read_to_string(dir.join("cgroup.procs"))
             .unwrap_or_default()
@@ -356,15 +416,28 @@ impl SandboxCgroup {
 
     /// Current resource use.
     pub fn usage(&self) -> Usage {
-        let read_u64 = |p: PathBuf| fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+        let read_u64 = |p: PathBuf| {
+            fs::read_to_string(p)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         let mut u = Usage::default();
         if let Some((h, dir)) = self.find("memory") {
-            u.memory_bytes = read_u64(dir.join(if h.v2 { "memory.current" } else { "memory.usage_in_bytes" }));
+            u.memory_bytes = read_u64(dir.join(if h.v2 {
+                "memory.current"
+            } else {
+                "memory.usage_in_bytes"
+            }));
         }
         if let Some((_, dir)) = self.find("pids") {
             u.pids = read_u64(dir.join("pids.current"));
         }
-        if let Some((h, dir)) = self.find(if self.find("cpuacct").is_some() { "cpuacct" } else { "cpu" }) {
+        if let Some((h, dir)) = self.find(if self.find("cpuacct").is_some() {
+            "cpuacct"
+        } else {
+            "cpu"
+        }) {
             if h.v2 {
                 let stat = fs::read_to_string(dir.join("cpu.stat")).unwrap_or_default();
                 u.cpu_usec = stat
@@ -395,8 +468,13 @@ impl SandboxCgroup {
                 std::thread::sleep(Duration::from_micros(200));
             }
         }
-        let Some((_, dir)) = self.find("freezer") else { return Ok(()) };
-        write(&dir.join("freezer.state"), if frozen { "FROZEN" } else { "THAWED" })?;
+        let Some((_, dir)) = self.find("freezer") else {
+            return Ok(());
+        };
+        write(
+            &dir.join("freezer.state"),
+            if frozen { "FROZEN" } else { "THAWED" },
+        )?;
         let want = if frozen { "FROZEN" } else { "THAWED" };
         loop {
             let state = fs::read_to_string(dir.join("freezer.state")).map_err(io_err(dir))?;
@@ -421,7 +499,10 @@ impl SandboxCgroup {
         // No cgroup.kill: freeze so nothing forks while we signal, then kill and thaw.
         let frozen = self.set_frozen(true, Duration::from_secs(2)).is_ok();
         for pid in self.pids() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         if frozen {
             let _ = self.set_frozen(false, Duration::from_secs(2));
@@ -437,7 +518,9 @@ impl SandboxCgroup {
                 match fs::remove_dir(dir) {
                     Ok(()) => break,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                    {
                         std::thread::sleep(Duration::from_millis(2));
                     }
                     Err(e) => return Err(io_err(dir)(e)),
@@ -477,12 +560,26 @@ mod tests {
         let mk = |name: &str, c: &[&str]| {
             let mount = tmp.path().join(name);
             fs::create_dir_all(&mount).unwrap();
-            Hierarchy { mount, v2: false, controllers: c.iter().map(|s| s.to_string()).collect() }
+            Hierarchy {
+                mount,
+                v2: false,
+                controllers: c.iter().map(|s| s.to_string()).collect(),
+            }
         };
-        let driver =
-            CgroupDriver::from_hierarchies(vec![mk("memory", &["memory"]), mk("pids", &["pids"]), mk("cpu", &["cpu"])], "dev-box")
-                .unwrap();
-        let limits = Limits { memory_bytes: Some(1 << 20), pids: Some(64), cpu_millis: Some(500) };
+        let driver = CgroupDriver::from_hierarchies(
+            vec![
+                mk("memory", &["memory"]),
+                mk("pids", &["pids"]),
+                mk("cpu", &["cpu"]),
+            ],
+            "dev-box",
+        )
+        .unwrap();
+        let limits = Limits {
+            memory_bytes: Some(1 << 20),
+            pids: Some(64),
+            cpu_millis: Some(500),
+        };
         let cg = driver.create("sb1", &limits).unwrap();
         let read = |p: &str| fs::read_to_string(tmp.path().join(p)).unwrap();
         assert_eq!(read("memory/dev-box/sb1/memory.limit_in_bytes"), "1048576");

@@ -18,7 +18,12 @@ pub struct AgentConn {
 impl AgentConn {
     /// Connects to the agent listening at `path`.
     pub fn connect(path: &Path) -> io::Result<Self> {
-        let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
         let addr = UnixAddr::new(path)?;
         connect(fd.as_raw_fd(), &addr)?;
         Ok(Self { fd })
@@ -31,12 +36,15 @@ impl AgentConn {
 
     /// Waits for the next reply; an error if the agent closed the connection.
     pub fn recv(&self) -> io::Result<(Reply, Vec<OwnedFd>)> {
-        protocol::recv(self.fd.as_fd())?.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "agent closed the connection"))
+        protocol::recv(self.fd.as_fd())?.ok_or_else(|| {
+            io::Error::new(io::ErrorKind::UnexpectedEof, "agent closed the connection")
+        })
     }
 
     /// Bounds how long [`AgentConn::recv`] blocks.
     pub fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        let tv = timeout.map(|t| nix::sys::time::TimeVal::new(t.as_secs() as i64, t.subsec_micros() as i64));
+        let tv = timeout
+            .map(|t| nix::sys::time::TimeVal::new(t.as_secs() as i64, t.subsec_micros() as i64));
         let tv = tv.unwrap_or(nix::sys::time::TimeVal::new(0, 0));
         nix::sys::socket::setsockopt(&self.fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv)?;
         Ok(())
@@ -63,7 +71,12 @@ pub fn ping(path: &Path, timeout: Duration) -> io::Result<u32> {
 pub fn shutdown(path: &Path, grace: Duration) -> io::Result<()> {
     let conn = AgentConn::connect(path)?;
     conn.set_timeout(Some(Duration::from_secs(5)))?;
-    conn.send(&Request::Shutdown { grace_ms: grace.as_millis() as u64 }, &[])?;
+    conn.send(
+        &Request::Shutdown {
+            grace_ms: grace.as_millis() as u64,
+        },
+        &[],
+    )?;
     match conn.recv()?.0 {
         Reply::Ok => Ok(()),
         other => Err(io::Error::other(format!("unexpected reply {other:?}"))),

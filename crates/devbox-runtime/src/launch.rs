@@ -40,7 +40,9 @@ pub struct Launcher {
 impl Launcher {
     /// A launcher that runs the given `sandbox-init` binary.
     pub fn new(binary: impl Into<PathBuf>) -> Self {
-        Self { binary: binary.into() }
+        Self {
+            binary: binary.into(),
+        }
     }
 
     /// Finds `sandbox-init`: `$DEVBOX_INIT`, then next to the running executable, then on PATH.
@@ -67,7 +69,10 @@ impl Launcher {
 
     /// Starts a sandbox; returns the host pid of its init process once it serves requests.
     pub fn launch(&self, cfg: &LaunchConfig) -> Result<i32, LaunchError> {
-        let spawn_err = |source| LaunchError::Spawn { path: self.binary.clone(), source };
+        let spawn_err = |source| LaunchError::Spawn {
+            path: self.binary.clone(),
+            source,
+        };
         let mut child = Command::new(&self.binary)
             .arg("launch")
             .stdin(Stdio::piped())
@@ -81,12 +86,16 @@ impl Launcher {
         }
         let mut line = String::new();
         if let Some(out) = child.stdout.take() {
-            BufReader::new(out).read_line(&mut line).map_err(spawn_err)?;
+            BufReader::new(out)
+                .read_line(&mut line)
+                .map_err(spawn_err)?;
         }
         let status = child.wait().map_err(spawn_err)?;
         match serde_json::from_str::<LaunchOutcome>(line.trim()) {
             Ok(LaunchOutcome::Started { pid }) => Ok(pid),
-            Ok(LaunchOutcome::Failed { stage, message }) => Err(LaunchError::Failed { stage, message }),
+            Ok(LaunchOutcome::Failed { stage, message }) => {
+                Err(LaunchError::Failed { stage, message })
+            }
             Err(_) => Err(LaunchError::NoOutcome(format!("{status}; output {line:?}"))),
         }
     }

@@ -59,7 +59,12 @@ pub fn detached_tree(
     if attrs.nodev {
         set |= MOUNT_ATTR_NODEV;
     }
-    let mut attr = MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    let mut attr = MountAttr {
+        attr_set: set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
     if let Some(ns) = userns {
         attr.attr_set |= MOUNT_ATTR_IDMAP;
         attr.userns_fd = ns.as_raw_fd() as u64;
@@ -83,7 +88,7 @@ pub fn detached_tree(
             return Err(io::Error::last_os_error());
         }
     }
-    Ok(tree.into())
+    Ok(tree)
 }
 
 /// Attaches a detached mount tree at `target`.
@@ -152,7 +157,12 @@ pub fn set_controlling_tty(fd: RawFd) -> io::Result<()> {
 
 /// Sets a terminal's window size.
 pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> io::Result<()> {
-    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCSWINSZ reads a `struct winsize` that lives for the duration of the call.
     let rc = unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws as *const libc::winsize) };
     if rc != 0 {
@@ -218,7 +228,9 @@ pub fn exec_with_path(argv: &[String], env: &[String]) -> io::Error {
             Err(e) => {
                 let err = io::Error::from(e);
                 // Keep the most telling error: "permission denied" beats "not found".
-                if err.raw_os_error() != Some(libc::ENOENT) || last.raw_os_error() == Some(libc::ENOENT) {
+                if err.raw_os_error() != Some(libc::ENOENT)
+                    || last.raw_os_error() == Some(libc::ENOENT)
+                {
                     last = err;
                 }
             }
@@ -267,7 +279,12 @@ pub fn default_signal(sig: nix::sys::signal::Signal) -> nix::Result<()> {
 
 /// Reads a terminal's window size.
 pub fn get_winsize(fd: RawFd) -> io::Result<(u16, u16)> {
-    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCGWINSZ writes one `struct winsize` into `ws`, which outlives the call.
     let rc = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws as *mut libc::winsize) };
     if rc != 0 {

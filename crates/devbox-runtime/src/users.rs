@@ -26,7 +26,12 @@ fn passwd_entries(passwd: &str) -> impl Iterator<Item = PasswdEntry<'_>> {
         if f.len() < 7 {
             return None;
         }
-        Some(PasswdEntry { name: f[0], uid: f[2].parse().ok()?, gid: f[3].parse().ok()?, home: f[5] })
+        Some(PasswdEntry {
+            name: f[0],
+            uid: f[2].parse().ok()?,
+            gid: f[3].parse().ok()?,
+            home: f[5],
+        })
     })
 }
 
@@ -58,7 +63,9 @@ pub fn resolve(spec: Option<&str>, passwd: &str, group: &str) -> Result<Credenti
         Err(_) => Some(
             passwd_entries(passwd)
                 .find(|e| e.name == user)
-                .ok_or_else(|| format!("user {user:?} does not exist in the sandbox's /etc/passwd"))?,
+                .ok_or_else(|| {
+                    format!("user {user:?} does not exist in the sandbox's /etc/passwd")
+                })?,
         ),
     };
     let uid = match &entry {
@@ -76,18 +83,30 @@ pub fn resolve(spec: Option<&str>, passwd: &str, group: &str) -> Result<Credenti
         None => entry.as_ref().map(|e| e.gid).unwrap_or(0),
     };
     let groups = match &entry {
-        Some(e) => group_entries(group).filter(|(_, _, m)| m.contains(&e.name)).map(|(_, gid, _)| gid).collect(),
+        Some(e) => group_entries(group)
+            .filter(|(_, _, m)| m.contains(&e.name))
+            .map(|(_, gid, _)| gid)
+            .collect(),
         None => Vec::new(),
     };
-    let home = entry.as_ref().map(|e| e.home.to_string()).unwrap_or_else(|| "/".into());
-    Ok(Credentials { uid, gid, groups, home })
+    let home = entry
+        .as_ref()
+        .map(|e| e.home.to_string())
+        .unwrap_or_else(|| "/".into());
+    Ok(Credentials {
+        uid,
+        gid,
+        groups,
+        home,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\nbroken line\n";
+    const PASSWD: &str =
+        "root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\nbroken line\n";
     const GROUP: &str = "root:x:0:\nalice:x:1000:\nstaff:x:50:alice,bob\n";
 
     #[test]
@@ -99,7 +118,10 @@ mod tests {
     #[test]
     fn names_and_groups() {
         let c = resolve(Some("alice"), PASSWD, GROUP).unwrap();
-        assert_eq!((c.uid, c.gid, c.groups.clone(), c.home.as_str()), (1000, 1000, vec![50], "/home/alice"));
+        assert_eq!(
+            (c.uid, c.gid, c.groups.clone(), c.home.as_str()),
+            (1000, 1000, vec![50], "/home/alice")
+        );
         let c = resolve(Some("alice:staff"), PASSWD, GROUP).unwrap();
         assert_eq!(c.gid, 50);
     }
@@ -114,8 +136,16 @@ mod tests {
 
     #[test]
     fn unknown_names_fail_clearly() {
-        assert!(resolve(Some("mallory"), PASSWD, GROUP).unwrap_err().contains("mallory"));
-        assert!(resolve(Some("alice:nogroup"), PASSWD, GROUP).unwrap_err().contains("nogroup"));
+        assert!(
+            resolve(Some("mallory"), PASSWD, GROUP)
+                .unwrap_err()
+                .contains("mallory")
+        );
+        assert!(
+            resolve(Some("alice:nogroup"), PASSWD, GROUP)
+                .unwrap_err()
+                .contains("nogroup")
+        );
         assert!(resolve(Some(":1"), PASSWD, GROUP).is_err());
     }
 }

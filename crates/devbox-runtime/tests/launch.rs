@@ -24,11 +24,17 @@ fn skip_reason() -> Option<&'static str> {
 fn busybox_root(dir: &Path) {
     std::fs::create_dir_all(dir.join("bin")).unwrap();
     std::fs::copy("/bin/busybox", dir.join("bin/busybox")).unwrap();
-    for app in ["sh", "echo", "cat", "id", "ls", "sleep", "hostname", "ps", "mount", "touch", "stat"] {
+    for app in [
+        "sh", "echo", "cat", "id", "ls", "sleep", "hostname", "ps", "mount", "touch", "stat",
+    ] {
         std::os::unix::fs::symlink("busybox", dir.join("bin").join(app)).unwrap();
     }
     std::fs::create_dir_all(dir.join("etc")).unwrap();
-    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n").unwrap();
+    std::fs::write(
+        dir.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",
+    )
+    .unwrap();
     std::fs::write(dir.join("etc/group"), "root:x:0:\nuser:x:1000:\n").unwrap();
 }
 
@@ -42,33 +48,60 @@ struct Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         let _ = devbox_runtime::client::shutdown(&self.socket, Duration::from_millis(100));
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         let _ = self.cgroup.kill_all();
         let _ = self.cgroup.remove(Duration::from_secs(5));
     }
 }
 
 fn start(name: &str) -> Sandbox {
-    let tmp = tempfile::Builder::new().prefix("devbox-rt-").tempdir().unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("devbox-rt-")
+        .tempdir()
+        .unwrap();
     let image = tmp.path().join("image");
     busybox_root(&image);
     let writable = tmp.path().join("writable");
     for d in ["upper", "work"] {
         std::fs::create_dir_all(writable.join(d)).unwrap();
     }
-    nix::unistd::chown(&writable.join("upper"), Some(nix::unistd::Uid::from_raw(0)), Some(nix::unistd::Gid::from_raw(0))).unwrap();
+    nix::unistd::chown(
+        &writable.join("upper"),
+        Some(nix::unistd::Uid::from_raw(0)),
+        Some(nix::unistd::Gid::from_raw(0)),
+    )
+    .unwrap();
     let runtime = tmp.path().join("run");
     std::fs::create_dir_all(&runtime).unwrap();
     for d in [tmp.path(), runtime.as_path()] {
         std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
     }
     let driver = CgroupDriver::detect("devbox-runtime-test").unwrap();
-    let cgroup = driver.create(name, &Limits { memory_bytes: Some(256 << 20), pids: Some(128), cpu_millis: None }).unwrap();
+    let cgroup = driver
+        .create(
+            name,
+            &Limits {
+                memory_bytes: Some(256 << 20),
+                pids: Some(128),
+                cpu_millis: None,
+            },
+        )
+        .unwrap();
     let cfg = LaunchConfig {
         id: name.into(),
         hostname: name.into(),
-        idmap: IdMap { host_base: 200_000, size: 65536 },
-        rootfs: RootfsPlan { layers: vec![image], writable, binds: vec![] },
+        idmap: IdMap {
+            host_base: 200_000,
+            size: 65536,
+        },
+        rootfs: RootfsPlan {
+            layers: vec![image],
+            writable,
+            binds: vec![],
+        },
         runtime_dir: runtime.clone(),
         agent_socket: runtime.join("agent.sock"),
         cgroups: cgroup.paths(),
@@ -76,7 +109,12 @@ fn start(name: &str) -> Sandbox {
     };
     let launcher = Launcher::new(env!("CARGO_BIN_EXE_sandbox-init"));
     let pid = launcher.launch(&cfg).expect("launch");
-    Sandbox { socket: cfg.agent_socket.clone(), _tmp: tmp, pid, cgroup }
+    Sandbox {
+        socket: cfg.agent_socket.clone(),
+        _tmp: tmp,
+        pid,
+        cgroup,
+    }
 }
 
 fn exec(sb: &Sandbox, argv: &[&str], user: Option<&str>) -> (i32, String, String) {
@@ -89,9 +127,14 @@ fn exec(sb: &Sandbox, argv: &[&str], user: Option<&str>) -> (i32, String, String
         cwd: "/".into(),
         user: user.map(str::to_string),
         tty: None,
-        stdio: AttachedStdio { stdin: false, stdout: true, stderr: true },
+        stdio: AttachedStdio {
+            stdin: false,
+            stdout: true,
+            stderr: true,
+        },
     };
-    conn.send(&Request::Exec(req), &[out_w.as_raw_fd(), err_w.as_raw_fd()]).unwrap();
+    conn.send(&Request::Exec(req), &[out_w.as_raw_fd(), err_w.as_raw_fd()])
+        .unwrap();
     drop(out_w);
     drop(err_w);
     let read_all = |fd: OwnedFd| {
@@ -120,7 +163,15 @@ fn runs_commands_as_mapped_root() {
     }
     let name = format!("rt-{}", std::process::id());
     let sb = start(&name);
-    let (code, out, err) = exec(&sb, &["sh", "-c", "echo hello > /hello && cat /hello && id && hostname"], None);
+    let (code, out, err) = exec(
+        &sb,
+        &[
+            "sh",
+            "-c",
+            "echo hello > /hello && cat /hello && id && hostname",
+        ],
+        None,
+    );
     assert_eq!(code, 0, "stderr: {err}");
     assert!(out.contains("hello"), "{out}");
     assert!(out.contains("uid=0(root)"), "{out}");

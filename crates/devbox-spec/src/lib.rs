@@ -49,7 +49,10 @@ pub enum SpecError {
 
 impl SpecError {
     fn field(field: &str, message: impl Into<String>) -> Self {
-        Self::Field { field: field.to_string(), message: message.into() }
+        Self::Field {
+            field: field.to_string(),
+            message: message.into(),
+        }
     }
 }
 
@@ -71,10 +74,16 @@ impl Name {
         if s.len() > Self::MAX_LEN {
             return Err(SpecError::field(
                 "name",
-                format!("a name has at most {} characters (this one has {})", Self::MAX_LEN, s.len()),
+                format!(
+                    "a name has at most {} characters (this one has {})",
+                    Self::MAX_LEN,
+                    s.len()
+                ),
             ));
         }
-        if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.') {
+        if !s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'
+        }) {
             return Err(bad("use only lowercase letters, digits, '-', '_' and '.'"));
         }
         if !s.as_bytes()[0].is_ascii_alphanumeric() {
@@ -240,7 +249,8 @@ pub struct ResolvedLimits {
 impl SandboxManifest {
     /// Parses a YAML or JSON document and validates it.
     pub fn parse(text: &str) -> Result<Self, SpecError> {
-        let value: serde_json::Value = serde_saphyr::from_str(text).map_err(|e| SpecError::Syntax(first_line(&e.to_string())))?;
+        let value: serde_json::Value = serde_saphyr::from_str(text)
+            .map_err(|e| SpecError::Syntax(first_line(&e.to_string())))?;
         Self::from_value(value)
     }
 
@@ -248,7 +258,10 @@ impl SandboxManifest {
     pub fn from_value(value: serde_json::Value) -> Result<Self, SpecError> {
         let m: SandboxManifest = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
-            SpecError::field(if path == "." { "spec" } else { &path }, e.into_inner().to_string())
+            SpecError::field(
+                if path == "." { "spec" } else { &path },
+                e.into_inner().to_string(),
+            )
         })?;
         m.validate()?;
         Ok(m)
@@ -259,7 +272,10 @@ impl SandboxManifest {
         Self {
             api_version: API_VERSION.into(),
             kind: KIND.into(),
-            metadata: Metadata { name, labels: BTreeMap::new() },
+            metadata: Metadata {
+                name,
+                labels: BTreeMap::new(),
+            },
             spec,
         }
     }
@@ -267,10 +283,19 @@ impl SandboxManifest {
     /// Checks every field's value.
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.api_version != API_VERSION {
-            return Err(SpecError::field("apiVersion", format!("{:?} is not supported; use {API_VERSION:?}", self.api_version)));
+            return Err(SpecError::field(
+                "apiVersion",
+                format!(
+                    "{:?} is not supported; use {API_VERSION:?}",
+                    self.api_version
+                ),
+            ));
         }
         if self.kind != KIND {
-            return Err(SpecError::field("kind", format!("{:?} is not supported; use {KIND:?}", self.kind)));
+            return Err(SpecError::field(
+                "kind",
+                format!("{:?} is not supported; use {KIND:?}", self.kind),
+            ));
         }
         if let Some(n) = &self.metadata.name {
             Name::new(n).map_err(|e| match e {
@@ -280,7 +305,10 @@ impl SandboxManifest {
         }
         for key in self.metadata.labels.keys() {
             if key.is_empty() || key.len() > 63 || key.contains(char::is_whitespace) {
-                return Err(SpecError::field("metadata.labels", format!("bad label key {key:?}")));
+                return Err(SpecError::field(
+                    "metadata.labels",
+                    format!("bad label key {key:?}"),
+                ));
             }
         }
         self.spec.validate()
@@ -291,23 +319,39 @@ impl SandboxSpec {
     /// Checks every field's value.
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.isolation == Isolation::Vm {
-            return Err(SpecError::field("spec.isolation", "\"vm\" is not available in this build; use \"container\""));
+            return Err(SpecError::field(
+                "spec.isolation",
+                "\"vm\" is not available in this build; use \"container\"",
+            ));
         }
         self.resolved_limits()?;
         for key in self.env.keys() {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(SpecError::field("spec.env", format!("bad variable name {key:?}")));
+                return Err(SpecError::field(
+                    "spec.env",
+                    format!("bad variable name {key:?}"),
+                ));
             }
         }
         if let Some(w) = &self.workdir
             && !w.starts_with('/')
         {
-            return Err(SpecError::field("spec.workdir", format!("{w:?} must be an absolute path")));
+            return Err(SpecError::field(
+                "spec.workdir",
+                format!("{w:?} must be an absolute path"),
+            ));
         }
         if let Some(h) = &self.hostname
-            && (h.is_empty() || h.len() > 63 || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
+            && (h.is_empty()
+                || h.len() > 63
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
         {
-            return Err(SpecError::field("spec.hostname", format!("{h:?} is not a valid hostname")));
+            return Err(SpecError::field(
+                "spec.hostname",
+                format!("{h:?} is not a valid hostname"),
+            ));
         }
         if let Some(img) = &self.image
             && img.trim().is_empty()
@@ -320,24 +364,41 @@ impl SandboxSpec {
     /// Limits in numbers, with defaults for what is left out.
     pub fn resolved_limits(&self) -> Result<ResolvedLimits, SpecError> {
         let memory_bytes = match &self.limits.memory {
-            Some(m) => quantity::parse_bytes(m).map_err(|e| SpecError::field("spec.limits.memory", e))?,
+            Some(m) => {
+                quantity::parse_bytes(m).map_err(|e| SpecError::field("spec.limits.memory", e))?
+            }
             None => DEFAULT_MEMORY,
         };
         if memory_bytes < 4 << 20 {
-            return Err(SpecError::field("spec.limits.memory", "at least 4Mi is needed to run anything"));
+            return Err(SpecError::field(
+                "spec.limits.memory",
+                "at least 4Mi is needed to run anything",
+            ));
         }
         let cpu_millis = match &self.limits.cpu {
-            Some(c) => quantity::parse_cpu_millis(c).map_err(|e| SpecError::field("spec.limits.cpu", e))?,
+            Some(c) => {
+                quantity::parse_cpu_millis(c).map_err(|e| SpecError::field("spec.limits.cpu", e))?
+            }
             None => DEFAULT_CPU_MILLIS,
         };
         if cpu_millis < 10 {
-            return Err(SpecError::field("spec.limits.cpu", "at least 10m (a hundredth of a CPU) is needed"));
+            return Err(SpecError::field(
+                "spec.limits.cpu",
+                "at least 10m (a hundredth of a CPU) is needed",
+            ));
         }
         let pids = self.limits.pids.unwrap_or(DEFAULT_PIDS);
         if pids < 2 {
-            return Err(SpecError::field("spec.limits.pids", "at least 2 processes are needed (the init and one command)"));
+            return Err(SpecError::field(
+                "spec.limits.pids",
+                "at least 2 processes are needed (the init and one command)",
+            ));
         }
-        Ok(ResolvedLimits { memory_bytes, cpu_millis, pids })
+        Ok(ResolvedLimits {
+            memory_bytes,
+            cpu_millis,
+            pids,
+        })
     }
 
     /// The image to use.
@@ -375,7 +436,10 @@ spec:
         assert_eq!(m.metadata.name.as_deref(), Some("dev-environment"));
         assert!(m.spec.rollback.auto_snapshot);
         let l = m.spec.resolved_limits().unwrap();
-        assert_eq!((l.cpu_millis, l.memory_bytes, l.pids), (2000, 4 << 30, DEFAULT_PIDS));
+        assert_eq!(
+            (l.cpu_millis, l.memory_bytes, l.pids),
+            (2000, 4 << 30, DEFAULT_PIDS)
+        );
     }
 
     #[test]
@@ -392,14 +456,23 @@ spec:
         assert!(e.starts_with("spec.limits.memory:"), "{e}");
         let typo = SEED.replace("autoSnapshot", "autoSnapshto");
         let e = SandboxManifest::parse(&typo).unwrap_err().to_string();
-        assert!(e.contains("spec.rollback") && e.contains("autoSnapshto"), "{e}");
-        let e = SandboxManifest::parse(&SEED.replace("container", "vm")).unwrap_err().to_string();
+        assert!(
+            e.contains("spec.rollback") && e.contains("autoSnapshto"),
+            "{e}"
+        );
+        let e = SandboxManifest::parse(&SEED.replace("container", "vm"))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("spec.isolation"), "{e}");
-        let e = SandboxManifest::parse(&SEED.replace("sandbox.io/v1", "v2")).unwrap_err().to_string();
+        let e = SandboxManifest::parse(&SEED.replace("sandbox.io/v1", "v2"))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("apiVersion"), "{e}");
         let e = SandboxManifest::parse("a: [").unwrap_err();
         assert!(matches!(e, SpecError::Syntax(_)));
-        let e = SandboxManifest::parse(&SEED.replace("dev-environment", "Bad/Name")).unwrap_err().to_string();
+        let e = SandboxManifest::parse(&SEED.replace("dev-environment", "Bad/Name"))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("metadata.name"), "{e}");
     }
 

@@ -4,7 +4,9 @@
 /// `Ki`, `Mi`, `Gi`, `Ti` (powers of 1024) or `k`/`m`/`g` shorthand (1024-based, as docker).
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, suffix) = t.split_at(split);
     let mult: u64 = match suffix.trim() {
         "" | "B" | "b" => 1,
@@ -36,12 +38,16 @@ fn invalid_size(s: &str) -> String {
 /// Parses a CPU amount into thousandths of a CPU: `2`, `0.5`, `500m`.
 pub fn parse_cpu_millis(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let bad = || format!("invalid CPU amount {s:?}: use a number of CPUs such as 2 or 0.5, or millicpus such as 500m");
+    let bad = || {
+        format!(
+            "invalid CPU amount {s:?}: use a number of CPUs such as 2 or 0.5, or millicpus such as 500m"
+        )
+    };
     let millis = if let Some(m) = t.strip_suffix('m') {
         m.parse::<u64>().map_err(|_| bad())?
     } else {
         let v: f64 = t.parse().map_err(|_| bad())?;
-        if !v.is_finite() || v < 0.0 || v > 1_000_000.0 {
+        if !v.is_finite() || !(0.0..=1_000_000.0).contains(&v) {
             return Err(bad());
         }
         (v * 1000.0).round() as u64
@@ -58,7 +64,11 @@ pub fn format_bytes(bytes: u64) -> String {
         v /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 #[cfg(test)]

@@ -41,8 +41,12 @@ mod ioc {
 }
 
 fn split(path: &Path) -> io::Result<(File, &OsStr)> {
-    let parent = path.parent().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
-    let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no name"))?;
+    let parent = path
+        .parent()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no name"))?;
     if name.len() > BTRFS_SUBVOL_NAME_MAX {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "name too long"));
     }
@@ -55,13 +59,18 @@ fn copy_name(dst: &mut [u8], name: &OsStr) {
 
 /// Whether `path` lies on a btrfs filesystem.
 pub fn is_btrfs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 as i64 == BTRFS_SUPER_MAGIC).unwrap_or(false)
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type().0 == BTRFS_SUPER_MAGIC)
+        .unwrap_or(false)
 }
 
 /// Creates an empty subvolume at `path`.
 pub fn create_subvolume(path: &Path) -> io::Result<()> {
     let (dir, name) = split(path)?;
-    let mut args = VolArgs { fd: 0, name: [0; BTRFS_PATH_NAME_MAX + 1] };
+    let mut args = VolArgs {
+        fd: 0,
+        name: [0; BTRFS_PATH_NAME_MAX + 1],
+    };
     copy_name(&mut args.name, name);
     // SAFETY: `dir` is an open directory and `args` a correctly laid out btrfs_ioctl_vol_args
     // with a NUL-terminated name; the kernel reads it during the call only.
@@ -90,7 +99,10 @@ pub fn snapshot(src: &Path, dst: &Path, readonly: bool) -> io::Result<()> {
 /// Deletes subvolume `path` (it must hold no other subvolume).
 pub fn delete_subvolume(path: &Path) -> io::Result<()> {
     let (dir, name) = split(path)?;
-    let mut args = VolArgs { fd: 0, name: [0; BTRFS_PATH_NAME_MAX + 1] };
+    let mut args = VolArgs {
+        fd: 0,
+        name: [0; BTRFS_PATH_NAME_MAX + 1],
+    };
     copy_name(&mut args.name, name);
     // SAFETY: as in create_subvolume.
     unsafe { ioc::snap_destroy(dir.as_raw_fd(), &args) }?;
@@ -103,7 +115,11 @@ pub fn set_readonly(path: &Path, readonly: bool) -> io::Result<()> {
     let mut flags: u64 = 0;
     // SAFETY: GETFLAGS writes one u64 into `flags`, which outlives the call.
     unsafe { ioc::subvol_getflags(f.as_raw_fd(), &mut flags) }?;
-    flags = if readonly { flags | BTRFS_SUBVOL_RDONLY } else { flags & !BTRFS_SUBVOL_RDONLY };
+    flags = if readonly {
+        flags | BTRFS_SUBVOL_RDONLY
+    } else {
+        flags & !BTRFS_SUBVOL_RDONLY
+    };
     // SAFETY: SETFLAGS reads one u64 from `flags`.
     unsafe { ioc::subvol_setflags(f.as_raw_fd(), &flags) }?;
     Ok(())
@@ -112,5 +128,8 @@ pub fn set_readonly(path: &Path, readonly: bool) -> io::Result<()> {
 /// Whether `path` is the root of a subvolume (btrfs gives subvolume roots inode 256).
 pub fn is_subvolume(path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    is_btrfs(path) && std::fs::symlink_metadata(path).map(|m| m.ino() == 256 && m.is_dir()).unwrap_or(false)
+    is_btrfs(path)
+        && std::fs::symlink_metadata(path)
+            .map(|m| m.ino() == 256 && m.is_dir())
+            .unwrap_or(false)
 }

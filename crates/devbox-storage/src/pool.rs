@@ -97,16 +97,24 @@ pub struct Pool {
 /// Default size of a new loop-file pool: a fifth of the free space of the filesystem that
 /// holds it, between 4 GiB and 100 GiB (the file is sparse: it takes only what is written).
 pub fn default_loop_size(dir: &Path) -> u64 {
-    let free = nix::sys::statvfs::statvfs(dir).map(|s| s.blocks_available() as u64 * s.fragment_size() as u64).unwrap_or(0);
+    let free = nix::sys::statvfs::statvfs(dir)
+        .map(|s| s.blocks_available() * s.fragment_size())
+        .unwrap_or(0);
     (free / 5).clamp(4 << 30, 100 << 30)
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StorageError + 'a {
-    move |source| StorageError::Io { op, path: path.to_path_buf(), source }
+    move |source| StorageError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn is_mountpoint(path: &Path) -> bool {
-    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
     let want = path.to_string_lossy();
     text.lines().any(|l| l.split(' ').nth(4) == Some(&want))
 }
@@ -114,12 +122,19 @@ fn is_mountpoint(path: &Path) -> bool {
 fn run(cmd: &mut Command, path: &Path) -> Result<(), StorageError> {
     let out = cmd.output().map_err(|e| StorageError::Setup {
         path: path.to_path_buf(),
-        message: format!("cannot run {:?}: {e} (install btrfs-progs and util-linux)", cmd.get_program()),
+        message: format!(
+            "cannot run {:?}: {e} (install btrfs-progs and util-linux)",
+            cmd.get_program()
+        ),
     })?;
     if !out.status.success() {
         return Err(StorageError::Setup {
             path: path.to_path_buf(),
-            message: format!("{:?} failed: {}", cmd.get_program(), String::from_utf8_lossy(&out.stderr).trim()),
+            message: format!(
+                "{:?} failed: {}",
+                cmd.get_program(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
         });
     }
     Ok(())
@@ -137,17 +152,26 @@ impl Pool {
                         Self::format_loop_file(image, *size)?;
                     }
                     run(
-                        Command::new("mount").args(["-t", "btrfs", "-o", "loop,nosuid,nodev,noatime"]).arg(image).arg(mountpoint),
+                        Command::new("mount")
+                            .args(["-t", "btrfs", "-o", "loop,nosuid,nodev,noatime"])
+                            .arg(image)
+                            .arg(mountpoint),
                         mountpoint,
                     )?;
                 }
                 if !btrfs::is_btrfs(mountpoint) {
                     return Err(StorageError::Setup {
                         path: mountpoint.to_path_buf(),
-                        message: "something other than the pool's btrfs is mounted here; unmount it".into(),
+                        message:
+                            "something other than the pool's btrfs is mounted here; unmount it"
+                                .into(),
                     });
                 }
-                Pool { root: mountpoint.to_path_buf(), driver: Driver::Btrfs, loop_file: Some(image.clone()) }
+                Pool {
+                    root: mountpoint.to_path_buf(),
+                    driver: Driver::Btrfs,
+                    loop_file: Some(image.clone()),
+                }
             }
             PoolSource::Btrfs(dir) => {
                 fs::create_dir_all(dir).map_err(io_err("create", dir))?;
@@ -157,18 +181,28 @@ impl Pool {
                         message: "not on a btrfs filesystem; name a btrfs directory, or use the copy driver".into(),
                     });
                 }
-                Pool { root: dir.clone(), driver: Driver::Btrfs, loop_file: None }
+                Pool {
+                    root: dir.clone(),
+                    driver: Driver::Btrfs,
+                    loop_file: None,
+                }
             }
             PoolSource::Directory(dir) => {
                 fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-                Pool { root: dir.clone(), driver: Driver::Copy, loop_file: None }
+                Pool {
+                    root: dir.clone(),
+                    driver: Driver::Copy,
+                    loop_file: None,
+                }
             }
         };
-        fs::set_permissions(&pool.root, fs::Permissions::from_mode(0o711)).map_err(io_err("chmod", &pool.root))?;
+        fs::set_permissions(&pool.root, fs::Permissions::from_mode(0o711))
+            .map_err(io_err("chmod", &pool.root))?;
         for d in ["images", "sandboxes", "snapshots", "staging"] {
             let p = pool.root.join(d);
             fs::create_dir_all(&p).map_err(io_err("create", &p))?;
-            fs::set_permissions(&p, fs::Permissions::from_mode(0o700)).map_err(io_err("chmod", &p))?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o700))
+                .map_err(io_err("chmod", &p))?;
         }
         Ok(pool)
     }
@@ -181,7 +215,10 @@ impl Pool {
         let f = fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
         f.set_len(size).map_err(io_err("size", &tmp))?;
         drop(f);
-        if let Err(e) = run(Command::new("mkfs.btrfs").args(["-q", "-f"]).arg(&tmp), image) {
+        if let Err(e) = run(
+            Command::new("mkfs.btrfs").args(["-q", "-f"]).arg(&tmp),
+            image,
+        ) {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
@@ -232,13 +269,20 @@ impl Pool {
         if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
             return self.full();
         }
-        StorageError::Io { op, path: path.to_path_buf(), source: e }
+        StorageError::Io {
+            op,
+            path: path.to_path_buf(),
+            source: e,
+        }
     }
 
     /// The error for a full pool, with current figures.
     pub fn full(&self) -> StorageError {
         let info = self.info();
-        StorageError::Full { used: info.used_bytes, total: info.total_bytes }
+        StorageError::Full {
+            used: info.used_bytes,
+            total: info.total_bytes,
+        }
     }
 
     /// Whether an I/O error means the pool is full.
@@ -258,7 +302,9 @@ impl Pool {
     /// Snapshots volume `src` into a new volume `dst`.
     pub fn snapshot(&self, src: &Path, dst: &Path, readonly: bool) -> Result<(), StorageError> {
         match self.driver {
-            Driver::Btrfs => btrfs::snapshot(src, dst, readonly).map_err(|e| self.map_err("snapshot", dst, e)),
+            Driver::Btrfs => {
+                btrfs::snapshot(src, dst, readonly).map_err(|e| self.map_err("snapshot", dst, e))
+            }
             Driver::Copy => {
                 let out = Command::new("cp")
                     .args(["-a", "--reflink=auto", "--no-target-directory"])
@@ -272,7 +318,11 @@ impl Pool {
                     if msg.contains("No space left") {
                         return Err(self.full());
                     }
-                    return Err(StorageError::Io { op: "copy", path: dst.to_path_buf(), source: io::Error::other(msg.trim().to_string()) });
+                    return Err(StorageError::Io {
+                        op: "copy",
+                        path: dst.to_path_buf(),
+                        source: io::Error::other(msg.trim().to_string()),
+                    });
                 }
                 Ok(())
             }
@@ -297,7 +347,8 @@ impl Pool {
     /// Marks a volume read-only (btrfs) so nothing can change it by accident.
     pub fn set_readonly(&self, path: &Path, readonly: bool) -> Result<(), StorageError> {
         if self.driver == Driver::Btrfs {
-            btrfs::set_readonly(path, readonly).map_err(|e| self.map_err("set read-only", path, e))?;
+            btrfs::set_readonly(path, readonly)
+                .map_err(|e| self.map_err("set read-only", path, e))?;
         }
         Ok(())
     }
@@ -306,10 +357,10 @@ impl Pool {
     pub fn info(&self) -> PoolInfo {
         let (total, free, used) = match nix::sys::statvfs::statvfs(&self.root) {
             Ok(s) => {
-                let f = s.fragment_size() as u64;
-                let total = s.blocks() as u64 * f;
-                let free = s.blocks_available() as u64 * f;
-                (total, free, total.saturating_sub(s.blocks_free() as u64 * f))
+                let f = s.fragment_size();
+                let total = s.blocks() * f;
+                let free = s.blocks_available() * f;
+                (total, free, total.saturating_sub(s.blocks_free() * f))
             }
             Err(_) => (0, 0, 0),
         };
@@ -331,7 +382,9 @@ pub fn disk_usage(path: &Path) -> u64 {
     let mut seen = std::collections::HashSet::new();
     let mut stack = vec![path.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
         for e in entries.flatten() {
             let Ok(m) = e.metadata() else { continue };
             if m.is_dir() {
@@ -351,7 +404,11 @@ mod tests {
     #[test]
     fn copy_driver_volumes_and_snapshots() {
         let tmp = tempfile::tempdir().unwrap();
-        let pool = Pool::open(&PoolSource::Directory(tmp.path().join("pool")), Path::new("/nonexistent")).unwrap();
+        let pool = Pool::open(
+            &PoolSource::Directory(tmp.path().join("pool")),
+            Path::new("/nonexistent"),
+        )
+        .unwrap();
         assert_eq!(pool.driver(), Driver::Copy);
         let v = pool.sandboxes_dir().join("a");
         pool.create_volume(&v).unwrap();

@@ -33,7 +33,10 @@ pub enum StoreError {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Where a sandbox is in its life.
@@ -236,12 +239,20 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            conn.execute_batch(&format!("BEGIN; {sql}; PRAGMA user_version = {}; COMMIT;", i + 1))?;
+            conn.execute_batch(&format!(
+                "BEGIN; {sql}; PRAGMA user_version = {}; COMMIT;",
+                i + 1
+            ))?;
         }
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut conn)
     }
@@ -319,7 +330,13 @@ impl Store {
     /// The sandbox named `name`.
     pub fn sandbox_by_name(&self, name: &str) -> Result<Option<SandboxRecord>, StoreError> {
         self.with(|c| {
-            let row = c.query_row(&format!("SELECT {SANDBOX_COLS} FROM sandboxes WHERE name = ?1"), [name], sandbox_row).optional()?;
+            let row = c
+                .query_row(
+                    &format!("SELECT {SANDBOX_COLS} FROM sandboxes WHERE name = ?1"),
+                    [name],
+                    sandbox_row,
+                )
+                .optional()?;
             row.map(finish).transpose()
         })
     }
@@ -327,7 +344,9 @@ impl Store {
     /// Every sandbox, by name.
     pub fn sandboxes(&self) -> Result<Vec<SandboxRecord>, StoreError> {
         self.with(|c| {
-            let mut st = c.prepare(&format!("SELECT {SANDBOX_COLS} FROM sandboxes ORDER BY name"))?;
+            let mut st = c.prepare(&format!(
+                "SELECT {SANDBOX_COLS} FROM sandboxes ORDER BY name"
+            ))?;
             let rows: Vec<_> = st.query_map([], sandbox_row)?.collect::<Result<_, _>>()?;
             rows.into_iter().map(finish).collect()
         })
@@ -344,8 +363,11 @@ impl Store {
     /// Names of sandboxes using image `id`.
     pub fn sandboxes_using_image(&self, id: &str) -> Result<Vec<String>, StoreError> {
         self.with(|c| {
-            let mut st = c.prepare("SELECT name FROM sandboxes WHERE image_id = ?1 ORDER BY name")?;
-            let rows = st.query_map([id], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            let mut st =
+                c.prepare("SELECT name FROM sandboxes WHERE image_id = ?1 ORDER BY name")?;
+            let rows = st
+                .query_map([id], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
             Ok(rows)
         })
     }
@@ -374,7 +396,10 @@ impl Store {
     /// The image named `reference`, or whose id is or starts with it (at least 6 characters).
     pub fn find_image(&self, reference: &str) -> Result<Option<ImageRecord>, StoreError> {
         let all = self.images()?;
-        if let Some(img) = all.iter().find(|i| i.name == reference || i.id == reference) {
+        if let Some(img) = all
+            .iter()
+            .find(|i| i.name == reference || i.id == reference)
+        {
             return Ok(Some(img.clone()));
         }
         let prefix = reference.strip_prefix("sha256:").unwrap_or(reference);
@@ -436,7 +461,10 @@ mod tests {
         s.insert_sandbox(&rec("a")).unwrap();
         let mut dup = rec("a");
         dup.id = "other".into();
-        assert!(matches!(s.insert_sandbox(&dup), Err(StoreError::Conflict(_))));
+        assert!(matches!(
+            s.insert_sandbox(&dup),
+            Err(StoreError::Conflict(_))
+        ));
     }
 
     #[test]

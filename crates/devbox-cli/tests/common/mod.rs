@@ -61,8 +61,12 @@ impl TestEnv {
     /// A new environment whose pool is a loop file of `size`.
     pub fn with_pool_size(size: &str) -> Self {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let root = tempfile::Builder::new().prefix("devbox-test-").tempdir().expect("tempdir");
-        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+        let root = tempfile::Builder::new()
+            .prefix("devbox-test-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o711))
+            .expect("chmod");
         let state = root.path().join("state");
         let runtime = root.path().join("run");
         let socket = runtime.join("api.sock");
@@ -98,14 +102,21 @@ impl TestEnv {
             .expect("log");
         let mut cmd = Command::new(sandbox_bin());
         self.envs(&mut cmd);
-        cmd.arg("daemon").stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        cmd.arg("daemon")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
         let mut child = cmd.spawn().expect("spawn daemon");
         let deadline = Instant::now() + Duration::from_secs(60);
         while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
             if let Ok(Some(st)) = child.try_wait() {
                 panic!("daemon exited: {st}\n{}", self.daemon_log());
             }
-            assert!(Instant::now() < deadline, "daemon did not start\n{}", self.daemon_log());
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start\n{}",
+                self.daemon_log()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         self.daemon = Some(child);
@@ -130,7 +141,10 @@ impl TestEnv {
     /// Stops the daemon with SIGTERM.
     pub fn stop_daemon(&mut self) {
         if let Some(mut c) = self.daemon.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -173,7 +187,11 @@ impl TestEnv {
     /// Runs `sandbox ARGS`, asserts failure, returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.sb(args);
-        assert!(!out.status.success(), "sandbox {args:?} should have failed; stdout: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            !out.status.success(),
+            "sandbox {args:?} should have failed; stdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
@@ -200,7 +218,11 @@ impl TestEnv {
     /// Cgroup directories under this environment's parent, in every hierarchy.
     pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
-        for h in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        for h in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let p = h.path().join(&self.cgroup_parent);
             if let Ok(entries) = std::fs::read_dir(&p) {
                 for e in entries.flatten() {
@@ -225,20 +247,32 @@ impl Drop for TestEnv {
         }
         self.stop_daemon();
         // Anything left in this environment's cgroups is killed and removed.
-        for h in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        for h in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let parent = h.path().join(&self.cgroup_parent);
             if !parent.exists() {
                 continue;
             }
             for e in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
-                let procs = std::fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
+                let procs =
+                    std::fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
                 for pid in procs.lines().filter_map(|l| l.parse::<i32>().ok()) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
                 }
             }
         }
         std::thread::sleep(Duration::from_millis(50));
-        for h in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        for h in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let parent = h.path().join(&self.cgroup_parent);
             for e in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
                 let _ = std::fs::remove_dir(e.path());
@@ -261,10 +295,17 @@ impl Drop for TestEnv {
 /// Whether `path` is a mount point.
 pub fn is_mounted(path: &Path) -> bool {
     let want = path.to_string_lossy().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
 /// A unique sandbox name for this process.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
 }

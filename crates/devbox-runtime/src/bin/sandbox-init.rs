@@ -6,7 +6,9 @@ fn main() {
     let code = match args.next().as_deref() {
         Some("launch") => devbox_runtime::container::launch_main(),
         _ => {
-            eprintln!("sandbox-init is started by the dev-box daemon (usage: sandbox-init launch < config.json)");
+            eprintln!(
+                "sandbox-init is started by the dev-box daemon (usage: sandbox-init launch < config.json)"
+            );
             2
         }
     };

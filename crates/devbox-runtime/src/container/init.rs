@@ -26,8 +26,14 @@ fn setup(cfg: &LaunchConfig, listener: &OwnedFd, ready: &OwnedFd) -> Result<(), 
     nix::unistd::sethostname(&cfg.hostname).stage("set hostname")?;
     sys::loopback_up().stage("bring up loopback")?;
     let none = None::<&str>;
-    nix::mount::mount(none, "/", none, nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE, none)
-        .stage("make mounts private")?;
+    nix::mount::mount(
+        none,
+        "/",
+        none,
+        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+        none,
+    )
+    .stage("make mounts private")?;
     rootfs::mount_root(cfg)?;
     rootfs::finish_in_init()?;
     redirect_stdio_to_null().stage("detach stdio")?;
@@ -40,7 +46,11 @@ fn setup(cfg: &LaunchConfig, listener: &OwnedFd, ready: &OwnedFd) -> Result<(), 
 
 /// Points fds 0-2 at the sandbox's /dev/null, releasing the launcher's pipes.
 fn redirect_stdio_to_null() -> nix::Result<()> {
-    let null = nix::fcntl::open("/dev/null", nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())?;
+    let null = nix::fcntl::open(
+        "/dev/null",
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
     nix::unistd::dup2_stdin(&null)?;
     nix::unistd::dup2_stdout(&null)?;
     nix::unistd::dup2_stderr(&null)?;

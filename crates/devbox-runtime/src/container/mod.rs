@@ -27,7 +27,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use nix::sched::{CloneFlags, setns, unshare};
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, bind, listen, socket, socketpair};
+use nix::sys::socket::{
+    AddressFamily, SockFlag, SockType, UnixAddr, bind, listen, socket, socketpair,
+};
 use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
@@ -75,7 +77,10 @@ pub(crate) trait Stage<T> {
 
 impl<T, E: Into<std::io::Error>> Stage<T> for Result<T, E> {
     fn stage(self, stage: &'static str) -> Result<T, StepError> {
-        self.map_err(|e| StepError { stage, error: e.into() })
+        self.map_err(|e| StepError {
+            stage,
+            error: e.into(),
+        })
     }
 }
 
@@ -83,12 +88,21 @@ impl<T, E: Into<std::io::Error>> Stage<T> for Result<T, E> {
 pub fn launch_main() -> i32 {
     let mut input = String::new();
     let outcome = match std::io::stdin().read_to_string(&mut input) {
-        Err(e) => LaunchOutcome::Failed { stage: "read config".into(), message: e.to_string() },
+        Err(e) => LaunchOutcome::Failed {
+            stage: "read config".into(),
+            message: e.to_string(),
+        },
         Ok(_) => match serde_json::from_str::<LaunchConfig>(&input) {
-            Err(e) => LaunchOutcome::Failed { stage: "parse config".into(), message: e.to_string() },
+            Err(e) => LaunchOutcome::Failed {
+                stage: "parse config".into(),
+                message: e.to_string(),
+            },
             Ok(cfg) => match launch(&cfg) {
                 Ok(pid) => LaunchOutcome::Started { pid },
-                Err(e) => LaunchOutcome::Failed { stage: e.stage.into(), message: e.error.to_string() },
+                Err(e) => LaunchOutcome::Failed {
+                    stage: e.stage.into(),
+                    message: e.error.to_string(),
+                },
             },
         },
     };
@@ -105,8 +119,14 @@ pub fn launch(cfg: &LaunchConfig) -> Result<i32, StepError> {
     // A session of its own: the daemon's terminal and process group signals never reach it.
     nix::unistd::setsid().stage("new session")?;
     unshare(CloneFlags::CLONE_NEWNS).stage("private mount namespace")?;
-    nix::mount::mount(None::<&str>, "/", None::<&str>, nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE, None::<&str>)
-        .stage("make mounts private")?;
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .stage("make mounts private")?;
 
     let listener = bind_agent_socket(&cfg.agent_socket)?;
     let userns = make_userns(cfg)?;
@@ -131,8 +151,13 @@ pub fn launch(cfg: &LaunchConfig) -> Result<i32, StepError> {
     )
     .stage("unshare namespaces")?;
 
-    let (ready_r, ready_w) =
-        socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).stage("sync socket")?;
+    let (ready_r, ready_w) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .stage("sync socket")?;
     let pid = sys::fork().stage("fork init")?;
     if pid == 0 {
         drop(ready_r);
@@ -148,18 +173,32 @@ pub fn launch(cfg: &LaunchConfig) -> Result<i32, StepError> {
         Ok(pid)
     } else {
         let _ = waitpid(Pid::from_raw(pid), None);
-        let msg = if msg.is_empty() { "init exited during setup".to_string() } else { msg };
-        Err(StepError { stage: "set up sandbox", error: std::io::Error::other(msg) })
+        let msg = if msg.is_empty() {
+            "init exited during setup".to_string()
+        } else {
+            msg
+        };
+        Err(StepError {
+            stage: "set up sandbox",
+            error: std::io::Error::other(msg),
+        })
     }
 }
 
 fn bind_agent_socket(path: &Path) -> Result<OwnedFd, StepError> {
     let _ = fs::remove_file(path);
-    let sock = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).stage("agent socket")?;
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .stage("agent socket")?;
     let addr = UnixAddr::new(path).stage("agent socket path")?;
     bind(sock.as_raw_fd(), &addr).stage("bind agent socket")?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o600)).stage("agent socket mode")?;
-    listen(&sock, nix::sys::socket::Backlog::new(64).stage("listen")?).stage("listen on agent socket")?;
+    listen(&sock, nix::sys::socket::Backlog::new(64).stage("listen")?)
+        .stage("listen on agent socket")?;
     Ok(sock)
 }
 
@@ -189,7 +228,10 @@ fn make_userns(cfg: &LaunchConfig) -> Result<OwnedFd, StepError> {
         let mut b = [0u8; 1];
         let n = nix::unistd::read(&ready_r, &mut b).stage("wait for user namespace")?;
         if n != 1 {
-            return Err(StepError { stage: "create user namespace", error: std::io::Error::other("unshare(CLONE_NEWUSER) failed") });
+            return Err(StepError {
+                stage: "create user namespace",
+                error: std::io::Error::other("unshare(CLONE_NEWUSER) failed"),
+            });
         }
         let map = format!("0 {} {}\n", cfg.idmap.host_base, cfg.idmap.size);
         fs::write(format!("/proc/{pid}/uid_map"), &map).stage("write uid_map")?;

@@ -4,7 +4,6 @@ use std::fs;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
 use super::{Stage, StepError};
@@ -23,7 +22,10 @@ fn mkdir(path: &Path) -> std::io::Result<()> {
 pub fn assemble(cfg: &LaunchConfig, userns: &OwnedFd) -> Result<(), StepError> {
     let rt = &cfg.runtime_dir;
     if cfg.rootfs.layers.is_empty() {
-        return Err(StepError { stage: "assemble root", error: std::io::Error::other("no image layer") });
+        return Err(StepError {
+            stage: "assemble root",
+            error: std::io::Error::other("no image layer"),
+        });
     }
     for dir in ["rootfs", "layers", "writable", "binds"] {
         mkdir(&rt.join(dir)).stage("runtime dir")?;
@@ -31,17 +33,30 @@ pub fn assemble(cfg: &LaunchConfig, userns: &OwnedFd) -> Result<(), StepError> {
     for (i, layer) in cfg.rootfs.layers.iter().enumerate() {
         let target = rt.join("layers").join(i.to_string());
         mkdir(&target).stage("runtime dir")?;
-        let attrs = TreeAttrs { readonly: true, nosuid: false, nodev: true };
-        let tree = sys::detached_tree(layer, false, Some(userns), attrs).stage("id-map image layer")?;
+        let attrs = TreeAttrs {
+            readonly: true,
+            nosuid: false,
+            nodev: true,
+        };
+        let tree =
+            sys::detached_tree(layer, false, Some(userns), attrs).stage("id-map image layer")?;
         sys::attach_tree(&tree, &target).stage("mount image layer")?;
     }
-    let attrs = TreeAttrs { nodev: true, ..Default::default() };
-    let tree = sys::detached_tree(&cfg.rootfs.writable, false, Some(userns), attrs).stage("id-map writable layer")?;
+    let attrs = TreeAttrs {
+        nodev: true,
+        ..Default::default()
+    };
+    let tree = sys::detached_tree(&cfg.rootfs.writable, false, Some(userns), attrs)
+        .stage("id-map writable layer")?;
     sys::attach_tree(&tree, &rt.join("writable")).stage("mount writable layer")?;
     for (i, bind) in cfg.rootfs.binds.iter().enumerate() {
         let target = rt.join("binds").join(i.to_string());
         mkdir(&target).stage("runtime dir")?;
-        let attrs = TreeAttrs { readonly: bind.readonly, nosuid: true, nodev: true };
+        let attrs = TreeAttrs {
+            readonly: bind.readonly,
+            nosuid: true,
+            nodev: true,
+        };
         let ns = if bind.idmap { Some(userns) } else { None };
         let tree = sys::detached_tree(&bind.source, true, ns, attrs).stage("prepare bind mount")?;
         sys::attach_tree(&tree, &target).stage("bind mount")?;
@@ -53,12 +68,21 @@ pub fn assemble(cfg: &LaunchConfig, userns: &OwnedFd) -> Result<(), StepError> {
 /// root. Runs as pid 1 (root of the user namespace) with the runtime dir as working directory,
 /// so that the writable layer's files are created by the sandbox's root.
 pub fn mount_root(cfg: &LaunchConfig) -> Result<(), StepError> {
-    let lowerdir: Vec<String> = (0..cfg.rootfs.layers.len()).map(|i| format!("layers/{i}")).collect();
+    let lowerdir: Vec<String> = (0..cfg.rootfs.layers.len())
+        .map(|i| format!("layers/{i}"))
+        .collect();
     let opts = format!(
         "lowerdir={},upperdir=writable/upper,workdir=writable/work,userxattr,index=off",
         lowerdir.join(":")
     );
-    mount(Some("overlay"), "rootfs", Some("overlay"), MsFlags::MS_NODEV, Some(opts.as_str())).stage("mount overlay root")?;
+    mount(
+        Some("overlay"),
+        "rootfs",
+        Some("overlay"),
+        MsFlags::MS_NODEV,
+        Some(opts.as_str()),
+    )
+    .stage("mount overlay root")?;
     for (i, bind) in cfg.rootfs.binds.iter().enumerate() {
         let rel = bind.target.strip_prefix("/").unwrap_or(&bind.target);
         let target = Path::new("rootfs").join(rel);
@@ -66,7 +90,14 @@ pub fn mount_root(cfg: &LaunchConfig) -> Result<(), StepError> {
             fs::create_dir_all(&target).stage("make bind mount point")?;
         }
         let source = PathBuf::from(format!("binds/{i}"));
-        mount(Some(&source), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).stage("bind mount")?;
+        mount(
+            Some(&source),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .stage("bind mount")?;
     }
     std::env::set_current_dir("rootfs").stage("enter root")?;
     Ok(())
@@ -94,7 +125,13 @@ const MASKED: &[&str] = &[
 ];
 
 /// Kernel interfaces that stay readable but not writable.
-const READ_ONLY: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
+const READ_ONLY: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
 
 /// Mounts /proc, /sys and /dev into the root (the current directory), pivots into it, and
 /// masks kernel paths. Runs as the sandbox's pid 1, root in its user namespace.
@@ -105,17 +142,51 @@ pub fn finish_in_init() -> Result<(), StepError> {
     }
     let nsx = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(Some("proc"), "proc", Some("proc"), nsx, none).stage("mount /proc")?;
-    if mount(Some("sysfs"), "sys", Some("sysfs"), nsx | MsFlags::MS_RDONLY, none).is_err() {
-        mount(Some("/sys"), "sys", none, MsFlags::MS_BIND | MsFlags::MS_REC, none).stage("bind /sys")?;
-        mount(none, "sys", none, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nsx, none)
-            .stage("read-only /sys")?;
+    if mount(
+        Some("sysfs"),
+        "sys",
+        Some("sysfs"),
+        nsx | MsFlags::MS_RDONLY,
+        none,
+    )
+    .is_err()
+    {
+        mount(
+            Some("/sys"),
+            "sys",
+            none,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            none,
+        )
+        .stage("bind /sys")?;
+        mount(
+            none,
+            "sys",
+            none,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nsx,
+            none,
+        )
+        .stage("read-only /sys")?;
     }
-    mount(Some("tmpfs"), "dev", Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=755,size=65536k"))
-        .stage("mount /dev")?;
+    mount(
+        Some("tmpfs"),
+        "dev",
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=755,size=65536k"),
+    )
+    .stage("mount /dev")?;
     for dev in DEVICES {
         let target = Path::new("dev").join(dev);
         fs::File::create(&target).stage("make device mount point")?;
-        mount(Some(Path::new("/dev").join(dev).as_path()), &target, none, MsFlags::MS_BIND, none).stage("bind device")?;
+        mount(
+            Some(Path::new("/dev").join(dev).as_path()),
+            &target,
+            none,
+            MsFlags::MS_BIND,
+            none,
+        )
+        .stage("bind device")?;
     }
     mkdir(Path::new("dev/pts")).stage("make /dev/pts")?;
     mount(
@@ -127,7 +198,14 @@ pub fn finish_in_init() -> Result<(), StepError> {
     )
     .stage("mount /dev/pts")?;
     mkdir(Path::new("dev/shm")).stage("make /dev/shm")?;
-    mount(Some("shm"), "dev/shm", Some("tmpfs"), nsx, Some("mode=1777,size=65536k")).stage("mount /dev/shm")?;
+    mount(
+        Some("shm"),
+        "dev/shm",
+        Some("tmpfs"),
+        nsx,
+        Some("mode=1777,size=65536k"),
+    )
+    .stage("mount /dev/shm")?;
     mkdir(Path::new("dev/mqueue")).stage("make /dev/mqueue")?;
     let _ = mount(Some("mqueue"), "dev/mqueue", Some("mqueue"), nsx, none);
     for (link, to) in [
@@ -146,9 +224,17 @@ pub fn finish_in_init() -> Result<(), StepError> {
 
     for path in MASKED {
         let p = Path::new(path);
-        let Ok(meta) = fs::symlink_metadata(p) else { continue };
+        let Ok(meta) = fs::symlink_metadata(p) else {
+            continue;
+        };
         let res = if meta.is_dir() {
-            mount(Some("tmpfs"), p, Some("tmpfs"), MsFlags::MS_RDONLY | nsx, Some("size=0"))
+            mount(
+                Some("tmpfs"),
+                p,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | nsx,
+                Some("size=0"),
+            )
         } else {
             mount(Some("/dev/null"), p, none, MsFlags::MS_BIND, none)
         };
@@ -159,9 +245,16 @@ pub fn finish_in_init() -> Result<(), StepError> {
         if fs::symlink_metadata(p).is_err() {
             continue;
         }
-        mount(Some(p), p, none, MsFlags::MS_BIND | MsFlags::MS_REC, none).stage("bind read-only path")?;
-        mount(none, p, none, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nsx, none)
-            .stage("remount read-only path")?;
+        mount(Some(p), p, none, MsFlags::MS_BIND | MsFlags::MS_REC, none)
+            .stage("bind read-only path")?;
+        mount(
+            none,
+            p,
+            none,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nsx,
+            none,
+        )
+        .stage("remount read-only path")?;
     }
     Ok(())
 }

@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use caps::{CapSet, Capability};
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
-    TargetArch, sock_filter,
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch, sock_filter,
 };
 
 use super::{Stage, StepError};
@@ -38,13 +38,23 @@ pub fn drop_capabilities() -> Result<(), StepError> {
     let keep: HashSet<Capability> = DEFAULT_CAPS.iter().copied().collect();
     for cap in caps::all() {
         if !keep.contains(&cap) {
-            caps::drop(None, CapSet::Bounding, cap).map_err(caps_err).stage("drop bounding capability")?;
+            caps::drop(None, CapSet::Bounding, cap)
+                .map_err(caps_err)
+                .stage("drop bounding capability")?;
         }
     }
-    caps::clear(None, CapSet::Ambient).map_err(caps_err).stage("clear ambient capabilities")?;
-    caps::set(None, CapSet::Inheritable, &HashSet::new()).map_err(caps_err).stage("clear inheritable capabilities")?;
-    caps::set(None, CapSet::Effective, &keep).map_err(caps_err).stage("set effective capabilities")?;
-    caps::set(None, CapSet::Permitted, &keep).map_err(caps_err).stage("set permitted capabilities")?;
+    caps::clear(None, CapSet::Ambient)
+        .map_err(caps_err)
+        .stage("clear ambient capabilities")?;
+    caps::set(None, CapSet::Inheritable, &HashSet::new())
+        .map_err(caps_err)
+        .stage("clear inheritable capabilities")?;
+    caps::set(None, CapSet::Effective, &keep)
+        .map_err(caps_err)
+        .stage("set effective capabilities")?;
+    caps::set(None, CapSet::Permitted, &keep)
+        .map_err(caps_err)
+        .stage("set permitted capabilities")?;
     Ok(())
 }
 
@@ -117,18 +127,27 @@ const NAMESPACE_FLAGS: &[u64] = &[
 /// Builds the default filter as a BPF program.
 pub fn default_filter() -> Result<BpfProgram, String> {
     let eperm = SeccompAction::Errno(libc::EPERM as u32);
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED.iter().map(|nr| (*nr, vec![])).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        DENIED.iter().map(|nr| (*nr, vec![])).collect();
     let clone_rules = NAMESPACE_FLAGS
         .iter()
         .map(|flag| {
-            let cond = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(*flag), *flag)
-                .map_err(|e| e.to_string())?;
+            let cond = SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Qword,
+                SeccompCmpOp::MaskedEq(*flag),
+                *flag,
+            )
+            .map_err(|e| e.to_string())?;
             SeccompRule::new(vec![cond]).map_err(|e| e.to_string())
         })
         .collect::<Result<Vec<_>, String>>()?;
     rules.insert(libc::SYS_clone, clone_rules);
-    let filter = SeccompFilter::new(rules, SeccompAction::Allow, eperm, TargetArch::x86_64).map_err(|e| e.to_string())?;
-    let mut prog: BpfProgram = filter.try_into().map_err(|e: seccompiler::BackendError| e.to_string())?;
+    let filter = SeccompFilter::new(rules, SeccompAction::Allow, eperm, TargetArch::x86_64)
+        .map_err(|e| e.to_string())?;
+    let mut prog: BpfProgram = filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| e.to_string())?;
 
     // clone3 passes its flags in memory the filter cannot read: make libc fall back to clone.
     // And refuse x32 system call numbers (bit 30), which share the x86_64 audit arch.
@@ -139,11 +158,19 @@ pub fn default_filter() -> Result<BpfProgram, String> {
     const BPF_RET_K: u16 = 0x06;
     const NR_OFFSET: u32 = 0;
     const ARCH_OFFSET: u32 = 4;
-    let arch_check_ok = prog.len() > 3 && prog[0].code == BPF_LD_W_ABS && prog[0].k == ARCH_OFFSET && prog[2].code == BPF_RET_K;
+    let arch_check_ok = prog.len() > 3
+        && prog[0].code == BPF_LD_W_ABS
+        && prog[0].k == ARCH_OFFSET
+        && prog[2].code == BPF_RET_K;
     if !arch_check_ok {
         return Err("unexpected seccomp program layout".into());
     }
-    let stmt = |code, k| sock_filter { code, jt: 0, jf: 0, k };
+    let stmt = |code, k| sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
     let jump = |code, k, jt, jf| sock_filter { code, jt, jf, k };
     let guard = [
         stmt(BPF_LD_W_ABS, NR_OFFSET),
@@ -160,8 +187,12 @@ pub fn default_filter() -> Result<BpfProgram, String> {
 pub fn lock_down(seccomp: bool) -> Result<(), StepError> {
     nix::sys::prctl::set_no_new_privs().stage("no_new_privs")?;
     if seccomp {
-        let prog = default_filter().map_err(std::io::Error::other).stage("build seccomp filter")?;
-        seccompiler::apply_filter(&prog).map_err(|e| std::io::Error::other(e.to_string())).stage("install seccomp filter")?;
+        let prog = default_filter()
+            .map_err(std::io::Error::other)
+            .stage("build seccomp filter")?;
+        seccompiler::apply_filter(&prog)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .stage("install seccomp filter")?;
     }
     Ok(())
 }
