@@ -215,7 +215,7 @@ pub enum Command {
     /// The REST API.
     #[command(subcommand)]
     Api(ApiCommand),
-    /// Run the daemon in the foreground (the CLI starts it on demand).
+    /// Run the daemon (`sandboxd`) in the foreground (the CLI starts it on demand).
     Daemon {
         /// Size of a new loop-file storage pool (default: a fifth of the free disk, 4-100 GiB).
         #[arg(long, value_name = "SIZE", env = "DEVBOX_POOL_SIZE")]

@@ -16,7 +16,7 @@ use crate::cli::{ApiCommand, Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
-        Command::Daemon { pool_size } => daemon::run(&cli, pool_size.as_deref()).map(|_| 0),
+        Command::Daemon { pool_size } => Err(daemon::exec_daemon(&cli, pool_size.as_deref())),
         Command::Api(ApiCommand::Openapi) => commands::print_openapi().map(|_| 0),
         _ => match tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -43,13 +43,45 @@ pub fn terminal_size() -> Option<(u16, u16)> {
         .filter(|(r, c)| *r > 0 && *c > 0)
 }
 
-/// Whether stdin should be passed to the command.
+/// Whether stdin should be passed to the command: when asked, or when it is a pipe or a file
+/// (not a terminal, and not /dev/null, which has nothing to give).
 pub fn want_stdin(interactive: bool, tty: bool) -> bool {
-    interactive || tty || !std::io::stdin().is_terminal()
+    interactive || tty || (!std::io::stdin().is_terminal() && !stdin_is_dev_null())
+}
+
+fn stdin_is_dev_null() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(a), Ok(b)) = (
+        std::fs::metadata("/proc/self/fd/0"),
+        std::fs::metadata("/dev/null"),
+    ) else {
+        return false;
+    };
+    a.rdev() == b.rdev() && a.ino() == b.ino()
 }
 
 fn text(m: &ClientMsg) -> Message {
     Message::Text(serde_json::to_string(m).unwrap_or_default().into())
+}
+
+/// Signals forwarded to the command, registered before it starts so none is missed.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    winch: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn register() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+            winch: signal(SignalKind::window_change())?,
+        })
+    }
 }
 
 /// Runs a stream to its end; returns the exit code to exit with.
@@ -60,13 +92,15 @@ pub async fn run(
     tty: bool,
     stdin: bool,
 ) -> Result<i32, ClientError> {
+    let signals =
+        Signals::register().map_err(|e| ClientError::Protocol(format!("signals: {e}")))?;
     let (ws, _sandbox, _pid) = client.stream(path, &first).await?;
     let raw = if tty && std::io::stdin().is_terminal() {
         RawMode::enter()
     } else {
         None
     };
-    let result = pump(ws, tty, stdin).await;
+    let result = pump(ws, tty, stdin, signals).await;
     drop(raw);
     result
 }
@@ -75,6 +109,7 @@ async fn pump(
     ws: devbox_api::client::ExecStream,
     tty: bool,
     stdin: bool,
+    signals: Signals,
 ) -> Result<i32, ClientError> {
     let protocol = |e: String| ClientError::Protocol(e);
     let (mut sink, mut stream) = ws.split();
@@ -113,16 +148,13 @@ async fn pump(
     }
     {
         let tx = tx.clone();
+        let Signals {
+            mut int,
+            mut term,
+            mut hup,
+            mut winch,
+        } = signals;
         tasks.push(tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut int), Ok(mut term), Ok(mut hup), Ok(mut winch)) = (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-                signal(SignalKind::hangup()),
-                signal(SignalKind::window_change()),
-            ) else {
-                return;
-            };
             loop {
                 let msg = tokio::select! {
                     _ = int.recv() => ClientMsg::Signal { signal: libc::SIGINT },

@@ -43,16 +43,18 @@ fn net_namespaces() -> HashSet<u64> {
         .collect()
 }
 
+/// Sandbox init processes: sandbox-init running as pid 1 of a pid namespace of its own.
 fn init_processes() -> usize {
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
         .filter(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .map(|c| {
-                    c.starts_with(b"/") && String::from_utf8_lossy(&c).contains("sandbox-init")
-                })
-                .unwrap_or(false)
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+            let nested = status
+                .lines()
+                .any(|l| l.starts_with("NSpid:") && l.split_whitespace().count() > 2);
+            nested && String::from_utf8_lossy(&cmd).contains("sandbox-init")
         })
         .count()
 }

@@ -22,6 +22,8 @@ pub struct EngineConfig {
     pub init_binary: PathBuf,
     /// Grace period of a stop before SIGKILL.
     pub stop_grace: Duration,
+    /// Launchers kept ready in their cgroups (`$DEVBOX_WARM_LAUNCHERS`, default 2; 0: none).
+    pub warm_launchers: usize,
 }
 
 impl EngineConfig {
@@ -50,6 +52,10 @@ impl EngineConfig {
                 .binary()
                 .to_path_buf(),
             stop_grace: Duration::from_secs(10),
+            warm_launchers: std::env::var("DEVBOX_WARM_LAUNCHERS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2),
         }
     }
 

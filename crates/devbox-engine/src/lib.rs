@@ -21,6 +21,7 @@ pub mod model;
 mod os;
 mod reconcile;
 mod sandbox;
+mod warm;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -47,6 +48,7 @@ pub struct Engine {
     cgroups: CgroupDriver,
     launcher: Launcher,
     locks: locks::LockTable,
+    warm: warm::WarmPool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -77,6 +79,7 @@ impl Engine {
         tokio::task::spawn_blocking(move || e2.reconcile())
             .await
             .map_err(|e| EngineError::internal("reconcile", e))??;
+        engine.refill_warm();
         Ok(engine)
     }
 
@@ -97,6 +100,7 @@ impl Engine {
                 launcher.binary().display()
             )));
         }
+        let warm = warm::WarmPool::new(cfg.warm_launchers);
         Ok(Arc::new(Engine {
             cfg,
             store,
@@ -105,6 +109,7 @@ impl Engine {
             cgroups,
             launcher,
             locks: locks::LockTable::default(),
+            warm,
         }))
     }
 
@@ -140,5 +145,35 @@ impl Engine {
         tokio::task::spawn_blocking(move || f(me))
             .await
             .map_err(|e| EngineError::internal("engine task", e))?
+    }
+}
+
+/// Logs (at debug level) how long the steps of an operation take.
+pub(crate) struct Phases {
+    op: &'static str,
+    start: std::time::Instant,
+    last: std::cell::Cell<std::time::Instant>,
+}
+
+impl Phases {
+    pub(crate) fn start(op: &'static str) -> Self {
+        let now = std::time::Instant::now();
+        Self {
+            op,
+            start: now,
+            last: std::cell::Cell::new(now),
+        }
+    }
+
+    pub(crate) fn mark(&self, step: &'static str) {
+        let now = std::time::Instant::now();
+        tracing::debug!(
+            op = self.op,
+            step,
+            step_us = now.duration_since(self.last.get()).as_micros() as u64,
+            total_us = now.duration_since(self.start).as_micros() as u64,
+            "phase"
+        );
+        self.last.set(now);
     }
 }

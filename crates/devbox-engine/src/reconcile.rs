@@ -58,6 +58,9 @@ impl Engine {
                 SandboxState::Stopped => self.release_runtime(&rec),
             }
             known.insert(rec.id.clone());
+            if let Some(cg) = &rec.cgroup {
+                known.insert(cg.clone());
+            }
         }
         for id in self.cgroups.existing() {
             if !known.contains(&id) {
@@ -84,6 +87,7 @@ impl Engine {
                 }
             }
         }
+        let _ = std::fs::remove_dir_all(self.cfg.runtime_dir.join("trash"));
         self.images.clear_staging();
         let recorded: HashSet<String> = self.store.images()?.into_iter().map(|i| i.id).collect();
         for id in self.images.stored_ids() {

@@ -71,7 +71,8 @@ impl Engine {
     }
 
     pub(crate) fn cgroup_of(&self, rec: &SandboxRecord) -> SandboxCgroup {
-        self.cgroups.sandbox(&rec.id)
+        self.cgroups
+            .sandbox(rec.cgroup.as_deref().unwrap_or(&rec.id))
     }
 
     /// Creates a sandbox (and starts it unless asked not to).
@@ -136,7 +137,9 @@ impl Engine {
             stopped_at: None,
             last_error: None,
             ephemeral,
+            cgroup: None,
         };
+        let phases = crate::Phases::start("create");
         let mut rec = self.store.insert_sandbox(&rec).map_err(|e| match e {
             StoreError::Conflict(_) => EngineError::AlreadyExists {
                 kind: "sandbox",
@@ -144,8 +147,10 @@ impl Engine {
             },
             other => other.into(),
         })?;
+        phases.mark("record");
         let made = (|| {
             self.make_volume(&rec)?;
+            phases.mark("volume");
             if req.start {
                 self.launch(&mut rec, &manifest)?;
             } else {
@@ -188,39 +193,83 @@ impl Engine {
 
     /// Kills whatever still runs in the sandbox's cgroup and removes it and the runtime dir.
     pub(crate) fn release_runtime(&self, rec: &SandboxRecord) {
+        let phases = crate::Phases::start("release");
         let cg = self.cgroup_of(rec);
         if cg.exists() {
             if !cg.pids().is_empty() {
                 let _ = cg.kill_all();
+                phases.mark("killed stragglers");
             }
             if let Err(e) = cg.remove(Duration::from_secs(5)) {
                 tracing::warn!(sandbox = %rec.name, "removing cgroup: {e}");
             }
+            phases.mark("cgroup removed");
         }
+        // The runtime dir holds only empty mount points and a dead socket: remove it off the
+        // caller's path (a restart's reconcile removes any a crash left).
+        // It is moved aside at once, so a new start of the same sandbox gets a fresh one.
         let rt = self.sandbox_runtime_dir(&rec.id);
-        if rt.exists()
-            && let Err(e) = std::fs::remove_dir_all(&rt)
-        {
-            tracing::warn!(sandbox = %rec.name, "removing runtime dir: {e}");
+        let trash = self.cfg.runtime_dir.join("trash");
+        let doomed = trash.join(new_id());
+        let moved = std::fs::create_dir_all(&trash).and_then(|_| std::fs::rename(&rt, &doomed));
+        match moved {
+            Ok(()) => {
+                let name = rec.name.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = std::fs::remove_dir_all(&doomed) {
+                        tracing::warn!(sandbox = %name, "removing runtime dir: {e}");
+                    }
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(sandbox = %rec.name, "moving runtime dir aside: {e}");
+                let _ = std::fs::remove_dir_all(&rt);
+            }
         }
     }
 
     /// Starts the sandbox's init; on success the record says running.
     fn launch(self: &Arc<Self>, rec: &mut SandboxRecord, manifest: &SandboxManifest) -> Result<()> {
+        let phases = crate::Phases::start("launch");
         let limits = manifest.spec.resolved_limits()?;
         let rt = self.sandbox_runtime_dir(&rec.id);
         crate::ensure_dir(&rt, 0o711)?;
-        let cg = self
-            .cgroups
-            .create(
-                &rec.id,
-                &Limits {
-                    memory_bytes: Some(limits.memory_bytes),
-                    pids: Some(limits.pids),
-                    cpu_millis: Some(limits.cpu_millis),
-                },
-            )
-            .map_err(|e| EngineError::internal("cgroup", e))?;
+        let cg_limits = Limits {
+            memory_bytes: Some(limits.memory_bytes),
+            pids: Some(limits.pids),
+            cpu_millis: Some(limits.cpu_millis),
+        };
+        // The cgroup's name is recorded before anything runs in it, so that a restart knows
+        // whose it is.
+        let warm = self.take_warm();
+        rec.cgroup = Some(
+            warm.as_ref()
+                .map(|w| w.cgroup.clone())
+                .unwrap_or_else(|| rec.id.clone()),
+        );
+        if let Err(e) = self.store.update_sandbox(rec) {
+            if let Some(w) = warm {
+                self.discard_warm(w);
+            }
+            return Err(e.into());
+        }
+        let (cg, armed) = match warm {
+            Some(w) => (self.cgroups.sandbox(&w.cgroup), Some(w.launcher)),
+            None => (
+                self.cgroups
+                    .create(&rec.id, &cg_limits)
+                    .map_err(|e| EngineError::internal("cgroup", e))?,
+                None,
+            ),
+        };
+        if armed.is_some()
+            && let Err(e) = cg.apply(&cg_limits)
+        {
+            self.release_runtime(rec);
+            return Err(EngineError::internal("cgroup limits", e));
+        }
+        phases.mark("cgroups");
         let image = self.images.path(&rec.image_id);
         if !image.is_dir() {
             self.release_runtime(rec);
@@ -263,7 +312,12 @@ impl Engine {
             cgroups: cg.paths(),
             seccomp: true,
         };
-        let pid = match self.launcher.launch(&cfg) {
+        phases.mark("config");
+        let launched = match armed {
+            Some(a) => a.launch(&cfg),
+            None => self.launcher.launch(&cfg),
+        };
+        let pid = match launched {
             Ok(pid) => pid,
             Err(e) => {
                 self.release_runtime(rec);
@@ -273,6 +327,7 @@ impl Engine {
                 )));
             }
         };
+        phases.mark("sandbox-init");
         rec.init_pid = Some(pid);
         rec.init_start = process_start_time(pid);
         rec.state = SandboxState::Running;
@@ -280,6 +335,7 @@ impl Engine {
         rec.last_error = None;
         self.store.update_sandbox(rec)?;
         self.watch(rec);
+        phases.mark("recorded");
         Ok(())
     }
 
@@ -370,6 +426,7 @@ impl Engine {
 
     /// Stops the init (gracefully, then by force), releases the runtime, records `stopped`.
     pub(crate) fn halt(&self, rec: &mut SandboxRecord, grace: Duration) -> Result<()> {
+        let phases = crate::Phases::start("halt");
         if alive(rec.init_pid, rec.init_start)
             && let Some(pid) = rec.init_pid
             && let Ok(pidfd) = sys::pidfd_open(pid)
@@ -379,8 +436,10 @@ impl Engine {
                 grace > Duration::ZERO && devbox_runtime::client::shutdown(&socket, grace).is_ok();
             let exited = asked && wait_exit(&pidfd, grace + Duration::from_secs(2));
             if !exited {
-                let _ = self.cgroup_of(rec).kill_all();
+                // Killing the pid namespace's init kills everything in it; the cgroup is only
+                // swept afterwards for anything that escaped (release_runtime).
                 let _ = sys::pidfd_send_signal(&pidfd, libc::SIGKILL);
+                phases.mark("killed");
                 if !wait_exit(&pidfd, Duration::from_secs(10)) {
                     return Err(EngineError::Internal(format!(
                         "sandbox {} did not stop after SIGKILL",
@@ -389,7 +448,9 @@ impl Engine {
                 }
             }
         }
+        phases.mark("processes");
         self.release_runtime(rec);
+        phases.mark("runtime released");
         rec.state = SandboxState::Stopped;
         rec.init_pid = None;
         rec.init_start = None;
@@ -419,6 +480,7 @@ impl Engine {
     }
 
     pub(crate) fn destroy_locked(&self, rec: &mut SandboxRecord, grace: Duration) -> Result<()> {
+        let phases = crate::Phases::start("destroy");
         let was = rec.state;
         rec.state = SandboxState::Destroying;
         self.store.update_sandbox(rec)?;
@@ -429,8 +491,11 @@ impl Engine {
         } else {
             self.release_runtime(rec);
         }
+        phases.mark("halted");
         self.delete_volume_retrying(&self.sandbox_volume(&rec.id))?;
+        phases.mark("volume");
         self.store.delete_sandbox(&rec.id)?;
+        phases.mark("record");
         Ok(())
     }
 

@@ -19,4 +19,5 @@ pub mod container;
 pub mod launch;
 pub mod protocol;
 pub mod sys;
+pub mod trace;
 pub mod users;

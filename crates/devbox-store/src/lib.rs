@@ -113,6 +113,8 @@ pub struct SandboxRecord {
     pub last_error: Option<String>,
     /// Destroy when its one exec ends (`sandbox run --rm`).
     pub ephemeral: bool,
+    /// Name of its cgroup (under the daemon's parent) while it runs.
+    pub cgroup: Option<String>,
 }
 
 /// One image.
@@ -160,6 +162,8 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         source TEXT NOT NULL
      );",
+    // 2: a sandbox's cgroup is named apart from its id (warm launchers bring their own).
+    "ALTER TABLE sandboxes ADD COLUMN cgroup TEXT;",
 ];
 
 /// First host uid handed to sandboxes; each gets [`ID_RANGE`] ids from there.
@@ -174,7 +178,7 @@ pub struct Store {
     conn: Mutex<Connection>,
 }
 
-const SANDBOX_COLS: &str = "id, name, manifest, image_id, state, uid_base, init_pid, init_start, created_at, started_at, stopped_at, last_error, ephemeral";
+const SANDBOX_COLS: &str = "id, name, manifest, image_id, state, uid_base, init_pid, init_start, created_at, started_at, stopped_at, last_error, ephemeral, cgroup";
 
 fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<(SandboxRecord, String)> {
     let state: String = r.get(4)?;
@@ -193,6 +197,7 @@ fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<(SandboxRecord, String)> {
             stopped_at: r.get(10)?,
             last_error: r.get(11)?,
             ephemeral: r.get(12)?,
+            cgroup: r.get(13)?,
         },
         state,
     ))
@@ -284,7 +289,7 @@ impl Store {
             out.uid_base = UID_BASE_START + slot * ID_RANGE;
             out.state = SandboxState::Creating;
             tx.execute(
-                &format!("INSERT INTO sandboxes ({SANDBOX_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
+                &format!("INSERT INTO sandboxes ({SANDBOX_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
                 params![
                     out.id,
                     out.name,
@@ -298,7 +303,8 @@ impl Store {
                     out.started_at,
                     out.stopped_at,
                     out.last_error,
-                    out.ephemeral
+                    out.ephemeral,
+                    out.cgroup
                 ],
             )
             .map_err(|e| if is_unique_violation(&e) { StoreError::Conflict(format!("a sandbox named {:?}", rec.name)) } else { e.into() })?;
@@ -311,7 +317,7 @@ impl Store {
     pub fn update_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "UPDATE sandboxes SET state = ?2, init_pid = ?3, init_start = ?4, started_at = ?5, stopped_at = ?6, last_error = ?7, manifest = ?8 WHERE id = ?1",
+                "UPDATE sandboxes SET state = ?2, init_pid = ?3, init_start = ?4, started_at = ?5, stopped_at = ?6, last_error = ?7, manifest = ?8, cgroup = ?9 WHERE id = ?1",
                 params![
                     rec.id,
                     rec.state.as_str(),
@@ -320,7 +326,8 @@ impl Store {
                     rec.started_at,
                     rec.stopped_at,
                     rec.last_error,
-                    rec.manifest
+                    rec.manifest,
+                    rec.cgroup
                 ],
             )?;
             Ok(())
@@ -440,6 +447,7 @@ mod tests {
             stopped_at: None,
             last_error: None,
             ephemeral: false,
+            cgroup: None,
         }
     }
 

@@ -215,7 +215,8 @@ impl TestEnv {
         v["init_pid"].as_i64().map(|p| p as i32)
     }
 
-    /// Cgroup directories under this environment's parent, in every hierarchy.
+    /// Sandbox cgroup directories under this environment's parent, in every hierarchy (the
+    /// daemon's warm launchers, `warm-*`, are not sandboxes and are left out).
     pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
         for h in std::fs::read_dir("/sys/fs/cgroup")
@@ -226,7 +227,8 @@ impl TestEnv {
             let p = h.path().join(&self.cgroup_parent);
             if let Ok(entries) = std::fs::read_dir(&p) {
                 for e in entries.flatten() {
-                    if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    let warm = e.file_name().to_string_lossy().starts_with("warm-");
+                    if e.file_type().map(|t| t.is_dir()).unwrap_or(false) && !warm {
                         out.push(e.path());
                     }
                 }

@@ -7,8 +7,13 @@ use crate::config::LaunchConfig;
 use crate::{agent, sys};
 
 /// Runs pid 1: setup, then the agent loop. Returns the process's exit code.
-pub fn run(cfg: &LaunchConfig, listener: OwnedFd, ready: OwnedFd) -> i32 {
-    match setup(cfg, &listener, &ready) {
+pub fn run(
+    cfg: &LaunchConfig,
+    listener: OwnedFd,
+    ready: OwnedFd,
+    filter: seccompiler::BpfProgram,
+) -> i32 {
+    match setup(cfg, &listener, &ready, &filter) {
         Ok(()) => {
             let _ = nix::unistd::write(&ready, b"ready");
             drop(ready);
@@ -21,8 +26,14 @@ pub fn run(cfg: &LaunchConfig, listener: OwnedFd, ready: OwnedFd) -> i32 {
     }
 }
 
-fn setup(cfg: &LaunchConfig, listener: &OwnedFd, ready: &OwnedFd) -> Result<(), StepError> {
+fn setup(
+    cfg: &LaunchConfig,
+    listener: &OwnedFd,
+    ready: &OwnedFd,
+    filter: &seccompiler::BpfProgram,
+) -> Result<(), StepError> {
     use super::Stage;
+    crate::trace::mark("init started");
     nix::unistd::sethostname(&cfg.hostname).stage("set hostname")?;
     sys::loopback_up().stage("bring up loopback")?;
     let none = None::<&str>;
@@ -35,12 +46,15 @@ fn setup(cfg: &LaunchConfig, listener: &OwnedFd, ready: &OwnedFd) -> Result<(), 
     )
     .stage("make mounts private")?;
     rootfs::mount_root(cfg)?;
+    crate::trace::mark("root mounted");
     rootfs::finish_in_init()?;
-    redirect_stdio_to_null().stage("detach stdio")?;
+    crate::trace::mark("proc, sys, dev, pivot, masks");
     sys::close_fds_from(3, &[listener.as_raw_fd(), ready.as_raw_fd()]);
     nix::sys::prctl::set_dumpable(false).stage("make init non-dumpable")?;
     security::drop_capabilities()?;
-    security::lock_down(cfg.seccomp)?;
+    security::lock_down(cfg.seccomp.then_some(filter))?;
+    crate::trace::mark("capabilities, seccomp");
+    redirect_stdio_to_null().stage("detach stdio")?;
     Ok(())
 }
 

@@ -21,7 +21,7 @@ pub mod rootfs;
 pub mod security;
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::{BufRead, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -84,40 +84,113 @@ impl<T, E: Into<std::io::Error>> Stage<T> for Result<T, E> {
     }
 }
 
-/// Entry point of `sandbox-init launch`: reads the config from stdin, launches, reports on stdout.
-pub fn launch_main() -> i32 {
-    let mut input = String::new();
-    let outcome = match std::io::stdin().read_to_string(&mut input) {
-        Err(e) => LaunchOutcome::Failed {
-            stage: "read config".into(),
-            message: e.to_string(),
-        },
-        Ok(_) => match serde_json::from_str::<LaunchConfig>(&input) {
-            Err(e) => LaunchOutcome::Failed {
-                stage: "parse config".into(),
-                message: e.to_string(),
-            },
-            Ok(cfg) => match launch(&cfg) {
-                Ok(pid) => LaunchOutcome::Started { pid },
-                Err(e) => LaunchOutcome::Failed {
-                    stage: e.stage.into(),
-                    message: e.error.to_string(),
-                },
-            },
-        },
-    };
-    let ok = matches!(outcome, LaunchOutcome::Started { .. });
+/// What the daemon sends to `sandbox-init launch`, one JSON message per line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LauncherInput {
+    /// Get ready ahead of time: join these cgroups (moving a process between cgroups waits
+    /// for an RCU grace period, milliseconds) and build the seccomp filter; answer
+    /// [`LauncherReport::Armed`], then wait for a [`LauncherInput::Launch`].
+    Prepare {
+        /// Cgroup directories to join.
+        cgroups: Vec<std::path::PathBuf>,
+    },
+    /// Start this sandbox.
+    Launch(Box<LaunchConfig>),
+}
+
+/// What `sandbox-init launch` reports, one JSON message per line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LauncherReport {
+    /// Prepared and waiting.
+    Armed,
+    /// Done.
+    Outcome(LaunchOutcome),
+}
+
+fn report(r: &LauncherReport) {
     let mut out = std::io::stdout().lock();
-    let _ = serde_json::to_writer(&mut out, &outcome);
+    let _ = serde_json::to_writer(&mut out, r);
     let _ = out.write_all(b"\n");
     let _ = out.flush();
+}
+
+fn failed(stage: &str, message: impl ToString) -> LaunchOutcome {
+    LaunchOutcome::Failed {
+        stage: stage.into(),
+        message: message.to_string(),
+    }
+}
+
+/// Entry point of `sandbox-init launch`: reads messages from stdin, launches, reports on stdout.
+pub fn launch_main() -> i32 {
+    let mut lines = std::io::stdin().lock().lines();
+    let mut next = || -> Result<Option<LauncherInput>, LaunchOutcome> {
+        match lines.next() {
+            None => Ok(None),
+            Some(Err(e)) => Err(failed("read input", e)),
+            Some(Ok(line)) => serde_json::from_str(&line)
+                .map(Some)
+                .map_err(|e| failed("parse input", e)),
+        }
+    };
+    let mut prepared = None;
+    let outcome = loop {
+        match next() {
+            Err(o) => break o,
+            // The daemon went away before asking for anything: nothing to do.
+            Ok(None) => return 0,
+            Ok(Some(LauncherInput::Prepare { cgroups })) => match prepare(&cgroups) {
+                Ok(p) => {
+                    prepared = Some(p);
+                    report(&LauncherReport::Armed);
+                }
+                Err(e) => break failed(e.stage, e.error),
+            },
+            Ok(Some(LauncherInput::Launch(cfg))) => match launch(&cfg, prepared.take()) {
+                Ok(pid) => break LaunchOutcome::Started { pid },
+                Err(e) => break failed(e.stage, e.error),
+            },
+        }
+    };
+    let ok = matches!(outcome, LaunchOutcome::Started { .. });
+    report(&LauncherReport::Outcome(outcome));
     if ok { 0 } else { 1 }
 }
 
-/// Launches the sandbox described by `cfg`; returns the host pid of its init process.
-pub fn launch(cfg: &LaunchConfig) -> Result<i32, StepError> {
-    // A session of its own: the daemon's terminal and process group signals never reach it.
+/// What a launcher prepared ahead of a launch.
+pub struct Prepared {
+    filter: seccompiler::BpfProgram,
+}
+
+fn prepare(cgroups: &[std::path::PathBuf]) -> Result<Prepared, StepError> {
     nix::unistd::setsid().stage("new session")?;
+    join_cgroups(cgroups)?;
+    let filter = security::default_filter()
+        .map_err(std::io::Error::other)
+        .stage("build seccomp filter")?;
+    Ok(Prepared { filter })
+}
+
+fn join_cgroups(cgroups: &[std::path::PathBuf]) -> Result<(), StepError> {
+    let me = std::process::id().to_string();
+    for cg in cgroups {
+        fs::write(cg.join("cgroup.procs"), &me).stage("join cgroup")?;
+    }
+    crate::trace::mark("cgroups joined");
+    Ok(())
+}
+
+/// Launches the sandbox described by `cfg`; returns the host pid of its init process.
+///
+/// Without `prepared` (a cold launch) it first joins `cfg.cgroups` and builds the filter.
+pub fn launch(cfg: &LaunchConfig, prepared: Option<Prepared>) -> Result<i32, StepError> {
+    crate::trace::mark("launch");
+    let prepared = match prepared {
+        Some(p) => p,
+        None => prepare(&cfg.cgroups)?,
+    };
     unshare(CloneFlags::CLONE_NEWNS).stage("private mount namespace")?;
     nix::mount::mount(
         None::<&str>,
@@ -130,12 +203,9 @@ pub fn launch(cfg: &LaunchConfig) -> Result<i32, StepError> {
 
     let listener = bind_agent_socket(&cfg.agent_socket)?;
     let userns = make_userns(cfg)?;
+    crate::trace::mark("user namespace");
     rootfs::assemble(cfg, &userns)?;
-
-    let me = std::process::id().to_string();
-    for cg in &cfg.cgroups {
-        fs::write(cg.join("cgroup.procs"), &me).stage("join cgroup")?;
-    }
+    crate::trace::mark("layers staged");
 
     std::env::set_current_dir(&cfg.runtime_dir).stage("enter runtime dir")?;
     setns(userns.as_fd(), CloneFlags::CLONE_NEWUSER).stage("enter user namespace")?;
@@ -150,6 +220,7 @@ pub fn launch(cfg: &LaunchConfig) -> Result<i32, StepError> {
             | CloneFlags::CLONE_NEWPID,
     )
     .stage("unshare namespaces")?;
+    crate::trace::mark("namespaces");
 
     let (ready_r, ready_w) = socketpair(
         AddressFamily::Unix,
@@ -158,10 +229,17 @@ pub fn launch(cfg: &LaunchConfig) -> Result<i32, StepError> {
         SockFlag::SOCK_CLOEXEC,
     )
     .stage("sync socket")?;
+    // If the daemon died while we worked, nobody would own the sandbox: stop here.
+    if daemon_gone() {
+        return Err(StepError {
+            stage: "fork init",
+            error: std::io::Error::other("the daemon went away"),
+        });
+    }
     let pid = sys::fork().stage("fork init")?;
     if pid == 0 {
         drop(ready_r);
-        let code = init::run(cfg, listener, ready_w);
+        let code = init::run(cfg, listener, ready_w, prepared.filter);
         std::process::exit(code);
     }
     drop(ready_w);
@@ -169,6 +247,7 @@ pub fn launch(cfg: &LaunchConfig) -> Result<i32, StepError> {
     let mut buf = [0u8; 4096];
     let n = nix::unistd::read(&ready_r, &mut buf).unwrap_or(0);
     let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    crate::trace::mark("init ready");
     if msg == "ready" {
         Ok(pid)
     } else {
@@ -183,6 +262,20 @@ pub fn launch(cfg: &LaunchConfig) -> Result<i32, StepError> {
             error: std::io::Error::other(msg),
         })
     }
+}
+
+/// Whether the daemon closed its end of our stdin (it died).
+fn daemon_gone() -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let stdin = std::io::stdin();
+    let mut fds = [PollFd::new(
+        std::os::fd::AsFd::as_fd(&stdin),
+        PollFlags::POLLIN,
+    )];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLHUP))
 }
 
 fn bind_agent_socket(path: &Path) -> Result<OwnedFd, StepError> {

@@ -183,14 +183,12 @@ pub fn default_filter() -> Result<BpfProgram, String> {
     Ok(prog)
 }
 
-/// Sets no_new_privs and installs the default seccomp filter on the calling thread.
-pub fn lock_down(seccomp: bool) -> Result<(), StepError> {
+/// Sets no_new_privs and installs a seccomp filter (built by [`default_filter`]) on the
+/// calling thread.
+pub fn lock_down(filter: Option<&BpfProgram>) -> Result<(), StepError> {
     nix::sys::prctl::set_no_new_privs().stage("no_new_privs")?;
-    if seccomp {
-        let prog = default_filter()
-            .map_err(std::io::Error::other)
-            .stage("build seccomp filter")?;
-        seccompiler::apply_filter(&prog)
+    if let Some(prog) = filter {
+        seccompiler::apply_filter(prog)
             .map_err(|e| std::io::Error::other(e.to_string()))
             .stage("install seccomp filter")?;
     }

@@ -1,0 +1,137 @@
+//! `sandboxd`: the dev-box daemon. Owns all state and serves the API on a root-only Unix
+//! socket; the `sandbox` CLI starts it on demand. Sandboxes keep running when it stops.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use devbox_engine::{Engine, EngineConfig};
+
+/// The dev-box daemon.
+#[derive(Debug, Parser)]
+#[command(name = "sandboxd", version)]
+struct Args {
+    /// Persistent state: database, storage pool, logs.
+    #[arg(
+        long,
+        env = "DEVBOX_STATE_DIR",
+        value_name = "DIR",
+        default_value = "/var/lib/dev-box"
+    )]
+    state_dir: PathBuf,
+    /// Runtime state: socket, mount points.
+    #[arg(
+        long,
+        env = "DEVBOX_RUNTIME_DIR",
+        value_name = "DIR",
+        default_value = "/run/dev-box"
+    )]
+    runtime_dir: PathBuf,
+    /// The API socket (default: RUNTIME_DIR/api.sock).
+    #[arg(long, env = "DEVBOX_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Size of a new loop-file storage pool (default: a fifth of the free disk, 4-100 GiB).
+    #[arg(long, value_name = "SIZE", env = "DEVBOX_POOL_SIZE")]
+    pool_size: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sandboxd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the daemon until SIGINT or SIGTERM. Sandboxes keep running after it exits.
+fn run(cli: &Args) -> anyhow::Result<()> {
+    let pool_size = cli.pool_size.as_deref();
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!(
+            "the dev-box daemon needs root (it makes namespaces, cgroups and mounts): run it with sudo"
+        );
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DEVBOX_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let pool_size = pool_size
+        .map(devbox_spec::quantity::parse_bytes)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&cli.state_dir)
+        .with_context(|| format!("creating {}", cli.state_dir.display()))?;
+    let _lock = lock_state_dir(&cli.state_dir)?;
+    // Sandboxes' init processes are orphaned by their launcher; as a subreaper the daemon
+    // collects them when they end.
+    nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
+    let mut cfg = EngineConfig::new(cli.state_dir.clone(), cli.runtime_dir.clone(), pool_size);
+    if let Ok(parent) = std::env::var("DEVBOX_CGROUP_PARENT") {
+        cfg.cgroup_parent = parent;
+    }
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(|| cli.runtime_dir.join("api.sock"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let engine = Engine::open(cfg).await?;
+        tracing::info!(socket = %socket.display(), pool = ?engine.pool_info().path, cgroups = engine.cgroup_mode(), "dev-box daemon ready");
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            tracing::info!("shutting down (sandboxes keep running)");
+        };
+        let served = devbox_api::serve_unix(engine.clone(), &socket, shutdown).await;
+        let e2 = engine.clone();
+        let _ = tokio::task::spawn_blocking(move || e2.shutdown()).await;
+        served.context("serving the API")?;
+        let _ = std::fs::remove_file(&socket);
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // Exit at once: blocking tasks still in flight must not hold the process.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+/// Takes an exclusive lock on the state directory, held while the returned guard lives.
+fn lock_state_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::io::Write;
+    let path = dir.join("daemon.lock");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => {
+            locked.set_len(0)?;
+            (&*locked).write_all(std::process::id().to_string().as_bytes())?;
+            Ok(locked)
+        }
+        Err(_) => {
+            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            bail!(
+                "another dev-box daemon (pid {}) already uses {}",
+                pid.trim(),
+                dir.display()
+            )
+        }
+    }
+}
