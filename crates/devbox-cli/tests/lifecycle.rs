@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
+
 use common::TestEnv;
 
 #[test]
@@ -249,5 +251,58 @@ fn openapi_and_version() {
     }
     for cmd in ["create", "exec", "run", "ls", "inspect", "destroy"] {
         assert!(env.ok(&[cmd, "--help"]).contains("Usage"));
+    }
+}
+
+#[test]
+fn cli_starts_the_daemon_and_refuses_non_root() {
+    require_root!();
+    let mut env = TestEnv::new();
+    env.stop_daemon();
+    // With auto-start allowed, the first command brings a daemon up.
+    let out = env
+        .cmd()
+        .env_remove("DEVBOX_NO_AUTOSTART")
+        .args(["ls", "-q"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(env.socket.exists());
+    assert_eq!(env.ok(&["run", "--rm", "--", "echo", "up"]), "up\n");
+    // Someone who is not root is told what to do.
+    let out = env
+        .cmd()
+        .env_remove("DEVBOX_NO_AUTOSTART")
+        .args(["ls"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("root"), "{err}");
+    // The daemon started by the CLI is stopped by the environment's cleanup through its lock file.
+    let pid: i32 = std::fs::read_to_string(env.state.join("daemon.lock"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    for name in env.ok(&["ls", "-q"]).lines() {
+        env.ok(&["destroy", "--force", name]);
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
