@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use devbox_engine::model::{
-    CreateSandboxRequest, ExecRequest, ExecResult, ImageInfo, ImportImageRequest, SandboxInfo,
-    StopRequest,
+    CloneRequest, CreateSandboxRequest, DiffResult, ExecRequest, ExecResult, ImageInfo,
+    ImportImageRequest, RollbackRequest, SandboxInfo, SnapshotInfo, SnapshotRequest, StopRequest,
 };
 use devbox_storage::PoolInfo;
 use http_body_util::{BodyExt, Full};
@@ -220,6 +220,205 @@ impl Client {
             Self::body(req),
         )
         .await
+    }
+
+    /// Takes a snapshot.
+    pub async fn snapshot(
+        &self,
+        name: &str,
+        req: &SnapshotRequest,
+    ) -> Result<SnapshotInfo, ClientError> {
+        self.json(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/snapshots", enc(name)),
+            Self::body(req),
+        )
+        .await
+    }
+
+    /// A sandbox's snapshots.
+    pub async fn snapshots(&self, name: &str) -> Result<Vec<SnapshotInfo>, ClientError> {
+        self.json(
+            Method::GET,
+            &format!("/v1/sandboxes/{}/snapshots", enc(name)),
+            None,
+        )
+        .await
+    }
+
+    /// Deletes a snapshot.
+    pub async fn delete_snapshot(
+        &self,
+        name: &str,
+        snapshot: &str,
+        force: bool,
+    ) -> Result<(), ClientError> {
+        let path = format!(
+            "/v1/sandboxes/{}/snapshots/{}?force={force}",
+            enc(name),
+            enc(snapshot)
+        );
+        self.call(Method::DELETE, &path, None).await.map(|_| ())
+    }
+
+    /// Rolls a sandbox back.
+    pub async fn rollback(
+        &self,
+        name: &str,
+        req: &RollbackRequest,
+    ) -> Result<SandboxInfo, ClientError> {
+        self.json(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/rollback", enc(name)),
+            Self::body(req),
+        )
+        .await
+    }
+
+    /// Clones a sandbox from a snapshot.
+    pub async fn clone_sandbox(
+        &self,
+        name: &str,
+        req: &CloneRequest,
+    ) -> Result<SandboxInfo, ClientError> {
+        self.json(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/clone", enc(name)),
+            Self::body(req),
+        )
+        .await
+    }
+
+    /// What changed between two states.
+    pub async fn diff(
+        &self,
+        name: &str,
+        from: Option<&str>,
+        to: Option<&str>,
+    ) -> Result<DiffResult, ClientError> {
+        let mut path = format!("/v1/sandboxes/{}/diff?", enc(name));
+        if let Some(f) = from {
+            path.push_str(&format!("from={}&", enc(f)));
+        }
+        if let Some(t) = to {
+            path.push_str(&format!("to={}", enc(t)));
+        }
+        self.json(Method::GET, &path, None).await
+    }
+
+    /// Downloads a snapshot archive into `out`.
+    pub async fn export_snapshot(
+        &self,
+        name: &str,
+        snapshot: &str,
+        out: &Path,
+    ) -> Result<u64, ClientError> {
+        use tokio::io::AsyncWriteExt;
+        let path = format!(
+            "/v1/sandboxes/{}/snapshots/{}/export",
+            enc(name),
+            enc(snapshot)
+        );
+        let resp = self
+            .send(
+                Method::GET,
+                &path,
+                http_body_util::Full::new(Bytes::new())
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .await?;
+        let mut body = resp.into_body();
+        let tmp = out.with_extension("partial");
+        let local =
+            |e: std::io::Error| ClientError::Protocol(format!("writing {}: {e}", out.display()));
+        let mut file = tokio::fs::File::create(&tmp).await.map_err(local)?;
+        let mut total = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ClientError::Protocol(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                total += data.len() as u64;
+                file.write_all(&data).await.map_err(local)?;
+            }
+        }
+        file.flush().await.map_err(local)?;
+        drop(file);
+        tokio::fs::rename(&tmp, out).await.map_err(local)?;
+        Ok(total)
+    }
+
+    /// Uploads a snapshot archive; the daemon makes a sandbox from it.
+    pub async fn import_snapshot(
+        &self,
+        archive: &Path,
+        name: Option<&str>,
+        start: bool,
+    ) -> Result<SandboxInfo, ClientError> {
+        use futures_util::StreamExt;
+        let file = tokio::fs::File::open(archive)
+            .await
+            .map_err(|e| ClientError::Protocol(format!("reading {}: {e}", archive.display())))?;
+        let stream =
+            tokio_util::io::ReaderStream::new(file).map(|r| r.map(hyper::body::Frame::data));
+        let body = BodyExt::boxed(http_body_util::StreamBody::new(stream));
+        let mut path = format!("/v1/snapshots/import?start={start}");
+        if let Some(n) = name {
+            path.push_str(&format!("&name={}", enc(n)));
+        }
+        let resp = self.send(Method::POST, &path, body).await?;
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .to_bytes();
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Protocol(format!("{e}: {}", String::from_utf8_lossy(&bytes))))
+    }
+
+    /// Sends a request with any body; returns the response if it succeeded.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: http_body_util::combinators::BoxBody<Bytes, std::io::Error>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let stream = self.connect().await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost")
+            .body(body)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| ClientError::Protocol(e.to_string()))?
+                .to_bytes();
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(b) => ClientError::Api {
+                    status: status.as_u16(),
+                    code: b.error.code,
+                    message: b.error.message,
+                },
+                Err(_) => ClientError::Protocol(format!(
+                    "HTTP {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                )),
+            });
+        }
+        Ok(resp)
     }
 
     /// Every image.

@@ -12,8 +12,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use devbox_engine::model::{
-    CreateSandboxRequest, ExecRequest, ExecResult, ImageInfo, ImportImageRequest, SandboxInfo,
-    StopRequest,
+    CloneRequest, CreateSandboxRequest, DiffResult, ExecRequest, ExecResult, ImageInfo,
+    ImportImageRequest, RollbackRequest, SandboxInfo, SnapshotInfo, SnapshotRequest, StopRequest,
 };
 use devbox_engine::{Engine, EngineError};
 use devbox_storage::PoolInfo;
@@ -133,6 +133,22 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/sandboxes/{name}/exec", post(exec))
         .route("/v1/sandboxes/{name}/exec/stream", get(ws::exec_stream))
         .route("/v1/run/stream", get(ws::run_stream))
+        .route(
+            "/v1/sandboxes/{name}/snapshots",
+            get(list_snapshots).post(take_snapshot),
+        )
+        .route(
+            "/v1/sandboxes/{name}/snapshots/{snapshot}",
+            axum::routing::delete(delete_snapshot),
+        )
+        .route(
+            "/v1/sandboxes/{name}/snapshots/{snapshot}/export",
+            get(export_snapshot),
+        )
+        .route("/v1/snapshots/import", post(import_snapshot))
+        .route("/v1/sandboxes/{name}/rollback", post(rollback))
+        .route("/v1/sandboxes/{name}/clone", post(clone_sandbox))
+        .route("/v1/sandboxes/{name}/diff", get(diff))
         .route("/v1/images", get(list_images))
         .route("/v1/images/import", post(import_image))
         .route(
@@ -271,6 +287,7 @@ async fn exec(
     // only briefly after the exit.
     let grace = Duration::from_millis(200);
     let (out, err) = tokio::join!(finish(out, grace), finish(err, grace));
+    let rolled_back_to = session.settle(&e, &exit).await?;
     Ok(Json(ExecResult {
         exit_code: exit.code,
         signal: exit.signal,
@@ -278,6 +295,7 @@ async fn exec(
         stderr: String::from_utf8_lossy(&err.0).into(),
         truncated: out.1 || err.1,
         duration_ms: begun.elapsed().as_millis() as u64,
+        rolled_back_to,
     }))
 }
 
@@ -314,6 +332,163 @@ async fn finish(c: Option<Capture>, grace: Duration) -> (Vec<u8>, bool) {
             (Vec::new(), true)
         }
     }
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/snapshots", params(("name" = String, Path)),
+    responses((status = 200, body = Vec<SnapshotInfo>), (status = 404, body = ErrorBody)))]
+async fn list_snapshots(
+    State(e): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Json<Vec<SnapshotInfo>>> {
+    Ok(Json(e.snapshots(&name).await?))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/snapshots", params(("name" = String, Path)), request_body = SnapshotRequest,
+    responses((status = 201, body = SnapshotInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 507, body = ErrorBody)))]
+async fn take_snapshot(
+    State(e): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    body: bytes::Bytes,
+) -> ApiResult<(StatusCode, Json<SnapshotInfo>)> {
+    let req: SnapshotRequest = optional_body(&body)?;
+    Ok((StatusCode::CREATED, Json(e.snapshot(&name, req).await?)))
+}
+
+/// Query of DELETE .../snapshots/{snapshot}.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct DeleteSnapshotQuery {
+    /// Delete even if sandboxes were cloned from it.
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[utoipa::path(delete, path = "/v1/sandboxes/{name}/snapshots/{snapshot}", params(("name" = String, Path), ("snapshot" = String, Path), DeleteSnapshotQuery),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete_snapshot(
+    State(e): State<AppState>,
+    UrlPath((name, snapshot)): UrlPath<(String, String)>,
+    Query(q): Query<DeleteSnapshotQuery>,
+) -> ApiResult<StatusCode> {
+    e.delete_snapshot(&name, &snapshot, q.force).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/rollback", params(("name" = String, Path)), request_body = RollbackRequest,
+    responses((status = 200, body = SandboxInfo), (status = 404, body = ErrorBody)))]
+async fn rollback(
+    State(e): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    Body(req): Body<RollbackRequest>,
+) -> ApiResult<Json<SandboxInfo>> {
+    Ok(Json(e.rollback(&name, req).await?))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/clone", params(("name" = String, Path)), request_body = CloneRequest,
+    responses((status = 201, body = SandboxInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn clone_sandbox(
+    State(e): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    Body(req): Body<CloneRequest>,
+) -> ApiResult<(StatusCode, Json<SandboxInfo>)> {
+    Ok((
+        StatusCode::CREATED,
+        Json(e.clone_sandbox(&name, req).await?),
+    ))
+}
+
+/// Query of GET .../diff.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct DiffQuery {
+    /// The older state: a snapshot, `latest`, or `image` (default: the head snapshot).
+    pub from: Option<String>,
+    /// The newer state: a snapshot, `latest`, or `current` (default).
+    pub to: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/diff", params(("name" = String, Path), DiffQuery),
+    responses((status = 200, body = DiffResult), (status = 404, body = ErrorBody)))]
+async fn diff(
+    State(e): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<DiffQuery>,
+) -> ApiResult<Json<DiffResult>> {
+    Ok(Json(e.diff(&name, q.from, q.to).await?))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/snapshots/{snapshot}/export", params(("name" = String, Path), ("snapshot" = String, Path)),
+    description = "The snapshot as a dev-box.snapshot/v1 archive (zstd-compressed tar of manifest.json and layer.tar).",
+    responses((status = 200, content_type = "application/zstd"), (status = 404, body = ErrorBody)))]
+async fn export_snapshot(
+    State(e): State<AppState>,
+    UrlPath((name, snapshot)): UrlPath<(String, String)>,
+) -> ApiResult<Response> {
+    let path = e.export_snapshot(&name, &snapshot).await?;
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|err| ApiError(EngineError::internal("export", err)));
+    // The open file keeps the data readable; the name goes at once.
+    let _ = tokio::fs::remove_file(&path).await;
+    let file = file?;
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/zstd")],
+        body,
+    )
+        .into_response())
+}
+
+/// Query of POST /v1/snapshots/import.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ImportSnapshotQuery {
+    /// Name of the new sandbox (default: the name in the archive).
+    pub name: Option<String>,
+    /// Start it.
+    #[serde(default)]
+    pub start: bool,
+}
+
+#[utoipa::path(post, path = "/v1/snapshots/import", params(ImportSnapshotQuery),
+    description = "Body: a dev-box.snapshot/v1 archive. Makes a sandbox whose state and history head is the snapshot.",
+    request_body(content_type = "application/zstd"),
+    responses((status = 201, body = SandboxInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn import_snapshot(
+    State(e): State<AppState>,
+    Query(q): Query<ImportSnapshotQuery>,
+    body: axum::body::Body,
+) -> ApiResult<(StatusCode, Json<SandboxInfo>)> {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let path = e.scratch_path("import");
+    let received = async {
+        let mut file = tokio::fs::File::create(&path).await?;
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            file.write_all(&chunk.map_err(std::io::Error::other)?)
+                .await?;
+        }
+        file.flush().await
+    }
+    .await;
+    let result = match received {
+        Ok(()) => e.import_snapshot(path.clone(), q.name, q.start).await,
+        Err(err) if err.raw_os_error() == Some(28) => Err(EngineError::PoolFull(format!(
+            "receiving the archive: {err}"
+        ))),
+        Err(err) => Err(EngineError::internal("receiving the archive", err)),
+    };
+    let _ = tokio::fs::remove_file(&path).await;
+    Ok((StatusCode::CREATED, Json(result?)))
+}
+
+fn optional_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError(EngineError::InvalidRequest(format!(
+            "invalid request body: {e}"
+        )))
+    })
 }
 
 #[utoipa::path(get, path = "/v1/images", responses((status = 200, body = Vec<ImageInfo>)))]

@@ -74,6 +74,9 @@ pub enum ServerMsg {
         code: i32,
         /// Killing signal, if any.
         signal: Option<i32>,
+        /// The snapshot the sandbox was rolled back to because the command failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rolled_back_to: Option<String>,
     },
     /// The request failed.
     Error {

@@ -58,7 +58,7 @@ pub(crate) async fn exec_stream(
                 } else {
                     OnDisconnect::Keep
                 };
-                pump(socket, &name, session, mode).await
+                pump(&engine, socket, &name, session, mode).await
             }
             Err(e) => {
                 let _ = socket.send(error_msg(&e)).await;
@@ -109,7 +109,9 @@ pub(crate) async fn run_stream(
         // The client hears the exit once the sandbox is gone.
         let _ = tokio::spawn(async move {
             let end = match e2.exec(&name, &exec, stdin).await {
-                Ok(session) => pump_until_exit(socket, &name, session, OnDisconnect::Kill).await,
+                Ok(session) => {
+                    pump_until_exit(&e2, socket, &name, session, OnDisconnect::Kill).await
+                }
                 Err(e) => {
                     let mut socket = socket;
                     let _ = socket.send(error_msg(&e)).await;
@@ -147,8 +149,14 @@ enum OnDisconnect {
 }
 
 /// Moves bytes between the WebSocket and the session until the command ends.
-async fn pump(socket: WebSocket, name: &str, session: ExecSession, on_disconnect: OnDisconnect) {
-    if let Some(end) = pump_until_exit(socket, name, session, on_disconnect).await {
+async fn pump(
+    engine: &Arc<Engine>,
+    socket: WebSocket,
+    name: &str,
+    session: ExecSession,
+    on_disconnect: OnDisconnect,
+) {
+    if let Some(end) = pump_until_exit(engine, socket, name, session, on_disconnect).await {
         end.finish().await;
     }
 }
@@ -173,6 +181,7 @@ impl StreamEnd {
 
 /// Streams until the command exits; returns what is left to send.
 async fn pump_until_exit(
+    engine: &Arc<Engine>,
     socket: WebSocket,
     name: &str,
     session: ExecSession,
@@ -268,10 +277,14 @@ async fn pump_until_exit(
         }
     }
     let last = match exit {
-        Ok(x) => text(&ServerMsg::Exit {
-            code: x.code,
-            signal: x.signal,
-        }),
+        Ok(x) => match session.settle(engine, &x).await {
+            Ok(rolled_back_to) => text(&ServerMsg::Exit {
+                code: x.code,
+                signal: x.signal,
+                rolled_back_to,
+            }),
+            Err(e) => error_msg(&e),
+        },
         Err(e) => error_msg(&e),
     };
     Some(StreamEnd {

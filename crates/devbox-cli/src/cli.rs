@@ -118,6 +118,9 @@ pub struct ExecOpts {
     /// User: name, uid, user:group or uid:gid.
     #[arg(short = 'u', long)]
     pub user: Option<String>,
+    /// Take a snapshot first; roll back to it if the command exits non-zero.
+    #[arg(long)]
+    pub rollback_on_failure: bool,
 }
 
 /// Commands.
@@ -206,6 +209,60 @@ pub enum Command {
         #[arg(short, long)]
         force: bool,
     },
+    /// Take a snapshot of a sandbox (or: snapshot rm / export / import).
+    ///
+    /// A running sandbox is frozen for the instant of the snapshot. Without a name, the
+    /// snapshot gets a time-ordered one (s-YYYYMMDD-HHMMSS-mmm).
+    Snapshot(SnapshotArgs),
+    /// Show a sandbox's snapshots as a tree: parents, branches, sizes, times, labels.
+    Snapshots {
+        /// The sandbox.
+        name: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Show what changed between two states of a sandbox (A added, M modified, D deleted).
+    Diff {
+        /// The sandbox.
+        name: String,
+        /// The older state: a snapshot, `latest`, or `image` (default: the snapshot the current
+        /// state descends from).
+        #[arg(long)]
+        from: Option<String>,
+        /// The newer state: a snapshot, `latest`, or `current` (default).
+        #[arg(long)]
+        to: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Roll a sandbox back to a snapshot, in place: same sandbox, same name, files as they were.
+    ///
+    /// A running sandbox is stopped (its processes killed), its files replaced, and started
+    /// again. With --path, only those paths are restored.
+    Rollback {
+        /// The sandbox.
+        name: String,
+        /// The snapshot: a name, an id, or `latest`.
+        #[arg(long)]
+        to: String,
+        /// Restore only this path (repeatable).
+        #[arg(long = "path", value_name = "PATH")]
+        paths: Vec<String>,
+    },
+    /// Make a new sandbox from a snapshot of another.
+    Clone {
+        /// The sandbox.
+        name: String,
+        /// The snapshot: a name, an id, or `latest`.
+        snapshot: String,
+        /// The new sandbox's name.
+        new_name: String,
+        /// Create it stopped.
+        #[arg(long)]
+        no_start: bool,
+    },
     /// Manage images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -220,6 +277,62 @@ pub enum Command {
         /// Size of a new loop-file storage pool (default: a fifth of the free disk, 4-100 GiB).
         #[arg(long, value_name = "SIZE", env = "DEVBOX_POOL_SIZE")]
         pool_size: Option<String>,
+    },
+}
+
+/// `sandbox snapshot`: take one, or manage them.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct SnapshotArgs {
+    /// What to do, other than taking a snapshot.
+    #[command(subcommand)]
+    pub command: Option<SnapshotCommand>,
+    /// The sandbox.
+    #[arg(required = true)]
+    pub name: Option<String>,
+    /// Name of the snapshot.
+    pub snapshot: Option<String>,
+    /// A message.
+    #[arg(short, long)]
+    pub message: Option<String>,
+    /// Label (repeatable).
+    #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+}
+
+/// Snapshot management.
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Delete a snapshot (refused while a sandbox cloned from it exists, unless --force).
+    Rm {
+        /// The sandbox.
+        name: String,
+        /// The snapshot.
+        snapshot: String,
+        /// Delete it even so.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Write a snapshot to a portable archive (zstd tar with a manifest and a digest).
+    Export {
+        /// The sandbox.
+        name: String,
+        /// The snapshot (or `latest`).
+        snapshot: String,
+        /// The archive to write.
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Make a sandbox from a snapshot archive (its image must be here); it is created stopped.
+    Import {
+        /// The archive.
+        file: PathBuf,
+        /// Name of the new sandbox (default: the name in the archive).
+        #[arg(long)]
+        name: Option<String>,
+        /// Start it.
+        #[arg(long)]
+        start: bool,
     },
 }
 

@@ -3,11 +3,16 @@
 use anyhow::{Context, bail};
 use devbox_api::client::{Client, ClientError};
 use devbox_api::wire::ClientMsg;
-use devbox_engine::model::{CreateSandboxRequest, ExecRequest, ImportImageRequest, TtySize};
+use devbox_engine::model::{
+    CloneRequest, CreateSandboxRequest, ExecRequest, ImportImageRequest, RollbackRequest,
+    SnapshotInfo, SnapshotRequest, TtySize,
+};
 use devbox_spec::SandboxManifest;
 use utoipa::OpenApi;
 
-use crate::cli::{Cli, Command, ExecOpts, Format, ImageCommand, PoolCommand, SandboxOpts};
+use crate::cli::{
+    Cli, Command, ExecOpts, Format, ImageCommand, PoolCommand, SandboxOpts, SnapshotCommand,
+};
 use crate::{daemon, output, stream};
 
 /// Prints the OpenAPI document (no daemon needed).
@@ -147,7 +152,9 @@ fn exec_request(
 }
 
 fn exec_opts_request(command: &[String], o: &ExecOpts) -> anyhow::Result<ExecRequest> {
-    exec_request(command, &o.env, o.workdir.clone(), o.user.clone(), o.tty)
+    let mut req = exec_request(command, &o.env, o.workdir.clone(), o.user.clone(), o.tty)?;
+    req.rollback_on_failure = o.rollback_on_failure;
+    Ok(req)
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
@@ -268,6 +275,90 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
             }
             return Ok(if failed { 1 } else { 0 });
         }
+        Command::Snapshot(args) => match &args.command {
+            Some(SnapshotCommand::Rm {
+                name,
+                snapshot,
+                force,
+            }) => c.delete_snapshot(name, snapshot, *force).await?,
+            Some(SnapshotCommand::Export {
+                name,
+                snapshot,
+                output,
+            }) => {
+                let bytes = c.export_snapshot(name, snapshot, output).await?;
+                eprintln!("wrote {} ({})", output.display(), output::bytes(bytes));
+            }
+            Some(SnapshotCommand::Import { file, name, start }) => {
+                let info = c.import_snapshot(file, name.as_deref(), *start).await?;
+                println!("{}", info.name);
+            }
+            None => {
+                let name = args.name.as_deref().unwrap_or_default();
+                let req = SnapshotRequest {
+                    name: args.snapshot.clone(),
+                    message: args.message.clone(),
+                    labels: key_values(&args.labels, "label")?.into_iter().collect(),
+                };
+                println!("{}", c.snapshot(name, &req).await?.name);
+            }
+        },
+        Command::Snapshots { name, format } => {
+            let snaps = c.snapshots(name).await?;
+            if *format == Format::Json {
+                print_json(&snaps)?;
+            } else {
+                print_tree(&snaps);
+            }
+        }
+        Command::Diff {
+            name,
+            from,
+            to,
+            format,
+        } => {
+            let d = c.diff(name, from.as_deref(), to.as_deref()).await?;
+            if *format == Format::Json {
+                print_json(&d)?;
+            } else {
+                for ch in &d.changes {
+                    let size = if ch.dir || ch.kind == devbox_storage::layers::ChangeKind::Deleted {
+                        String::new()
+                    } else {
+                        format!("  ({})", output::bytes(ch.size))
+                    };
+                    println!("{} {}{}", ch.kind.letter(), ch.path, size);
+                }
+            }
+        }
+        Command::Rollback { name, to, paths } => {
+            c.rollback(
+                name,
+                &RollbackRequest {
+                    to: to.clone(),
+                    paths: paths.clone(),
+                },
+            )
+            .await?;
+        }
+        Command::Clone {
+            name,
+            snapshot,
+            new_name,
+            no_start,
+        } => {
+            let info = c
+                .clone_sandbox(
+                    name,
+                    &CloneRequest {
+                        snapshot: snapshot.clone(),
+                        name: new_name.clone(),
+                        start: !no_start,
+                    },
+                )
+                .await?;
+            println!("{}", info.name);
+        }
         Command::Image(ImageCommand::Import { path, name }) => {
             let abs = std::fs::canonicalize(path)
                 .with_context(|| format!("{} does not exist", path.display()))?;
@@ -343,4 +434,46 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
 
 fn unreachable_command() -> anyhow::Result<()> {
     bail!("this command is handled before connecting to the daemon")
+}
+
+/// Prints snapshots as a tree (children under their parent, oldest first); `*` marks the
+/// head: the snapshot the current state descends from.
+fn print_tree(snaps: &[SnapshotInfo]) {
+    fn walk(
+        snaps: &[SnapshotInfo],
+        parent: Option<&str>,
+        depth: usize,
+        rows: &mut Vec<Vec<String>>,
+    ) {
+        for s in snaps.iter().filter(|s| s.parent.as_deref() == parent) {
+            let mut notes = Vec::new();
+            if s.auto {
+                notes.push("auto".to_string());
+            }
+            notes.extend(s.labels.iter().map(|(k, v)| format!("{k}={v}")));
+            if !s.clones.is_empty() {
+                notes.push(format!("clones: {}", s.clones.join(",")));
+            }
+            if let Some(m) = &s.message {
+                notes.push(format!("\"{m}\""));
+            }
+            rows.push(vec![
+                format!(
+                    "{}{}{}",
+                    "  ".repeat(depth),
+                    if s.head { "* " } else { "" },
+                    s.name
+                ),
+                s.size_bytes
+                    .map(output::bytes)
+                    .unwrap_or_else(|| "-".into()),
+                output::ago(&s.created_at),
+                notes.join(" "),
+            ]);
+            walk(snaps, Some(&s.name), depth + 1, rows);
+        }
+    }
+    let mut rows = Vec::new();
+    walk(snaps, None, 0, &mut rows);
+    output::table(&["SNAPSHOT", "SIZE", "TAKEN", "NOTES"], &rows);
 }

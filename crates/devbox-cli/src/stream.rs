@@ -190,7 +190,19 @@ async fn pump(
                 }
             }
             Some(Ok(Message::Text(t))) => match serde_json::from_str::<ServerMsg>(&t) {
-                Ok(ServerMsg::Exit { code, .. }) => break code,
+                Ok(ServerMsg::Exit {
+                    code,
+                    rolled_back_to,
+                    ..
+                }) => {
+                    if let Some(snap) = rolled_back_to {
+                        let _ = writeln!(
+                            err,
+                            "sandbox: the command failed (exit {code}); the sandbox was rolled back to snapshot {snap}"
+                        );
+                    }
+                    break code;
+                }
                 Ok(ServerMsg::Error { code, message }) => {
                     return Err(ClientError::Api {
                         status: 0,

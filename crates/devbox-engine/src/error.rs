@@ -85,7 +85,8 @@ impl EngineError {
         }
     }
 
-    pub(crate) fn internal(context: &str, e: impl std::fmt::Display) -> Self {
+    /// An internal error with what was being done.
+    pub fn internal(context: &str, e: impl std::fmt::Display) -> Self {
         Self::Internal(format!("{context}: {e}"))
     }
 }

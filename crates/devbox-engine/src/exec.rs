@@ -115,6 +115,9 @@ pub struct ExecSession {
     /// The terminal (with a tty): both input and output.
     pub tty: Option<Pty>,
     conn: AsyncFd<OwnedFd>,
+    sandbox: String,
+    /// Snapshot taken before the command, to roll back to if it fails.
+    guard: Option<String>,
 }
 
 impl ExecSession {
@@ -140,6 +143,31 @@ impl ExecSession {
                 Err(_would_block) => continue,
             }
         }
+    }
+
+    /// After the command ended: rolls the sandbox back if it failed under
+    /// `rollback_on_failure`. Returns the snapshot's name when it did.
+    pub async fn settle(&self, engine: &Arc<Engine>, exit: &ExecExit) -> Result<Option<String>> {
+        let Some(guard) = self.guard.clone() else {
+            return Ok(None);
+        };
+        if exit.code == 0 {
+            return Ok(None);
+        }
+        let name = self.sandbox.clone();
+        engine
+            .blocking(move |e| {
+                let lock = e.locks.get(&name);
+                let _g = lock.blocking_lock();
+                let mut rec = e.record(&name)?;
+                let snap = e
+                    .store
+                    .snapshot(&guard)?
+                    .ok_or_else(|| EngineError::Internal("the guard snapshot is gone".into()))?;
+                e.rollback_locked(&mut rec, &snap, &[])?;
+                Ok(Some(snap.name))
+            })
+            .await
     }
 
     /// Sends a signal to the command.
@@ -188,6 +216,30 @@ impl Engine {
             )));
         }
         let manifest = Self::manifest_of(&rec)?;
+        // Auto-snapshots (the spec's rollback.autoSnapshot) and guards of
+        // --rollback-on-failure are taken before the command runs.
+        let auto = manifest.spec.rollback.auto_snapshot;
+        let guard = if auto || req.rollback_on_failure {
+            let keep = manifest
+                .spec
+                .rollback
+                .keep
+                .unwrap_or(crate::snapshots::DEFAULT_KEEP);
+            let mut r = rec.clone();
+            let snap = self
+                .blocking(move |e| {
+                    let snap =
+                        e.snapshot_locked(&mut r, crate::model::SnapshotRequest::default(), true)?;
+                    if let Err(err) = e.prune_auto(&r, keep.max(1)) {
+                        tracing::warn!(sandbox = %r.name, "pruning automatic snapshots: {err}");
+                    }
+                    Ok(snap)
+                })
+                .await?;
+            req.rollback_on_failure.then_some(snap.id)
+        } else {
+            None
+        };
         let image_cfg = if rec.image_id == HOST_IMAGE {
             devbox_image::ImageConfig::default()
         } else {
@@ -313,6 +365,8 @@ impl Engine {
             stderr: None,
             tty: None,
             conn,
+            sandbox: rec.name.clone(),
+            guard,
         };
         if tty.is_some() {
             let master = fds

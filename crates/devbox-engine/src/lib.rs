@@ -21,6 +21,8 @@ pub mod model;
 mod os;
 mod reconcile;
 mod sandbox;
+mod snapshots;
+mod transfer;
 mod warm;
 
 use std::path::PathBuf;

@@ -122,6 +122,9 @@ pub struct ExecRequest {
     /// Standard input (non-streaming exec): text fed to the command.
     #[serde(default)]
     pub stdin: Option<String>,
+    /// Take a snapshot first, and roll back to it if the command exits non-zero.
+    #[serde(default)]
+    pub rollback_on_failure: bool,
 }
 
 impl ExecRequest {
@@ -155,6 +158,8 @@ pub struct ExecResult {
     pub truncated: bool,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
+    /// The snapshot the sandbox was rolled back to after the command failed.
+    pub rolled_back_to: Option<String>,
 }
 
 /// Import an image from a path on the daemon's host.
@@ -186,4 +191,78 @@ pub struct ImageInfo {
     pub config: ImageConfig,
     /// Sandboxes using it.
     pub used_by: Vec<String>,
+}
+
+/// Take a snapshot.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotRequest {
+    /// Name, unique in the sandbox (default: a time-ordered `s-YYYYMMDD-HHMMSS-mmm`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// A message.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotInfo {
+    /// Internal id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// The sandbox.
+    pub sandbox: String,
+    /// Name of the snapshot it descends from.
+    pub parent: Option<String>,
+    /// Taken (RFC 3339).
+    pub created_at: String,
+    /// Message.
+    pub message: Option<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Taken automatically before an exec.
+    pub auto: bool,
+    /// Bytes of files in its writable layer (measured in the background after it is taken).
+    pub size_bytes: Option<u64>,
+    /// The sandbox's current state descends from it directly.
+    pub head: bool,
+    /// Sandboxes cloned from it.
+    pub clones: Vec<String>,
+}
+
+/// Roll a sandbox back.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct RollbackRequest {
+    /// Snapshot name or id, or `latest`.
+    pub to: String,
+    /// Only these absolute paths (and what is under them); everything else stays.
+    #[serde(default)]
+    pub paths: Vec<String>,
+}
+
+/// Clone a sandbox from one of its snapshots.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CloneRequest {
+    /// Snapshot name or id, or `latest`.
+    pub snapshot: String,
+    /// The new sandbox's name.
+    pub name: String,
+    /// Start it (default true).
+    #[serde(default = "default_true")]
+    pub start: bool,
+}
+
+/// Differences between two states of a sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DiffResult {
+    /// The older state: a snapshot's name, or `image`.
+    pub from: String,
+    /// The newer state: a snapshot's name, or `current`.
+    pub to: String,
+    /// Changed paths, sorted.
+    pub changes: Vec<devbox_storage::layers::Change>,
 }

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use devbox_image::HOST_IMAGE;
-use devbox_store::{SandboxState, now_ms};
+use devbox_storage::Driver;
+use devbox_store::{SandboxState, SnapshotState, now_ms};
 
 use crate::sandbox::alive;
 use crate::{Engine, Result};
@@ -15,6 +16,25 @@ impl Engine {
     /// as stopped, re-attaches exit monitors to running ones, and removes cgroups, volumes,
     /// runtime directories and staging areas that no record owns.
     pub(crate) fn reconcile(self: &Arc<Self>) -> Result<()> {
+        // Snapshots first: a snapshot whose copy exists is complete (btrfs snapshots are
+        // atomic; a copy is only recorded ready after it finished), one without is dropped.
+        for mut snap in self.store.all_snapshots()? {
+            match snap.state {
+                SnapshotState::Ready => {}
+                SnapshotState::Deleting => self.remove_snapshot(snap)?,
+                SnapshotState::Creating => {
+                    let complete = self.snapshot_path(&snap).join("upper").exists()
+                        && self.pool.driver() == Driver::Btrfs;
+                    if complete {
+                        snap.state = SnapshotState::Ready;
+                        self.store.update_snapshot(&snap)?;
+                    } else {
+                        let _ = self.pool.delete_volume(&self.snapshot_path(&snap));
+                        self.store.delete_snapshot(&snap)?;
+                    }
+                }
+            }
+        }
         let records = self.store.sandboxes()?;
         let mut known = HashSet::new();
         for mut rec in records {
@@ -31,11 +51,29 @@ impl Engine {
                     self.destroy_locked(&mut rec, Duration::ZERO)?;
                     continue;
                 }
+                _ if rec.pending.is_some()
+                    && matches!(rec.state, SandboxState::Running | SandboxState::Stopped) =>
+                {
+                    let was_running = rec.state == SandboxState::Running;
+                    if was_running && !alive(rec.init_pid, rec.init_start) {
+                        self.release_runtime(&rec);
+                        rec.state = SandboxState::Stopped;
+                        rec.init_pid = None;
+                        rec.init_start = None;
+                    }
+                    if let Err(e) = self.finish_pending(&mut rec) {
+                        tracing::error!(sandbox = %rec.name, "finishing an interrupted operation: {e}");
+                    }
+                }
                 SandboxState::Running => {
                     let socket = self.sandbox_runtime_dir(&rec.id).join("agent.sock");
                     let responsive = alive(rec.init_pid, rec.init_start)
                         && devbox_runtime::client::ping(&socket, Duration::from_secs(2)).is_ok();
                     if responsive {
+                        // The daemon may have died with the sandbox frozen for a snapshot.
+                        let _ = self
+                            .cgroup_of(&rec)
+                            .set_frozen(false, Duration::from_secs(5));
                         self.watch(&rec);
                     } else {
                         tracing::info!(sandbox = %rec.name, "its processes are gone: marking it stopped");
@@ -86,6 +124,31 @@ impl Engine {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }
+        }
+        // Snapshot volumes no record owns (a crash between copying and recording).
+        let snapshot_ids: HashSet<String> = self
+            .store
+            .all_snapshots()?
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        for dir in std::fs::read_dir(self.pool.snapshots_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for e in std::fs::read_dir(dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if !snapshot_ids.contains(&e.file_name().to_string_lossy().to_string()) {
+                    tracing::info!(path = %e.path().display(), "removing a snapshot volume no record owns");
+                    let _ = self.pool.set_readonly(&e.path(), false);
+                    let _ = self.pool.delete_volume(&e.path());
+                }
+            }
+            let _ = std::fs::remove_dir(dir.path());
         }
         let _ = std::fs::remove_dir_all(self.cfg.runtime_dir.join("trash"));
         self.images.clear_staging();

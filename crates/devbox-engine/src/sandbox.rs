@@ -138,6 +138,9 @@ impl Engine {
             last_error: None,
             ephemeral,
             cgroup: None,
+            head: None,
+            origin: None,
+            pending: None,
         };
         let phases = crate::Phases::start("create");
         let mut rec = self.store.insert_sandbox(&rec).map_err(|e| match e {
@@ -185,7 +188,7 @@ impl Engine {
     }
 
     /// Removes everything of a sandbox that failed to be created, and its record.
-    fn discard(&self, rec: &SandboxRecord) {
+    pub(crate) fn discard(&self, rec: &SandboxRecord) {
         self.release_runtime(rec);
         let _ = self.pool.delete_volume(&self.sandbox_volume(&rec.id));
         let _ = self.store.delete_sandbox(&rec.id);
@@ -230,7 +233,11 @@ impl Engine {
     }
 
     /// Starts the sandbox's init; on success the record says running.
-    fn launch(self: &Arc<Self>, rec: &mut SandboxRecord, manifest: &SandboxManifest) -> Result<()> {
+    pub(crate) fn launch(
+        self: &Arc<Self>,
+        rec: &mut SandboxRecord,
+        manifest: &SandboxManifest,
+    ) -> Result<()> {
         let phases = crate::Phases::start("launch");
         let limits = manifest.spec.resolved_limits()?;
         let rt = self.sandbox_runtime_dir(&rec.id);
@@ -494,6 +501,11 @@ impl Engine {
         phases.mark("halted");
         self.delete_volume_retrying(&self.sandbox_volume(&rec.id))?;
         phases.mark("volume");
+        for snap in self.store.snapshots_of(&rec.id)? {
+            self.remove_snapshot(snap)?;
+        }
+        let _ = std::fs::remove_dir(self.pool.snapshots_dir().join(&rec.id));
+        phases.mark("snapshots");
         self.store.delete_sandbox(&rec.id)?;
         phases.mark("record");
         Ok(())

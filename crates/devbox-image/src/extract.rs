@@ -35,6 +35,9 @@ pub struct ExtractStats {
 pub struct ExtractOptions {
     /// Interpret OCI whiteout files.
     pub whiteouts: bool,
+    /// The archive is an overlay writable layer (a dev-box snapshot): keep its whiteouts
+    /// (character devices 0:0) and overlay xattrs; still refuse any other device.
+    pub overlay_layer: bool,
 }
 
 fn hostile(entry: &str, why: impl std::fmt::Display) -> ImageError {
@@ -70,6 +73,7 @@ fn beneath() -> ResolveFlags {
 struct Target {
     root: OwnedFd,
     whiteouts: bool,
+    overlay_layer: bool,
     /// Paths written by the current archive (opaque markers keep these).
     written: HashSet<PathBuf>,
     stats: ExtractStats,
@@ -165,6 +169,20 @@ impl Target {
             return Ok(());
         }
 
+        // Overlay attributes (opaque directories) of a snapshot layer.
+        let mut xattrs: Vec<(String, Vec<u8>)> = Vec::new();
+        if self.overlay_layer
+            && let Ok(Some(exts)) = e.pax_extensions()
+        {
+            for ext in exts.flatten() {
+                if let Ok(key) = ext.key()
+                    && let Some(name) = key.strip_prefix("SCHILY.xattr.")
+                    && devbox_storage::layers::is_overlay_xattr(name)
+                {
+                    xattrs.push((name.to_string(), ext.value_bytes().to_vec()));
+                }
+            }
+        }
         let header = e.header();
         let kind = header.entry_type();
         let mode = header.mode().unwrap_or(0o644) & 0o7777;
@@ -179,6 +197,26 @@ impl Target {
             Some(rustix::fs::Gid::from_raw(gid as u32)),
         );
 
+        let whiteout = kind.is_character_special()
+            && header.device_major().ok().flatten() == Some(0)
+            && header.device_minor().ok().flatten() == Some(0);
+        if self.overlay_layer && whiteout {
+            let dir = self.dir(&parent, &shown)?;
+            self.remove_existing(&dir, &name, false, &shown)?;
+            rustix::fs::mknodat(
+                &dir,
+                &name,
+                FileType::CharacterDevice,
+                Mode::from_raw_mode(0),
+                0,
+            )
+            .map_err(|err| ImageError::io("whiteout", &shown, err.into()))?;
+            rustix::fs::chownat(&dir, &name, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|err| ImageError::io("chown", &shown, err.into()))?;
+            self.written.insert(path);
+            self.stats.entries += 1;
+            return Ok(());
+        }
         if kind.is_character_special() || kind.is_block_special() {
             if path.starts_with("dev") {
                 self.stats.skipped_devices += 1;
@@ -211,6 +249,10 @@ impl Target {
             .map_err(|err| self.resolve_error(err, &shown))?;
             rustix::fs::fchown(&fd, owner.0, owner.1).map_err(io("chown"))?;
             rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(io("chmod"))?;
+            for (k, v) in &xattrs {
+                rustix::fs::fsetxattr(&fd, k.as_str(), v, rustix::fs::XattrFlags::empty())
+                    .map_err(io("setxattr"))?;
+            }
         } else if kind.is_file() || kind == tar::EntryType::Continuous || kind.is_gnu_sparse() {
             self.remove_existing(&dir, &name, false, &shown)?;
             let fd = rustix::fs::openat(
@@ -357,6 +399,7 @@ pub fn extract<R: Read>(
     let mut target = Target {
         root: root_fd,
         whiteouts: opts.whiteouts,
+        overlay_layer: opts.overlay_layer,
         written: HashSet::new(),
         stats: ExtractStats::default(),
     };
@@ -501,13 +544,29 @@ mod tests {
             file(b, "a/gone", b"2");
             file(b, "o/old", b"3");
         });
-        extract(&lower[..], tmp.path(), ExtractOptions { whiteouts: true }).unwrap();
+        extract(
+            &lower[..],
+            tmp.path(),
+            ExtractOptions {
+                whiteouts: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let upper = tar_with(|b| {
             file(b, "a/.wh.gone", b"");
             file(b, "o/new", b"4");
             file(b, "o/.wh..wh..opq", b"");
         });
-        extract(&upper[..], tmp.path(), ExtractOptions { whiteouts: true }).unwrap();
+        extract(
+            &upper[..],
+            tmp.path(),
+            ExtractOptions {
+                whiteouts: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert!(tmp.path().join("a/keep").exists());
         assert!(!tmp.path().join("a/gone").exists());
         assert!(!tmp.path().join("o/old").exists());

@@ -157,7 +157,14 @@ fn apply_layer(
         inner: extract::decompressed(open()?)?,
         hasher: Sha256::new(),
     };
-    extract::extract(&mut tar_stream, root, ExtractOptions { whiteouts: true })?;
+    extract::extract(
+        &mut tar_stream,
+        root,
+        ExtractOptions {
+            whiteouts: true,
+            ..Default::default()
+        },
+    )?;
     // Drain the end-of-archive padding so the digest covers the whole stream.
     io::copy(&mut tar_stream, &mut io::sink()).map_err(|e| ImageError::io("read", &shown, e))?;
     if let Some(want) = diff_id

@@ -11,6 +11,7 @@
 //! Layout: `images/<id>`, `sandboxes/<id>`, `snapshots/<sandbox>/<snapshot>`, `staging/`.
 
 pub mod btrfs;
+pub mod layers;
 mod pool;
 
 pub use pool::{Driver, Pool, PoolInfo, PoolSource, StorageError, default_loop_size, disk_usage};

@@ -11,7 +11,10 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
+
+mod snapshots;
 use serde::{Deserialize, Serialize};
+pub use snapshots::{SnapshotRecord, SnapshotState};
 use utoipa::ToSchema;
 
 /// Errors of the store.
@@ -115,6 +118,12 @@ pub struct SandboxRecord {
     pub ephemeral: bool,
     /// Name of its cgroup (under the daemon's parent) while it runs.
     pub cgroup: Option<String>,
+    /// The snapshot the current state descends from (taken last, or rolled back to).
+    pub head: Option<String>,
+    /// The snapshot this sandbox was cloned from.
+    pub origin: Option<String>,
+    /// An operation under way (JSON), finished or undone by a restart if the daemon dies.
+    pub pending: Option<String>,
 }
 
 /// One image.
@@ -164,6 +173,25 @@ const MIGRATIONS: &[&str] = &[
      );",
     // 2: a sandbox's cgroup is named apart from its id (warm launchers bring their own).
     "ALTER TABLE sandboxes ADD COLUMN cgroup TEXT;",
+    // 3: snapshots, and where a sandbox stands in its history.
+    "ALTER TABLE sandboxes ADD COLUMN head TEXT;
+     ALTER TABLE sandboxes ADD COLUMN origin TEXT;
+     ALTER TABLE sandboxes ADD COLUMN pending TEXT;
+     CREATE TABLE snapshots (
+        id TEXT PRIMARY KEY,
+        sandbox_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        parent_id TEXT,
+        state TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        message TEXT,
+        labels TEXT NOT NULL DEFAULT '{}',
+        auto INTEGER NOT NULL DEFAULT 0,
+        size_bytes INTEGER,
+        processes INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (sandbox_id, name)
+     );
+     CREATE INDEX snapshots_by_sandbox ON snapshots (sandbox_id, created_at);",
 ];
 
 /// First host uid handed to sandboxes; each gets [`ID_RANGE`] ids from there.
@@ -178,7 +206,7 @@ pub struct Store {
     conn: Mutex<Connection>,
 }
 
-const SANDBOX_COLS: &str = "id, name, manifest, image_id, state, uid_base, init_pid, init_start, created_at, started_at, stopped_at, last_error, ephemeral, cgroup";
+const SANDBOX_COLS: &str = "id, name, manifest, image_id, state, uid_base, init_pid, init_start, created_at, started_at, stopped_at, last_error, ephemeral, cgroup, head, origin, pending";
 
 fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<(SandboxRecord, String)> {
     let state: String = r.get(4)?;
@@ -198,6 +226,9 @@ fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<(SandboxRecord, String)> {
             last_error: r.get(11)?,
             ephemeral: r.get(12)?,
             cgroup: r.get(13)?,
+            head: r.get(14)?,
+            origin: r.get(15)?,
+            pending: r.get(16)?,
         },
         state,
     ))
@@ -221,7 +252,7 @@ fn image_row(r: &Row<'_>) -> rusqlite::Result<ImageRecord> {
     })
 }
 
-fn is_unique_violation(e: &rusqlite::Error) -> bool {
+pub(crate) fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation)
 }
 
@@ -289,7 +320,7 @@ impl Store {
             out.uid_base = UID_BASE_START + slot * ID_RANGE;
             out.state = SandboxState::Creating;
             tx.execute(
-                &format!("INSERT INTO sandboxes ({SANDBOX_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
+                &format!("INSERT INTO sandboxes ({SANDBOX_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"),
                 params![
                     out.id,
                     out.name,
@@ -304,7 +335,10 @@ impl Store {
                     out.stopped_at,
                     out.last_error,
                     out.ephemeral,
-                    out.cgroup
+                    out.cgroup,
+                    out.head,
+                    out.origin,
+                    out.pending
                 ],
             )
             .map_err(|e| if is_unique_violation(&e) { StoreError::Conflict(format!("a sandbox named {:?}", rec.name)) } else { e.into() })?;
@@ -317,7 +351,7 @@ impl Store {
     pub fn update_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "UPDATE sandboxes SET state = ?2, init_pid = ?3, init_start = ?4, started_at = ?5, stopped_at = ?6, last_error = ?7, manifest = ?8, cgroup = ?9 WHERE id = ?1",
+                "UPDATE sandboxes SET state = ?2, init_pid = ?3, init_start = ?4, started_at = ?5, stopped_at = ?6, last_error = ?7, manifest = ?8, cgroup = ?9, head = ?10, origin = ?11, pending = ?12 WHERE id = ?1",
                 params![
                     rec.id,
                     rec.state.as_str(),
@@ -327,7 +361,10 @@ impl Store {
                     rec.stopped_at,
                     rec.last_error,
                     rec.manifest,
-                    rec.cgroup
+                    rec.cgroup,
+                    rec.head,
+                    rec.origin,
+                    rec.pending
                 ],
             )?;
             Ok(())
@@ -448,6 +485,9 @@ mod tests {
             last_error: None,
             ephemeral: false,
             cgroup: None,
+            head: None,
+            origin: None,
+            pending: None,
         }
     }
 

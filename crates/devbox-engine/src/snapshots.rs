@@ -1,0 +1,633 @@
+//! The checkpoint tree: snapshots, rollback (whole or by path), clones, diffs, deletion.
+//!
+//! A snapshot is a read-only copy of a sandbox's writable volume (`upper/`, `work/`) at
+//! `snapshots/<sandbox id>/<snapshot id>`: a btrfs snapshot (O(1)) or a copy (copy driver).
+//! A running sandbox is frozen (cgroup freezer) for the instant of the copy. Every snapshot
+//! records its parent, the sandbox's *head* (the snapshot its current state descends from),
+//! so the history is a tree: rolling back and changing things starts a branch.
+//!
+//! A rollback builds the new writable volume next to the current one
+//! (`<id>.rollback-new`), stops the sandbox, swaps the two by renames (the old one becomes
+//! `<id>.pre-rollback`), and starts it again. The intent is recorded in the sandbox's
+//! `pending` field first, so [`Engine::finish_pending`] can complete or undo it after a crash.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use devbox_spec::{Name, SandboxManifest};
+use devbox_store::{
+    SandboxRecord, SandboxState, SnapshotRecord, SnapshotState, StoreError, now_ms,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    CloneRequest, DiffResult, RollbackRequest, SandboxInfo, SnapshotInfo, SnapshotRequest, rfc3339,
+};
+use crate::sandbox::new_id;
+use crate::{Engine, EngineError, Result};
+
+/// An operation under way on a sandbox, recorded before it starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub(crate) enum Pending {
+    /// Replacing the writable volume with `new` (built from snapshot `to`, or selectively).
+    Rollback {
+        /// The snapshot rolled back to.
+        to: String,
+        /// Only some paths: the head does not move.
+        selective: bool,
+        /// Start the sandbox again afterwards.
+        resume: bool,
+    },
+}
+
+/// Default number of automatic snapshots kept per sandbox.
+pub const DEFAULT_KEEP: u32 = 20;
+
+fn auto_name() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let t = humantime::format_rfc3339_millis(UNIX_EPOCH + now).to_string();
+    // 2026-11-28T04:35:12.123Z -> s-20261128-043512-123
+    let digits: String = t.chars().filter(|c| c.is_ascii_digit()).collect();
+    format!("s-{}-{}-{}", &digits[..8], &digits[8..14], &digits[14..17])
+}
+
+impl Engine {
+    pub(crate) fn snapshot_path(&self, snap: &SnapshotRecord) -> PathBuf {
+        self.pool
+            .snapshots_dir()
+            .join(&snap.sandbox_id)
+            .join(&snap.id)
+    }
+
+    fn aside_path(&self, rec: &SandboxRecord) -> PathBuf {
+        self.pool
+            .sandboxes_dir()
+            .join(format!("{}.pre-rollback", rec.id))
+    }
+
+    fn new_path(&self, rec: &SandboxRecord) -> PathBuf {
+        self.pool
+            .sandboxes_dir()
+            .join(format!("{}.rollback-new", rec.id))
+    }
+
+    /// Finds a snapshot of `rec` by name, id, or `latest`.
+    pub(crate) fn find_snapshot(
+        &self,
+        rec: &SandboxRecord,
+        reference: &str,
+    ) -> Result<SnapshotRecord> {
+        let all: Vec<SnapshotRecord> = self
+            .store
+            .snapshots_of(&rec.id)?
+            .into_iter()
+            .filter(|s| s.state == SnapshotState::Ready)
+            .collect();
+        let found = if reference == "latest" {
+            all.iter().max_by_key(|s| s.created_at).cloned()
+        } else {
+            all.iter()
+                .find(|s| s.name == reference || s.id == reference)
+                .cloned()
+        };
+        found.ok_or_else(|| EngineError::NotFound {
+            kind: "snapshot",
+            name: reference.to_string(),
+            hint: "see `sandbox snapshots NAME` for the snapshots of a sandbox",
+        })
+    }
+
+    /// Takes a snapshot of a sandbox.
+    pub async fn snapshot(
+        self: &Arc<Self>,
+        name: &str,
+        req: SnapshotRequest,
+    ) -> Result<SnapshotInfo> {
+        let name = name.to_string();
+        self.blocking(move |e| {
+            let lock = e.locks.get(&name);
+            let _guard = lock.blocking_lock();
+            let mut rec = e.record(&name)?;
+            let snap = e.snapshot_locked(&mut rec, req, false)?;
+            e.snapshot_info(&rec, &snap, &e.store.snapshots_of(&rec.id)?)
+        })
+        .await
+    }
+
+    pub(crate) fn snapshot_locked(
+        &self,
+        rec: &mut SandboxRecord,
+        req: SnapshotRequest,
+        auto: bool,
+    ) -> Result<SnapshotRecord> {
+        if !matches!(rec.state, SandboxState::Running | SandboxState::Stopped) {
+            return Err(EngineError::WrongState(format!(
+                "sandbox {} is busy; try again shortly",
+                rec.name
+            )));
+        }
+        let name = match req.name {
+            Some(n) => Name::new(&n)
+                .map_err(|_| EngineError::InvalidRequest(format!("{n:?} is not a valid snapshot name: use 1-63 lowercase letters, digits, '-', '_', '.'")))?
+                .to_string(),
+            None => auto_name(),
+        };
+        let labels =
+            serde_json::to_string(&req.labels).map_err(|e| EngineError::internal("labels", e))?;
+        let mut snap = SnapshotRecord {
+            id: new_id(),
+            sandbox_id: rec.id.clone(),
+            name: name.clone(),
+            parent_id: rec.head.clone(),
+            state: SnapshotState::Creating,
+            created_at: now_ms(),
+            message: req.message,
+            labels,
+            auto,
+            size_bytes: None,
+            processes: false,
+        };
+        self.store.insert_snapshot(&snap).map_err(|e| match e {
+            StoreError::Conflict(_) => EngineError::AlreadyExists {
+                kind: "snapshot",
+                name,
+            },
+            other => other.into(),
+        })?;
+        let dest = self.snapshot_path(&snap);
+        let taken = (|| {
+            if let Some(dir) = dest.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| EngineError::internal("snapshot dir", e))?;
+            }
+            let running = rec.state == SandboxState::Running;
+            let cg = self.cgroup_of(rec);
+            if running {
+                cg.set_frozen(true, Duration::from_secs(5))
+                    .map_err(|e| EngineError::internal("freezing the sandbox", e))?;
+            }
+            let copied = self
+                .pool
+                .snapshot(&self.sandbox_volume(&rec.id), &dest, true);
+            if running && let Err(e) = cg.set_frozen(false, Duration::from_secs(5)) {
+                tracing::error!(sandbox = %rec.name, "thawing after a snapshot: {e}");
+            }
+            copied.map_err(EngineError::from)
+        })();
+        if let Err(e) = taken {
+            let _ = self.pool.delete_volume(&dest);
+            let _ = self.store.delete_snapshot(&snap);
+            return Err(e);
+        }
+        snap.state = SnapshotState::Ready;
+        self.store.update_snapshot(&snap)?;
+        rec.head = Some(snap.id.clone());
+        self.store.update_sandbox(rec)?;
+        self.measure_later(snap.clone());
+        Ok(snap)
+    }
+
+    /// Measures a snapshot's size off the caller's path.
+    fn measure_later(&self, snap: SnapshotRecord) {
+        let path = self.snapshot_path(&snap).join("upper");
+        let db = self.cfg.db_path();
+        std::thread::spawn(move || {
+            let size = devbox_storage::disk_usage(&path);
+            if let Ok(store) = devbox_store::Store::open(&db)
+                && let Ok(Some(mut s)) = store.snapshot(&snap.id)
+            {
+                s.size_bytes = Some(size);
+                let _ = store.update_snapshot(&s);
+            }
+        });
+    }
+
+    fn snapshot_info(
+        &self,
+        rec: &SandboxRecord,
+        snap: &SnapshotRecord,
+        all: &[SnapshotRecord],
+    ) -> Result<SnapshotInfo> {
+        Ok(SnapshotInfo {
+            id: snap.id.clone(),
+            name: snap.name.clone(),
+            sandbox: rec.name.clone(),
+            parent: snap
+                .parent_id
+                .as_ref()
+                .and_then(|p| all.iter().find(|s| &s.id == p))
+                .map(|s| s.name.clone()),
+            created_at: rfc3339(snap.created_at),
+            message: snap.message.clone(),
+            labels: serde_json::from_str::<BTreeMap<String, String>>(&snap.labels)
+                .unwrap_or_default(),
+            auto: snap.auto,
+            size_bytes: snap.size_bytes,
+            head: rec.head.as_deref() == Some(&snap.id),
+            clones: self.store.clones_of(&snap.id)?,
+        })
+    }
+
+    /// A sandbox's snapshots, oldest first.
+    pub async fn snapshots(self: &Arc<Self>, name: &str) -> Result<Vec<SnapshotInfo>> {
+        let name = name.to_string();
+        self.blocking(move |e| {
+            let rec = e.record(&name)?;
+            let all: Vec<SnapshotRecord> = e
+                .store
+                .snapshots_of(&rec.id)?
+                .into_iter()
+                .filter(|s| s.state == SnapshotState::Ready)
+                .collect();
+            all.iter().map(|s| e.snapshot_info(&rec, s, &all)).collect()
+        })
+        .await
+    }
+
+    /// Rolls a sandbox back to a snapshot, in place (or only some of its paths).
+    pub async fn rollback(
+        self: &Arc<Self>,
+        name: &str,
+        req: RollbackRequest,
+    ) -> Result<SandboxInfo> {
+        let name = name.to_string();
+        self.blocking(move |e| {
+            let lock = e.locks.get(&name);
+            let _guard = lock.blocking_lock();
+            let mut rec = e.record(&name)?;
+            let target = e.find_snapshot(&rec, &req.to)?;
+            e.rollback_locked(&mut rec, &target, &req.paths)?;
+            e.info(&rec, false)
+        })
+        .await
+    }
+
+    pub(crate) fn rollback_locked(
+        self: &Arc<Self>,
+        rec: &mut SandboxRecord,
+        target: &SnapshotRecord,
+        paths: &[String],
+    ) -> Result<()> {
+        if !matches!(rec.state, SandboxState::Running | SandboxState::Stopped) {
+            return Err(EngineError::WrongState(format!(
+                "sandbox {} is busy; try again shortly",
+                rec.name
+            )));
+        }
+        let mut rels = Vec::new();
+        for p in paths {
+            let rel = Path::new(p);
+            if !rel.is_absolute()
+                || rel
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+                || p == "/"
+            {
+                return Err(EngineError::InvalidRequest(format!(
+                    "--path {p:?} must be an absolute path below / without '..'"
+                )));
+            }
+            rels.push(rel.strip_prefix("/").unwrap_or(rel).to_path_buf());
+        }
+        let volume = self.sandbox_volume(&rec.id);
+        let new = self.new_path(rec);
+        let _ = self.pool.delete_volume(&new);
+        // Build the new state first: nothing is touched if this fails (a full pool, say).
+        if rels.is_empty() {
+            self.pool
+                .snapshot(&self.snapshot_path(target), &new, false)?;
+        } else {
+            self.pool.snapshot(&volume, &new, false)?;
+            if let Err(e) = restore_paths(
+                &self.snapshot_path(target).join("upper"),
+                &new.join("upper"),
+                &rels,
+            ) {
+                let _ = self.pool.delete_volume(&new);
+                return Err(EngineError::internal("restoring paths", e));
+            }
+        }
+        let resume = rec.state == SandboxState::Running;
+        let pending = Pending::Rollback {
+            to: target.id.clone(),
+            selective: !rels.is_empty(),
+            resume,
+        };
+        rec.pending =
+            Some(serde_json::to_string(&pending).map_err(|e| EngineError::internal("pending", e))?);
+        self.store.update_sandbox(rec)?;
+        if resume {
+            self.halt(rec, Duration::ZERO)?;
+        }
+        self.finish_rollback(rec, &pending)
+    }
+
+    /// Swaps in the rollback's new volume and records the outcome; starts the sandbox again
+    /// if it ran. Safe to run again after a crash at any point.
+    fn finish_rollback(self: &Arc<Self>, rec: &mut SandboxRecord, pending: &Pending) -> Result<()> {
+        let Pending::Rollback {
+            to,
+            selective,
+            resume,
+        } = pending;
+        let volume = self.sandbox_volume(&rec.id);
+        let aside = self.aside_path(rec);
+        let new = self.new_path(rec);
+        let rename = |a: &Path, b: &Path| {
+            std::fs::rename(a, b).map_err(|e| EngineError::internal("swapping volumes", e))
+        };
+        match (volume.exists(), aside.exists(), new.exists()) {
+            (true, false, true) => {
+                rename(&volume, &aside)?;
+                rename(&new, &volume)?;
+            }
+            (false, true, true) => rename(&new, &volume)?,
+            (true, true, _) => {}
+            // The new volume never got built: the rollback did not happen.
+            _ => {
+                rec.pending = None;
+                self.store.update_sandbox(rec)?;
+                return Err(EngineError::Internal(format!(
+                    "the rollback of {} did not complete; nothing changed",
+                    rec.name
+                )));
+            }
+        }
+        if !selective && self.store.snapshot(to)?.is_some() {
+            rec.head = Some(to.clone());
+        }
+        rec.pending = None;
+        self.store.update_sandbox(rec)?;
+        self.delete_volume_retrying(&aside)?;
+        if *resume && rec.state != SandboxState::Running {
+            let manifest = Self::manifest_of(rec)?;
+            self.launch(rec, &manifest)?;
+        }
+        Ok(())
+    }
+
+    /// Completes (or undoes) an operation a crash interrupted. Called at start-up.
+    pub(crate) fn finish_pending(self: &Arc<Self>, rec: &mut SandboxRecord) -> Result<()> {
+        let Some(text) = rec.pending.clone() else {
+            return Ok(());
+        };
+        let pending: Pending = match serde_json::from_str(&text) {
+            Ok(p) => p,
+            Err(_) => {
+                rec.pending = None;
+                return Ok(self.store.update_sandbox(rec)?);
+            }
+        };
+        tracing::info!(sandbox = %rec.name, "finishing an interrupted {text}");
+        match self.finish_rollback(rec, &pending) {
+            Ok(()) => Ok(()),
+            Err(EngineError::Internal(msg)) if msg.contains("did not complete") => {
+                let _ = self.pool.delete_volume(&self.new_path(rec));
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes a new sandbox from a snapshot of another.
+    pub async fn clone_sandbox(
+        self: &Arc<Self>,
+        source: &str,
+        req: CloneRequest,
+    ) -> Result<SandboxInfo> {
+        let source = source.to_string();
+        self.blocking(move |e| {
+            let new_name = Name::new(&req.name)?;
+            let (src, snap, mut manifest) = {
+                let lock = e.locks.get(&source);
+                let _guard = lock.blocking_lock();
+                let src = e.record(&source)?;
+                let snap = e.find_snapshot(&src, &req.snapshot)?;
+                let manifest: SandboxManifest = Self::manifest_of(&src)?;
+                (src, snap, manifest)
+            };
+            manifest.metadata.name = Some(new_name.to_string());
+            let lock = e.locks.get(new_name.as_str());
+            let _guard = lock.blocking_lock();
+            let rec = SandboxRecord {
+                id: new_id(),
+                name: new_name.to_string(),
+                manifest: serde_json::to_string(&manifest)
+                    .map_err(|e| EngineError::internal("spec", e))?,
+                image_id: src.image_id.clone(),
+                state: SandboxState::Creating,
+                uid_base: 0,
+                init_pid: None,
+                init_start: None,
+                created_at: now_ms(),
+                started_at: None,
+                stopped_at: None,
+                last_error: None,
+                ephemeral: false,
+                cgroup: None,
+                head: None,
+                origin: Some(snap.id.clone()),
+                pending: None,
+            };
+            let mut rec = e.store.insert_sandbox(&rec).map_err(|err| match err {
+                StoreError::Conflict(_) => EngineError::AlreadyExists {
+                    kind: "sandbox",
+                    name: new_name.to_string(),
+                },
+                other => other.into(),
+            })?;
+            let made = (|| {
+                e.pool
+                    .snapshot(&e.snapshot_path(&snap), &e.sandbox_volume(&rec.id), false)?;
+                if req.start {
+                    e.launch(&mut rec, &manifest)
+                } else {
+                    rec.state = SandboxState::Stopped;
+                    Ok(e.store.update_sandbox(&rec)?)
+                }
+            })();
+            if let Err(err) = made {
+                e.discard(&rec);
+                return Err(err);
+            }
+            e.info(&rec, false)
+        })
+        .await
+    }
+
+    /// Deletes a snapshot; refused while a sandbox cloned from it exists, unless `force`.
+    pub async fn delete_snapshot(
+        self: &Arc<Self>,
+        name: &str,
+        snapshot: &str,
+        force: bool,
+    ) -> Result<()> {
+        let (name, snapshot) = (name.to_string(), snapshot.to_string());
+        self.blocking(move |e| {
+            let lock = e.locks.get(&name);
+            let _guard = lock.blocking_lock();
+            let rec = e.record(&name)?;
+            let snap = e.find_snapshot(&rec, &snapshot)?;
+            let clones = e.store.clones_of(&snap.id)?;
+            if !clones.is_empty() && !force {
+                return Err(EngineError::WrongState(format!(
+                    "snapshot {} is the origin of sandbox(es) {}: destroy them first, or use --force to delete it anyway",
+                    snap.name,
+                    clones.join(", ")
+                )));
+            }
+            e.remove_snapshot(snap)
+        })
+        .await
+    }
+
+    pub(crate) fn remove_snapshot(&self, mut snap: SnapshotRecord) -> Result<()> {
+        self.store.clear_origin(&snap.id)?;
+        snap.state = SnapshotState::Deleting;
+        self.store.update_snapshot(&snap)?;
+        let path = self.snapshot_path(&snap);
+        let _ = self.pool.set_readonly(&path, false);
+        self.pool.delete_volume(&path)?;
+        self.store.delete_snapshot(&snap)?;
+        Ok(())
+    }
+
+    /// Deletes automatic snapshots beyond the spec's retention (`rollback.keep`, default 20).
+    pub(crate) fn prune_auto(&self, rec: &SandboxRecord, keep: u32) -> Result<()> {
+        let autos: Vec<SnapshotRecord> = self
+            .store
+            .snapshots_of(&rec.id)?
+            .into_iter()
+            .filter(|s| s.auto && s.state == SnapshotState::Ready)
+            .collect();
+        let excess = autos.len().saturating_sub(keep as usize);
+        for snap in autos.into_iter().take(excess) {
+            if self.store.clones_of(&snap.id)?.is_empty() {
+                self.remove_snapshot(snap)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What changed between two states: snapshots by name (`from` defaults to the head, or the
+    /// image when there is none), `to` defaults to the current state.
+    pub async fn diff(
+        self: &Arc<Self>,
+        name: &str,
+        from: Option<String>,
+        to: Option<String>,
+    ) -> Result<DiffResult> {
+        let name = name.to_string();
+        self.blocking(move |e| {
+            let rec = e.record(&name)?;
+            let image = e.images.path(&rec.image_id);
+            let empty = tempdir_in(&e.cfg.runtime_dir)?;
+            let from_snap = match from.as_deref() {
+                Some("image") => None,
+                Some(r) => Some(e.find_snapshot(&rec, r)?),
+                None => match &rec.head {
+                    Some(h) => e.store.snapshot(h)?,
+                    None => None,
+                },
+            };
+            let to_snap = match to.as_deref() {
+                Some("current") | None => None,
+                Some(r) => Some(e.find_snapshot(&rec, r)?),
+            };
+            let from_upper = from_snap
+                .as_ref()
+                .map(|s| e.snapshot_path(s).join("upper"))
+                .unwrap_or_else(|| empty.clone());
+            let to_upper = to_snap
+                .as_ref()
+                .map(|s| e.snapshot_path(s).join("upper"))
+                .unwrap_or_else(|| e.sandbox_volume(&rec.id).join("upper"));
+            let changes = devbox_storage::layers::diff(&image, &from_upper, &to_upper);
+            let _ = std::fs::remove_dir(&empty);
+            Ok(DiffResult {
+                from: from_snap.map(|s| s.name).unwrap_or_else(|| "image".into()),
+                to: to_snap.map(|s| s.name).unwrap_or_else(|| "current".into()),
+                changes: changes.map_err(|err| EngineError::internal("diff", err))?,
+            })
+        })
+        .await
+    }
+}
+
+fn tempdir_in(dir: &Path) -> Result<PathBuf> {
+    let p = dir.join(format!("empty-{}", new_id()));
+    std::fs::create_dir_all(&p).map_err(|e| EngineError::internal("scratch dir", e))?;
+    Ok(p)
+}
+
+/// Makes `rels` (relative paths) in `dest_upper` what they are in `src_upper`: removes what
+/// `dest_upper` has there and copies what `src_upper` has (whiteouts and opaque directories
+/// included), with reflinks where the filesystem has them.
+fn restore_paths(src_upper: &Path, dest_upper: &Path, rels: &[PathBuf]) -> std::io::Result<()> {
+    for rel in rels {
+        let dest = dest_upper.join(rel);
+        match std::fs::symlink_metadata(&dest) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&dest)?,
+            Ok(_) => std::fs::remove_file(&dest)?,
+            Err(_) => {}
+        }
+        let src = src_upper.join(rel);
+        if std::fs::symlink_metadata(&src).is_err() {
+            continue; // the snapshot shows the image's version (or nothing): so will the sandbox
+        }
+        // Parents the upper does not have yet come from the snapshot's upper, metadata and all.
+        if let Some(parent) = rel.parent() {
+            let mut built = PathBuf::new();
+            for comp in parent.components() {
+                built.push(comp);
+                let d = dest_upper.join(&built);
+                if std::fs::symlink_metadata(&d).is_err() {
+                    copy_dir_itself(&src_upper.join(&built), &d)?;
+                }
+            }
+        }
+        copy_tree(&src, &dest)?;
+    }
+    Ok(())
+}
+
+/// Copies a file or tree with everything overlayfs cares about (owners, modes, times,
+/// xattrs, whiteout devices), with reflinks where the filesystem has them.
+fn copy_tree(src: &Path, dest: &Path) -> std::io::Result<()> {
+    let out = std::process::Command::new("cp")
+        .args(["-a", "--reflink=auto", "--no-target-directory"])
+        .arg(src)
+        .arg(dest)
+        .output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Makes directory `dest` like `src` (owner, mode, xattrs such as overlay opacity), empty.
+fn copy_dir_itself(src: &Path, dest: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let m = std::fs::symlink_metadata(src)?;
+    std::fs::create_dir(dest)?;
+    std::os::unix::fs::lchown(dest, Some(m.uid()), Some(m.gid()))?;
+    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
+    let mut names = vec![0u8; 4096];
+    let n = rustix::fs::llistxattr(src, &mut names).unwrap_or(0);
+    for name in names[..n].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let name = std::ffi::OsStr::new(std::str::from_utf8(name).unwrap_or_default());
+        let mut value = vec![0u8; 4096];
+        if let Ok(len) = rustix::fs::lgetxattr(src, name, &mut value) {
+            let _ =
+                rustix::fs::lsetxattr(dest, name, &value[..len], rustix::fs::XattrFlags::empty());
+        }
+    }
+    Ok(())
+}
