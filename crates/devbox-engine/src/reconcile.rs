@@ -54,12 +54,17 @@ impl Engine {
                 _ if rec.pending.is_some()
                     && matches!(rec.state, SandboxState::Running | SandboxState::Stopped) =>
                 {
-                    let was_running = rec.state == SandboxState::Running;
-                    if was_running && !alive(rec.init_pid, rec.init_start) {
-                        self.release_runtime(&rec);
-                        rec.state = SandboxState::Stopped;
-                        rec.init_pid = None;
-                        rec.init_start = None;
+                    // The operation swaps the writable volume: nothing may run on the old one.
+                    if rec.state == SandboxState::Running {
+                        if alive(rec.init_pid, rec.init_start) {
+                            self.halt(&mut rec, Duration::ZERO)?;
+                        } else {
+                            self.release_runtime(&rec);
+                            rec.state = SandboxState::Stopped;
+                            rec.init_pid = None;
+                            rec.init_start = None;
+                            self.store.update_sandbox(&rec)?;
+                        }
                     }
                     if let Err(e) = self.finish_pending(&mut rec) {
                         tracing::error!(sandbox = %rec.name, "finishing an interrupted operation: {e}");

@@ -30,7 +30,7 @@ pub fn skip_reason() -> Option<String> {
 #[macro_export]
 macro_rules! require_root {
     () => {
-        if let Some(why) = common::skip_reason() {
+        if let Some(why) = $crate::common::skip_reason() {
             eprintln!("SKIPPED: {why}");
             return;
         }
@@ -45,6 +45,8 @@ pub struct TestEnv {
     pub socket: PathBuf,
     pub cgroup_parent: String,
     pub pool_size: String,
+    /// `DEVBOX_POOL` for the daemon: `None` for the default btrfs loop file.
+    pub pool_spec: Option<String>,
     daemon: Option<Child>,
 }
 
@@ -58,8 +60,37 @@ impl TestEnv {
         Self::with_pool_size("1G")
     }
 
+    /// A new environment whose pool uses the copy driver (plain directories).
+    pub fn copy_driver() -> Self {
+        Self::build("1G", true)
+    }
+
+    /// The copy driver on a filesystem of its own of `size` (an ext4 loop mount), to fill it.
+    pub fn copy_driver_sized(size: &str) -> Self {
+        let mut env = Self::build("1G", true);
+        env.stop_daemon();
+        let image = env.root.path().join("copy-pool.img");
+        let dir = env.pool_dir();
+        let run = |cmd: &mut Command| assert!(cmd.status().expect("run").success(), "{cmd:?}");
+        run(Command::new("truncate").arg("-s").arg(size).arg(&image));
+        run(Command::new("mkfs.ext4").arg("-q").arg(&image));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        run(Command::new("mount")
+            .arg("-o")
+            .arg("loop")
+            .arg(&image)
+            .arg(&dir));
+        env.start_daemon();
+        env
+    }
+
     /// A new environment whose pool is a loop file of `size`.
     pub fn with_pool_size(size: &str) -> Self {
+        Self::build(size, false)
+    }
+
+    fn build(size: &str, copy: bool) -> Self {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let root = tempfile::Builder::new()
             .prefix("devbox-test-")
@@ -77,8 +108,15 @@ impl TestEnv {
             runtime,
             socket,
             pool_size: size.to_string(),
+            pool_spec: None,
             daemon: None,
         };
+        if copy {
+            env.pool_spec = Some(format!(
+                "dir:{}",
+                env.root.path().join("copy-pool").display()
+            ));
+        }
         env.start_daemon();
         env
     }
@@ -89,8 +127,11 @@ impl TestEnv {
             .env("DEVBOX_SOCKET", &self.socket)
             .env("DEVBOX_CGROUP_PARENT", &self.cgroup_parent)
             .env("DEVBOX_POOL_SIZE", &self.pool_size)
-            .env("DEVBOX_NO_AUTOSTART", "1")
-            .env_remove("DEVBOX_POOL");
+            .env("DEVBOX_NO_AUTOSTART", "1");
+        match &self.pool_spec {
+            Some(p) => cmd.env("DEVBOX_POOL", p),
+            None => cmd.env_remove("DEVBOX_POOL"),
+        };
     }
 
     /// Starts the daemon and waits for its socket.
@@ -206,7 +247,25 @@ impl TestEnv {
     }
 
     pub fn pool_dir(&self) -> PathBuf {
-        self.state.join("pool")
+        match &self.pool_spec {
+            Some(p) => PathBuf::from(p.trim_start_matches("dir:")),
+            None => self.state.join("pool"),
+        }
+    }
+
+    /// A sandbox's snapshots as JSON values.
+    pub fn snapshots(&self, name: &str) -> Vec<serde_json::Value> {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.ok(&["snapshots", name, "--format", "json"])).expect("json");
+        v.as_array().cloned().unwrap_or_default()
+    }
+
+    /// The `name`s of a sandbox's snapshots.
+    pub fn snapshot_names(&self, name: &str) -> Vec<String> {
+        self.snapshots(name)
+            .iter()
+            .map(|s| s["name"].as_str().unwrap_or_default().to_string())
+            .collect()
     }
 
     /// Host pid of a sandbox's init.
@@ -282,6 +341,9 @@ impl Drop for TestEnv {
             let _ = std::fs::remove_dir(&parent);
         }
         let pool = self.pool_dir();
+        if self.pool_spec.is_some() && !is_mounted(&pool) {
+            return;
+        }
         for _ in 0..50 {
             if !is_mounted(&pool) {
                 break;
