@@ -4,6 +4,8 @@
 #   start+run+destroy: `sandbox run --rm -- true`  vs  `podman run --rm`, `runc run`, `bwrap`
 #   exec into a running sandbox: `sandbox exec`      vs  `podman exec`
 #   idle cost: host memory per idle sandbox (50 by default; BENCH_IDLE=500 for the scale test)
+#   snapshots: snapshot and rollback with 10 MB, 200 MB and 1 GB of changes  vs  podman commit,
+#              cp -a; diff between two snapshots 10,000 files apart (scripts/bench_snapshots.py)
 #
 # Prints medians and ratios and writes them to bench-results/. Needs root. Installs the peers
 # from Debian (scripts/deps.sh bench) and builds dev-box in release mode.
@@ -120,6 +122,9 @@ for p in $(pgrep -f "sandbox-init launch"); do
 done
 for i in $(seq 1 "$idle"); do echo "idle-$i"; done | xargs -n 50 "$bin/sandbox" destroy --force
 
+echo "== snapshots (10 MB, 200 MB, 1 GB of changes)"
+python3 scripts/bench_snapshots.py "$bin/sandbox" "${podman[*]}" "$work" "${BENCH_SNAP_RUNS:-20}" > "$work/snapshots.md"
+
 python3 - "$work" "$out" "$idle" "$before" "$after" "$rss_before" "$rss_after" "$running" "$last_ok" "$cgmem" "$pss" "$begin" "$end" <<'EOF'
 import json, sys, platform, datetime
 work, out, idle = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -151,6 +156,7 @@ lines += [
     f"- daemon RSS growth per sandbox: {(rss_a - rss_b) / idle / 1024:.1f} KiB",
     "",
 ]
+lines.append(open(f"{work}/snapshots.md").read())
 text = "\n".join(lines)
 print(text)
 open(f"{out}/results.md", "w").write(text + "\n")

@@ -17,6 +17,7 @@ mod error;
 mod exec;
 mod images;
 mod locks;
+mod measure;
 pub mod model;
 mod os;
 mod reconcile;
@@ -51,6 +52,7 @@ pub struct Engine {
     launcher: Launcher,
     locks: locks::LockTable,
     warm: warm::WarmPool,
+    measurer: measure::Measurer,
 }
 
 impl std::fmt::Debug for Engine {
@@ -103,6 +105,7 @@ impl Engine {
             )));
         }
         let warm = warm::WarmPool::new(cfg.warm_launchers);
+        let measurer = measure::Measurer::start(cfg.db_path());
         Ok(Arc::new(Engine {
             cfg,
             store,
@@ -112,6 +115,7 @@ impl Engine {
             launcher,
             locks: locks::LockTable::default(),
             warm,
+            measurer,
         }))
     }
 

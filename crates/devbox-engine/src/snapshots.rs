@@ -160,6 +160,7 @@ impl Engine {
             other => other.into(),
         })?;
         let dest = self.snapshot_path(&snap);
+        self.measurer.busy();
         let taken = (|| {
             if let Some(dir) = dest.parent() {
                 std::fs::create_dir_all(dir)
@@ -192,19 +193,10 @@ impl Engine {
         Ok(snap)
     }
 
-    /// Measures a snapshot's size off the caller's path.
+    /// Measures a snapshot's size in the background.
     fn measure_later(&self, snap: SnapshotRecord) {
-        let path = self.snapshot_path(&snap).join("upper");
-        let db = self.cfg.db_path();
-        std::thread::spawn(move || {
-            let size = devbox_storage::disk_usage(&path);
-            if let Ok(store) = devbox_store::Store::open(&db)
-                && let Ok(Some(mut s)) = store.snapshot(&snap.id)
-            {
-                s.size_bytes = Some(size);
-                let _ = store.update_snapshot(&s);
-            }
-        });
+        self.measurer
+            .measure(&snap.id, self.snapshot_path(&snap).join("upper"));
     }
 
     fn snapshot_info(
@@ -363,7 +355,30 @@ impl Engine {
         }
         rec.pending = None;
         self.store.update_sandbox(rec)?;
-        self.delete_volume_retrying(&aside)?;
+        // The old volume goes off the caller's path: moved to a unique name (which a restart
+        // removes, owning no record) and deleted in the background.
+        let doomed = self
+            .pool
+            .sandboxes_dir()
+            .join(format!("trash-{}", new_id()));
+        match std::fs::rename(&aside, &doomed) {
+            Ok(()) => {
+                let pool = self.pool.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        match pool.delete_volume(&doomed) {
+                            Err(devbox_storage::StorageError::Io { source, .. })
+                                if source.raw_os_error() == Some(libc::EBUSY) =>
+                            {
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                            _ => break,
+                        }
+                    }
+                });
+            }
+            Err(_) => self.delete_volume_retrying(&aside)?,
+        }
         if *resume && rec.state != SandboxState::Running {
             let manifest = Self::manifest_of(rec)?;
             self.launch(rec, &manifest)?;

@@ -114,43 +114,6 @@ impl Seen {
     }
 }
 
-/// One side of a comparison: an upper layer over the image.
-struct View<'a> {
-    image: &'a Path,
-    upper: &'a Path,
-}
-
-impl View<'_> {
-    /// The path as the merged view shows it.
-    fn look(&self, rel: &Path) -> Option<Seen> {
-        // An upper entry wins; a whiteout means deleted.
-        if let Ok(m) = fs::symlink_metadata(self.upper.join(rel)) {
-            return if is_whiteout(&m) {
-                None
-            } else {
-                Some(Seen::of(&self.upper.join(rel), &m))
-            };
-        }
-        // Otherwise the image shows through, unless an ancestor in the upper hides it.
-        let mut prefix = PathBuf::new();
-        for comp in rel.parent().into_iter().flat_map(|p| p.components()) {
-            prefix.push(comp);
-            let up = self.upper.join(&prefix);
-            match fs::symlink_metadata(&up) {
-                Ok(m) if !m.is_dir() => return None,
-                Ok(_) if is_opaque(&up) => return None,
-                _ => {}
-            }
-        }
-        let img = self.image.join(rel);
-        fs::symlink_metadata(&img).ok().map(|m| Seen::of(&img, &m))
-    }
-
-    fn opaque(&self, rel: &Path) -> bool {
-        is_opaque(&self.upper.join(rel))
-    }
-}
-
 fn walk(root: &Path, out: &mut BTreeSet<PathBuf>) -> io::Result<()> {
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
@@ -172,23 +135,100 @@ fn walk(root: &Path, out: &mut BTreeSet<PathBuf>) -> io::Result<()> {
     Ok(())
 }
 
+/// One upper-layer entry, as read once by [`scan`].
+#[derive(Debug, Clone)]
+struct Entry {
+    seen: Option<Seen>,
+    opaque: bool,
+}
+
+/// Reads every entry of an upper layer: one `lstat` per entry (and an xattr read per
+/// directory, for opacity).
+fn scan(root: &Path) -> io::Result<std::collections::HashMap<PathBuf, Entry>> {
+    let mut out = std::collections::HashMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let entries = match fs::read_dir(root.join(&rel)) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for e in entries {
+            let e = e?;
+            let child = rel.join(e.file_name());
+            let full = root.join(&child);
+            let m = fs::symlink_metadata(&full)?;
+            let (seen, opaque) = if is_whiteout(&m) {
+                (None, false)
+            } else {
+                let dir = m.is_dir();
+                if dir {
+                    stack.push(child.clone());
+                }
+                (Some(Seen::of(&full, &m)), dir && is_opaque(&full))
+            };
+            out.insert(child, Entry { seen, opaque });
+        }
+    }
+    Ok(out)
+}
+
 /// Compares the state `from_upper` over `image` with `to_upper` over the same image.
+///
+/// Each upper layer is read once (the two in parallel); the image is consulted only for
+/// paths one side does not have in its layer.
 pub fn diff(image: &Path, from_upper: &Path, to_upper: &Path) -> io::Result<Vec<Change>> {
-    let from = View {
-        image,
-        upper: from_upper,
+    let (from, to) = std::thread::scope(|s| {
+        let a = s.spawn(|| scan(from_upper));
+        let b = scan(to_upper);
+        (
+            a.join()
+                .unwrap_or_else(|_| Err(io::Error::other("scan panicked"))),
+            b,
+        )
+    });
+    let (from, to) = (from?, to?);
+    // Image lookups, with directories known to be absent remembered: their children are too.
+    let absent = std::cell::RefCell::new(std::collections::HashSet::<PathBuf>::new());
+    let image_look = |rel: &Path| -> Option<Seen> {
+        if rel.parent().is_some_and(|p| absent.borrow().contains(p)) {
+            absent.borrow_mut().insert(rel.to_path_buf());
+            return None;
+        }
+        let full = image.join(rel);
+        match fs::symlink_metadata(&full) {
+            Ok(m) => Some(Seen::of(&full, &m)),
+            Err(_) => {
+                absent.borrow_mut().insert(rel.to_path_buf());
+                None
+            }
+        }
     };
-    let to = View {
-        image,
-        upper: to_upper,
+    // What a merged view shows at `rel`, from the scanned layer and the image.
+    let look = |layer: &std::collections::HashMap<PathBuf, Entry>, rel: &Path| -> Option<Seen> {
+        if let Some(e) = layer.get(rel) {
+            return e.seen.clone();
+        }
+        let mut prefix = PathBuf::new();
+        for comp in rel.parent().into_iter().flat_map(|p| p.components()) {
+            prefix.push(comp);
+            if let Some(e) = layer.get(&prefix) {
+                match &e.seen {
+                    None => return None,
+                    Some(s) if !s.is_dir() || e.opaque => return None,
+                    _ => {}
+                }
+            }
+        }
+        image_look(rel)
     };
-    let mut paths = BTreeSet::new();
-    walk(from_upper, &mut paths)?;
-    walk(to_upper, &mut paths)?;
+    let mut paths: BTreeSet<PathBuf> = from.keys().chain(to.keys()).cloned().collect();
     // A directory made opaque on one side hides the image's entries there: compare them too.
     let mut extra = Vec::new();
     for rel in &paths {
-        if from.opaque(rel) != to.opaque(rel)
+        let opaque =
+            |l: &std::collections::HashMap<PathBuf, Entry>| l.get(rel).is_some_and(|e| e.opaque);
+        if opaque(&from) != opaque(&to)
             && let Ok(entries) = fs::read_dir(image.join(rel))
         {
             extra.extend(entries.flatten().map(|e| rel.join(e.file_name())));
@@ -199,11 +239,19 @@ pub fn diff(image: &Path, from_upper: &Path, to_upper: &Path) -> io::Result<Vec<
     let mut changes = Vec::new();
     let mut gone_dirs: Vec<PathBuf> = Vec::new();
     for rel in &paths {
-        // Inside a directory reported deleted or added as a whole, nothing more is said.
-        if gone_dirs.iter().any(|d| rel.starts_with(d) && rel != d) {
+        // Inside a directory reported deleted as a whole, nothing more is said.
+        if gone_dirs
+            .last()
+            .is_some_and(|d| rel.starts_with(d) && rel != d)
+        {
             continue;
         }
-        let change = match (from.look(rel), to.look(rel)) {
+        let (a, b) = match (from.get(rel), to.get(rel)) {
+            // Both layers have it: compare what they hold, no further lookups.
+            (Some(x), Some(y)) => (x.seen.clone(), y.seen.clone()),
+            _ => (look(&from, rel), look(&to, rel)),
+        };
+        let change = match (a, b) {
             (None, None) => None,
             (None, Some(b)) => Some((ChangeKind::Added, b)),
             (Some(a), None) => {
@@ -214,7 +262,7 @@ pub fn diff(image: &Path, from_upper: &Path, to_upper: &Path) -> io::Result<Vec<
             }
             (Some(a), Some(b)) if a.same(&b) => None,
             (Some(a), Some(b)) => {
-                if a.is_dir() != b.is_dir() && a.is_dir() {
+                if a.is_dir() && !b.is_dir() {
                     gone_dirs.push(rel.clone());
                 }
                 Some((ChangeKind::Modified, b))
