@@ -12,7 +12,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
+mod safety;
 mod snapshots;
+pub use safety::{
+    ApprovalRecord, ApprovalState, AuditRecord, AuditVerification, ExecRecord, GENESIS,
+    PolicyRecord, audit_hash,
+};
 use serde::{Deserialize, Serialize};
 pub use snapshots::{SnapshotRecord, SnapshotState};
 use utoipa::ToSchema;
@@ -192,6 +197,57 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (sandbox_id, name)
      );
      CREATE INDEX snapshots_by_sandbox ON snapshots (sandbox_id, created_at);",
+    // 4: the safety layer: policies, approvals, the audit chain, execs.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE policies (
+        name TEXT NOT NULL,
+        sandbox TEXT,
+        scope TEXT GENERATED ALWAYS AS (COALESCE(sandbox, '')) STORED,
+        rego TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        UNIQUE (name, scope)
+     );
+     CREATE TABLE approvals (
+        id TEXT PRIMARY KEY,
+        sandbox TEXT NOT NULL,
+        command TEXT NOT NULL,
+        request TEXT NOT NULL,
+        reasons TEXT NOT NULL,
+        risk TEXT NOT NULL,
+        state TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        decided_by TEXT,
+        reason TEXT,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        decided_at INTEGER
+     );
+     CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        time INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        sandbox TEXT,
+        detail TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+     );
+     CREATE INDEX audit_by_sandbox ON audit (sandbox, seq);
+     CREATE TABLE execs (
+        id TEXT PRIMARY KEY,
+        sandbox TEXT NOT NULL,
+        command TEXT NOT NULL,
+        decision TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        ended_at INTEGER,
+        exit_code INTEGER,
+        cpu_usec INTEGER,
+        max_rss_kib INTEGER,
+        stdout_bytes INTEGER NOT NULL DEFAULT 0,
+        stderr_bytes INTEGER NOT NULL DEFAULT 0
+     );
+     CREATE INDEX execs_by_sandbox ON execs (sandbox, started_at);",
 ];
 
 /// First host uid handed to sandboxes; each gets [`ID_RANGE`] ids from there.
