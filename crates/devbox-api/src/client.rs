@@ -62,6 +62,7 @@ pub type ExecStream = WebSocketStream<UnixStream>;
 #[derive(Debug, Clone)]
 pub struct Client {
     socket: PathBuf,
+    actor: Option<String>,
 }
 
 impl Client {
@@ -69,7 +70,14 @@ impl Client {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Self {
             socket: socket.into(),
+            actor: None,
         }
+    }
+
+    /// Says who the requests are made for (`X-Devbox-Actor`, recorded in the audit log).
+    pub fn with_actor(mut self, actor: Option<String>) -> Self {
+        self.actor = actor.filter(|a| !a.is_empty());
+        self
     }
 
     /// The socket path.
@@ -101,6 +109,9 @@ impl Client {
             .method(method)
             .uri(path)
             .header("host", "localhost");
+        if let Some(a) = &self.actor {
+            req = req.header("x-devbox-actor", a);
+        }
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
@@ -313,16 +324,21 @@ impl Client {
         snapshot: &str,
         out: &Path,
     ) -> Result<u64, ClientError> {
-        use tokio::io::AsyncWriteExt;
         let path = format!(
             "/v1/sandboxes/{}/snapshots/{}/export",
             enc(name),
             enc(snapshot)
         );
+        self.download(&path, out).await
+    }
+
+    /// Streams the body of a GET into `out` (written to a `.partial` file, then renamed).
+    async fn download(&self, path: &str, out: &Path) -> Result<u64, ClientError> {
+        use tokio::io::AsyncWriteExt;
         let resp = self
             .send(
                 Method::GET,
-                &path,
+                path,
                 http_body_util::Full::new(Bytes::new())
                     .map_err(|never| match never {})
                     .boxed(),
@@ -392,6 +408,7 @@ impl Client {
             .method(method)
             .uri(path)
             .header("host", "localhost")
+            .header("x-devbox-actor", self.actor.as_deref().unwrap_or(""))
             .body(body)
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let resp = sender
@@ -419,6 +436,132 @@ impl Client {
             });
         }
         Ok(resp)
+    }
+
+    /// What the checks decide for a command.
+    pub async fn check(
+        &self,
+        sandbox: Option<&str>,
+        command: &str,
+    ) -> Result<devbox_safety::Check, ClientError> {
+        self.test_policy(sandbox, command, None).await
+    }
+
+    /// What the checks would decide for a command with policy `(name, rego)` installed.
+    pub async fn test_policy(
+        &self,
+        sandbox: Option<&str>,
+        command: &str,
+        policy: Option<(&str, &str)>,
+    ) -> Result<devbox_safety::Check, ClientError> {
+        let policy = policy.map(|(name, rego)| serde_json::json!({"name": name, "rego": rego}));
+        let body = serde_json::json!({"command": command, "sandbox": sandbox, "policy": policy});
+        self.json(Method::POST, "/v1/check", Self::body(&body))
+            .await
+    }
+
+    /// Policies (global, or applying to a sandbox).
+    pub async fn policies(
+        &self,
+        sandbox: Option<&str>,
+    ) -> Result<Vec<devbox_engine::PolicyInfo>, ClientError> {
+        let q = sandbox
+            .map(|s| format!("?sandbox={}", enc(s)))
+            .unwrap_or_default();
+        self.json(Method::GET, &format!("/v1/policies{q}"), None)
+            .await
+    }
+
+    /// Adds or replaces a policy.
+    pub async fn put_policy(
+        &self,
+        name: &str,
+        sandbox: Option<&str>,
+        rego: &str,
+    ) -> Result<devbox_engine::PolicyInfo, ClientError> {
+        let body = serde_json::json!({"rego": rego, "sandbox": sandbox});
+        self.json(
+            Method::PUT,
+            &format!("/v1/policies/{}", enc(name)),
+            Self::body(&body),
+        )
+        .await
+    }
+
+    /// Removes a policy.
+    pub async fn delete_policy(
+        &self,
+        name: &str,
+        sandbox: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let q = sandbox
+            .map(|s| format!("?sandbox={}", enc(s)))
+            .unwrap_or_default();
+        self.call(
+            Method::DELETE,
+            &format!("/v1/policies/{}{q}", enc(name)),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Approvals.
+    pub async fn approvals(
+        &self,
+        all: bool,
+    ) -> Result<Vec<devbox_engine::ApprovalInfo>, ClientError> {
+        self.json(Method::GET, &format!("/v1/approvals?all={all}"), None)
+            .await
+    }
+
+    /// Approves or denies.
+    pub async fn decide(
+        &self,
+        id: &str,
+        approve: bool,
+        reason: Option<&str>,
+    ) -> Result<devbox_engine::ApprovalInfo, ClientError> {
+        let verb = if approve { "approve" } else { "deny" };
+        let body = serde_json::json!({"reason": reason});
+        self.json(
+            Method::POST,
+            &format!("/v1/approvals/{}/{verb}", enc(id)),
+            Self::body(&body),
+        )
+        .await
+    }
+
+    /// Audit records.
+    pub async fn audit(
+        &self,
+        sandbox: Option<&str>,
+        since: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<Vec<devbox_store::AuditRecord>, ClientError> {
+        let mut q = Vec::new();
+        if let Some(s) = sandbox {
+            q.push(format!("sandbox={}", enc(s)));
+        }
+        if let Some(s) = since {
+            q.push(format!("since={}", enc(s)));
+        }
+        if let Some(l) = limit {
+            q.push(format!("limit={l}"));
+        }
+        self.json(Method::GET, &format!("/v1/audit?{}", q.join("&")), None)
+            .await
+    }
+
+    /// Checks the audit chain.
+    pub async fn verify_audit(&self) -> Result<devbox_store::AuditVerification, ClientError> {
+        self.json(Method::GET, "/v1/audit/verify", None).await
+    }
+
+    /// Downloads a sandbox's logs into `out`.
+    pub async fn export_logs(&self, name: &str, out: &Path) -> Result<u64, ClientError> {
+        self.download(&format!("/v1/sandboxes/{}/logs/export", enc(name)), out)
+            .await
     }
 
     /// Every image.
@@ -454,10 +597,20 @@ impl Client {
         &self,
         path: &str,
         first: &ClientMsg,
+        on_approval: impl Fn(&devbox_engine::ApprovalInfo),
     ) -> Result<(ExecStream, String, i32), ClientError> {
         use futures_util::{SinkExt, StreamExt};
         let stream = self.connect().await?;
-        let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://localhost{path}"), stream)
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://localhost{path}")
+            .into_client_request()
+            .map_err(|e| ClientError::Protocol(format!("websocket: {e}")))?;
+        if let Some(a) = &self.actor
+            && let Ok(v) = a.parse()
+        {
+            request.headers_mut().insert("x-devbox-actor", v);
+        }
+        let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
             .await
             .map_err(|e| ClientError::Protocol(format!("websocket: {e}")))?;
         let msg = serde_json::to_string(first).map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -468,9 +621,14 @@ impl Client {
             match ws.next().await {
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<ServerMsg>(&t) {
                     Ok(ServerMsg::Started { sandbox, pid }) => return Ok((ws, sandbox, pid)),
+                    Ok(ServerMsg::ApprovalRequired { approval }) => {
+                        on_approval(&approval);
+                        continue;
+                    }
                     Ok(ServerMsg::Error { code, message }) => {
                         let status = match code.as_str() {
                             "not_found" => 404,
+                            "denied" => 403,
                             "internal" => 500,
                             _ => 400,
                         };

@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod openapi;
+pub mod safety;
 pub mod server;
 pub mod wire;
 mod ws;

@@ -18,7 +18,6 @@ use devbox_engine::model::{
 use devbox_engine::{Engine, EngineError};
 use devbox_storage::PoolInfo;
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::openapi::ApiDoc;
@@ -39,6 +38,9 @@ pub struct ErrorDetail {
     pub code: String,
     /// What went wrong and what to do.
     pub message: String,
+    /// The approval the command waits for (code `approval_required`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<devbox_engine::ApprovalInfo>,
 }
 
 /// An engine error as an HTTP response.
@@ -59,6 +61,8 @@ pub fn status_of(e: &EngineError) -> StatusCode {
         | EngineError::WrongState(_)
         | EngineError::ImageInUse { .. } => StatusCode::CONFLICT,
         EngineError::InvalidSpec(_) | EngineError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+        EngineError::Denied { .. } => StatusCode::FORBIDDEN,
+        EngineError::ApprovalRequired(_) => StatusCode::ACCEPTED,
         EngineError::ExecFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
         EngineError::PoolFull(_) => StatusCode::INSUFFICIENT_STORAGE,
         EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -75,6 +79,10 @@ impl IntoResponse for ApiError {
             error: ErrorDetail {
                 code: self.0.code().into(),
                 message: self.0.to_string(),
+                approval: match &self.0 {
+                    EngineError::ApprovalRequired(a) => Some((**a).clone()),
+                    _ => None,
+                },
             },
         };
         (status, Json(body)).into_response()
@@ -156,6 +164,26 @@ pub fn router(engine: Arc<Engine>) -> Router {
             axum::routing::delete(remove_image),
         )
         .route("/v1/pool", get(pool_info))
+        .route("/v1/check", post(crate::safety::check))
+        .route("/v1/policies", get(crate::safety::list_policies))
+        .route(
+            "/v1/policies/{name}",
+            axum::routing::put(crate::safety::put_policy).delete(crate::safety::delete_policy),
+        )
+        .route("/v1/approvals", get(crate::safety::list_approvals))
+        .route("/v1/approvals/{id}", get(crate::safety::get_approval))
+        .route("/v1/approvals/{id}/approve", post(crate::safety::approve))
+        .route("/v1/approvals/{id}/deny", post(crate::safety::deny))
+        .route("/v1/audit", get(crate::safety::audit))
+        .route("/v1/audit/verify", get(crate::safety::verify))
+        .route(
+            "/v1/sandboxes/{name}/logs/export",
+            get(crate::safety::export_logs),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            engine.clone(),
+            crate::safety::actor_layer,
+        ))
         .with_state(engine)
 }
 
@@ -301,21 +329,15 @@ async fn exec(
 
 type Capture = tokio::task::JoinHandle<(Vec<u8>, bool)>;
 
-fn capture(r: Option<tokio::net::unix::pipe::Receiver>) -> Option<Capture> {
+fn capture(r: Option<devbox_engine::Output>) -> Option<Capture> {
     let mut r = r?;
     Some(tokio::spawn(async move {
         let mut buf = Vec::new();
-        let mut chunk = vec![0u8; 64 * 1024];
         let mut truncated = false;
-        loop {
-            match r.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let room = MAX_CAPTURE.saturating_sub(buf.len());
-                    truncated |= n > room;
-                    buf.extend_from_slice(&chunk[..n.min(room)]);
-                }
-            }
+        while let Some(chunk) = r.recv().await {
+            let room = MAX_CAPTURE.saturating_sub(buf.len());
+            truncated |= chunk.len() > room;
+            buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
         }
         (buf, truncated)
     }))
@@ -533,7 +555,8 @@ pub async fn serve_unix(
     let _ = std::fs::remove_file(socket);
     let listener = tokio::net::UnixListener::bind(socket)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
-    axum::serve(listener, router(engine))
+    let app = router(engine).into_make_service_with_connect_info::<crate::safety::Peer>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }

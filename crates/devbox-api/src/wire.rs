@@ -78,6 +78,12 @@ pub enum ServerMsg {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rolled_back_to: Option<String>,
     },
+    /// The command waits for someone's approval (`sandbox approve ID`); the stream goes on
+    /// once it is decided.
+    ApprovalRequired {
+        /// The approval.
+        approval: devbox_engine::ApprovalInfo,
+    },
     /// The request failed.
     Error {
         /// Stable error code.

@@ -8,7 +8,7 @@ use axum::extract::{Path as UrlPath, State};
 use axum::response::Response;
 use devbox_engine::{Engine, EngineError, ExecSession};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::wire::{ClientMsg, STDERR, STDOUT, ServerMsg};
@@ -43,27 +43,31 @@ pub(crate) async fn exec_stream(
     UrlPath(name): UrlPath<String>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    ws.on_upgrade(move |mut socket| async move {
-        let Some(ClientMsg::Exec { exec, stdin }) = first(&mut socket).await else {
-            let e = EngineError::InvalidRequest(
-                "the first message must be {\"type\":\"exec\",...}".into(),
-            );
-            let _ = socket.send(error_msg(&e)).await;
-            return;
-        };
-        match engine.exec(&name, &exec, stdin).await {
-            Ok(session) => {
-                let mode = if exec.tty.is_some() {
-                    OnDisconnect::Hangup
-                } else {
-                    OnDisconnect::Keep
-                };
-                pump(&engine, socket, &name, session, mode).await
-            }
-            Err(e) => {
+    // The upgraded connection runs in a task of its own: carry the caller's identity there.
+    let actor = devbox_engine::current_actor();
+    ws.on_upgrade(move |mut socket| {
+        devbox_engine::ACTOR.scope(actor, async move {
+            let Some(ClientMsg::Exec { exec, stdin }) = first(&mut socket).await else {
+                let e = EngineError::InvalidRequest(
+                    "the first message must be {\"type\":\"exec\",...}".into(),
+                );
                 let _ = socket.send(error_msg(&e)).await;
+                return;
+            };
+            match exec_with_approval(&engine, &mut socket, &name, exec.clone(), stdin).await {
+                Ok(session) => {
+                    let mode = if exec.tty.is_some() {
+                        OnDisconnect::Hangup
+                    } else {
+                        OnDisconnect::Keep
+                    };
+                    pump(&engine, socket, &name, session, mode).await
+                }
+                Err(e) => {
+                    let _ = socket.send(error_msg(&e)).await;
+                }
             }
-        }
+        })
     })
 }
 
@@ -74,59 +78,123 @@ pub(crate) async fn run_stream(
     State(engine): State<Arc<Engine>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    ws.on_upgrade(move |mut socket| async move {
-        let Some(ClientMsg::Run {
-            mut sandbox,
-            exec,
-            stdin,
-        }) = first(&mut socket).await
-        else {
-            let e = EngineError::InvalidRequest(
-                "the first message must be {\"type\":\"run\",...}".into(),
-            );
-            let _ = socket.send(error_msg(&e)).await;
-            return;
-        };
-        let named = sandbox.name.is_some()
-            || sandbox
-                .manifest
-                .as_ref()
-                .is_some_and(|m| m.metadata.name.is_some());
-        if !named {
-            sandbox.name = Some(format!("run-{}", random_suffix()));
-        }
-        sandbox.start = true;
-        let info = match engine.create_with(*sandbox, true).await {
-            Ok(i) => i,
-            Err(e) => {
+    // The upgraded connection runs in a task of its own: carry the caller's identity there.
+    let actor = devbox_engine::current_actor();
+    ws.on_upgrade(move |mut socket| {
+        devbox_engine::ACTOR.scope(actor, async move {
+            let Some(ClientMsg::Run {
+                mut sandbox,
+                exec,
+                stdin,
+            }) = first(&mut socket).await
+            else {
+                let e = EngineError::InvalidRequest(
+                    "the first message must be {\"type\":\"run\",...}".into(),
+                );
                 let _ = socket.send(error_msg(&e)).await;
                 return;
+            };
+            let named = sandbox.name.is_some()
+                || sandbox
+                    .manifest
+                    .as_ref()
+                    .is_some_and(|m| m.metadata.name.is_some());
+            if !named {
+                sandbox.name = Some(format!("run-{}", random_suffix()));
             }
-        };
-        // Destroy whatever happens to the connection: run in a task of its own.
-        let e2 = engine.clone();
-        let name = info.name.clone();
-        // The client hears the exit once the sandbox is gone.
-        let _ = tokio::spawn(async move {
-            let end = match e2.exec(&name, &exec, stdin).await {
-                Ok(session) => {
-                    pump_until_exit(&e2, socket, &name, session, OnDisconnect::Kill).await
-                }
+            sandbox.start = true;
+            let info = match engine.create_with(*sandbox, true).await {
+                Ok(i) => i,
                 Err(e) => {
-                    let mut socket = socket;
                     let _ = socket.send(error_msg(&e)).await;
-                    None
+                    return;
                 }
             };
-            if let Err(e) = e2.destroy(&name, true).await {
-                tracing::warn!(sandbox = %name, "destroying a run sandbox: {e}");
-            }
-            if let Some(end) = end {
-                end.finish().await;
-            }
+            // Destroy whatever happens to the connection: run in a task of its own.
+            let e2 = engine.clone();
+            let name = info.name.clone();
+            // The client hears the exit once the sandbox is gone.
+            let actor = devbox_engine::current_actor();
+            let _ = tokio::spawn(devbox_engine::ACTOR.scope(actor, async move {
+                let mut socket = socket;
+                let end = match exec_with_approval(&e2, &mut socket, &name, exec, stdin).await {
+                    Ok(session) => {
+                        pump_until_exit(&e2, socket, &name, session, OnDisconnect::Kill).await
+                    }
+                    Err(e) => {
+                        let _ = socket.send(error_msg(&e)).await;
+                        None
+                    }
+                };
+                if let Err(e) = e2.destroy(&name, true).await {
+                    tracing::warn!(sandbox = %name, "destroying a run sandbox: {e}");
+                }
+                if let Some(end) = end {
+                    end.finish().await;
+                }
+            }))
+            .await;
         })
-        .await;
     })
+}
+
+/// Starts the exec; when the checks require approval, tells the client and waits for the
+/// decision (or the approval's expiry, or the client leaving), then runs it if approved.
+async fn exec_with_approval(
+    engine: &Arc<Engine>,
+    socket: &mut WebSocket,
+    name: &str,
+    mut exec: devbox_engine::model::ExecRequest,
+    stdin: bool,
+) -> Result<ExecSession, EngineError> {
+    match engine.exec(name, &exec, stdin).await {
+        Err(EngineError::ApprovalRequired(a)) => {
+            let id = a.id.clone();
+            if socket
+                .send(text(&ServerMsg::ApprovalRequired { approval: *a }))
+                .await
+                .is_err()
+            {
+                return Err(EngineError::InvalidRequest("the client went away".into()));
+            }
+            loop {
+                let decided = tokio::select! {
+                    d = engine.wait_approval(&id, std::time::Duration::from_secs(3600)) => d?,
+                    m = socket.recv() => match m {
+                        None | Some(Err(_)) | Some(Ok(Message::Close(_))) => {
+                            let _ = engine.withdraw_approval(&id).await;
+                            return Err(EngineError::InvalidRequest("the client went away".into()));
+                        }
+                        Some(Ok(_)) => continue,
+                    },
+                };
+                if decided.state == devbox_store::ApprovalState::Pending {
+                    continue;
+                }
+                if decided.state != devbox_store::ApprovalState::Approved {
+                    let reasons = if decided.state == devbox_store::ApprovalState::Expired {
+                        vec![format!(
+                            "approval {id} expired: nobody decided before {}",
+                            decided.expires_at
+                        )]
+                    } else {
+                        let state = serde_json::to_string(&decided.state).unwrap_or_default();
+                        let mut reasons =
+                            vec![format!("approval {id} was {}", state.trim_matches('"'))];
+                        if let Some(by) = &decided.decided_by {
+                            reasons[0].push_str(&format!(" by {by}"));
+                        }
+                        reasons.extend(decided.reason.clone());
+                        reasons
+                    };
+                    return Err(EngineError::Denied { reasons });
+                }
+                exec.approval = Some(id.clone());
+                return engine.exec(name, &exec, stdin).await;
+            }
+        }
+        other => other,
+    }
 }
 
 fn random_suffix() -> String {
@@ -217,10 +285,7 @@ async fn pump_until_exit(
     if let Some(r) = session.stderr.take() {
         outputs.push(tokio::spawn(drain(r, STDERR, tx.clone())));
     }
-    let tty = session.tty.take().map(Arc::new);
-    if let Some(p) = &tty {
-        outputs.push(tokio::spawn(drain_pty(p.clone(), tx.clone())));
-    }
+    let tty = session.tty.take();
     let mut stdin = session.stdin.take();
     let session = Arc::new(session);
 
@@ -234,7 +299,8 @@ async fn pump_until_exit(
                             stdin = None;
                         }
                     } else if let Some(p) = &tty2 {
-                        let _ = (&**p).write_all(&data).await;
+                        let mut w: &devbox_engine::Pty = p;
+                        let _ = w.write_all(&data).await;
                     }
                 }
                 Message::Text(t) => match serde_json::from_str::<ClientMsg>(&t) {
@@ -295,41 +361,13 @@ async fn pump_until_exit(
     })
 }
 
-async fn drain(mut r: tokio::net::unix::pipe::Receiver, channel: u8, tx: mpsc::Sender<Message>) {
-    let mut buf = vec![0u8; 32 * 1024];
-    loop {
-        match r.read(&mut buf[1..]).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                buf[0] = channel;
-                if tx
-                    .send(Message::Binary(buf[..n + 1].to_vec().into()))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        }
-    }
-}
-
-async fn drain_pty(pty: Arc<devbox_engine::Pty>, tx: mpsc::Sender<Message>) {
-    let mut buf = vec![0u8; 32 * 1024];
-    let mut reader = &*pty;
-    loop {
-        match reader.read(&mut buf[1..]).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                buf[0] = STDOUT;
-                if tx
-                    .send(Message::Binary(buf[..n + 1].to_vec().into()))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
+async fn drain(mut r: devbox_engine::Output, channel: u8, tx: mpsc::Sender<Message>) {
+    while let Some(chunk) = r.recv().await {
+        let mut frame = Vec::with_capacity(chunk.len() + 1);
+        frame.push(channel);
+        frame.extend_from_slice(&chunk);
+        if tx.send(Message::Binary(frame.into())).await.is_err() {
+            break;
         }
     }
 }

@@ -263,6 +263,55 @@ pub enum Command {
         #[arg(long)]
         no_start: bool,
     },
+    /// Check a command against the rules and policies without running it.
+    ///
+    /// Prints the decision, the risk and the reasons. Exit code: 0 allow, 2 needs approval,
+    /// 3 deny.
+    Check {
+        /// The sandbox whose policies, spec and labels apply.
+        name: String,
+        /// The command, as shell text.
+        command: String,
+        /// Output format (json includes every finding and each policy's decision).
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Manage policies: Rego modules that decide allow, require_approval or deny.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// List approvals: commands that wait for someone's decision.
+    Approvals {
+        /// Decided and expired ones too.
+        #[arg(short, long)]
+        all: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Approve a waiting command: it runs (once).
+    Approve {
+        /// The approval's id.
+        id: String,
+    },
+    /// Deny a waiting command: it does not run.
+    Deny {
+        /// The approval's id.
+        id: String,
+        /// Why (recorded and shown to whoever waits).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Show the audit log (oldest first), or verify its hash chain.
+    Audit(AuditArgs),
+    /// Pack a sandbox's exec logs (stdout, stderr, exit codes, durations, resource use) and
+    /// its audit records into a .tar.gz.
+    ExportLogs {
+        /// The sandbox (it may have been destroyed; its records remain).
+        name: String,
+        /// The archive to write.
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+    },
     /// Manage images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -333,6 +382,100 @@ pub enum SnapshotCommand {
         /// Start it.
         #[arg(long)]
         start: bool,
+    },
+}
+
+/// `sandbox audit`: list records, or verify the chain.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AuditArgs {
+    /// Verify instead of listing.
+    #[command(subcommand)]
+    pub command: Option<AuditCommand>,
+    /// Only this sandbox's records.
+    #[arg(long)]
+    pub sandbox: Option<String>,
+    /// Only records since a time (2026-11-28T10:00:00Z) or a duration ago (1h, 30m, 2days).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// At most this many records (the newest).
+    #[arg(long, default_value_t = 1000)]
+    pub limit: usize,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+/// Audit subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain: every record links to the one before and hashes to what it
+    /// says. Exits 1 and names the first broken record if it does not hold.
+    Verify {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+}
+
+/// Policy commands.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// List the policies (the built-in default, global ones, each sandbox's).
+    #[command(alias = "list")]
+    Ls {
+        /// Only those applying to this sandbox (its own and the global ones).
+        #[arg(long)]
+        sandbox: Option<String>,
+        /// Output format (json includes the Rego text).
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Add or replace a policy. It is refused if it does not compile.
+    ///
+    /// A policy is a Rego module that defines `decision` ("allow", "require_approval" or
+    /// "deny") and may define a set `reasons`. Its input: `commands` (the parsed commands),
+    /// `findings` (what the built-in rules found), `risk`, `text`, `parse_errors`, `sandbox`
+    /// (name, labels, spec) and `actor`. The most restrictive decision of all policies wins.
+    /// A global policy named `default` replaces the built-in one.
+    Add {
+        /// The policy's name.
+        name: String,
+        /// The Rego file.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// Only for this sandbox (default: every sandbox).
+        #[arg(long)]
+        sandbox: Option<String>,
+    },
+    /// Remove a policy.
+    Rm {
+        /// The policy's name.
+        name: String,
+        /// The sandbox it belongs to (default: the global one).
+        #[arg(long)]
+        sandbox: Option<String>,
+    },
+    /// Show what the policies decide for a command, and why; nothing runs.
+    ///
+    /// With -f, the decision is taken as if that policy were installed. Exit code: 0 allow,
+    /// 2 needs approval, 3 deny.
+    Test {
+        /// The command, as shell text.
+        #[arg(long)]
+        command: String,
+        /// The sandbox whose policies, spec and labels apply (default: global policies).
+        #[arg(long)]
+        sandbox: Option<String>,
+        /// A policy file to try (not installed).
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// The name the tried policy would have (default: the file's stem).
+        #[arg(long)]
+        name: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
     },
 }
 

@@ -11,7 +11,8 @@ use devbox_spec::SandboxManifest;
 use utoipa::OpenApi;
 
 use crate::cli::{
-    Cli, Command, ExecOpts, Format, ImageCommand, PoolCommand, SandboxOpts, SnapshotCommand,
+    AuditCommand, Cli, Command, ExecOpts, Format, ImageCommand, PolicyCommand, PoolCommand,
+    SandboxOpts, SnapshotCommand,
 };
 use crate::{daemon, output, stream};
 
@@ -24,9 +25,17 @@ pub fn print_openapi() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The exit code for an error: 127 command not found, 126 not runnable, 1 otherwise.
+/// Exit code of a command the checks hold for approval.
+pub const EXIT_APPROVAL: u8 = 2;
+/// Exit code of a command the checks deny.
+pub const EXIT_DENIED: u8 = 3;
+
+/// The exit code for an error: 127 command not found, 126 not runnable, 3 denied by the
+/// checks, 2 waiting for an approval, 1 otherwise.
 pub fn exit_code_of(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<ClientError>() {
+        Some(ClientError::Api { code, .. }) if code == "denied" => EXIT_DENIED,
+        Some(ClientError::Api { code, .. }) if code == "approval_required" => EXIT_APPROVAL,
         Some(ClientError::Api { code, message, .. }) if code == "exec_failed" => {
             if message.contains("not found") || message.contains("No such file") {
                 127
@@ -51,7 +60,10 @@ fn client(cli: &Cli) -> anyhow::Result<Client> {
         }
         daemon::spawn_and_wait(cli)?;
     }
-    Ok(Client::new(socket))
+    Ok(
+        Client::new(socket)
+            .with_actor(std::env::var("DEVBOX_ACTOR").ok().filter(|a| !a.is_empty())),
+    )
 }
 
 fn key_values(items: &[String], what: &str) -> anyhow::Result<Vec<(String, String)>> {
@@ -359,6 +371,106 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
                 .await?;
             println!("{}", info.name);
         }
+        Command::Check {
+            name,
+            command,
+            format,
+        } => {
+            let check = c.check(Some(name), command).await?;
+            return print_check(&check, *format);
+        }
+        Command::Policy(cmd) => return policy_command(&c, cmd).await,
+        Command::Approvals { all, format } => {
+            let list = c.approvals(*all).await?;
+            if *format == Format::Json {
+                print_json(&list)?;
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            a.id.clone(),
+                            a.sandbox.clone(),
+                            state_name(&a.state),
+                            a.risk.clone(),
+                            a.requested_by.clone(),
+                            output::ago(&a.created_at),
+                            a.command.clone(),
+                            a.reasons.join("; "),
+                        ]
+                    })
+                    .collect();
+                output::table(
+                    &[
+                        "ID", "SANDBOX", "STATE", "RISK", "BY", "ASKED", "COMMAND", "REASONS",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        Command::Approve { id } => {
+            let a = c.decide(id, true, None).await?;
+            eprintln!("approved {} ({} in {})", a.id, a.command, a.sandbox);
+        }
+        Command::Deny { id, reason } => {
+            let a = c.decide(id, false, reason.as_deref()).await?;
+            eprintln!("denied {} ({} in {})", a.id, a.command, a.sandbox);
+        }
+        Command::Audit(args) => match &args.command {
+            Some(AuditCommand::Verify { format }) => {
+                let v = c.verify_audit().await?;
+                if *format == Format::Json {
+                    print_json(&v)?;
+                } else if v.ok {
+                    println!("ok: {} records, the chain holds", v.records);
+                    if let Some(h) = &v.head {
+                        println!("head: {h}");
+                    }
+                } else {
+                    println!(
+                        "BROKEN at record {}: {} ({} records checked)",
+                        v.first_broken.unwrap_or_default(),
+                        v.problem.as_deref().unwrap_or("?"),
+                        v.records
+                    );
+                }
+                return Ok(if v.ok { 0 } else { 1 });
+            }
+            None => {
+                let records = c
+                    .audit(
+                        args.sandbox.as_deref(),
+                        args.since.as_deref(),
+                        Some(args.limit),
+                    )
+                    .await?;
+                if args.format == Format::Json {
+                    print_json(&records)?;
+                } else {
+                    let rows: Vec<Vec<String>> = records
+                        .iter()
+                        .map(|r| {
+                            vec![
+                                r.seq.to_string(),
+                                output::time_ms(r.time),
+                                r.actor.clone(),
+                                r.action.clone(),
+                                r.sandbox.clone().unwrap_or_else(|| "-".into()),
+                                audit_summary(&r.detail),
+                            ]
+                        })
+                        .collect();
+                    output::table(
+                        &["SEQ", "TIME", "ACTOR", "ACTION", "SANDBOX", "DETAIL"],
+                        &rows,
+                    );
+                }
+            }
+        },
+        Command::ExportLogs { name, output } => {
+            let bytes = c.export_logs(name, output).await?;
+            eprintln!("wrote {} ({})", output.display(), output::bytes(bytes));
+        }
         Command::Image(ImageCommand::Import { path, name }) => {
             let abs = std::fs::canonicalize(path)
                 .with_context(|| format!("{} does not exist", path.display()))?;
@@ -430,6 +542,143 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
         Command::Daemon { .. } | Command::Api(_) => unreachable_command()?,
     }
     Ok(0)
+}
+
+fn state_name<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v)
+        .unwrap_or_default()
+        .trim_matches('"')
+        .to_string()
+}
+
+/// Prints a check; returns its exit code (0 allow, 2 approval, 3 deny).
+fn print_check(check: &devbox_safety::Check, format: Format) -> anyhow::Result<i32> {
+    use devbox_safety::Verdict;
+    if format == Format::Json {
+        print_json(check)?;
+    } else {
+        println!("decision: {}", state_name(&check.decision));
+        println!("risk:     {}", state_name(&check.risk));
+        for r in &check.reasons {
+            println!("reason:   {r}");
+        }
+        for f in &check.findings {
+            println!(
+                "finding:  {} [{}] {}: {}",
+                f.rule,
+                state_name(&f.risk),
+                f.command,
+                f.reason
+            );
+        }
+    }
+    Ok(match check.decision {
+        Verdict::Allow => 0,
+        Verdict::RequireApproval => EXIT_APPROVAL.into(),
+        Verdict::Deny => EXIT_DENIED.into(),
+    })
+}
+
+async fn policy_command(c: &Client, cmd: &PolicyCommand) -> anyhow::Result<i32> {
+    match cmd {
+        PolicyCommand::Ls { sandbox, format } => {
+            let list = c.policies(sandbox.as_deref()).await?;
+            if *format == Format::Json {
+                print_json(&list)?;
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.name.clone(),
+                            p.sandbox.clone().unwrap_or_else(|| "(global)".into()),
+                            if p.builtin {
+                                "built-in".into()
+                            } else {
+                                output::ago(&p.created_at)
+                            },
+                            p.rego
+                                .lines()
+                                .find(|l| l.trim_start().starts_with("package "))
+                                .unwrap_or("")
+                                .trim()
+                                .to_string(),
+                        ]
+                    })
+                    .collect();
+                output::table(&["NAME", "SCOPE", "ADDED", "PACKAGE"], &rows);
+            }
+        }
+        PolicyCommand::Add {
+            name,
+            file,
+            sandbox,
+        } => {
+            let rego = std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let p = c.put_policy(name, sandbox.as_deref(), &rego).await?;
+            eprintln!(
+                "policy {} added ({})",
+                p.name,
+                p.sandbox.as_deref().unwrap_or("global")
+            );
+        }
+        PolicyCommand::Rm { name, sandbox } => c.delete_policy(name, sandbox.as_deref()).await?,
+        PolicyCommand::Test {
+            command,
+            sandbox,
+            file,
+            name,
+            format,
+        } => {
+            let candidate = match file {
+                Some(f) => {
+                    let rego = std::fs::read_to_string(f)
+                        .with_context(|| format!("reading {}", f.display()))?;
+                    let name = match name {
+                        Some(n) => n.clone(),
+                        None => f
+                            .file_stem()
+                            .map(|s| s.to_string_lossy().into_owned())
+                            .unwrap_or_else(|| "candidate".into()),
+                    };
+                    Some((name, rego))
+                }
+                None => None,
+            };
+            let check = c
+                .test_policy(
+                    sandbox.as_deref(),
+                    command,
+                    candidate.as_ref().map(|(n, r)| (n.as_str(), r.as_str())),
+                )
+                .await?;
+            return print_check(&check, *format);
+        }
+    }
+    Ok(0)
+}
+
+/// One line about an audit record's details.
+fn audit_summary(detail: &serde_json::Value) -> String {
+    let Some(obj) = detail.as_object() else {
+        return detail.to_string();
+    };
+    let mut parts = Vec::new();
+    for (k, v) in obj {
+        let v = match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => continue,
+            other => other.to_string(),
+        };
+        let v: String = if v.chars().count() > 80 {
+            format!("{}…", v.chars().take(79).collect::<String>())
+        } else {
+            v
+        };
+        parts.push(format!("{k}={v}"));
+    }
+    parts.join(" ")
 }
 
 fn unreachable_command() -> anyhow::Result<()> {

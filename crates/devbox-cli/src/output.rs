@@ -50,3 +50,9 @@ pub fn ago(rfc3339: &str) -> String {
 pub fn bytes(n: u64) -> String {
     devbox_spec::quantity::format_bytes(n)
 }
+
+/// A time in ms since the epoch, as RFC 3339 (seconds, UTC).
+pub fn time_ms(ms: i64) -> String {
+    let t = SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}

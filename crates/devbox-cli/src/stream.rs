@@ -94,7 +94,24 @@ pub async fn run(
 ) -> Result<i32, ClientError> {
     let signals =
         Signals::register().map_err(|e| ClientError::Protocol(format!("signals: {e}")))?;
-    let (ws, _sandbox, _pid) = client.stream(path, &first).await?;
+    let mut signals = signals;
+    let started = client.stream(path, &first, |a| {
+        eprintln!(
+            "sandbox: waiting for approval {} ({}): {}\nsandbox: approve with `sandbox approve {}`, or deny with `sandbox deny {}`",
+            a.id,
+            a.risk,
+            a.reasons.join("; "),
+            a.id,
+            a.id
+        );
+    });
+    // Until the command starts (it may wait for an approval), an interrupt just leaves.
+    let (ws, _sandbox, _pid) = tokio::select! {
+        r = started => r?,
+        _ = signals.int.recv() => return Ok(130),
+        _ = signals.term.recv() => return Ok(143),
+        _ = signals.hup.recv() => return Ok(129),
+    };
     let raw = if tty && std::io::stdin().is_terminal() {
         RawMode::enter()
     } else {

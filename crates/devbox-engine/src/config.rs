@@ -24,6 +24,10 @@ pub struct EngineConfig {
     pub stop_grace: Duration,
     /// Launchers kept ready in their cgroups (`$DEVBOX_WARM_LAUNCHERS`, default 2; 0: none).
     pub warm_launchers: usize,
+    /// How long an approval waits before it expires (`$DEVBOX_APPROVAL_TIMEOUT`, seconds; default 600).
+    pub approval_timeout: Duration,
+    /// Days audit records and exec logs are kept (`$DEVBOX_RETENTION_DAYS`, default 30; 0: forever).
+    pub retention_days: Option<u32>,
 }
 
 impl EngineConfig {
@@ -52,6 +56,20 @@ impl EngineConfig {
                 .binary()
                 .to_path_buf(),
             stop_grace: Duration::from_secs(10),
+            approval_timeout: Duration::from_secs(
+                std::env::var("DEVBOX_APPROVAL_TIMEOUT")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(600),
+            ),
+            retention_days: match std::env::var("DEVBOX_RETENTION_DAYS")
+                .ok()
+                .and_then(|v| v.parse::<u32>().ok())
+            {
+                Some(0) => None,
+                Some(d) => Some(d),
+                None => Some(30),
+            },
             warm_launchers: std::env::var("DEVBOX_WARM_LAUNCHERS")
                 .ok()
                 .and_then(|v| v.parse().ok())

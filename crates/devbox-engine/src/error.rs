@@ -48,6 +48,15 @@ pub enum EngineError {
     /// The command could not start in the sandbox (not found, not permitted, bad user).
     #[error("{0}")]
     ExecFailed(String),
+    /// The command checks refused the command.
+    #[error("the command was denied: {}", reasons.join("; "))]
+    Denied {
+        /// Why.
+        reasons: Vec<String>,
+    },
+    /// The command needs someone's approval before it runs.
+    #[error("the command needs approval {}: {} (approve it with `sandbox approve {}`)", .0.id, .0.reasons.join("; "), .0.id)]
+    ApprovalRequired(Box<crate::safety::ApprovalInfo>),
     /// Something failed on the host.
     #[error("{0}")]
     Internal(String),
@@ -65,6 +74,8 @@ impl EngineError {
             Self::ImageInUse { .. } => "image_in_use",
             Self::PoolFull(_) => "pool_full",
             Self::ExecFailed(_) => "exec_failed",
+            Self::Denied { .. } => "denied",
+            Self::ApprovalRequired(_) => "approval_required",
             Self::Internal(_) => "internal",
         }
     }

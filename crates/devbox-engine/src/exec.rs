@@ -13,7 +13,12 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::unix::pipe;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use devbox_store::ExecRecord;
+
 use crate::model::ExecRequest;
+use crate::sandbox::new_id;
 use crate::{Engine, EngineError, Result};
 
 /// How a command ended.
@@ -101,23 +106,111 @@ impl AsyncWrite for &Pty {
     }
 }
 
-/// A running command. Read its output, feed its input, then [`ExecSession::wait`].
+/// Output of a command, as it is produced (also written to the exec's log).
 #[derive(Debug)]
+pub struct Output {
+    rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+}
+
+impl Output {
+    /// The next chunk; `None` at the end.
+    pub async fn recv(&mut self) -> Option<bytes::Bytes> {
+        self.rx.recv().await
+    }
+}
+
+/// Most output kept in an exec's log, per stream.
+pub const MAX_LOG: u64 = 16 << 20;
+
+/// Reads `src` to its end: every chunk goes to the log file (up to [`MAX_LOG`]) and to the
+/// returned channel while someone listens.
+fn tee<R>(mut src: R, log: std::path::PathBuf, counter: Arc<AtomicU64>) -> Output
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut file = None;
+        let mut buf = vec![0u8; 32 * 1024];
+        let mut listening = true;
+        loop {
+            let n = match src.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let chunk = bytes::Bytes::copy_from_slice(&buf[..n]);
+            let kept = counter.load(Ordering::Relaxed);
+            if kept < MAX_LOG {
+                if file.is_none() {
+                    if let Some(dir) = log.parent() {
+                        let _ = tokio::fs::create_dir_all(dir).await;
+                    }
+                    file = tokio::fs::File::create(&log).await.ok();
+                }
+                if let Some(f) = file.as_mut() {
+                    let take = n.min((MAX_LOG - kept) as usize);
+                    if f.write_all(&chunk[..take]).await.is_ok() {
+                        counter.fetch_add(take as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+            // A client that went away does not stop the command: its output still goes to the log.
+            if listening && tx.send(chunk).await.is_err() {
+                listening = false;
+            }
+        }
+        if let Some(mut f) = file {
+            let _ = f.flush().await;
+        }
+    });
+    Output { rx }
+}
+
+/// Reads a terminal through a shared handle.
+struct PtyReader(Arc<Pty>);
+
+impl AsyncRead for PtyReader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut r: &Pty = &self.0;
+        Pin::new(&mut r).poll_read(cx, buf)
+    }
+}
+
+/// A running command. Read its output, feed its input, then [`ExecSession::wait`].
 pub struct ExecSession {
     /// Pid inside the sandbox.
     pub pid: i32,
     /// The command's stdin (when asked for, without a tty).
     pub stdin: Option<pipe::Sender>,
-    /// The command's stdout (without a tty).
-    pub stdout: Option<pipe::Receiver>,
+    /// The command's output (with a tty: the terminal's).
+    pub stdout: Option<Output>,
     /// The command's stderr (without a tty).
-    pub stderr: Option<pipe::Receiver>,
-    /// The terminal (with a tty): both input and output.
-    pub tty: Option<Pty>,
+    pub stderr: Option<Output>,
+    /// The terminal (with a tty): write to it, resize it.
+    pub tty: Option<Arc<Pty>>,
     conn: AsyncFd<OwnedFd>,
     sandbox: String,
     /// Snapshot taken before the command, to roll back to if it fails.
     guard: Option<String>,
+    engine: Arc<Engine>,
+    record: std::sync::Mutex<ExecRecord>,
+    started: std::time::Instant,
+    out_bytes: Arc<AtomicU64>,
+    err_bytes: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for ExecSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecSession")
+            .field("pid", &self.pid)
+            .field("sandbox", &self.sandbox)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ExecSession {
@@ -130,11 +223,22 @@ impl ExecSession {
                 .await
                 .map_err(|e| EngineError::internal("exec", e))?;
             match guard.try_io(|c| protocol::recv::<Reply>(c.get_ref().as_fd())) {
-                Ok(Ok(Some((Reply::Exited { code, signal }, _)))) => {
-                    return Ok(ExecExit { code, signal });
+                Ok(Ok(Some((
+                    Reply::Exited {
+                        code,
+                        signal,
+                        cpu_usec,
+                        max_rss_kib,
+                    },
+                    _,
+                )))) => {
+                    let exit = ExecExit { code, signal };
+                    self.finish(Some(&exit), cpu_usec, max_rss_kib).await;
+                    return Ok(exit);
                 }
                 Ok(Ok(Some(_))) => continue,
                 Ok(Ok(None)) => {
+                    self.finish(None, 0, 0).await;
                     return Err(EngineError::WrongState(
                         "the sandbox stopped while the command ran".into(),
                     ));
@@ -143,6 +247,37 @@ impl ExecSession {
                 Err(_would_block) => continue,
             }
         }
+    }
+
+    /// Records how the command ended, in the exec record and the audit log.
+    async fn finish(&self, exit: Option<&ExecExit>, cpu_usec: u64, max_rss_kib: u64) {
+        let mut rec = self
+            .record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        rec.ended_at = Some(devbox_store::now_ms());
+        rec.exit_code = exit.map(|x| x.code);
+        rec.cpu_usec = Some(cpu_usec);
+        rec.max_rss_kib = Some(max_rss_kib);
+        rec.stdout_bytes = self.out_bytes.load(Ordering::Relaxed);
+        rec.stderr_bytes = self.err_bytes.load(Ordering::Relaxed);
+        let duration_ms = self.started.elapsed().as_millis() as u64;
+        let _ = self
+            .engine
+            .blocking(move |e| {
+                e.store.finish_exec(&rec)?;
+                e.audit(
+                    "exec",
+                    Some(&rec.sandbox),
+                    serde_json::json!({
+                        "exec": rec.id, "command": rec.command, "decision": rec.decision, "exit_code": rec.exit_code,
+                        "duration_ms": duration_ms, "cpu_usec": rec.cpu_usec, "max_rss_kib": rec.max_rss_kib,
+                    }),
+                );
+                Ok(())
+            })
+            .await;
     }
 
     /// After the command ended: rolls the sandbox back if it failed under
@@ -216,6 +351,17 @@ impl Engine {
             )));
         }
         let manifest = Self::manifest_of(&rec)?;
+        // The command checks come first: nothing happens for a command that may not run.
+        let text = req
+            .command
+            .clone()
+            .unwrap_or_else(|| crate::safety::shell_join(&argv));
+        let decision = {
+            let (r, t, a) = (rec.clone(), text.clone(), req.approval.clone());
+            let request = serde_json::to_string(req).unwrap_or_default();
+            self.blocking(move |e| e.check_exec(&r, &t, &request, a.as_deref()))
+                .await?
+        };
         // Auto-snapshots (the spec's rollback.autoSnapshot) and guards of
         // --rollback-on-failure are taken before the command runs.
         let auto = manifest.spec.rollback.auto_snapshot;
@@ -358,6 +504,25 @@ impl Engine {
         nonblock(&conn)?;
         let conn = crate::os::async_fd(conn, tokio::io::Interest::READABLE)
             .map_err(|e| EngineError::internal("exec", e))?;
+        let exec_id = new_id();
+        let record = ExecRecord {
+            id: exec_id.clone(),
+            sandbox: rec.name.clone(),
+            command: text.clone(),
+            decision: decision.clone(),
+            actor: crate::safety::current_actor(),
+            started_at: devbox_store::now_ms(),
+            ended_at: None,
+            exit_code: None,
+            cpu_usec: None,
+            max_rss_kib: None,
+            stdout_bytes: 0,
+            stderr_bytes: 0,
+        };
+        {
+            let r = record.clone();
+            self.blocking(move |e| Ok(e.store.insert_exec(&r)?)).await?;
+        }
         let mut session = ExecSession {
             pid,
             stdin: None,
@@ -367,12 +532,25 @@ impl Engine {
             conn,
             sandbox: rec.name.clone(),
             guard,
+            engine: self.clone(),
+            record: std::sync::Mutex::new(record),
+            started: std::time::Instant::now(),
+            out_bytes: Arc::new(AtomicU64::new(0)),
+            err_bytes: Arc::new(AtomicU64::new(0)),
         };
+        let out_log = self.exec_log_path(&rec.name, &exec_id, "stdout");
+        let err_log = self.exec_log_path(&rec.name, &exec_id, "stderr");
         if tty.is_some() {
             let master = fds
                 .pop()
                 .ok_or_else(|| EngineError::Internal("the agent sent no terminal".into()))?;
-            session.tty = Some(Pty::new(master).map_err(|e| EngineError::internal("terminal", e))?);
+            let pty = Arc::new(Pty::new(master).map_err(|e| EngineError::internal("terminal", e))?);
+            session.stdout = Some(tee(
+                PtyReader(pty.clone()),
+                out_log,
+                session.out_bytes.clone(),
+            ));
+            session.tty = Some(pty);
         } else {
             let io_err = |e: io::Error| EngineError::internal("exec pipes", e);
             let mut it = keep.drain(..);
@@ -382,10 +560,12 @@ impl Engine {
                 session.stdin = Some(pipe::Sender::from_owned_fd(w).map_err(io_err)?);
             }
             if let Some(r) = it.next() {
-                session.stdout = Some(pipe::Receiver::from_owned_fd(r).map_err(io_err)?);
+                let rx = pipe::Receiver::from_owned_fd(r).map_err(io_err)?;
+                session.stdout = Some(tee(rx, out_log, session.out_bytes.clone()));
             }
             if let Some(r) = it.next() {
-                session.stderr = Some(pipe::Receiver::from_owned_fd(r).map_err(io_err)?);
+                let rx = pipe::Receiver::from_owned_fd(r).map_err(io_err)?;
+                session.stderr = Some(tee(rx, err_log, session.err_bytes.clone()));
             }
         }
         Ok(session)

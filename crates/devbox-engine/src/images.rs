@@ -19,7 +19,14 @@ fn format_name(f: devbox_image::ImageFormat) -> String {
 impl Engine {
     /// Imports an image from a path on this host.
     pub async fn import_image(self: &Arc<Self>, req: ImportImageRequest) -> Result<ImageInfo> {
-        self.blocking(move |e| e.import_blocking(req)).await
+        let detail = serde_json::json!({"path": req.path, "name": req.name});
+        let r = self.blocking(move |e| e.import_blocking(req)).await;
+        let mut d = detail;
+        if let Ok(i) = &r {
+            d["id"] = i.id.clone().into();
+        }
+        self.audit_result("image.import", None, d, &r);
+        r
     }
 
     fn import_blocking(&self, req: ImportImageRequest) -> Result<ImageInfo> {
@@ -145,29 +152,33 @@ impl Engine {
     /// Removes an image; refused while a sandbox uses it.
     pub async fn remove_image(self: &Arc<Self>, reference: &str) -> Result<()> {
         let reference = reference.to_string();
-        self.blocking(move |e| {
-            if reference == HOST_IMAGE {
-                return Err(EngineError::InvalidRequest(
-                    "the host image is built in and cannot be removed".into(),
-                ));
-            }
-            let rec = e
-                .store
-                .find_image(&reference)?
-                .ok_or_else(|| EngineError::image_not_found(&reference))?;
-            let users = e.store.sandboxes_using_image(&rec.id)?;
-            if !users.is_empty() {
-                return Err(EngineError::ImageInUse {
-                    image: rec.name,
-                    sandboxes: users,
-                });
-            }
-            e.store.delete_image(&rec.id)?;
-            e.pool.set_readonly(&e.images.path(&rec.id), false)?;
-            e.pool.delete_volume(&e.images.path(&rec.id))?;
-            Ok(())
-        })
-        .await
+        let audit_detail = serde_json::json!({"image": reference});
+        let r = self
+            .blocking(move |e| {
+                if reference == HOST_IMAGE {
+                    return Err(EngineError::InvalidRequest(
+                        "the host image is built in and cannot be removed".into(),
+                    ));
+                }
+                let rec = e
+                    .store
+                    .find_image(&reference)?
+                    .ok_or_else(|| EngineError::image_not_found(&reference))?;
+                let users = e.store.sandboxes_using_image(&rec.id)?;
+                if !users.is_empty() {
+                    return Err(EngineError::ImageInUse {
+                        image: rec.name,
+                        sandboxes: users,
+                    });
+                }
+                e.store.delete_image(&rec.id)?;
+                e.pool.set_readonly(&e.images.path(&rec.id), false)?;
+                e.pool.delete_volume(&e.images.path(&rec.id))?;
+                Ok(())
+            })
+            .await;
+        self.audit_result("image.remove", None, audit_detail, &r);
+        r
     }
 }
 

@@ -21,6 +21,7 @@ mod measure;
 pub mod model;
 mod os;
 mod reconcile;
+mod safety;
 mod sandbox;
 mod snapshots;
 mod transfer;
@@ -37,7 +38,8 @@ use devbox_store::Store;
 
 pub use config::EngineConfig;
 pub use error::EngineError;
-pub use exec::{ExecExit, ExecSession, Pty};
+pub use exec::{ExecExit, ExecSession, Output, Pty};
+pub use safety::{ACTOR, ApprovalInfo, PolicyInfo, current_actor, shell_join};
 
 /// Result of engine operations.
 pub type Result<T> = std::result::Result<T, EngineError>;
@@ -53,6 +55,8 @@ pub struct Engine {
     locks: locks::LockTable,
     warm: warm::WarmPool,
     measurer: measure::Measurer,
+    policies: safety::PolicyCache,
+    approval_events: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -84,6 +88,19 @@ impl Engine {
             .await
             .map_err(|e| EngineError::internal("reconcile", e))??;
         engine.refill_warm();
+        // Retention and approval expiry, now and then every minute.
+        let weak = Arc::downgrade(&engine);
+        tokio::spawn(async move {
+            loop {
+                let Some(e) = weak.upgrade() else { return };
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _ = e.expire_approvals();
+                    e.apply_retention()
+                })
+                .await;
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            }
+        });
         Ok(engine)
     }
 
@@ -116,6 +133,8 @@ impl Engine {
             locks: locks::LockTable::default(),
             warm,
             measurer,
+            policies: safety::PolicyCache::default(),
+            approval_events: tokio::sync::watch::channel(0).0,
         }))
     }
 
@@ -148,7 +167,8 @@ impl Engine {
         f: impl FnOnce(Arc<Engine>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || f(me))
+        let actor = safety::current_actor();
+        tokio::task::spawn_blocking(move || safety::with_actor(actor, || f(me)))
             .await
             .map_err(|e| EngineError::internal("engine task", e))?
     }

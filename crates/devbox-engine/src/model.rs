@@ -125,6 +125,9 @@ pub struct ExecRequest {
     /// Take a snapshot first, and roll back to it if the command exits non-zero.
     #[serde(default)]
     pub rollback_on_failure: bool,
+    /// An approved approval for exactly this command (when the checks require one).
+    #[serde(default)]
+    pub approval: Option<String>,
 }
 
 impl ExecRequest {

@@ -86,8 +86,16 @@ impl Engine {
         req: CreateSandboxRequest,
         ephemeral: bool,
     ) -> Result<SandboxInfo> {
-        self.blocking(move |e| e.create_blocking(req, ephemeral))
-            .await
+        let name = req
+            .name
+            .clone()
+            .or_else(|| req.manifest.as_ref().and_then(|m| m.metadata.name.clone()));
+        let detail = serde_json::json!({"manifest": req.manifest, "start": req.start, "ephemeral": ephemeral});
+        let r = self
+            .blocking(move |e| e.create_blocking(req, ephemeral))
+            .await;
+        self.audit_result("sandbox.create", name.as_deref(), detail, &r);
+        r
     }
 
     fn create_blocking(
@@ -392,24 +400,33 @@ impl Engine {
     /// Starts a stopped sandbox.
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<SandboxInfo> {
         let name = name.to_string();
-        self.blocking(move |e| {
-            let lock = e.locks.get(&name);
-            let _guard = lock.blocking_lock();
-            let mut rec = e.record(&name)?;
-            match rec.state {
-                SandboxState::Running => return e.info(&rec, false),
-                s if !s.can_start() => {
-                    return Err(EngineError::WrongState(format!(
-                        "sandbox {name} is {s:?}; try again shortly"
-                    )));
+        let audit_name = name.to_string();
+        let r = self
+            .blocking(move |e| {
+                let lock = e.locks.get(&name);
+                let _guard = lock.blocking_lock();
+                let mut rec = e.record(&name)?;
+                match rec.state {
+                    SandboxState::Running => return e.info(&rec, false),
+                    s if !s.can_start() => {
+                        return Err(EngineError::WrongState(format!(
+                            "sandbox {name} is {s:?}; try again shortly"
+                        )));
+                    }
+                    _ => {}
                 }
-                _ => {}
-            }
-            let manifest = Self::manifest_of(&rec)?;
-            e.launch(&mut rec, &manifest)?;
-            e.info(&rec, false)
-        })
-        .await
+                let manifest = Self::manifest_of(&rec)?;
+                e.launch(&mut rec, &manifest)?;
+                e.info(&rec, false)
+            })
+            .await;
+        self.audit_result(
+            "sandbox.start",
+            Some(&audit_name),
+            serde_json::json!({}),
+            &r,
+        );
+        r
     }
 
     /// Stops a sandbox: SIGTERM to every process, SIGKILL after `grace` (default from config).
@@ -419,16 +436,25 @@ impl Engine {
         grace: Option<Duration>,
     ) -> Result<SandboxInfo> {
         let name = name.to_string();
-        self.blocking(move |e| {
-            let lock = e.locks.get(&name);
-            let _guard = lock.blocking_lock();
-            let mut rec = e.record(&name)?;
-            if rec.state == SandboxState::Running {
-                e.halt(&mut rec, grace.unwrap_or(e.cfg.stop_grace))?;
-            }
-            e.info(&rec, false)
-        })
-        .await
+        let audit_name = name.to_string();
+        let r = self
+            .blocking(move |e| {
+                let lock = e.locks.get(&name);
+                let _guard = lock.blocking_lock();
+                let mut rec = e.record(&name)?;
+                if rec.state == SandboxState::Running {
+                    e.halt(&mut rec, grace.unwrap_or(e.cfg.stop_grace))?;
+                }
+                e.info(&rec, false)
+            })
+            .await;
+        self.audit_result(
+            "sandbox.stop",
+            Some(&audit_name),
+            serde_json::json!({"grace_ms": grace.map(|g| g.as_millis() as u64)}),
+            &r,
+        );
+        r
     }
 
     /// Stops the init (gracefully, then by force), releases the runtime, records `stopped`.
@@ -470,20 +496,29 @@ impl Engine {
     /// cgroups, runtime state, storage and record.
     pub async fn destroy(self: &Arc<Self>, name: &str, force: bool) -> Result<()> {
         let name = name.to_string();
-        self.blocking(move |e| {
-            let lock = e.locks.get(&name);
-            let _guard = lock.blocking_lock();
-            let mut rec = e.record(&name)?;
-            e.destroy_locked(
-                &mut rec,
-                if force {
-                    Duration::ZERO
-                } else {
-                    e.cfg.stop_grace
-                },
-            )
-        })
-        .await
+        let audit_name = name.to_string();
+        let r = self
+            .blocking(move |e| {
+                let lock = e.locks.get(&name);
+                let _guard = lock.blocking_lock();
+                let mut rec = e.record(&name)?;
+                e.destroy_locked(
+                    &mut rec,
+                    if force {
+                        Duration::ZERO
+                    } else {
+                        e.cfg.stop_grace
+                    },
+                )
+            })
+            .await;
+        self.audit_result(
+            "sandbox.destroy",
+            Some(&audit_name),
+            serde_json::json!({"force": force}),
+            &r,
+        );
+        r
     }
 
     pub(crate) fn destroy_locked(&self, rec: &mut SandboxRecord, grace: Duration) -> Result<()> {

@@ -109,14 +109,24 @@ impl Engine {
         req: SnapshotRequest,
     ) -> Result<SnapshotInfo> {
         let name = name.to_string();
-        self.blocking(move |e| {
-            let lock = e.locks.get(&name);
-            let _guard = lock.blocking_lock();
-            let mut rec = e.record(&name)?;
-            let snap = e.snapshot_locked(&mut rec, req, false)?;
-            e.snapshot_info(&rec, &snap, &e.store.snapshots_of(&rec.id)?)
-        })
-        .await
+        let audit_name = name.to_string();
+        let audit_req = serde_json::to_value(&req).unwrap_or_default();
+        let r = self
+            .blocking(move |e| {
+                let lock = e.locks.get(&name);
+                let _guard = lock.blocking_lock();
+                let mut rec = e.record(&name)?;
+                let snap = e.snapshot_locked(&mut rec, req, false)?;
+                e.snapshot_info(&rec, &snap, &e.store.snapshots_of(&rec.id)?)
+            })
+            .await;
+        self.audit_result(
+            "snapshot.create",
+            Some(&audit_name),
+            serde_json::json!({"snapshot": audit_req}),
+            &r,
+        );
+        r
     }
 
     pub(crate) fn snapshot_locked(
@@ -248,15 +258,25 @@ impl Engine {
         req: RollbackRequest,
     ) -> Result<SandboxInfo> {
         let name = name.to_string();
-        self.blocking(move |e| {
-            let lock = e.locks.get(&name);
-            let _guard = lock.blocking_lock();
-            let mut rec = e.record(&name)?;
-            let target = e.find_snapshot(&rec, &req.to)?;
-            e.rollback_locked(&mut rec, &target, &req.paths)?;
-            e.info(&rec, false)
-        })
-        .await
+        let audit_name = name.to_string();
+        let audit_req = serde_json::to_value(&req).unwrap_or_default();
+        let r = self
+            .blocking(move |e| {
+                let lock = e.locks.get(&name);
+                let _guard = lock.blocking_lock();
+                let mut rec = e.record(&name)?;
+                let target = e.find_snapshot(&rec, &req.to)?;
+                e.rollback_locked(&mut rec, &target, &req.paths)?;
+                e.info(&rec, false)
+            })
+            .await;
+        self.audit_result(
+            "sandbox.rollback",
+            Some(&audit_name),
+            serde_json::json!({"rollback": audit_req}),
+            &r,
+        );
+        r
     }
 
     pub(crate) fn rollback_locked(
@@ -416,63 +436,73 @@ impl Engine {
         req: CloneRequest,
     ) -> Result<SandboxInfo> {
         let source = source.to_string();
-        self.blocking(move |e| {
-            let new_name = Name::new(&req.name)?;
-            let (src, snap, mut manifest) = {
-                let lock = e.locks.get(&source);
+        let audit_name = source.to_string();
+        let audit_req = serde_json::to_value(&req).unwrap_or_default();
+        let r = self
+            .blocking(move |e| {
+                let new_name = Name::new(&req.name)?;
+                let (src, snap, mut manifest) = {
+                    let lock = e.locks.get(&source);
+                    let _guard = lock.blocking_lock();
+                    let src = e.record(&source)?;
+                    let snap = e.find_snapshot(&src, &req.snapshot)?;
+                    let manifest: SandboxManifest = Self::manifest_of(&src)?;
+                    (src, snap, manifest)
+                };
+                manifest.metadata.name = Some(new_name.to_string());
+                let lock = e.locks.get(new_name.as_str());
                 let _guard = lock.blocking_lock();
-                let src = e.record(&source)?;
-                let snap = e.find_snapshot(&src, &req.snapshot)?;
-                let manifest: SandboxManifest = Self::manifest_of(&src)?;
-                (src, snap, manifest)
-            };
-            manifest.metadata.name = Some(new_name.to_string());
-            let lock = e.locks.get(new_name.as_str());
-            let _guard = lock.blocking_lock();
-            let rec = SandboxRecord {
-                id: new_id(),
-                name: new_name.to_string(),
-                manifest: serde_json::to_string(&manifest)
-                    .map_err(|e| EngineError::internal("spec", e))?,
-                image_id: src.image_id.clone(),
-                state: SandboxState::Creating,
-                uid_base: 0,
-                init_pid: None,
-                init_start: None,
-                created_at: now_ms(),
-                started_at: None,
-                stopped_at: None,
-                last_error: None,
-                ephemeral: false,
-                cgroup: None,
-                head: None,
-                origin: Some(snap.id.clone()),
-                pending: None,
-            };
-            let mut rec = e.store.insert_sandbox(&rec).map_err(|err| match err {
-                StoreError::Conflict(_) => EngineError::AlreadyExists {
-                    kind: "sandbox",
+                let rec = SandboxRecord {
+                    id: new_id(),
                     name: new_name.to_string(),
-                },
-                other => other.into(),
-            })?;
-            let made = (|| {
-                e.pool
-                    .snapshot(&e.snapshot_path(&snap), &e.sandbox_volume(&rec.id), false)?;
-                if req.start {
-                    e.launch(&mut rec, &manifest)
-                } else {
-                    rec.state = SandboxState::Stopped;
-                    Ok(e.store.update_sandbox(&rec)?)
+                    manifest: serde_json::to_string(&manifest)
+                        .map_err(|e| EngineError::internal("spec", e))?,
+                    image_id: src.image_id.clone(),
+                    state: SandboxState::Creating,
+                    uid_base: 0,
+                    init_pid: None,
+                    init_start: None,
+                    created_at: now_ms(),
+                    started_at: None,
+                    stopped_at: None,
+                    last_error: None,
+                    ephemeral: false,
+                    cgroup: None,
+                    head: None,
+                    origin: Some(snap.id.clone()),
+                    pending: None,
+                };
+                let mut rec = e.store.insert_sandbox(&rec).map_err(|err| match err {
+                    StoreError::Conflict(_) => EngineError::AlreadyExists {
+                        kind: "sandbox",
+                        name: new_name.to_string(),
+                    },
+                    other => other.into(),
+                })?;
+                let made = (|| {
+                    e.pool
+                        .snapshot(&e.snapshot_path(&snap), &e.sandbox_volume(&rec.id), false)?;
+                    if req.start {
+                        e.launch(&mut rec, &manifest)
+                    } else {
+                        rec.state = SandboxState::Stopped;
+                        Ok(e.store.update_sandbox(&rec)?)
+                    }
+                })();
+                if let Err(err) = made {
+                    e.discard(&rec);
+                    return Err(err);
                 }
-            })();
-            if let Err(err) = made {
-                e.discard(&rec);
-                return Err(err);
-            }
-            e.info(&rec, false)
-        })
-        .await
+                e.info(&rec, false)
+            })
+            .await;
+        self.audit_result(
+            "sandbox.clone",
+            Some(&audit_name),
+            serde_json::json!({"clone": audit_req}),
+            &r,
+        );
+        r
     }
 
     /// Deletes a snapshot; refused while a sandbox cloned from it exists, unless `force`.
@@ -483,7 +513,9 @@ impl Engine {
         force: bool,
     ) -> Result<()> {
         let (name, snapshot) = (name.to_string(), snapshot.to_string());
-        self.blocking(move |e| {
+        let audit_name = name.to_string();
+        let audit_detail = serde_json::json!({"snapshot": snapshot, "force": force});
+        let r = self.blocking(move |e| {
             let lock = e.locks.get(&name);
             let _guard = lock.blocking_lock();
             let rec = e.record(&name)?;
@@ -498,7 +530,9 @@ impl Engine {
             }
             e.remove_snapshot(snap)
         })
-        .await
+        .await;
+        self.audit_result("snapshot.delete", Some(&audit_name), audit_detail, &r);
+        r
     }
 
     pub(crate) fn remove_snapshot(&self, mut snap: SnapshotRecord) -> Result<()> {

@@ -132,90 +132,98 @@ impl Engine {
     /// and removes it.
     pub async fn export_snapshot(self: &Arc<Self>, name: &str, snapshot: &str) -> Result<PathBuf> {
         let (name, snapshot) = (name.to_string(), snapshot.to_string());
-        self.blocking(move |e| {
-            let rec = e.record(&name)?;
-            let snap = e.find_snapshot(&rec, &snapshot)?;
-            let manifest = Self::manifest_of(&rec)?;
-            let image_name = if rec.image_id == HOST_IMAGE {
-                HOST_IMAGE.to_string()
-            } else {
-                e.store
-                    .images()?
-                    .into_iter()
-                    .find(|i| i.id == rec.image_id)
-                    .map(|i| i.name)
-                    .unwrap_or_default()
-            };
-            let layer_path = e.scratch_path("export-layer");
-            let out_path = e.scratch_path("export");
-            let written = (|| -> Result<()> {
-                let file = std::fs::File::create(&layer_path).map_err(io_err("export"))?;
-                let mut w = HashingWriter {
-                    inner: io::BufWriter::new(file),
-                    hasher: Sha256::new(),
-                    count: 0,
+        let audit_name = name.to_string();
+        let audit_detail = serde_json::json!({"snapshot": snapshot});
+        let r = self
+            .blocking(move |e| {
+                let rec = e.record(&name)?;
+                let snap = e.find_snapshot(&rec, &snapshot)?;
+                let manifest = Self::manifest_of(&rec)?;
+                let image_name = if rec.image_id == HOST_IMAGE {
+                    HOST_IMAGE.to_string()
+                } else {
+                    e.store
+                        .images()?
+                        .into_iter()
+                        .find(|i| i.id == rec.image_id)
+                        .map(|i| i.name)
+                        .unwrap_or_default()
                 };
-                w = devbox_storage::layers::archive(&e.snapshot_path(&snap).join("upper"), w)
-                    .map_err(io_err("export layer"))?;
-                w.flush().map_err(io_err("export"))?;
-                let digest = format!("sha256:{}", hex::encode(w.hasher.finalize()));
-                let manifest = ArchiveManifest {
-                    format: SNAPSHOT_FORMAT.into(),
-                    snapshot: ArchivedSnapshot {
-                        name: snap.name.clone(),
-                        created_at: rfc3339(snap.created_at),
-                        message: snap.message.clone(),
-                        labels: serde_json::from_str(&snap.labels).unwrap_or_default(),
-                    },
-                    sandbox: ArchivedSandbox {
-                        name: rec.name.clone(),
-                        manifest,
-                    },
-                    image: ArchivedImage {
-                        id: rec.image_id.clone(),
-                        name: image_name,
-                    },
-                    layer: ArchivedLayer {
-                        digest,
-                        size: w.count,
-                    },
-                };
-                let json = serde_json::to_vec_pretty(&manifest)
-                    .map_err(|e| EngineError::internal("manifest", e))?;
-                let out = std::fs::File::create(&out_path).map_err(io_err("export"))?;
-                let zst = zstd::stream::write::Encoder::new(out, 3).map_err(io_err("export"))?;
-                let mut tar = tar::Builder::new(zst);
-                let mut h = tar::Header::new_gnu();
-                h.set_size(json.len() as u64);
-                h.set_mode(0o644);
-                h.set_mtime((now_ms() / 1000) as u64);
-                tar.append_data(&mut h, "manifest.json", &json[..])
-                    .map_err(io_err("export"))?;
-                let mut layer = std::fs::File::open(&layer_path).map_err(io_err("export"))?;
-                let mut h = tar::Header::new_gnu();
-                h.set_size(manifest.layer.size);
-                h.set_mode(0o644);
-                h.set_mtime((now_ms() / 1000) as u64);
-                tar.append_data(&mut h, "layer.tar", &mut layer)
-                    .map_err(io_err("export"))?;
-                let zst = tar.into_inner().map_err(io_err("export"))?;
-                zst.finish()
-                    .map_err(io_err("export"))?
-                    .sync_all()
-                    .map_err(io_err("export"))?;
-                Ok(())
-            })();
-            let _ = std::fs::remove_file(&layer_path);
-            if let Err(err) = written {
-                let _ = std::fs::remove_file(&out_path);
-                return Err(match err {
-                    EngineError::Internal(m) if m.contains("No space left") => e.pool.full().into(),
-                    other => other,
-                });
-            }
-            Ok(out_path)
-        })
-        .await
+                let layer_path = e.scratch_path("export-layer");
+                let out_path = e.scratch_path("export");
+                let written = (|| -> Result<()> {
+                    let file = std::fs::File::create(&layer_path).map_err(io_err("export"))?;
+                    let mut w = HashingWriter {
+                        inner: io::BufWriter::new(file),
+                        hasher: Sha256::new(),
+                        count: 0,
+                    };
+                    w = devbox_storage::layers::archive(&e.snapshot_path(&snap).join("upper"), w)
+                        .map_err(io_err("export layer"))?;
+                    w.flush().map_err(io_err("export"))?;
+                    let digest = format!("sha256:{}", hex::encode(w.hasher.finalize()));
+                    let manifest = ArchiveManifest {
+                        format: SNAPSHOT_FORMAT.into(),
+                        snapshot: ArchivedSnapshot {
+                            name: snap.name.clone(),
+                            created_at: rfc3339(snap.created_at),
+                            message: snap.message.clone(),
+                            labels: serde_json::from_str(&snap.labels).unwrap_or_default(),
+                        },
+                        sandbox: ArchivedSandbox {
+                            name: rec.name.clone(),
+                            manifest,
+                        },
+                        image: ArchivedImage {
+                            id: rec.image_id.clone(),
+                            name: image_name,
+                        },
+                        layer: ArchivedLayer {
+                            digest,
+                            size: w.count,
+                        },
+                    };
+                    let json = serde_json::to_vec_pretty(&manifest)
+                        .map_err(|e| EngineError::internal("manifest", e))?;
+                    let out = std::fs::File::create(&out_path).map_err(io_err("export"))?;
+                    let zst =
+                        zstd::stream::write::Encoder::new(out, 3).map_err(io_err("export"))?;
+                    let mut tar = tar::Builder::new(zst);
+                    let mut h = tar::Header::new_gnu();
+                    h.set_size(json.len() as u64);
+                    h.set_mode(0o644);
+                    h.set_mtime((now_ms() / 1000) as u64);
+                    tar.append_data(&mut h, "manifest.json", &json[..])
+                        .map_err(io_err("export"))?;
+                    let mut layer = std::fs::File::open(&layer_path).map_err(io_err("export"))?;
+                    let mut h = tar::Header::new_gnu();
+                    h.set_size(manifest.layer.size);
+                    h.set_mode(0o644);
+                    h.set_mtime((now_ms() / 1000) as u64);
+                    tar.append_data(&mut h, "layer.tar", &mut layer)
+                        .map_err(io_err("export"))?;
+                    let zst = tar.into_inner().map_err(io_err("export"))?;
+                    zst.finish()
+                        .map_err(io_err("export"))?
+                        .sync_all()
+                        .map_err(io_err("export"))?;
+                    Ok(())
+                })();
+                let _ = std::fs::remove_file(&layer_path);
+                if let Err(err) = written {
+                    let _ = std::fs::remove_file(&out_path);
+                    return Err(match err {
+                        EngineError::Internal(m) if m.contains("No space left") => {
+                            e.pool.full().into()
+                        }
+                        other => other,
+                    });
+                }
+                Ok(out_path)
+            })
+            .await;
+        self.audit_result("snapshot.export", Some(&audit_name), audit_detail, &r);
+        r
     }
 
     /// Makes a sandbox from a snapshot archive (its state is the snapshot, which heads its
@@ -226,8 +234,17 @@ impl Engine {
         name: Option<String>,
         start: bool,
     ) -> Result<SandboxInfo> {
-        self.blocking(move |e| e.import_snapshot_blocking(&archive, name, start))
-            .await
+        let detail = serde_json::json!({"name": name, "start": start});
+        let r = self
+            .blocking(move |e| e.import_snapshot_blocking(&archive, name, start))
+            .await;
+        self.audit_result(
+            "snapshot.import",
+            r.as_ref().ok().map(|i| i.name.as_str()),
+            detail,
+            &r,
+        );
+        r
     }
 
     fn import_snapshot_blocking(

@@ -11,7 +11,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{SockFlag, accept4};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 
 use crate::protocol::{self, ExecRequest, FailureKind, Reply, Request};
@@ -191,19 +191,17 @@ fn count_processes() -> u32 {
 }
 
 fn reap(conns: &mut [Conn]) {
-    loop {
-        let (pid, code, signal) = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) => (pid.as_raw(), code, None),
-            Ok(WaitStatus::Signaled(pid, sig, _)) => {
-                (pid.as_raw(), 128 + sig as i32, Some(sig as i32))
-            }
-            Ok(WaitStatus::StillAlive) | Err(_) => return,
-            Ok(_) => continue,
-        };
-        if let Some(c) = conns.iter_mut().find(|c| c.child == Some(pid)) {
+    while let Some(r) = sys::reap_one() {
+        if let Some(c) = conns.iter_mut().find(|c| c.child == Some(r.pid)) {
             c.child = None;
             c.master = None;
-            let _ = protocol::send(c.fd.as_fd(), &Reply::Exited { code, signal }, &[]);
+            let reply = Reply::Exited {
+                code: r.code,
+                signal: r.signal,
+                cpu_usec: r.cpu_usec,
+                max_rss_kib: r.max_rss_kib,
+            };
+            let _ = protocol::send(c.fd.as_fd(), &reply, &[]);
         }
     }
 }

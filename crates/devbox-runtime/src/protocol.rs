@@ -110,6 +110,12 @@ pub enum Reply {
         code: i32,
         /// The signal that killed it, if any.
         signal: Option<i32>,
+        /// CPU time it used (user + system), microseconds.
+        #[serde(default)]
+        cpu_usec: u64,
+        /// Its peak resident memory, KiB.
+        #[serde(default)]
+        max_rss_kib: u64,
     },
     /// The request failed; nothing runs.
     Failed {

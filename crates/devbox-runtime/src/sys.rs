@@ -292,3 +292,47 @@ pub fn get_winsize(fd: RawFd) -> io::Result<(u16, u16)> {
     }
     Ok((ws.ws_row, ws.ws_col))
 }
+
+/// How a reaped child ended and what it used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reaped {
+    /// Its pid.
+    pub pid: i32,
+    /// Exit code, or 128 + signal.
+    pub code: i32,
+    /// The signal that killed it.
+    pub signal: Option<i32>,
+    /// User + system CPU time, microseconds.
+    pub cpu_usec: u64,
+    /// Peak resident set, KiB.
+    pub max_rss_kib: u64,
+}
+
+/// Reaps one exited child without blocking (`wait4`), with its resource use.
+pub fn reap_one() -> Option<Reaped> {
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: rusage is plain data; zeroed is valid and wait4 fills it.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: wait4 writes into `status` and `ru`, both valid for the call.
+        let pid = unsafe { libc::wait4(-1, &mut status, libc::WNOHANG, &mut ru) };
+        if pid <= 0 {
+            return None;
+        }
+        let (code, signal) = if libc::WIFEXITED(status) {
+            (libc::WEXITSTATUS(status), None)
+        } else if libc::WIFSIGNALED(status) {
+            (128 + libc::WTERMSIG(status), Some(libc::WTERMSIG(status)))
+        } else {
+            continue; // stopped or continued: not an end
+        };
+        let usec = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+        return Some(Reaped {
+            pid,
+            code,
+            signal,
+            cpu_usec: usec(ru.ru_utime) + usec(ru.ru_stime),
+            max_rss_kib: ru.ru_maxrss as u64,
+        });
+    }
+}

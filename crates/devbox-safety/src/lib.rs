@@ -5,6 +5,7 @@
 //! sandbox's isolation is the boundary. Anything the parser cannot resolve statically
 //! (a variable set at run time, a script file's contents) is invisible to it.
 
+pub mod input;
 pub mod parse;
 pub mod policy;
 pub mod rules;
@@ -51,16 +52,8 @@ pub fn check(text: &str, ctx: &CheckContext, policies: &PolicySet) -> Check {
     let parsed = parse::parse(text);
     let findings = rules::check(&parsed);
     let risk = findings.iter().map(|f| f.risk).max().unwrap_or(Risk::None);
-    let input = serde_json::json!({
-        "text": text,
-        "commands": parsed.invocations,
-        "findings": findings,
-        "risk": risk,
-        "parse_errors": parsed.errors,
-        "sandbox": {"name": ctx.sandbox, "labels": ctx.labels, "spec": ctx.spec},
-        "actor": {"name": ctx.actor},
-    });
-    let (decision, verdicts) = policies.decide(&input);
+    let input = input::build(text, &parsed, &findings, risk, ctx);
+    let (decision, verdicts) = policies.decide_value(&input);
     let mut reasons: Vec<String> = verdicts
         .iter()
         .filter(|v| v.decision == decision)

@@ -34,6 +34,8 @@ pub enum ApprovalState {
     Expired,
     /// Approved, and the command ran.
     Used,
+    /// Whoever waited for it left before a decision (an exec stream closed).
+    Withdrawn,
 }
 
 impl ApprovalState {
@@ -44,6 +46,7 @@ impl ApprovalState {
             Self::Denied => "denied",
             Self::Expired => "expired",
             Self::Used => "used",
+            Self::Withdrawn => "withdrawn",
         }
     }
 
@@ -54,6 +57,7 @@ impl ApprovalState {
             "denied" => Self::Denied,
             "expired" => Self::Expired,
             "used" => Self::Used,
+            "withdrawn" => Self::Withdrawn,
             o => return Err(StoreError::Decode(format!("approval state {o:?}"))),
         })
     }
@@ -140,6 +144,10 @@ pub struct AuditVerification {
     pub first_broken: Option<i64>,
     /// What is wrong with it.
     pub problem: Option<String>,
+    /// The hash of the newest record: kept elsewhere, it also reveals records cut from the
+    /// end of the log, which no chain can show by itself.
+    #[serde(default)]
+    pub head: Option<String>,
 }
 
 /// One exec, as recorded.
@@ -418,7 +426,7 @@ impl Store {
             while let Some(r) = rows.next()? {
                 let rec = finish_audit(audit_row(r)?);
                 n += 1;
-                let broken = |problem: String| AuditVerification { records: n, ok: false, first_broken: Some(rec.seq), problem: Some(problem) };
+                let broken = |problem: String| AuditVerification { records: n, ok: false, first_broken: Some(rec.seq), problem: Some(problem), head: None };
                 if let Some(s) = expected_seq
                     && rec.seq != s
                 {
@@ -434,7 +442,8 @@ impl Store {
                 expected_prev = rec.hash.clone();
                 expected_seq = Some(rec.seq + 1);
             }
-            Ok(AuditVerification { records: n, ok: true, first_broken: None, problem: None })
+            let head = (n > 0).then_some(expected_prev);
+            Ok(AuditVerification { records: n, ok: true, first_broken: None, problem: None, head })
         })
     }
 

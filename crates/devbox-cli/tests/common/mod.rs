@@ -47,6 +47,8 @@ pub struct TestEnv {
     pub pool_size: String,
     /// `DEVBOX_POOL` for the daemon: `None` for the default btrfs loop file.
     pub pool_spec: Option<String>,
+    /// Extra environment of the daemon.
+    pub daemon_env: Vec<(String, String)>,
     daemon: Option<Child>,
 }
 
@@ -109,6 +111,8 @@ impl TestEnv {
             socket,
             pool_size: size.to_string(),
             pool_spec: None,
+            // A command that unexpectedly needs approval fails in a minute, not ten.
+            daemon_env: vec![("DEVBOX_APPROVAL_TIMEOUT".into(), "60".into())],
             daemon: None,
         };
         if copy {
@@ -143,6 +147,7 @@ impl TestEnv {
             .expect("log");
         let mut cmd = Command::new(sandbox_bin());
         self.envs(&mut cmd);
+        cmd.envs(self.daemon_env.iter().map(|(k, v)| (k, v)));
         cmd.arg("daemon")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -179,6 +184,13 @@ impl TestEnv {
         }
     }
 
+    /// Restarts the daemon with `key=value` added to its environment.
+    pub fn restart_with_env(&mut self, key: &str, value: &str) {
+        self.stop_daemon();
+        self.daemon_env.push((key.to_string(), value.to_string()));
+        self.start_daemon();
+    }
+
     /// Stops the daemon with SIGTERM.
     pub fn stop_daemon(&mut self) {
         if let Some(mut c) = self.daemon.take() {
@@ -196,6 +208,18 @@ impl TestEnv {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Replaces the built-in default policy with one that allows everything, for tests that
+    /// run dangerous commands on purpose to show the isolation holds without the guardrail.
+    pub fn allow_everything(&self) {
+        let file = self.root.path().join("allow-all.rego");
+        std::fs::write(
+            &file,
+            "package devbox.allow_all\nimport rego.v1\ndefault decision := \"allow\"\nreasons := []\n",
+        )
+        .unwrap();
+        self.ok(&["policy", "add", "default", "-f", file.to_str().unwrap()]);
     }
 
     /// A `sandbox` command with this environment.
