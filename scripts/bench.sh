@@ -6,6 +6,8 @@
 #   idle cost: host memory per idle sandbox (50 by default; BENCH_IDLE=500 for the scale test)
 #   snapshots: snapshot and rollback with 10 MB, 200 MB and 1 GB of changes  vs  podman commit,
 #              cp -a; diff between two snapshots 10,000 files apart (scripts/bench_snapshots.py)
+#   command checks: parse + rules + policies for commands up to 4 KB
+#                   (crates/devbox-safety/benches/validate.rs)
 #
 # Prints medians and ratios and writes them to bench-results/. Needs root. Installs the peers
 # from Debian (scripts/deps.sh bench) and builds dev-box in release mode.
@@ -125,6 +127,9 @@ for i in $(seq 1 "$idle"); do echo "idle-$i"; done | xargs -n 50 "$bin/sandbox" 
 echo "== snapshots (10 MB, 200 MB, 1 GB of changes)"
 python3 scripts/bench_snapshots.py "$bin/sandbox" "${podman[*]}" "$work" "${BENCH_SNAP_RUNS:-20}" > "$work/snapshots.md"
 
+echo "== command checks (in-process: parse, rules, policies)"
+cargo bench -q -p devbox-safety --bench validate 2>/dev/null | grep '^|' > "$work/validate.md"
+
 python3 - "$work" "$out" "$idle" "$before" "$after" "$rss_before" "$rss_after" "$running" "$last_ok" "$cgmem" "$pss" "$begin" "$end" <<'EOF'
 import json, sys, platform, datetime
 work, out, idle = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -157,6 +162,7 @@ lines += [
     "",
 ]
 lines.append(open(f"{work}/snapshots.md").read())
+lines += ["", "## Command checks (what a check adds to an exec, default policy)", "", open(f"{work}/validate.md").read()]
 text = "\n".join(lines)
 print(text)
 open(f"{out}/results.md", "w").write(text + "\n")

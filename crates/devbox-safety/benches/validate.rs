@@ -87,8 +87,44 @@ fn main() {
     for size in [256, 1024, 4096] {
         cases.push((format!("developer chain ~{size} B"), command_of(size)));
     }
-    for (name, text) in &cases {
-        let (median, p99) = measure(text, &ctx, &policies, runs);
+    // What agents send most at this size: a file written through a heredoc, and a script.
+    let body: String = (0..80)
+        .map(|i| format!("    let value_{i} = compute(input, {i}); // step {i}\n"))
+        .collect();
+    let heredoc =
+        format!("cat > /work/src/gen.rs <<'EOF'\nfn main() {{\n{body}}}\nEOF\ncargo check -q");
+    cases.push((
+        "heredoc file write".into(),
+        heredoc[..heredoc.len().min(4096)].to_string(),
+    ));
+    let script: String = (0..105)
+        .map(|i| format!("print(sum(x * {i} for x in range(10)))\n"))
+        .collect();
+    cases.push(("python3 -c script".into(), format!("python3 -c '{script}'")));
+    let mut rows: Vec<(String, String, &PolicySet)> = cases
+        .into_iter()
+        .map(|(name, text)| (name, text, &policies))
+        .collect();
+    // A policy that reads the commands makes the input carry them all.
+    let with_commands = match PolicySet::new(&[devbox_safety::PolicySource {
+        name: "no_publish".into(),
+        rego: "package devbox.no_publish\nimport rego.v1\ndefault decision := \"allow\"\n\
+               decision := \"deny\" if { some c in input.commands; c.program == \"npm\"; c.args[0] == \"publish\" }\n"
+            .into(),
+    }]) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("the bench policy does not compile: {e}");
+            std::process::exit(1);
+        }
+    };
+    rows.push((
+        "developer chain ~4096 B, + a policy reading commands".into(),
+        command_of(4096),
+        &with_commands,
+    ));
+    for (name, text, policies) in &rows {
+        let (median, p99) = measure(text, &ctx, policies, runs);
         println!(
             "| {name} | {} | {:.1} µs | {:.1} µs |",
             text.len(),

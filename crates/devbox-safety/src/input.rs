@@ -1,7 +1,7 @@
 //! The input policies decide on, built straight into Rego values.
 //!
 //! The shape is the JSON one (`serde_json::json!` over the same types, see the test below):
-//! `text`, `commands` (the [`Invocation`]s), `findings`, `risk`, `parse_errors`,
+//! `text`, `commands` (the [`Invocation`]s; left out when no policy reads them), `findings`, `risk`, `parse_errors`,
 //! `sandbox: {name, labels, spec}`, `actor: {name}`. Building it directly instead of through
 //! `serde_json::Value` halves the time a check spends before the policies run.
 
@@ -142,13 +142,15 @@ fn finding(k: &Keys, f: &Finding) -> Value {
     Value::from(m)
 }
 
-/// The policies' input for one check.
+/// The policies' input for one check; `commands` only `with_commands` (building them is most
+/// of the cost for long texts, and only policies that read them need them).
 pub fn build(
     text: &str,
     parsed: &Parsed,
     findings: &[Finding],
     risk: Risk,
     ctx: &CheckContext,
+    with_commands: bool,
 ) -> Value {
     let k = Keys::new();
     let mut labels = BTreeMap::new();
@@ -164,16 +166,18 @@ pub fn build(
 
     let mut m = BTreeMap::new();
     m.insert(Value::from("text"), Value::from(text));
-    m.insert(
-        Value::from("commands"),
-        Value::from(
-            parsed
-                .invocations
-                .iter()
-                .map(|inv| invocation(&k, inv))
-                .collect::<Vec<_>>(),
-        ),
-    );
+    if with_commands {
+        m.insert(
+            Value::from("commands"),
+            Value::from(
+                parsed
+                    .invocations
+                    .iter()
+                    .map(|inv| invocation(&k, inv))
+                    .collect::<Vec<_>>(),
+            ),
+        );
+    }
     m.insert(
         Value::from("findings"),
         Value::from(findings.iter().map(|f| finding(&k, f)).collect::<Vec<_>>()),
@@ -230,7 +234,7 @@ mod tests {
             let parsed = crate::parse::parse(text);
             let findings = crate::rules::check(&parsed);
             let risk = findings.iter().map(|f| f.risk).max().unwrap_or(Risk::None);
-            let direct = build(text, &parsed, &findings, risk, &ctx);
+            let direct = build(text, &parsed, &findings, risk, &ctx, true);
             let via_json = policy::to_rego(&to_json(text, &parsed, &findings, risk, &ctx));
             assert_eq!(direct, via_json, "{text}");
         }

@@ -52,7 +52,14 @@ pub fn check(text: &str, ctx: &CheckContext, policies: &PolicySet) -> Check {
     let parsed = parse::parse(text);
     let findings = rules::check(&parsed);
     let risk = findings.iter().map(|f| f.risk).max().unwrap_or(Risk::None);
-    let input = input::build(text, &parsed, &findings, risk, ctx);
+    let input = input::build(
+        text,
+        &parsed,
+        &findings,
+        risk,
+        ctx,
+        policies.reads_commands(),
+    );
     let (decision, verdicts) = policies.decide_value(&input);
     let mut reasons: Vec<String> = verdicts
         .iter()
@@ -67,5 +74,34 @@ pub fn check(text: &str, ctx: &CheckContext, policies: &PolicySet) -> Check {
         findings,
         commands: parsed.invocations,
         policies: verdicts,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default policy does not read the commands, so they are left out of its input;
+    /// a policy that reads them gets them.
+    #[test]
+    fn policies_that_read_commands_see_them() {
+        let ctx = CheckContext::default();
+        let default = PolicySet::new(&[]).unwrap();
+        assert!(!default.reads_commands());
+        assert_eq!(
+            check("npm publish", &ctx, &default).decision,
+            Verdict::Allow
+        );
+        let no_publish = PolicySet::new(&[PolicySource {
+            name: "no_publish".into(),
+            rego: "package devbox.no_publish\nimport rego.v1\ndefault decision := \"allow\"\n\
+                   decision := \"deny\" if { some c in input.commands; c.program == \"npm\"; c.args[0] == \"publish\" }\n"
+                .into(),
+        }])
+        .unwrap();
+        assert!(no_publish.reads_commands());
+        let c = check("cd /work && sudo npm publish", &ctx, &no_publish);
+        assert_eq!(c.decision, Verdict::Deny);
+        assert_eq!(c.commands.len(), 2);
     }
 }

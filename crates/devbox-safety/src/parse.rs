@@ -126,7 +126,6 @@ struct Ctx {
 fn options() -> brush_parser::ParserOptions {
     brush_parser::ParserOptions::default()
 }
-
 /// Longest text analysed.
 pub const MAX_TEXT: usize = 64 * 1024;
 /// Deepest nesting of brackets analysed (deeper text is refused, not parsed: recursion
@@ -423,6 +422,14 @@ fn expand(ctx: &mut Ctx, word: &str) -> Expanded {
         split: false,
         substitutions: Vec::new(),
     };
+    // Plain words (most of them) mean themselves: no need to parse them.
+    if word
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_./=,:%+@^".contains(&b))
+    {
+        out.text = word.to_string();
+        return out;
+    }
     match brush_parser::word::parse(word, &options()) {
         Ok(pieces) => expand_pieces(ctx, &pieces, false, &mut out),
         Err(_) => {
@@ -829,10 +836,12 @@ fn record(ctx: &mut Ctx, mut p: Pending) {
             i += 1;
         }
     }
-    if let Some((_, flags)) = INTERPRETERS
-        .iter()
-        .find(|(name, _)| program == *name || program.starts_with(&format!("{name}3.")))
-    {
+    if let Some((_, flags)) = INTERPRETERS.iter().find(|(name, _)| {
+        program == *name
+            || program
+                .strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with("3."))
+    }) {
         if let Some(pos) = p.args.iter().position(|a| flags.contains(&a.as_str())) {
             code = p.args.get(pos + 1).cloned();
         } else if program == "awk" {

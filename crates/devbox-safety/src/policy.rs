@@ -154,12 +154,40 @@ pub fn to_rego(v: &serde_json::Value) -> regorus::Value {
     walk(v, &mut std::collections::HashMap::new())
 }
 
+/// Whether a policy may read `input.commands`. Conservative: every use of `input` other than
+/// `input.FIELD` with another field name counts (`input[...]`, `input` alone, `walk(input)`).
+pub fn may_read_commands(rego: &str) -> bool {
+    let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let bytes = rego.as_bytes();
+    let mut from = 0;
+    while let Some(i) = rego[from..].find("input").map(|i| i + from) {
+        from = i + "input".len();
+        if (i > 0 && ident(bytes[i - 1])) || bytes.get(from).copied().is_some_and(ident) {
+            continue; // part of a longer name
+        }
+        if bytes.get(from) != Some(&b'.') {
+            return true;
+        }
+        let field: String = rego[from + 1..]
+            .bytes()
+            .take_while(|&b| ident(b))
+            .map(char::from)
+            .collect();
+        if field == "commands" || field.is_empty() {
+            return true;
+        }
+    }
+    false
+}
+
 /// A set of compiled policies.
 #[derive(Clone)]
 pub struct PolicySet {
     engine: regorus::Engine,
     /// (policy name, package path under `data`).
     packages: Vec<(String, String)>,
+    /// Some policy may read `input.commands` (otherwise the input leaves them out).
+    reads_commands: bool,
 }
 
 impl std::fmt::Debug for PolicySet {
@@ -208,16 +236,21 @@ impl PolicySet {
             }
             packages.push((p.name.clone(), pkg));
         }
-        let set = Self { engine, packages };
+        let reads_commands = all.iter().any(|p| may_read_commands(&p.rego));
+        let mut set = Self {
+            engine,
+            packages,
+            reads_commands,
+        };
         // Every policy must decide something on a trivial input.
         let probe = serde_json::json!({"text": "true", "commands": [], "findings": [], "risk": "none", "parse_errors": [],
             "sandbox": {"name": "probe", "labels": {}, "spec": {}}, "actor": {"name": "probe"}});
         let probe = to_rego(&probe);
-        let mut probe_set = set.clone();
-        for (name, pkg) in &set.packages {
-            probe_set
-                .eval_one(name, pkg, &probe)
-                .map_err(|m| invalid(name, m))?;
+        // Evaluating on the set itself also leaves its engine prepared (analysed, scheduled),
+        // so the clones each decision works on start ready instead of preparing again.
+        for (name, pkg) in set.packages.clone() {
+            set.eval_one(&name, &pkg, &probe)
+                .map_err(|m| invalid(&name, m))?;
         }
         Ok(set)
     }
@@ -259,6 +292,11 @@ impl PolicySet {
         })
     }
 
+    /// Whether some policy may read `input.commands`.
+    pub fn reads_commands(&self) -> bool {
+        self.reads_commands
+    }
+
     /// Evaluates every policy on `input`; the most restrictive decision wins.
     pub fn decide(&self, input: &serde_json::Value) -> (Verdict, Vec<PolicyVerdict>) {
         self.decide_value(&to_rego(input))
@@ -290,6 +328,28 @@ impl PolicySet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn which_policies_read_commands() {
+        assert!(!may_read_commands(DEFAULT_POLICY));
+        for reads in [
+            "x if { some c in input.commands; c.program == \"rm\" }",
+            "x if { input[\"commands\"] }",
+            "x if { walk(input, [p, v]) }",
+            "import input as i",
+            "x := input",
+            "x if input.\ncommands",
+        ] {
+            assert!(may_read_commands(reads), "{reads}");
+        }
+        for not_reads in [
+            "x if input.findings[_].risk == \"high\"",
+            "x if { input.text; input.sandbox.labels.team == \"ml\"; myinput.commands }",
+            "x if input_commands",
+        ] {
+            assert!(!may_read_commands(not_reads), "{not_reads}");
+        }
+    }
 
     fn input(findings: serde_json::Value) -> serde_json::Value {
         serde_json::json!({"text": "x", "commands": [], "findings": findings, "risk": "none", "parse_errors": [],
