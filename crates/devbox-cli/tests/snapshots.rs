@@ -249,17 +249,43 @@ fn rollback_on_failure_and_auto_snapshots(env: TestEnv) {
     // rollback --to latest undoes the last command.
     env.ok(&["rollback", "auto", "--to", "latest"]);
     assert_eq!(env.ok(&["exec", "auto", "cat /work/n"]), "4\n");
-    let cli = env.root.path().join("cli-auto");
-    let _ = cli;
     env.ok(&["create", "auto2", "--auto-snapshot"]);
     env.ok(&["exec", "auto2", "true"]);
     assert_eq!(env.snapshots("auto2").len(), 1);
+
+    // Retention by age: automatic snapshots older than maxAge go (the newest stays), named
+    // ones stay.
+    std::fs::write(
+        &spec,
+        "apiVersion: sandbox.io/v1\nkind: Sandbox\nspec:\n  rollback:\n    autoSnapshot: true\n    maxAge: 2s\n",
+    )
+    .unwrap();
+    env.ok(&["create", "aged", "-f", spec.to_str().unwrap()]);
+    env.ok(&["exec", "aged", "echo 1 > /work/n"]);
+    env.ok(&["exec", "aged", "echo 2 > /work/n"]);
+    env.ok(&["snapshot", "aged", "mine"]);
+    assert_eq!(env.snapshots("aged").len(), 3);
+    std::thread::sleep(Duration::from_millis(2500));
+    env.ok(&["exec", "aged", "echo 3 > /work/n"]);
+    let snaps = env.snapshots("aged");
+    let names: Vec<&str> = snaps.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(snaps.len(), 2, "{names:?}");
+    assert!(names.contains(&"mine"), "{names:?}");
+    std::fs::write(
+        &spec,
+        "apiVersion: sandbox.io/v1\nkind: Sandbox\nspec:\n  rollback:\n    maxAge: 7 weeks\n",
+    )
+    .unwrap();
+    let err = env.fails(&["create", "bad-age", "-f", spec.to_str().unwrap()]);
+    assert!(err.contains("spec.rollback.maxAge"), "{err}");
 }
 
 on_both_drivers!(running_sandboxes_stay_consistent);
 fn running_sandboxes_stay_consistent(env: TestEnv) {
     env.ok(&["create", "live"]);
-    env.ok(&["exec", "live", "(i=0; while :; do i=$((i+1)); echo $i > /work/counter; sleep 0.01; done) >/dev/null 2>&1 &"]);
+    // The writer replaces the file atomically: a snapshot at any instant holds a whole number
+    // (with `echo $i > file`, the instant between truncate and write holds an empty file).
+    env.ok(&["exec", "live", "(i=0; while :; do i=$((i+1)); echo $i > /work/c.tmp; mv /work/c.tmp /work/counter; sleep 0.01; done) >/dev/null 2>&1 &"]);
     std::thread::sleep(Duration::from_millis(200));
     env.ok(&["snapshot", "live", "mid"]);
     // Thawed after the snapshot: the writer goes on.

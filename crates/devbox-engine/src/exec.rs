@@ -371,12 +371,17 @@ impl Engine {
                 .rollback
                 .keep
                 .unwrap_or(crate::snapshots::DEFAULT_KEEP);
+            let max_age = manifest
+                .spec
+                .rollback
+                .max_age_seconds()
+                .map_err(EngineError::InvalidSpec)?;
             let mut r = rec.clone();
             let snap = self
                 .blocking(move |e| {
                     let snap =
                         e.snapshot_locked(&mut r, crate::model::SnapshotRequest::default(), true)?;
-                    if let Err(err) = e.prune_auto(&r, keep.max(1)) {
+                    if let Err(err) = e.prune_auto(&r, keep.max(1), max_age) {
                         tracing::warn!(sandbox = %r.name, "pruning automatic snapshots: {err}");
                     }
                     Ok(snap)

@@ -546,17 +546,30 @@ impl Engine {
         Ok(())
     }
 
-    /// Deletes automatic snapshots beyond the spec's retention (`rollback.keep`, default 20).
-    pub(crate) fn prune_auto(&self, rec: &SandboxRecord, keep: u32) -> Result<()> {
-        let autos: Vec<SnapshotRecord> = self
+    /// Deletes automatic snapshots beyond the spec's retention: more than `rollback.keep`
+    /// (default 20), or older than `rollback.maxAge`. The newest one always stays.
+    pub(crate) fn prune_auto(
+        &self,
+        rec: &SandboxRecord,
+        keep: u32,
+        max_age_seconds: Option<u64>,
+    ) -> Result<()> {
+        let mut autos: Vec<SnapshotRecord> = self
             .store
             .snapshots_of(&rec.id)?
             .into_iter()
             .filter(|s| s.auto && s.state == SnapshotState::Ready)
             .collect();
+        autos.sort_by_key(|s| s.created_at);
         let excess = autos.len().saturating_sub(keep as usize);
-        for snap in autos.into_iter().take(excess) {
-            if self.store.clones_of(&snap.id)?.is_empty() {
+        let cutoff = max_age_seconds.map(|age| {
+            now_ms().saturating_sub(i64::try_from(age.saturating_mul(1000)).unwrap_or(i64::MAX))
+        });
+        let newest = autos.len().saturating_sub(1);
+        for (i, snap) in autos.into_iter().enumerate() {
+            let too_many = i < excess;
+            let too_old = i < newest && cutoff.is_some_and(|c| snap.created_at < c);
+            if (too_many || too_old) && self.store.clones_of(&snap.id)?.is_empty() {
                 self.remove_snapshot(snap)?;
             }
         }

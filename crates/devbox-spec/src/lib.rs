@@ -165,6 +165,40 @@ pub struct RollbackSpec {
     /// Keep at most this many automatic snapshots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep: Option<u32>,
+    /// Delete automatic snapshots older than this: `90s`, `30m`, `12h`, `7d`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<String>,
+}
+
+impl RollbackSpec {
+    /// `max_age` in seconds.
+    pub fn max_age_seconds(&self) -> Result<Option<u64>, SpecError> {
+        let Some(text) = &self.max_age else {
+            return Ok(None);
+        };
+        let bad = || {
+            SpecError::field(
+                "spec.rollback.maxAge",
+                format!(
+                    "invalid duration {text:?}: use a number with s, m, h or d, such as 30m or 7d"
+                ),
+            )
+        };
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let n: u64 = t[..split].parse().map_err(|_| bad())?;
+        let unit = match &t[split..] {
+            "s" | "" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86400,
+            _ => return Err(bad()),
+        };
+        match n.checked_mul(unit) {
+            Some(0) | None => Err(bad()),
+            Some(secs) => Ok(Some(secs)),
+        }
+    }
 }
 
 /// The `spec` section.
@@ -325,6 +359,7 @@ impl SandboxSpec {
             ));
         }
         self.resolved_limits()?;
+        self.rollback.max_age_seconds()?;
         for key in self.env.keys() {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
                 return Err(SpecError::field(
