@@ -8,6 +8,11 @@ use std::time::{Duration, Instant};
 
 use devbox_safety::{CheckContext, PolicySet, check};
 
+/// The daemon's allocator, so the figures are the daemon's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+
 /// A command of about `size` bytes: a developer's chain of typical steps.
 fn command_of(size: usize) -> String {
     let steps = [
