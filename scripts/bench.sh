@@ -40,6 +40,8 @@ cleanup() {
   umount "$work/state/pool" 2>/dev/null
   umount -R "$work/podman/storage/overlay" 2>/dev/null
   rm -rf "$work"
+  # The (now empty) parent cgroup of the bench's sandboxes.
+  rmdir /sys/fs/cgroup/*/devbox-bench /sys/fs/cgroup/devbox-bench 2>/dev/null
 }
 trap cleanup EXIT
 

@@ -13,11 +13,6 @@ use clap::Parser;
 
 use crate::cli::{ApiCommand, Cli, Command};
 
-/// The allocator (this binary also runs the daemon: `sandbox daemon`): command checks (the shell parser allocates heavily) run about a
-/// quarter faster with mimalloc than with glibc's malloc.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {

@@ -181,6 +181,51 @@ impl AsyncRead for PtyReader {
     }
 }
 
+/// Exec and audit records written after the client has its answer. Readers of the audit
+/// log and of exec logs wait until none is in flight, so what an exec did is there as soon
+/// as its client saw it end.
+#[derive(Debug, Default)]
+pub(crate) struct Bookkeeping {
+    in_flight: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One write in flight; dropping it ends it.
+pub(crate) struct BookkeepingToken(Arc<Engine>);
+
+impl Drop for BookkeepingToken {
+    fn drop(&mut self) {
+        let b = &self.0.bookkeeping;
+        if b.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            b.idle.notify_waiters();
+        }
+    }
+}
+
+impl Bookkeeping {
+    pub(crate) fn begin(&self, engine: &Arc<Engine>) -> BookkeepingToken {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        BookkeepingToken(engine.clone())
+    }
+
+    /// Waits until no write is in flight (at most a few seconds: a stuck write does not
+    /// stop the readers).
+    pub(crate) async fn settled(&self) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// A running command. Read its output, feed its input, then [`ExecSession::wait`].
 pub struct ExecSession {
     /// Pid inside the sandbox.
@@ -199,6 +244,8 @@ pub struct ExecSession {
     guard: Option<String>,
     engine: Arc<Engine>,
     record: std::sync::Mutex<ExecRecord>,
+    /// The exec record's insertion (in the background); its end is recorded after it.
+    inserted: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     started: std::time::Instant,
     out_bytes: Arc<AtomicU64>,
     err_bytes: Arc<AtomicU64>,
@@ -249,7 +296,8 @@ impl ExecSession {
         }
     }
 
-    /// Records how the command ended, in the exec record and the audit log.
+    /// Records how the command ended, in the exec record and the audit log (in the
+    /// background: the client does not wait for it).
     async fn finish(&self, exit: Option<&ExecExit>, cpu_usec: u64, max_rss_kib: u64) {
         let mut rec = self
             .record
@@ -263,9 +311,19 @@ impl ExecSession {
         rec.stdout_bytes = self.out_bytes.load(Ordering::Relaxed);
         rec.stderr_bytes = self.err_bytes.load(Ordering::Relaxed);
         let duration_ms = self.started.elapsed().as_millis() as u64;
-        let _ = self
-            .engine
-            .blocking(move |e| {
+        let inserted = self
+            .inserted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let token = self.engine.bookkeeping.begin(&self.engine);
+        let engine = self.engine.clone();
+        let actor = crate::safety::current_actor();
+        tokio::spawn(crate::safety::ACTOR.scope(actor, async move {
+            if let Some(h) = inserted {
+                let _ = h.await;
+            }
+            engine.later(move |e| {
                 e.store.finish_exec(&rec)?;
                 e.audit(
                     "exec",
@@ -276,8 +334,9 @@ impl ExecSession {
                     }),
                 );
                 Ok(())
-            })
-            .await;
+            });
+            drop(token);
+        }));
     }
 
     /// After the command ended: rolls the sandbox back if it failed under
@@ -336,32 +395,33 @@ impl Engine {
         let argv = req.resolved_argv()?;
         let lock = self.locks.get(name);
         let _guard = lock.lock().await;
-        let rec = {
-            let name = name.to_string();
-            self.blocking(move |e| e.record(&name)).await?
-        };
-        if !rec.state.can_exec() {
-            return Err(EngineError::WrongState(format!(
-                "sandbox {} is {}: start it with `sandbox start {}`",
-                rec.name,
-                serde_json::to_string(&rec.state)
-                    .unwrap_or_default()
-                    .trim_matches('"'),
-                rec.name
-            )));
-        }
-        let manifest = Self::manifest_of(&rec)?;
         // The command checks come first: nothing happens for a command that may not run.
+        // The record and the check share one trip to the blocking pool.
         let text = req
             .command
             .clone()
             .unwrap_or_else(|| crate::safety::shell_join(&argv));
-        let decision = {
-            let (r, t, a) = (rec.clone(), text.clone(), req.approval.clone());
+        let (rec, decision) = {
+            let (name, t, a) = (name.to_string(), text.clone(), req.approval.clone());
             let request = serde_json::to_string(req).unwrap_or_default();
-            self.blocking(move |e| e.check_exec(&r, &t, &request, a.as_deref()))
-                .await?
+            self.blocking(move |e| {
+                let rec = e.record(&name)?;
+                if !rec.state.can_exec() {
+                    return Err(EngineError::WrongState(format!(
+                        "sandbox {} is {}: start it with `sandbox start {}`",
+                        rec.name,
+                        serde_json::to_string(&rec.state)
+                            .unwrap_or_default()
+                            .trim_matches('"'),
+                        rec.name
+                    )));
+                }
+                let decision = e.check_exec(&rec, &t, &request, a.as_deref())?;
+                Ok((rec, decision))
+            })
+            .await?
         };
+        let manifest = Self::manifest_of(&rec)?;
         // Auto-snapshots (the spec's rollback.autoSnapshot) and guards of
         // --rollback-on-failure are taken before the command runs.
         let auto = manifest.spec.rollback.auto_snapshot;
@@ -524,10 +584,10 @@ impl Engine {
             stdout_bytes: 0,
             stderr_bytes: 0,
         };
-        {
+        let inserted = {
             let r = record.clone();
-            self.blocking(move |e| Ok(e.store.insert_exec(&r)?)).await?;
-        }
+            self.later(move |e| Ok(e.store.insert_exec(&r)?))
+        };
         let mut session = ExecSession {
             pid,
             stdin: None,
@@ -539,6 +599,7 @@ impl Engine {
             guard,
             engine: self.clone(),
             record: std::sync::Mutex::new(record),
+            inserted: std::sync::Mutex::new(Some(inserted)),
             started: std::time::Instant::now(),
             out_bytes: Arc::new(AtomicU64::new(0)),
             err_bytes: Arc::new(AtomicU64::new(0)),

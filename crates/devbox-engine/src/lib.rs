@@ -57,6 +57,7 @@ pub struct Engine {
     measurer: measure::Measurer,
     policies: safety::PolicyCache,
     approval_events: tokio::sync::watch::Sender<u64>,
+    bookkeeping: exec::Bookkeeping,
 }
 
 impl std::fmt::Debug for Engine {
@@ -135,6 +136,7 @@ impl Engine {
             measurer,
             policies: safety::PolicyCache::default(),
             approval_events: tokio::sync::watch::channel(0).0,
+            bookkeeping: exec::Bookkeeping::default(),
         }))
     }
 
@@ -162,6 +164,23 @@ impl Engine {
     }
 
     /// Runs blocking engine work off the async threads.
+    /// Runs `f` on the blocking pool later, off the caller's path, as the current actor; the
+    /// audit log's and exec logs' readers wait for it (see [`exec::Bookkeeping`]).
+    fn later(
+        self: &Arc<Self>,
+        f: impl FnOnce(Arc<Engine>) -> Result<()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let token = self.bookkeeping.begin(self);
+        let me = self.clone();
+        let actor = safety::current_actor();
+        tokio::spawn(safety::ACTOR.scope(actor, async move {
+            if let Err(e) = me.blocking(f).await {
+                tracing::warn!("recording an exec: {e}");
+            }
+            drop(token);
+        }))
+    }
+
     async fn blocking<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(Arc<Engine>) -> Result<T> + Send + 'static,

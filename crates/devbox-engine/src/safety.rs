@@ -579,12 +579,14 @@ impl Engine {
         since_ms: Option<i64>,
         limit: usize,
     ) -> Result<Vec<AuditRecord>> {
+        self.bookkeeping.settled().await;
         self.blocking(move |e| Ok(e.store.audit(sandbox.as_deref(), since_ms, limit)?))
             .await
     }
 
     /// Checks the audit chain.
     pub async fn verify_audit(self: &Arc<Self>) -> Result<AuditVerification> {
+        self.bookkeeping.settled().await;
         self.blocking(|e| Ok(e.store.verify_audit()?)).await
     }
 
@@ -624,6 +626,7 @@ impl Engine {
     /// Packs a sandbox's exec logs, exec records and audit records into a `.tar.gz` in the
     /// pool's scratch area; returns its path (the caller streams and removes it).
     pub async fn export_logs(self: &Arc<Self>, name: &str) -> Result<std::path::PathBuf> {
+        self.bookkeeping.settled().await;
         let name = name.to_string();
         self.blocking(move |e| {
             let rec = e.store.sandbox_by_name(&name)?;

@@ -60,6 +60,45 @@ pub(crate) fn reap(pidfd: &OwnedFd) {
 }
 
 impl Engine {
+    /// Records a new sandbox in state `creating` (the first step of a create, clone or
+    /// import); a taken name is `already_exists`.
+    pub(crate) fn insert_creating(
+        &self,
+        name: String,
+        manifest: &SandboxManifest,
+        image_id: String,
+        ephemeral: bool,
+        origin: Option<String>,
+    ) -> Result<SandboxRecord> {
+        let rec = SandboxRecord {
+            id: new_id(),
+            name: name.clone(),
+            manifest: serde_json::to_string(manifest)
+                .map_err(|e| EngineError::internal("spec", e))?,
+            image_id,
+            state: SandboxState::Creating,
+            uid_base: 0,
+            init_pid: None,
+            init_start: None,
+            created_at: now_ms(),
+            started_at: None,
+            stopped_at: None,
+            last_error: None,
+            ephemeral,
+            cgroup: None,
+            head: None,
+            origin,
+            pending: None,
+        };
+        self.store.insert_sandbox(&rec).map_err(|e| match e {
+            StoreError::Conflict(_) => EngineError::AlreadyExists {
+                kind: "sandbox",
+                name,
+            },
+            other => other.into(),
+        })
+    }
+
     pub(crate) fn manifest_of(rec: &SandboxRecord) -> Result<SandboxManifest> {
         serde_json::from_str(&rec.manifest).map_err(|e| EngineError::internal("stored spec", e))
     }
@@ -130,34 +169,9 @@ impl Engine {
         };
         let lock = self.locks.get(name.as_str());
         let _guard = lock.blocking_lock();
-        let rec = SandboxRecord {
-            id: new_id(),
-            name: name.to_string(),
-            manifest: serde_json::to_string(&manifest)
-                .map_err(|e| EngineError::internal("spec", e))?,
-            image_id,
-            state: SandboxState::Creating,
-            uid_base: 0,
-            init_pid: None,
-            init_start: None,
-            created_at: now_ms(),
-            started_at: None,
-            stopped_at: None,
-            last_error: None,
-            ephemeral,
-            cgroup: None,
-            head: None,
-            origin: None,
-            pending: None,
-        };
         let phases = crate::Phases::start("create");
-        let mut rec = self.store.insert_sandbox(&rec).map_err(|e| match e {
-            StoreError::Conflict(_) => EngineError::AlreadyExists {
-                kind: "sandbox",
-                name: name.to_string(),
-            },
-            other => other.into(),
-        })?;
+        let mut rec =
+            self.insert_creating(name.to_string(), &manifest, image_id, ephemeral, None)?;
         phases.mark("record");
         let made = (|| {
             self.make_volume(&rec)?;

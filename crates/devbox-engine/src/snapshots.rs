@@ -452,33 +452,13 @@ impl Engine {
                 manifest.metadata.name = Some(new_name.to_string());
                 let lock = e.locks.get(new_name.as_str());
                 let _guard = lock.blocking_lock();
-                let rec = SandboxRecord {
-                    id: new_id(),
-                    name: new_name.to_string(),
-                    manifest: serde_json::to_string(&manifest)
-                        .map_err(|e| EngineError::internal("spec", e))?,
-                    image_id: src.image_id.clone(),
-                    state: SandboxState::Creating,
-                    uid_base: 0,
-                    init_pid: None,
-                    init_start: None,
-                    created_at: now_ms(),
-                    started_at: None,
-                    stopped_at: None,
-                    last_error: None,
-                    ephemeral: false,
-                    cgroup: None,
-                    head: None,
-                    origin: Some(snap.id.clone()),
-                    pending: None,
-                };
-                let mut rec = e.store.insert_sandbox(&rec).map_err(|err| match err {
-                    StoreError::Conflict(_) => EngineError::AlreadyExists {
-                        kind: "sandbox",
-                        name: new_name.to_string(),
-                    },
-                    other => other.into(),
-                })?;
+                let mut rec = e.insert_creating(
+                    new_name.to_string(),
+                    &manifest,
+                    src.image_id.clone(),
+                    false,
+                    Some(snap.id.clone()),
+                )?;
                 let made = (|| {
                     e.pool
                         .snapshot(&e.snapshot_path(&snap), &e.sandbox_volume(&rec.id), false)?;

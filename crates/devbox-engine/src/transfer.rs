@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use devbox_image::HOST_IMAGE;
 use devbox_spec::{Name, SandboxManifest};
-use devbox_store::{SandboxRecord, SandboxState, SnapshotState, StoreError, now_ms};
+use devbox_store::{SandboxState, SnapshotState, now_ms};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -369,33 +369,7 @@ impl Engine {
         manifest.metadata.name = Some(name.to_string());
         let lock = self.locks.get(name.as_str());
         let _guard = lock.blocking_lock();
-        let rec = SandboxRecord {
-            id: new_id(),
-            name: name.to_string(),
-            manifest: serde_json::to_string(&manifest)
-                .map_err(|e| EngineError::internal("spec", e))?,
-            image_id,
-            state: SandboxState::Creating,
-            uid_base: 0,
-            init_pid: None,
-            init_start: None,
-            created_at: now_ms(),
-            started_at: None,
-            stopped_at: None,
-            last_error: None,
-            ephemeral: false,
-            cgroup: None,
-            head: None,
-            origin: None,
-            pending: None,
-        };
-        let mut rec = self.store.insert_sandbox(&rec).map_err(|e| match e {
-            StoreError::Conflict(_) => EngineError::AlreadyExists {
-                kind: "sandbox",
-                name: name.to_string(),
-            },
-            other => other.into(),
-        })?;
+        let mut rec = self.insert_creating(name.to_string(), &manifest, image_id, false, None)?;
         let made = (|| -> Result<()> {
             std::fs::rename(volume, self.sandbox_volume(&rec.id)).map_err(io_err("import"))?;
             rec.state = SandboxState::Stopped;

@@ -12,7 +12,6 @@ use devbox_safety::{CheckContext, PolicySet, check};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-
 /// A command of about `size` bytes: a developer's chain of typical steps.
 fn command_of(size: usize) -> String {
     let steps = [

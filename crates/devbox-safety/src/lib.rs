@@ -52,15 +52,20 @@ pub fn check(text: &str, ctx: &CheckContext, policies: &PolicySet) -> Check {
     let parsed = parse::parse(text);
     let findings = rules::check(&parsed);
     let risk = findings.iter().map(|f| f.risk).max().unwrap_or(Risk::None);
-    let input = input::build(
-        text,
-        &parsed,
-        &findings,
-        risk,
-        ctx,
-        policies.reads_commands(),
-    );
-    let (decision, verdicts) = policies.decide_value(&input);
+    let (decision, verdicts) = if policies.builtin_only() {
+        let v = policy::default_decision(&findings, &parsed.errors);
+        (v.decision, vec![v])
+    } else {
+        let input = input::build(
+            text,
+            &parsed,
+            &findings,
+            risk,
+            ctx,
+            policies.reads_commands(),
+        );
+        policies.decide_value(&input)
+    };
     let mut reasons: Vec<String> = verdicts
         .iter()
         .filter(|v| v.decision == decision)

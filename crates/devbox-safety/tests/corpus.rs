@@ -69,3 +69,45 @@ fn corpus_precision_and_recall() {
         "precision {precision:.3}; false alarms: {false_alarms:?}"
     );
 }
+
+/// The built-in default policy is decided natively when it is the only policy; over the
+/// whole corpus (and texts that do not parse), that decision and its reasons are the Rego
+/// policy's.
+#[test]
+fn native_default_matches_the_rego_policy() {
+    use devbox_safety::{Risk, input, parse, policy, rules};
+    let policies = PolicySet::new(&[]).unwrap();
+    assert!(policies.builtin_only());
+    let ctx = CheckContext::default();
+    let mut texts: Vec<String> = include_str!("corpus.tsv")
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split_once('\t').unwrap().1.replace("\\n", "\n"))
+        .collect();
+    texts.extend(
+        [
+            "if then fi ((",
+            "echo $(( ",
+            "rm -rf / ; cat ~/.ssh/id_rsa",
+            "'unterminated",
+        ]
+        .map(String::from),
+    );
+    let (mut denied, mut approval) = (0, 0);
+    for text in &texts {
+        let parsed = parse::parse(text);
+        let findings = rules::check(&parsed);
+        let risk = findings.iter().map(|f| f.risk).max().unwrap_or(Risk::None);
+        let native = policy::default_decision(&findings, &parsed.errors);
+        let (decision, verdicts) =
+            policies.decide_value(&input::build(text, &parsed, &findings, risk, &ctx, false));
+        assert_eq!(native.decision, decision, "{text}");
+        assert_eq!(vec![native.clone()], verdicts, "{text}");
+        denied += usize::from(decision == Verdict::Deny);
+        approval += usize::from(decision == Verdict::RequireApproval);
+    }
+    assert!(
+        denied > 50 && approval > 20,
+        "{denied} denied, {approval} approvals"
+    );
+}
