@@ -333,15 +333,24 @@ impl Engine {
         rec.pending =
             Some(serde_json::to_string(&pending).map_err(|e| EngineError::internal("pending", e))?);
         self.store.update_sandbox(rec)?;
-        if resume {
-            self.halt(rec, Duration::ZERO)?;
-        }
-        self.finish_rollback(rec, &pending)
+        let held = if resume {
+            self.halt_holding_mounts(rec, Duration::ZERO, true)?
+        } else {
+            None
+        };
+        self.finish_rollback(rec, &pending, held)
     }
 
     /// Swaps in the rollback's new volume and records the outcome; starts the sandbox again
     /// if it ran. Safe to run again after a crash at any point.
-    fn finish_rollback(self: &Arc<Self>, rec: &mut SandboxRecord, pending: &Pending) -> Result<()> {
+    /// `held`: the old mount namespace (see [`Self::halt_holding_mounts`]), released before
+    /// the old volume is deleted.
+    fn finish_rollback(
+        self: &Arc<Self>,
+        rec: &mut SandboxRecord,
+        pending: &Pending,
+        held: Option<std::fs::File>,
+    ) -> Result<()> {
         let Pending::Rollback {
             to,
             selective,
@@ -385,6 +394,8 @@ impl Engine {
             Ok(()) => {
                 let pool = self.pool.clone();
                 std::thread::spawn(move || {
+                    // The old root is unmounted here, then its volume can go.
+                    drop(held);
                     for _ in 0..100 {
                         match pool.delete_volume(&doomed) {
                             Err(devbox_storage::StorageError::Io { source, .. })
@@ -397,7 +408,10 @@ impl Engine {
                     }
                 });
             }
-            Err(_) => self.delete_volume_retrying(&aside)?,
+            Err(_) => {
+                drop(held);
+                self.delete_volume_retrying(&aside)?
+            }
         }
         if *resume && rec.state != SandboxState::Running {
             let manifest = Self::manifest_of(rec)?;
@@ -419,7 +433,7 @@ impl Engine {
             }
         };
         tracing::info!(sandbox = %rec.name, "finishing an interrupted {text}");
-        match self.finish_rollback(rec, &pending) {
+        match self.finish_rollback(rec, &pending, None) {
             Ok(()) => Ok(()),
             Err(EngineError::Internal(msg)) if msg.contains("did not complete") => {
                 let _ = self.pool.delete_volume(&self.new_path(rec));
