@@ -225,6 +225,25 @@ fn rollback_on_failure_and_auto_snapshots(env: TestEnv) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(env.ok(&["exec", "guarded", "cat /work/state"]), "good\n");
+    // The guard snapshot and the rollback are in the audit log, with why.
+    let audit: Vec<serde_json::Value> =
+        serde_json::from_str(&env.ok(&["audit", "--sandbox", "guarded", "--format", "json"]))
+            .unwrap();
+    let because = |action: &str| {
+        audit
+            .iter()
+            .filter(|r| r["action"] == action)
+            .filter_map(|r| r["detail"]["because"].as_str().map(str::to_string))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        because("snapshot.create"),
+        ["guard before an exec (--rollback-on-failure)"]
+    );
+    assert_eq!(
+        because("sandbox.rollback"),
+        ["the command failed (--rollback-on-failure)"]
+    );
     env.ok(&[
         "exec",
         "guarded",
@@ -245,6 +264,8 @@ fn rollback_on_failure_and_auto_snapshots(env: TestEnv) {
     }
     let snaps = env.snapshots("auto");
     assert_eq!(snaps.len(), 3, "retention keeps the last 3: {snaps:?}");
+    let audit = env.ok(&["audit", "--sandbox", "auto", "--format", "json"]);
+    assert_eq!(audit.matches("retention of automatic snapshots").count(), 2);
     assert!(snaps.iter().all(|s| s["auto"] == true));
     // rollback --to latest undoes the last command.
     env.ok(&["rollback", "auto", "--to", "latest"]);

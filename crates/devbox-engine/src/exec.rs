@@ -358,7 +358,14 @@ impl ExecSession {
                     .store
                     .snapshot(&guard)?
                     .ok_or_else(|| EngineError::Internal("the guard snapshot is gone".into()))?;
-                e.rollback_locked(&mut rec, &snap, &[])?;
+                let r = e.rollback_locked(&mut rec, &snap, &[]);
+                e.audit_result(
+                    "sandbox.rollback",
+                    Some(&name),
+                    serde_json::json!({"rollback": {"to": snap.name, "paths": []}, "because": "the command failed (--rollback-on-failure)"}),
+                    &r,
+                );
+                r?;
                 Ok(Some(snap.name))
             })
             .await
@@ -440,7 +447,19 @@ impl Engine {
             let snap = self
                 .blocking(move |e| {
                     let snap =
-                        e.snapshot_locked(&mut r, crate::model::SnapshotRequest::default(), true)?;
+                        e.snapshot_locked(&mut r, crate::model::SnapshotRequest::default(), true);
+                    let why = if auto {
+                        "automatic snapshot before an exec (rollback.autoSnapshot)"
+                    } else {
+                        "guard before an exec (--rollback-on-failure)"
+                    };
+                    e.audit_result(
+                        "snapshot.create",
+                        Some(&r.name),
+                        serde_json::json!({"snapshot": {"name": snap.as_ref().ok().map(|s| s.name.clone())}, "because": why}),
+                        &snap,
+                    );
+                    let snap = snap?;
                     if let Err(err) = e.prune_auto(&r, keep.max(1), max_age) {
                         tracing::warn!(sandbox = %r.name, "pruning automatic snapshots: {err}");
                     }

@@ -564,7 +564,13 @@ impl Engine {
             let too_many = i < excess;
             let too_old = i < newest && cutoff.is_some_and(|c| snap.created_at < c);
             if (too_many || too_old) && self.store.clones_of(&snap.id)?.is_empty() {
+                let name = snap.name.clone();
                 self.remove_snapshot(snap)?;
+                self.audit(
+                    "snapshot.delete",
+                    Some(&rec.name),
+                    serde_json::json!({"snapshot": name, "because": "retention of automatic snapshots"}),
+                );
             }
         }
         Ok(())

@@ -54,6 +54,12 @@ impl Drop for Sandbox {
         );
         let _ = self.cgroup.kill_all();
         let _ = self.cgroup.remove(Duration::from_secs(5));
+        // The shared parent goes with the last test that uses it (it is busy before).
+        for path in self.cgroup.paths() {
+            if let Some(parent) = path.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
     }
 }
 
