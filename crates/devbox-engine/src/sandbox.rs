@@ -60,6 +60,28 @@ pub(crate) fn reap(pidfd: &OwnedFd) {
 }
 
 impl Engine {
+    /// Runs `op` on the blocking pool with sandbox `name`'s lock held and its record, then
+    /// appends `action` with `detail` and the outcome to the audit log.
+    pub(crate) async fn on_sandbox<T: Send + 'static>(
+        self: &Arc<Self>,
+        name: &str,
+        action: &str,
+        detail: serde_json::Value,
+        op: impl FnOnce(&Arc<Engine>, &mut SandboxRecord) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let key = name.to_string();
+        let r = self
+            .blocking(move |e| {
+                let lock = e.locks.get(&key);
+                let _guard = lock.blocking_lock();
+                let mut rec = e.record(&key)?;
+                op(&e, &mut rec)
+            })
+            .await;
+        self.audit_result(action, Some(name), detail, &r);
+        r
+    }
+
     /// Records a new sandbox in state `creating` (the first step of a create, clone or
     /// import); a taken name is `already_exists`.
     pub(crate) fn insert_creating(
@@ -413,34 +435,22 @@ impl Engine {
 
     /// Starts a stopped sandbox.
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<SandboxInfo> {
-        let name = name.to_string();
-        let audit_name = name.to_string();
-        let r = self
-            .blocking(move |e| {
-                let lock = e.locks.get(&name);
-                let _guard = lock.blocking_lock();
-                let mut rec = e.record(&name)?;
-                match rec.state {
-                    SandboxState::Running => return e.info(&rec, false),
-                    s if !s.can_start() => {
-                        return Err(EngineError::WrongState(format!(
-                            "sandbox {name} is {s:?}; try again shortly"
-                        )));
-                    }
-                    _ => {}
+        self.on_sandbox(name, "sandbox.start", serde_json::json!({}), |e, rec| {
+            match rec.state {
+                SandboxState::Running => return e.info(rec, false),
+                s if !s.can_start() => {
+                    return Err(EngineError::WrongState(format!(
+                        "sandbox {} is {s:?}; try again shortly",
+                        rec.name
+                    )));
                 }
-                let manifest = Self::manifest_of(&rec)?;
-                e.launch(&mut rec, &manifest)?;
-                e.info(&rec, false)
-            })
-            .await;
-        self.audit_result(
-            "sandbox.start",
-            Some(&audit_name),
-            serde_json::json!({}),
-            &r,
-        );
-        r
+                _ => {}
+            }
+            let manifest = Self::manifest_of(rec)?;
+            e.launch(rec, &manifest)?;
+            e.info(rec, false)
+        })
+        .await
     }
 
     /// Stops a sandbox: SIGTERM to every process, SIGKILL after `grace` (default from config).
@@ -449,26 +459,14 @@ impl Engine {
         name: &str,
         grace: Option<Duration>,
     ) -> Result<SandboxInfo> {
-        let name = name.to_string();
-        let audit_name = name.to_string();
-        let r = self
-            .blocking(move |e| {
-                let lock = e.locks.get(&name);
-                let _guard = lock.blocking_lock();
-                let mut rec = e.record(&name)?;
-                if rec.state == SandboxState::Running {
-                    e.halt(&mut rec, grace.unwrap_or(e.cfg.stop_grace))?;
-                }
-                e.info(&rec, false)
-            })
-            .await;
-        self.audit_result(
-            "sandbox.stop",
-            Some(&audit_name),
-            serde_json::json!({"grace_ms": grace.map(|g| g.as_millis() as u64)}),
-            &r,
-        );
-        r
+        let detail = serde_json::json!({"grace_ms": grace.map(|g| g.as_millis() as u64)});
+        self.on_sandbox(name, "sandbox.stop", detail, move |e, rec| {
+            if rec.state == SandboxState::Running {
+                e.halt(rec, grace.unwrap_or(e.cfg.stop_grace))?;
+            }
+            e.info(rec, false)
+        })
+        .await
     }
 
     /// Stops the init (gracefully, then by force), releases the runtime, records `stopped`.
@@ -527,30 +525,16 @@ impl Engine {
     /// Destroys a sandbox: stops it (without grace when `force`), then removes its processes,
     /// cgroups, runtime state, storage and record.
     pub async fn destroy(self: &Arc<Self>, name: &str, force: bool) -> Result<()> {
-        let name = name.to_string();
-        let audit_name = name.to_string();
-        let r = self
-            .blocking(move |e| {
-                let lock = e.locks.get(&name);
-                let _guard = lock.blocking_lock();
-                let mut rec = e.record(&name)?;
-                e.destroy_locked(
-                    &mut rec,
-                    if force {
-                        Duration::ZERO
-                    } else {
-                        e.cfg.stop_grace
-                    },
-                )
-            })
-            .await;
-        self.audit_result(
-            "sandbox.destroy",
-            Some(&audit_name),
-            serde_json::json!({"force": force}),
-            &r,
-        );
-        r
+        let detail = serde_json::json!({"force": force});
+        self.on_sandbox(name, "sandbox.destroy", detail, move |e, rec| {
+            let grace = if force {
+                Duration::ZERO
+            } else {
+                e.cfg.stop_grace
+            };
+            e.destroy_locked(rec, grace)
+        })
+        .await
     }
 
     pub(crate) fn destroy_locked(&self, rec: &mut SandboxRecord, grace: Duration) -> Result<()> {

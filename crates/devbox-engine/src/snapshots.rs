@@ -108,25 +108,13 @@ impl Engine {
         name: &str,
         req: SnapshotRequest,
     ) -> Result<SnapshotInfo> {
-        let name = name.to_string();
-        let audit_name = name.to_string();
-        let audit_req = serde_json::to_value(&req).unwrap_or_default();
-        let r = self
-            .blocking(move |e| {
-                let lock = e.locks.get(&name);
-                let _guard = lock.blocking_lock();
-                let mut rec = e.record(&name)?;
-                let snap = e.snapshot_locked(&mut rec, req, false)?;
-                e.snapshot_info(&rec, &snap, &e.store.snapshots_of(&rec.id)?)
-            })
-            .await;
-        self.audit_result(
-            "snapshot.create",
-            Some(&audit_name),
-            serde_json::json!({"snapshot": audit_req}),
-            &r,
-        );
-        r
+        let detail =
+            serde_json::json!({"snapshot": serde_json::to_value(&req).unwrap_or_default()});
+        self.on_sandbox(name, "snapshot.create", detail, |e, rec| {
+            let snap = e.snapshot_locked(rec, req, false)?;
+            e.snapshot_info(rec, &snap, &e.store.snapshots_of(&rec.id)?)
+        })
+        .await
     }
 
     pub(crate) fn snapshot_locked(
@@ -257,26 +245,14 @@ impl Engine {
         name: &str,
         req: RollbackRequest,
     ) -> Result<SandboxInfo> {
-        let name = name.to_string();
-        let audit_name = name.to_string();
-        let audit_req = serde_json::to_value(&req).unwrap_or_default();
-        let r = self
-            .blocking(move |e| {
-                let lock = e.locks.get(&name);
-                let _guard = lock.blocking_lock();
-                let mut rec = e.record(&name)?;
-                let target = e.find_snapshot(&rec, &req.to)?;
-                e.rollback_locked(&mut rec, &target, &req.paths)?;
-                e.info(&rec, false)
-            })
-            .await;
-        self.audit_result(
-            "sandbox.rollback",
-            Some(&audit_name),
-            serde_json::json!({"rollback": audit_req}),
-            &r,
-        );
-        r
+        let detail =
+            serde_json::json!({"rollback": serde_json::to_value(&req).unwrap_or_default()});
+        self.on_sandbox(name, "sandbox.rollback", detail, move |e, rec| {
+            let target = e.find_snapshot(rec, &req.to)?;
+            e.rollback_locked(rec, &target, &req.paths)?;
+            e.info(rec, false)
+        })
+        .await
     }
 
     pub(crate) fn rollback_locked(
@@ -506,14 +482,10 @@ impl Engine {
         snapshot: &str,
         force: bool,
     ) -> Result<()> {
-        let (name, snapshot) = (name.to_string(), snapshot.to_string());
-        let audit_name = name.to_string();
-        let audit_detail = serde_json::json!({"snapshot": snapshot, "force": force});
-        let r = self.blocking(move |e| {
-            let lock = e.locks.get(&name);
-            let _guard = lock.blocking_lock();
-            let rec = e.record(&name)?;
-            let snap = e.find_snapshot(&rec, &snapshot)?;
+        let snapshot = snapshot.to_string();
+        let detail = serde_json::json!({"snapshot": snapshot, "force": force});
+        self.on_sandbox(name, "snapshot.delete", detail, move |e, rec| {
+            let snap = e.find_snapshot(rec, &snapshot)?;
             let clones = e.store.clones_of(&snap.id)?;
             if !clones.is_empty() && !force {
                 return Err(EngineError::WrongState(format!(
@@ -524,9 +496,7 @@ impl Engine {
             }
             e.remove_snapshot(snap)
         })
-        .await;
-        self.audit_result("snapshot.delete", Some(&audit_name), audit_detail, &r);
-        r
+        .await
     }
 
     pub(crate) fn remove_snapshot(&self, mut snap: SnapshotRecord) -> Result<()> {
