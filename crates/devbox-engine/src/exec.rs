@@ -280,12 +280,12 @@ impl ExecSession {
                     _,
                 )))) => {
                     let exit = ExecExit { code, signal };
-                    self.finish(Some(&exit), cpu_usec, max_rss_kib).await;
+                    self.finish(Some(&exit), cpu_usec, max_rss_kib);
                     return Ok(exit);
                 }
                 Ok(Ok(Some(_))) => continue,
                 Ok(Ok(None)) => {
-                    self.finish(None, 0, 0).await;
+                    self.finish(None, 0, 0);
                     return Err(EngineError::WrongState(
                         "the sandbox stopped while the command ran".into(),
                     ));
@@ -298,7 +298,7 @@ impl ExecSession {
 
     /// Records how the command ended, in the exec record and the audit log (in the
     /// background: the client does not wait for it).
-    async fn finish(&self, exit: Option<&ExecExit>, cpu_usec: u64, max_rss_kib: u64) {
+    fn finish(&self, exit: Option<&ExecExit>, cpu_usec: u64, max_rss_kib: u64) {
         let mut rec = self
             .record
             .lock()
@@ -316,27 +316,18 @@ impl ExecSession {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let token = self.engine.bookkeeping.begin(&self.engine);
-        let engine = self.engine.clone();
-        let actor = crate::safety::current_actor();
-        tokio::spawn(crate::safety::ACTOR.scope(actor, async move {
-            if let Some(h) = inserted {
-                let _ = h.await;
-            }
-            engine.later(move |e| {
-                e.store.finish_exec(&rec)?;
-                e.audit(
-                    "exec",
-                    Some(&rec.sandbox),
-                    serde_json::json!({
-                        "exec": rec.id, "command": rec.command, "decision": rec.decision, "exit_code": rec.exit_code,
-                        "duration_ms": duration_ms, "cpu_usec": rec.cpu_usec, "max_rss_kib": rec.max_rss_kib,
-                    }),
-                );
-                Ok(())
-            });
-            drop(token);
-        }));
+        self.engine.later(inserted, move |e| {
+            e.store.finish_exec(&rec)?;
+            e.audit(
+                "exec",
+                Some(&rec.sandbox),
+                serde_json::json!({
+                    "exec": rec.id, "command": rec.command, "decision": rec.decision, "exit_code": rec.exit_code,
+                    "duration_ms": duration_ms, "cpu_usec": rec.cpu_usec, "max_rss_kib": rec.max_rss_kib,
+                }),
+            );
+            Ok(())
+        });
     }
 
     /// After the command ended: rolls the sandbox back if it failed under
@@ -605,7 +596,7 @@ impl Engine {
         };
         let inserted = {
             let r = record.clone();
-            self.later(move |e| Ok(e.store.insert_exec(&r)?))
+            self.later(None, move |e| Ok(e.store.insert_exec(&r)?))
         };
         let mut session = ExecSession {
             pid,

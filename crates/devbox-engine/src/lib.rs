@@ -164,16 +164,21 @@ impl Engine {
     }
 
     /// Runs blocking engine work off the async threads.
-    /// Runs `f` on the blocking pool later, off the caller's path, as the current actor; the
-    /// audit log's and exec logs' readers wait for it (see [`exec::Bookkeeping`]).
+    /// Runs `f` on the blocking pool later (after `after` ended, if given), off the caller's
+    /// path, as the current actor; the audit log's and exec logs' readers wait for it (see
+    /// [`exec::Bookkeeping`]).
     fn later(
         self: &Arc<Self>,
+        after: Option<tokio::task::JoinHandle<()>>,
         f: impl FnOnce(Arc<Engine>) -> Result<()> + Send + 'static,
     ) -> tokio::task::JoinHandle<()> {
         let token = self.bookkeeping.begin(self);
         let me = self.clone();
         let actor = safety::current_actor();
         tokio::spawn(safety::ACTOR.scope(actor, async move {
+            if let Some(h) = after {
+                let _ = h.await;
+            }
             if let Err(e) = me.blocking(f).await {
                 tracing::warn!("recording an exec: {e}");
             }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use devbox_image::HOST_IMAGE;
 use devbox_storage::Driver;
-use devbox_store::{SandboxState, SnapshotState, now_ms};
+use devbox_store::{SandboxState, SnapshotState};
 
 use crate::sandbox::alive;
 use crate::{Engine, Result};
@@ -55,16 +55,9 @@ impl Engine {
                     && matches!(rec.state, SandboxState::Running | SandboxState::Stopped) =>
                 {
                     // The operation swaps the writable volume: nothing may run on the old one.
+                    // (`halt` kills only a live init, and releases the runtime either way.)
                     if rec.state == SandboxState::Running {
-                        if alive(rec.init_pid, rec.init_start) {
-                            self.halt(&mut rec, Duration::ZERO)?;
-                        } else {
-                            self.release_runtime(&rec);
-                            rec.state = SandboxState::Stopped;
-                            rec.init_pid = None;
-                            rec.init_start = None;
-                            self.store.update_sandbox(&rec)?;
-                        }
+                        self.halt(&mut rec, Duration::ZERO)?;
                     }
                     if let Err(e) = self.finish_pending(&mut rec) {
                         tracing::error!(sandbox = %rec.name, "finishing an interrupted operation: {e}");
@@ -82,15 +75,7 @@ impl Engine {
                         self.watch(&rec);
                     } else {
                         tracing::info!(sandbox = %rec.name, "its processes are gone: marking it stopped");
-                        if alive(rec.init_pid, rec.init_start) {
-                            self.halt(&mut rec, Duration::ZERO)?;
-                        } else {
-                            self.release_runtime(&rec);
-                        }
-                        rec.state = SandboxState::Stopped;
-                        rec.init_pid = None;
-                        rec.init_start = None;
-                        rec.stopped_at = Some(now_ms());
+                        self.halt(&mut rec, Duration::ZERO)?;
                         rec.last_error = Some(
                             "stopped while the daemon was not running (host reboot or crash)"
                                 .into(),

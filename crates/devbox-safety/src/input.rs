@@ -189,28 +189,28 @@ pub fn build(
     Value::from(m)
 }
 
-/// The same input as JSON (what `policy test` and the docs show).
-pub fn to_json(
-    text: &str,
-    parsed: &Parsed,
-    findings: &[Finding],
-    risk: Risk,
-    ctx: &CheckContext,
-) -> serde_json::Value {
-    serde_json::json!({
-        "text": text,
-        "commands": parsed.invocations,
-        "findings": findings,
-        "risk": risk,
-        "parse_errors": parsed.errors,
-        "sandbox": {"name": ctx.sandbox, "labels": ctx.labels, "spec": ctx.spec},
-        "actor": {"name": ctx.actor},
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The same input through `serde_json`, to compare with.
+    fn to_json(
+        text: &str,
+        parsed: &Parsed,
+        findings: &[Finding],
+        risk: Risk,
+        ctx: &CheckContext,
+    ) -> serde_json::Value {
+        serde_json::json!({
+            "text": text,
+            "commands": parsed.invocations,
+            "findings": findings,
+            "risk": risk,
+            "parse_errors": parsed.errors,
+            "sandbox": {"name": ctx.sandbox, "labels": ctx.labels, "spec": ctx.spec},
+            "actor": {"name": ctx.actor},
+        })
+    }
 
     /// The direct build and the JSON route give the same value, for commands that use every
     /// field (redirects with and without fd, wrappers, substitutions, functions, code, errors).
