@@ -64,6 +64,7 @@ pub fn status_of(e: &EngineError) -> StatusCode {
         EngineError::Denied { .. } => StatusCode::FORBIDDEN,
         EngineError::ApprovalRequired(_) => StatusCode::ACCEPTED,
         EngineError::ExecFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        EngineError::Checkpoint(_) => StatusCode::UNPROCESSABLE_ENTITY,
         EngineError::PoolFull(_) => StatusCode::INSUFFICIENT_STORAGE,
         EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }

@@ -347,6 +347,10 @@ pub struct SnapshotArgs {
     /// Label (repeatable).
     #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
+    /// Also checkpoint the running processes (CRIU ≥ 4.1): a rollback to this snapshot
+    /// restores them running. Every exec must have ended (background processes are fine).
+    #[arg(long)]
+    pub with_processes: bool,
 }
 
 /// Snapshot management.

@@ -311,6 +311,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
                     name: args.snapshot.clone(),
                     message: args.message.clone(),
                     labels: key_values(&args.labels, "label")?.into_iter().collect(),
+                    with_processes: args.with_processes,
                 };
                 println!("{}", c.snapshot(name, &req).await?.name);
             }
@@ -698,6 +699,9 @@ fn print_tree(snaps: &[SnapshotInfo]) {
             let mut notes = Vec::new();
             if s.auto {
                 notes.push("auto".to_string());
+            }
+            if s.processes {
+                notes.push("+processes".to_string());
             }
             notes.extend(s.labels.iter().map(|(k, v)| format!("{k}={v}")));
             if !s.clones.is_empty() {

@@ -57,6 +57,9 @@ pub enum EngineError {
     /// The command needs someone's approval before it runs.
     #[error("the command needs approval {}: {} (approve it with `sandbox approve {}`)", .0.id, .0.reasons.join("; "), .0.id)]
     ApprovalRequired(Box<crate::safety::ApprovalInfo>),
+    /// Processes could not be checkpointed or restored (CRIU); says why.
+    #[error("{0}")]
+    Checkpoint(String),
     /// Something failed on the host.
     #[error("{0}")]
     Internal(String),
@@ -76,6 +79,7 @@ impl EngineError {
             Self::ExecFailed(_) => "exec_failed",
             Self::Denied { .. } => "denied",
             Self::ApprovalRequired(_) => "approval_required",
+            Self::Checkpoint(_) => "checkpoint_failed",
             Self::Internal(_) => "internal",
         }
     }

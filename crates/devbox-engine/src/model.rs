@@ -208,6 +208,10 @@ pub struct SnapshotRequest {
     /// Labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Also checkpoint the running processes (CRIU), so that a rollback to this snapshot
+    /// restores them running.
+    #[serde(default)]
+    pub with_processes: bool,
 }
 
 /// A snapshot.
@@ -231,6 +235,8 @@ pub struct SnapshotInfo {
     pub auto: bool,
     /// Bytes of files in its writable layer (measured in the background after it is taken).
     pub size_bytes: Option<u64>,
+    /// It holds a checkpoint of the sandbox's processes: a rollback to it restores them.
+    pub processes: bool,
     /// The sandbox's current state descends from it directly.
     pub head: bool,
     /// Sandboxes cloned from it.

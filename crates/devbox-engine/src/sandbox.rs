@@ -276,11 +276,32 @@ impl Engine {
         }
     }
 
+    /// The host directories bound (read-only, at the same path) into a sandbox: those of the
+    /// host image, none for others.
+    pub(crate) fn host_binds(rec: &SandboxRecord) -> Vec<std::path::PathBuf> {
+        if rec.image_id == HOST_IMAGE {
+            devbox_image::host::host_binds()
+        } else {
+            Vec::new()
+        }
+    }
+
     /// Starts the sandbox's init; on success the record says running.
     pub(crate) fn launch(
         self: &Arc<Self>,
         rec: &mut SandboxRecord,
         manifest: &SandboxManifest,
+    ) -> Result<()> {
+        self.launch_from(rec, manifest, None)
+    }
+
+    /// [`Self::launch`], or, with `checkpoint` (CRIU images of this sandbox), a restore of the
+    /// processes they hold.
+    pub(crate) fn launch_from(
+        self: &Arc<Self>,
+        rec: &mut SandboxRecord,
+        manifest: &SandboxManifest,
+        checkpoint: Option<(&std::path::Path, &std::path::Path)>,
     ) -> Result<()> {
         let phases = crate::Phases::start("launch");
         let limits = manifest.spec.resolved_limits()?;
@@ -293,7 +314,11 @@ impl Engine {
         };
         // The cgroup's name is recorded before anything runs in it, so that a restart knows
         // whose it is.
-        let warm = self.take_warm();
+        // A restore starts its own launcher: a warm one stays for the next start.
+        let warm = match checkpoint {
+            None => self.take_warm(),
+            Some(_) => None,
+        };
         rec.cgroup = Some(
             warm.as_ref()
                 .map(|w| w.cgroup.clone())
@@ -329,19 +354,15 @@ impl Engine {
                 rec.image_id, rec.name
             )));
         }
-        let binds = if rec.image_id == HOST_IMAGE {
-            devbox_image::host::host_binds()
-                .into_iter()
-                .map(|p| BindMount {
-                    source: p.clone(),
-                    target: p,
-                    readonly: true,
-                    idmap: true,
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let binds = Self::host_binds(rec)
+            .into_iter()
+            .map(|p| BindMount {
+                source: p.clone(),
+                target: p,
+                readonly: true,
+                idmap: true,
+            })
+            .collect();
         let cfg = LaunchConfig {
             id: rec.id.clone(),
             hostname: manifest
@@ -364,18 +385,33 @@ impl Engine {
             seccomp: true,
         };
         phases.mark("config");
-        let launched = match armed {
-            Some(a) => a.launch(&cfg),
-            None => self.launcher.launch(&cfg),
+        let launched = match (armed, checkpoint) {
+            (_, Some((criu, images))) => self
+                .launcher
+                .restore(&devbox_runtime::container::restore::RestoreConfig {
+                    launch: cfg,
+                    criu: criu.to_path_buf(),
+                    images: images.to_path_buf(),
+                })
+                .map_err(|e| {
+                    EngineError::Checkpoint(format!(
+                        "restoring the processes of sandbox {}: {e}",
+                        rec.name
+                    ))
+                }),
+            (Some(a), None) => a
+                .launch(&cfg)
+                .map_err(|e| EngineError::Internal(format!("starting sandbox {}: {e}", rec.name))),
+            (None, None) => self
+                .launcher
+                .launch(&cfg)
+                .map_err(|e| EngineError::Internal(format!("starting sandbox {}: {e}", rec.name))),
         };
         let pid = match launched {
             Ok(pid) => pid,
             Err(e) => {
                 self.release_runtime(rec);
-                return Err(EngineError::Internal(format!(
-                    "starting sandbox {}: {e}",
-                    rec.name
-                )));
+                return Err(e);
             }
         };
         phases.mark("sandbox-init");
@@ -555,6 +591,7 @@ impl Engine {
         for snap in self.store.snapshots_of(&rec.id)? {
             self.remove_snapshot(snap)?;
         }
+        let _ = std::fs::remove_dir_all(self.cfg.state_dir.join("checkpoints").join(&rec.id));
         let _ = std::fs::remove_dir(self.pool.snapshots_dir().join(&rec.id));
         phases.mark("snapshots");
         self.store.delete_sandbox(&rec.id)?;

@@ -129,6 +129,21 @@ impl Engine {
                 rec.name
             )));
         }
+        let running = rec.state == SandboxState::Running;
+        let criu = if req.with_processes {
+            if !running {
+                return Err(EngineError::InvalidRequest(format!(
+                    "sandbox {} is stopped: --with-processes needs running processes (start it, or leave the flag out)",
+                    rec.name
+                )));
+            }
+            Some(
+                devbox_runtime::checkpoint::find_criu()
+                    .map_err(|e| EngineError::Checkpoint(format!("{e}; nothing was changed")))?,
+            )
+        } else {
+            None
+        };
         let name = match req.name {
             Some(n) => Name::new(&n)
                 .map_err(|_| EngineError::InvalidRequest(format!("{n:?} is not a valid snapshot name: use 1-63 lowercase letters, digits, '-', '_', '.'")))?
@@ -158,37 +173,113 @@ impl Engine {
             other => other.into(),
         })?;
         let dest = self.snapshot_path(&snap);
+        let images = self.checkpoint_dir(&snap);
         self.measurer.busy();
         let taken = (|| {
             if let Some(dir) = dest.parent() {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| EngineError::internal("snapshot dir", e))?;
             }
-            let running = rec.state == SandboxState::Running;
             let cg = self.cgroup_of(rec);
-            if running {
-                cg.set_frozen(true, Duration::from_secs(5))
-                    .map_err(|e| EngineError::internal("freezing the sandbox", e))?;
+            let socket = self.sandbox_runtime_dir(&rec.id).join("agent.sock");
+            // The agent lets go of everything outside the sandbox before CRIU looks.
+            let parked = match &criu {
+                Some(_) => Some(devbox_runtime::client::park(&socket).map_err(|e| {
+                    EngineError::Checkpoint(format!(
+                        "cannot checkpoint the processes of {}: {e}; nothing was changed",
+                        rec.name
+                    ))
+                })?),
+                None => None,
+            };
+            let result = (|| {
+                if running {
+                    cg.set_frozen(true, Duration::from_secs(5))
+                        .map_err(|e| EngineError::internal("freezing the sandbox", e))?;
+                }
+                // Processes and files are taken in the same frozen instant.
+                let dumped = match (&criu, rec.init_pid) {
+                    (Some(criu), Some(pid)) => self.dump_processes(rec, criu, pid, &images, &cg),
+                    _ => Ok(()),
+                };
+                let copied = match dumped {
+                    Ok(()) => self
+                        .pool
+                        .snapshot(&self.sandbox_volume(&rec.id), &dest, true)
+                        .map_err(EngineError::from),
+                    Err(e) => Err(e),
+                };
+                if running && let Err(e) = cg.set_frozen(false, Duration::from_secs(5)) {
+                    tracing::error!(sandbox = %rec.name, "thawing after a snapshot: {e}");
+                }
+                copied
+            })();
+            if let Some(pair) = parked
+                && let Err(e) = devbox_runtime::client::resume(&pair, &socket)
+            {
+                // Without its listener nobody can reach the sandbox; dropping the pair makes
+                // the parked agent stop it, which the watcher then records.
+                tracing::error!(sandbox = %rec.name, "resuming the agent after a checkpoint: {e}");
+                return Err(EngineError::Checkpoint(format!(
+                    "the agent of {} did not resume after the checkpoint ({e}); the sandbox stops",
+                    rec.name
+                )));
             }
-            let copied = self
-                .pool
-                .snapshot(&self.sandbox_volume(&rec.id), &dest, true);
-            if running && let Err(e) = cg.set_frozen(false, Duration::from_secs(5)) {
-                tracing::error!(sandbox = %rec.name, "thawing after a snapshot: {e}");
-            }
-            copied.map_err(EngineError::from)
+            result
         })();
         if let Err(e) = taken {
             let _ = self.pool.delete_volume(&dest);
+            let _ = std::fs::remove_dir_all(&images);
             let _ = self.store.delete_snapshot(&snap);
             return Err(e);
         }
+        snap.processes = criu.is_some();
         snap.state = SnapshotState::Ready;
         self.store.update_snapshot(&snap)?;
         rec.head = Some(snap.id.clone());
         self.store.update_sandbox(rec)?;
         self.measure_later(snap.clone());
         Ok(snap)
+    }
+
+    /// Where the CRIU images of a snapshot with processes live (outside the pool: memory
+    /// images need not share the sandboxes' space).
+    pub(crate) fn checkpoint_dir(&self, snap: &SnapshotRecord) -> PathBuf {
+        self.cfg
+            .state_dir
+            .join("checkpoints")
+            .join(&snap.sandbox_id)
+            .join(&snap.id)
+    }
+
+    /// Dumps a parked, frozen sandbox's processes into `images`, leaving them running.
+    fn dump_processes(
+        &self,
+        rec: &SandboxRecord,
+        criu: &Path,
+        pid: i32,
+        images: &Path,
+        cg: &devbox_runtime::cgroup::SandboxCgroup,
+    ) -> Result<()> {
+        let _ = std::fs::remove_dir_all(images);
+        crate::ensure_dir(images, 0o700)?;
+        let binds = Self::host_binds(rec);
+        devbox_runtime::checkpoint::dump(&devbox_runtime::checkpoint::DumpRequest {
+            criu: criu.to_path_buf(),
+            init_pid: pid,
+            images: images.to_path_buf(),
+            binds,
+            freezer: cg.freezer_dir(),
+            leave_running: true,
+            owner: rec.uid_base,
+        })
+        .map(drop)
+        .map_err(|e| {
+            EngineError::Checkpoint(format!(
+                "cannot checkpoint the processes of {}: {e}; nothing was changed",
+                rec.name
+            ))
+        })
     }
 
     /// Measures a snapshot's size in the background.
@@ -218,6 +309,7 @@ impl Engine {
                 .unwrap_or_default(),
             auto: snap.auto,
             size_bytes: snap.size_bytes,
+            processes: snap.processes,
             head: rec.head.as_deref() == Some(&snap.id),
             clones: self.store.clones_of(&snap.id)?,
         })
@@ -314,18 +406,20 @@ impl Engine {
         } else {
             None
         };
-        self.finish_rollback(rec, &pending, held)
+        let checkpoint = (target.processes && rels.is_empty()).then(|| self.checkpoint_dir(target));
+        self.finish_rollback(rec, &pending, held, checkpoint)
     }
 
     /// Swaps in the rollback's new volume and records the outcome; starts the sandbox again
     /// if it ran. Safe to run again after a crash at any point.
     /// `held`: the old mount namespace (see [`Self::halt_holding_mounts`]), released before
-    /// the old volume is deleted.
+    /// the old volume is deleted. `checkpoint`: the target's processes, restored running.
     fn finish_rollback(
         self: &Arc<Self>,
         rec: &mut SandboxRecord,
         pending: &Pending,
         held: Option<std::fs::File>,
+        checkpoint: Option<PathBuf>,
     ) -> Result<()> {
         let Pending::Rollback {
             to,
@@ -389,7 +483,23 @@ impl Engine {
                 self.delete_volume_retrying(&aside)?
             }
         }
-        if *resume && rec.state != SandboxState::Running {
+        if let Some(images) = checkpoint {
+            let manifest = Self::manifest_of(rec)?;
+            let restored = devbox_runtime::checkpoint::find_criu()
+                .map_err(|e| EngineError::Checkpoint(e.to_string()))
+                .and_then(|criu| self.launch_from(rec, &manifest, Some((&criu, &images))));
+            if let Err(e) = restored {
+                // The files are rolled back; a fresh start keeps the sandbox usable.
+                let fresh = match self.launch(rec, &manifest) {
+                    Ok(()) => "it was started afresh".to_string(),
+                    Err(e) => format!("starting it afresh failed too: {e}"),
+                };
+                return Err(EngineError::Checkpoint(format!(
+                    "the files of {} were rolled back, but its processes could not be restored ({e}); {fresh}",
+                    rec.name
+                )));
+            }
+        } else if *resume && rec.state != SandboxState::Running {
             let manifest = Self::manifest_of(rec)?;
             self.launch(rec, &manifest)?;
         }
@@ -409,7 +519,7 @@ impl Engine {
             }
         };
         tracing::info!(sandbox = %rec.name, "finishing an interrupted {text}");
-        match self.finish_rollback(rec, &pending, None) {
+        match self.finish_rollback(rec, &pending, None, None) {
             Ok(()) => Ok(()),
             Err(EngineError::Internal(msg)) if msg.contains("did not complete") => {
                 let _ = self.pool.delete_volume(&self.new_path(rec));
@@ -506,6 +616,7 @@ impl Engine {
         let path = self.snapshot_path(&snap);
         let _ = self.pool.set_readonly(&path, false);
         self.pool.delete_volume(&path)?;
+        let _ = std::fs::remove_dir_all(self.checkpoint_dir(&snap));
         self.store.delete_snapshot(&snap)?;
         Ok(())
     }

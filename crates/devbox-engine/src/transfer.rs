@@ -380,6 +380,7 @@ impl Engine {
                     name: Some(am.snapshot.name.clone()),
                     message: am.snapshot.message.clone(),
                     labels: am.snapshot.labels.clone(),
+                    with_processes: false,
                 },
                 false,
             )?;

@@ -29,7 +29,7 @@ struct Conn {
 }
 
 /// Runs the agent loop until shutdown; returns the exit code of pid 1.
-pub fn serve(listener: OwnedFd) -> i32 {
+pub fn serve(mut listener: OwnedFd) -> i32 {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
     if sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None).is_err() {
@@ -79,12 +79,31 @@ pub fn serve(listener: OwnedFd) -> i32 {
         }
         // Handle connections before accepting new ones so indexes stay valid.
         let mut closed = Vec::new();
+        let mut parked = false;
         for (i, ev) in conn_ev.iter().enumerate() {
             if ev.is_empty() {
                 continue;
             }
             match protocol::recv::<Request>(conns[i].fd.as_fd()) {
                 Ok(Some((req, fds))) => {
+                    if matches!(req, Request::Park) {
+                        match offer_park(&conns, i) {
+                            Ok(pair) => {
+                                // Nothing that reaches the host may stay open while parked.
+                                conns.clear();
+                                drop(listener);
+                                // Tell the daemon, on the pair, that nothing else is open.
+                                let _ = protocol::send(pair.as_fd(), &Reply::Parked, &[]);
+                                listener = wait_for_resume(pair, &sigfd);
+                                parked = true;
+                                break;
+                            }
+                            Err(reply) => {
+                                let _ = protocol::send(conns[i].fd.as_fd(), &reply, &[]);
+                                continue;
+                            }
+                        }
+                    }
                     if let Request::Shutdown { grace_ms } = req {
                         let _ = protocol::send(conns[i].fd.as_fd(), &Reply::Ok, &[]);
                         let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
@@ -98,6 +117,9 @@ pub fn serve(listener: OwnedFd) -> i32 {
                 }
                 Ok(None) | Err(_) => closed.push(i),
             }
+        }
+        if parked {
+            continue;
         }
         for i in closed.into_iter().rev() {
             conns.swap_remove(i);
@@ -120,6 +142,97 @@ pub fn serve(listener: OwnedFd) -> i32 {
             if !killed && Instant::now() >= deadline {
                 let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
                 shutdown = Some((deadline, true));
+            }
+        }
+    }
+}
+
+/// Answers a [`Request::Park`] from `conns[asking]`: [`Reply::Parked`] with one end of a new
+/// socket pair, whose other end is returned; an error reply (nothing changed) when it cannot.
+fn offer_park(conns: &[Conn], asking: usize) -> Result<OwnedFd, Reply> {
+    let busy = conns.iter().filter(|c| c.child.is_some()).count();
+    if busy > 0 {
+        return Err(Reply::Failed {
+            kind: FailureKind::BadRequest,
+            message: format!(
+                "{busy} exec session(s) still running: a checkpoint with processes needs every \
+                 exec to have ended (processes left running in the background are fine)"
+            ),
+        });
+    }
+    let internal = |e: nix::Error| Reply::Failed {
+        kind: FailureKind::Internal,
+        message: e.to_string(),
+    };
+    let (mine, theirs) = nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(internal)?;
+    // CRIU reads our namespaces from inside the sandbox's user namespace, which a
+    // non-dumpable process forbids: dumpable only while parked.
+    nix::sys::prctl::set_dumpable(true).map_err(internal)?;
+    if protocol::send(
+        conns[asking].fd.as_fd(),
+        &Reply::Parked,
+        &[theirs.as_raw_fd()],
+    )
+    .is_err()
+    {
+        let _ = nix::sys::prctl::set_dumpable(false);
+        return Err(Reply::Failed {
+            kind: FailureKind::Internal,
+            message: "the daemon went away".into(),
+        });
+    }
+    Ok(mine)
+}
+
+/// Waits, parked, for a [`Request::Resume`] with a listener on `pair`; reaps children meanwhile.
+fn wait_for_resume(pair: OwnedFd, sigfd: &SignalFd) -> OwnedFd {
+    loop {
+        let mut fds = [
+            PollFd::new(pair.as_fd(), PollFlags::POLLIN),
+            PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(_) => sys::exit_now(1),
+        }
+        let pair_ev = fds[0].revents().unwrap_or(PollFlags::empty());
+        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            while let Ok(Some(_)) = sigfd.read_signal() {}
+            while sys::reap_one().is_some() {}
+        }
+        if pair_ev.is_empty() {
+            continue;
+        }
+        match protocol::recv::<Request>(pair.as_fd()) {
+            Ok(Some((Request::Resume, mut fds))) if fds.len() == 1 => {
+                let listener = fds.remove(0);
+                let _ =
+                    nix::fcntl::fcntl(&listener, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
+                let _ = nix::sys::prctl::set_dumpable(false);
+                let _ = protocol::send(pair.as_fd(), &Reply::Ok, &[]);
+                return listener;
+            }
+            Ok(Some(_)) => {
+                let _ = protocol::send(
+                    pair.as_fd(),
+                    &Reply::Failed {
+                        kind: FailureKind::BadRequest,
+                        message: "parked: only resume with a listener".into(),
+                    },
+                    &[],
+                );
+            }
+            // The daemon went away before resuming us: nobody can reach this sandbox any
+            // more. Stop it rather than leave it running unreachable.
+            Ok(None) | Err(_) => {
+                let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+                sys::exit_now(1);
             }
         }
     }
@@ -175,6 +288,10 @@ fn handle(conn: &mut Conn, req: Request, fds: Vec<OwnedFd>) {
             processes: count_processes(),
         },
         Request::Shutdown { .. } => Reply::Ok,
+        Request::Park | Request::Resume => Reply::Failed {
+            kind: FailureKind::BadRequest,
+            message: "not parked".into(),
+        },
     };
     let _ = protocol::send(conn.fd.as_fd(), &reply, &[]);
 }

@@ -451,6 +451,13 @@ impl SandboxCgroup {
         u
     }
 
+    /// The directory whose freezer stops the sandbox: the unified (v2) one, or the v1 freezer's.
+    pub fn freezer_dir(&self) -> Option<PathBuf> {
+        self.unified()
+            .cloned()
+            .or_else(|| self.find("freezer").map(|(_, d)| d.clone()))
+    }
+
     /// Freezes (`true`) or thaws (`false`) every process, waiting until the kernel confirms.
     pub fn set_frozen(&self, frozen: bool, timeout: Duration) -> Result<(), CgroupError> {
         let deadline = Instant::now() + timeout;

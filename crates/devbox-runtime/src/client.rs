@@ -82,3 +82,31 @@ pub fn shutdown(path: &Path, grace: Duration) -> io::Result<()> {
         other => Err(io::Error::other(format!("unexpected reply {other:?}"))),
     }
 }
+
+/// Parks the agent for a checkpoint ([`Request::Park`]); returns the daemon's end of the
+/// parked pair. The agent then serves nothing until [`resume`].
+pub fn park(path: &Path) -> io::Result<OwnedFd> {
+    let conn = AgentConn::connect(path)?;
+    conn.set_timeout(Some(Duration::from_secs(5)))?;
+    conn.send(&Request::Park, &[])?;
+    let pair = match conn.recv()? {
+        (Reply::Parked, mut fds) if fds.len() == 1 => fds.remove(0),
+        (Reply::Failed { message, .. }, _) => return Err(io::Error::other(message)),
+        (other, _) => return Err(io::Error::other(format!("unexpected reply {other:?}"))),
+    };
+    // The agent confirms on the pair once its listener and connections are closed.
+    let tv = nix::sys::time::TimeVal::new(5, 0);
+    nix::sys::socket::setsockopt(&pair, nix::sys::socket::sockopt::ReceiveTimeout, &tv)?;
+    match protocol::recv::<Reply>(pair.as_fd())? {
+        Some((Reply::Parked, _)) => Ok(pair),
+        other => Err(io::Error::other(format!(
+            "the agent did not park: {other:?}"
+        ))),
+    }
+}
+
+/// Gives a parked agent a new listener bound at `path` and waits until it serves again.
+pub fn resume(pair: &OwnedFd, path: &Path) -> io::Result<()> {
+    let listener = crate::container::bind_agent_socket(path).map_err(|e| e.error)?;
+    crate::container::restore::resume(pair, &listener)
+}

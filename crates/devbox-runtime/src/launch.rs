@@ -6,6 +6,7 @@ use std::process::{Child, ChildStdin, ChildStdout};
 use std::process::{Command, Stdio};
 
 use crate::config::LaunchConfig;
+use crate::container::restore::RestoreConfig;
 use crate::container::{LaunchOutcome, LauncherInput, LauncherReport};
 
 /// Errors of [`Launcher::launch`].
@@ -103,6 +104,21 @@ impl Launcher {
     /// Starts a sandbox; returns the host pid of its init process once it serves requests.
     pub fn launch(&self, cfg: &LaunchConfig) -> Result<i32, LaunchError> {
         self.spawn()?.launch(cfg)
+    }
+
+    /// Starts a sandbox from a checkpoint of its processes; returns the restored init's host pid.
+    pub fn restore(&self, rc: &RestoreConfig) -> Result<i32, LaunchError> {
+        let mut running = self.spawn()?;
+        running.send(&LauncherInput::Restore(Box::new(rc.clone())))?;
+        match running.report() {
+            Ok(LauncherReport::Outcome(o)) => running.finish(o),
+            Ok(LauncherReport::Armed) => Err(LaunchError::NoOutcome("unexpected report".into())),
+            Err(e) => {
+                let _ = running.child.kill();
+                let _ = running.child.wait();
+                Err(e)
+            }
+        }
     }
 
     /// Starts a launcher that joins `cgroups` and waits: the slow part of a start, done ahead.

@@ -9,10 +9,13 @@
 //! - [`container`]: the launcher and pid 1 (inside `sandbox-init`).
 //! - [`agent`]: pid 1's request loop; [`client::AgentClient`]: the daemon's side of it.
 //! - [`cgroup`]: cgroup v1 and v2 hierarchies (limits, freeze, kill, stats).
+//! - [`checkpoint`]: checkpoints of a sandbox's processes with CRIU (restored by
+//!   [`container::restore`]).
 //! - [`sys`]: the OS boundary, where all `unsafe` lives.
 
 pub mod agent;
 pub mod cgroup;
+pub mod checkpoint;
 pub mod client;
 pub mod config;
 pub mod container;

@@ -74,6 +74,14 @@ pub enum Request {
     Resize(WinSize),
     /// Liveness check.
     Ping,
+    /// Get ready for a checkpoint of the sandbox's processes (CRIU): the agent answers
+    /// [`Reply::Parked`] with one end of a fresh socket pair, closes its listener and every
+    /// connection (none may have a running exec), lets itself be dumped, and waits on the other
+    /// end of the pair for [`Request::Resume`]. Nothing it holds then reaches outside the sandbox.
+    Park,
+    /// Sent on the parked pair (by the daemon after a checkpoint, or to a restored agent):
+    /// serve again on the attached listening socket.
+    Resume,
     /// Stop every process: SIGTERM, then SIGKILL after `grace_ms`; then the agent exits.
     Shutdown {
         /// Grace period in milliseconds.
@@ -131,6 +139,8 @@ pub enum Reply {
     },
     /// A request was accepted (signal, resize, shutdown).
     Ok,
+    /// Answer to [`Request::Park`]; the daemon's end of the parked pair is attached.
+    Parked,
 }
 
 /// Sends one message with optional fds.

@@ -103,6 +103,17 @@ pub fn attach_tree(tree: &OwnedFd, target: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Sets or clears close-on-exec on an fd.
+pub fn set_cloexec(fd: &impl std::os::fd::AsFd, on: bool) -> io::Result<()> {
+    let flags = if on {
+        nix::fcntl::FdFlag::FD_CLOEXEC
+    } else {
+        nix::fcntl::FdFlag::empty()
+    };
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(flags))?;
+    Ok(())
+}
+
 /// Opens a pidfd for `pid` (pollable: readable once the process has exited).
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is shared.

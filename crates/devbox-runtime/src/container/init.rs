@@ -34,6 +34,8 @@ fn setup(
 ) -> Result<(), StepError> {
     use super::Stage;
     crate::trace::mark("init started");
+    // Its own session: the launcher's lies outside the pid namespace, which a checkpoint can't hold.
+    nix::unistd::setsid().stage("new session")?;
     nix::unistd::sethostname(&cfg.hostname).stage("set hostname")?;
     sys::loopback_up().stage("bring up loopback")?;
     let none = None::<&str>;

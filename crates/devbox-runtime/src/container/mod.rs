@@ -17,6 +17,7 @@
 //! drops capabilities, sets no_new_privs and the seccomp filter, and becomes the agent.
 
 pub mod init;
+pub mod restore;
 pub mod rootfs;
 pub mod security;
 
@@ -97,6 +98,8 @@ pub enum LauncherInput {
     },
     /// Start this sandbox.
     Launch(Box<LaunchConfig>),
+    /// Start this sandbox from a checkpoint of its processes.
+    Restore(Box<restore::RestoreConfig>),
 }
 
 /// What `sandbox-init launch` reports, one JSON message per line.
@@ -149,6 +152,10 @@ pub fn launch_main() -> i32 {
                 Err(e) => break failed(e.stage, e.error),
             },
             Ok(Some(LauncherInput::Launch(cfg))) => match launch(&cfg, prepared.take()) {
+                Ok(pid) => break LaunchOutcome::Started { pid },
+                Err(e) => break failed(e.stage, e.error),
+            },
+            Ok(Some(LauncherInput::Restore(rc))) => match restore::restore(&rc, prepared.take()) {
                 Ok(pid) => break LaunchOutcome::Started { pid },
                 Err(e) => break failed(e.stage, e.error),
             },
@@ -278,7 +285,7 @@ fn daemon_gone() -> bool {
             .is_some_and(|r| r.contains(PollFlags::POLLHUP))
 }
 
-fn bind_agent_socket(path: &Path) -> Result<OwnedFd, StepError> {
+pub(crate) fn bind_agent_socket(path: &Path) -> Result<OwnedFd, StepError> {
     let _ = fs::remove_file(path);
     let sock = socket(
         AddressFamily::Unix,

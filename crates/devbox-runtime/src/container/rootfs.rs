@@ -68,6 +68,15 @@ pub fn assemble(cfg: &LaunchConfig, userns: &OwnedFd) -> Result<(), StepError> {
 /// root. Runs as pid 1 (root of the user namespace) with the runtime dir as working directory,
 /// so that the writable layer's files are created by the sandbox's root.
 pub fn mount_root(cfg: &LaunchConfig) -> Result<(), StepError> {
+    mount_overlay(cfg)?;
+    mount_binds(cfg)?;
+    std::env::set_current_dir("rootfs").stage("enter root")?;
+    Ok(())
+}
+
+/// Mounts the overlay of the staged layers at `rootfs` (relative to the runtime dir, the
+/// working directory), from inside the sandbox's user namespace.
+pub fn mount_overlay(cfg: &LaunchConfig) -> Result<(), StepError> {
     let lowerdir: Vec<String> = (0..cfg.rootfs.layers.len())
         .map(|i| format!("layers/{i}"))
         .collect();
@@ -83,6 +92,11 @@ pub fn mount_root(cfg: &LaunchConfig) -> Result<(), StepError> {
         Some(opts.as_str()),
     )
     .stage("mount overlay root")?;
+    Ok(())
+}
+
+/// Mounts the staged host binds on the overlay root at `rootfs`.
+fn mount_binds(cfg: &LaunchConfig) -> Result<(), StepError> {
     for (i, bind) in cfg.rootfs.binds.iter().enumerate() {
         let rel = bind.target.strip_prefix("/").unwrap_or(&bind.target);
         let target = Path::new("rootfs").join(rel);
@@ -99,7 +113,6 @@ pub fn mount_root(cfg: &LaunchConfig) -> Result<(), StepError> {
         )
         .stage("bind mount")?;
     }
-    std::env::set_current_dir("rootfs").stage("enter root")?;
     Ok(())
 }
 
