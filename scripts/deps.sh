@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages dev-box needs: at run time (btrfs-progs, util-linux) and for
-# its tests (busybox-static for test images). `scripts/deps.sh bench` adds the peers the
+# its tests (busybox-static for test images), and builds CRIU ≥ 4.1 for
+# snapshots with processes (scripts/criu/build.sh). `scripts/deps.sh bench` adds the peers the
 # benchmark compares against. Idempotent: does nothing when everything is there.
 set -euo pipefail
 
@@ -19,3 +20,5 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+"$(dirname "$0")"/criu/build.sh

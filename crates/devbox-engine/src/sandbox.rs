@@ -392,6 +392,7 @@ impl Engine {
                     launch: cfg,
                     criu: criu.to_path_buf(),
                     images: images.to_path_buf(),
+                    log: self.checkpoint_log(&rec.id, "restore"),
                 })
                 .map_err(|e| {
                     EngineError::Checkpoint(format!(

@@ -252,6 +252,15 @@ impl Engine {
             .join(&snap.id)
     }
 
+    /// CRIU's log of the last dump or restore (`what`) of a sandbox's processes.
+    pub(crate) fn checkpoint_log(&self, sandbox_id: &str, what: &str) -> PathBuf {
+        self.cfg
+            .state_dir
+            .join("checkpoints")
+            .join(sandbox_id)
+            .join(format!("last-{what}.log"))
+    }
+
     /// Dumps a parked, frozen sandbox's processes into `images`, leaving them running.
     fn dump_processes(
         &self,
@@ -268,6 +277,7 @@ impl Engine {
             criu: criu.to_path_buf(),
             init_pid: pid,
             images: images.to_path_buf(),
+            log: self.checkpoint_log(&rec.id, "dump"),
             binds,
             freezer: cg.freezer_dir(),
             leave_running: true,

@@ -32,6 +32,8 @@ pub struct RestoreConfig {
     pub criu: PathBuf,
     /// The checkpoint's images (with `checkpoint.json`).
     pub images: PathBuf,
+    /// CRIU's log (absolute path).
+    pub log: PathBuf,
 }
 
 fn step(stage: &'static str, e: impl std::fmt::Display) -> StepError {
@@ -88,6 +90,9 @@ pub fn restore(rc: &RestoreConfig, prepared: Option<Prepared>) -> Result<i32, St
     .stage("socket pair")?;
     sys::set_cloexec(&ours, true).stage("socket pair")?;
     let mut cmd = Command::new(&rc.criu);
+    if let Some(path) = checkpoint::criu_tool_path() {
+        cmd.env("PATH", path);
+    }
     cmd.arg("restore")
         .arg("-D")
         .arg(&rc.images)
@@ -96,7 +101,8 @@ pub fn restore(rc: &RestoreConfig, prepared: Option<Prepared>) -> Result<i32, St
         .arg("--restore-detached")
         .arg("--pidfile")
         .arg(cfg.runtime_dir.join("restore.pid"))
-        .args(["--manage-cgroups=ignore", "-v4", "-o", "restore.log"])
+        .args(["--manage-cgroups=ignore", "-v4", "-o"])
+        .arg(&rc.log)
         .args(checkpoint::EXTERNAL_MOUNT_FLAGS)
         .arg("--inherit-fd")
         .arg(format!(
@@ -115,8 +121,7 @@ pub fn restore(rc: &RestoreConfig, prepared: Option<Prepared>) -> Result<i32, St
         cmd.arg("--inherit-fd")
             .arg(format!("fd[{}]:{key}", fd.as_raw_fd()));
     }
-    checkpoint::run_criu(cmd, &rc.images.join("restore.log"))
-        .map_err(|e| step("restore processes", e))?;
+    checkpoint::run_criu(cmd, &rc.log).map_err(|e| step("restore processes", e))?;
     drop(theirs);
     drop(files);
     let pid: i32 = std::fs::read_to_string(cfg.runtime_dir.join("restore.pid"))

@@ -235,19 +235,35 @@ pub fn finish_in_init() -> Result<(), StepError> {
     umount2(".", MntFlags::MNT_DETACH).stage("detach host root")?;
     std::env::set_current_dir("/").stage("chdir /")?;
 
+    // Masked directories share one empty read-only tmpfs (a checkpoint then saves one).
+    let mut empty: Option<&Path> = None;
     for path in MASKED {
         let p = Path::new(path);
         let Ok(meta) = fs::symlink_metadata(p) else {
             continue;
         };
         let res = if meta.is_dir() {
-            mount(
-                Some("tmpfs"),
-                p,
-                Some("tmpfs"),
-                MsFlags::MS_RDONLY | nsx,
-                Some("size=0"),
-            )
+            match empty {
+                None => {
+                    empty = Some(p);
+                    mount(
+                        Some("tmpfs"),
+                        p,
+                        Some("tmpfs"),
+                        MsFlags::MS_RDONLY | nsx,
+                        Some("size=0"),
+                    )
+                }
+                Some(first) => mount(Some(first), p, none, MsFlags::MS_BIND, none).and_then(|()| {
+                    mount(
+                        none,
+                        p,
+                        none,
+                        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nsx,
+                        none,
+                    )
+                }),
+            }
         } else {
             mount(Some("/dev/null"), p, none, MsFlags::MS_BIND, none)
         };
