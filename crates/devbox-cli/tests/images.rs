@@ -6,32 +6,8 @@ mod common;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use common::TestEnv;
+use common::{TestEnv, busybox_rootfs, tar_dir};
 use sha2::{Digest, Sha256};
-
-/// A tiny busybox root filesystem.
-fn busybox_rootfs(dir: &Path) {
-    std::fs::create_dir_all(dir.join("bin")).unwrap();
-    std::fs::create_dir_all(dir.join("etc")).unwrap();
-    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).unwrap();
-    for app in ["sh", "cat", "echo", "ls", "id", "touch", "wc"] {
-        std::os::unix::fs::symlink("busybox", dir.join("bin").join(app)).unwrap();
-    }
-    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    std::fs::write(dir.join("etc/motd"), "from the image\n").unwrap();
-}
-
-fn tar_dir(dir: &Path, out: &Path) {
-    let st = std::process::Command::new("tar")
-        .arg("-C")
-        .arg(dir)
-        .arg("-czf")
-        .arg(out)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
 
 fn layer_tar(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());

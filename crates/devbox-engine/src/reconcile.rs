@@ -26,10 +26,17 @@ impl Engine {
                     let complete = self.snapshot_path(&snap).join("upper").exists()
                         && self.pool.driver() == Driver::Btrfs;
                     if complete {
+                        // A checkpoint of processes is complete once its metadata is written,
+                        // which happens before the files are taken.
+                        snap.processes = self
+                            .checkpoint_dir(&snap)
+                            .join(devbox_runtime::checkpoint::CheckpointMeta::FILE)
+                            .exists();
                         snap.state = SnapshotState::Ready;
                         self.store.update_snapshot(&snap)?;
                     } else {
                         let _ = self.pool.delete_volume(&self.snapshot_path(&snap));
+                        let _ = std::fs::remove_dir_all(self.checkpoint_dir(&snap));
                         self.store.delete_snapshot(&snap)?;
                     }
                 }
@@ -139,6 +146,28 @@ impl Engine {
                 }
             }
             let _ = std::fs::remove_dir(dir.path());
+        }
+        // Checkpoints of processes no snapshot owns; a sandbox's last CRIU logs stay with it.
+        for dir in std::fs::read_dir(self.cfg.state_dir.join("checkpoints"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if !known.contains(&dir.file_name().to_string_lossy().to_string()) {
+                let _ = std::fs::remove_dir_all(dir.path());
+                continue;
+            }
+            for e in std::fs::read_dir(dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = e.file_name().to_string_lossy().to_string();
+                if e.path().is_dir() && !snapshot_ids.contains(&name) {
+                    tracing::info!(path = %e.path().display(), "removing a checkpoint no snapshot owns");
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
         }
         let _ = std::fs::remove_dir_all(self.cfg.runtime_dir.join("trash"));
         self.images.clear_staging();

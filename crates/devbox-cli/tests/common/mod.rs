@@ -397,3 +397,27 @@ pub fn unique(prefix: &str) -> String {
         COUNTER.fetch_add(1, Ordering::SeqCst)
     )
 }
+
+/// A tiny busybox root filesystem.
+pub fn busybox_rootfs(dir: &Path) {
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::create_dir_all(dir.join("etc")).unwrap();
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).unwrap();
+    for app in ["sh", "cat", "echo", "ls", "id", "touch", "wc"] {
+        std::os::unix::fs::symlink("busybox", dir.join("bin").join(app)).unwrap();
+    }
+    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(dir.join("etc/motd"), "from the image\n").unwrap();
+}
+
+pub fn tar_dir(dir: &Path, out: &Path) {
+    let st = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(dir)
+        .arg("-czf")
+        .arg(out)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
