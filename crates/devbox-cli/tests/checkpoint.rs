@@ -154,7 +154,7 @@ fn what_cannot_be_checkpointed_changes_nothing() {
     env.ok(&["exec", "dev", "echo one > /work/f"]);
 
     // An exec still running: refused, the sandbox and its exec go on.
-    let mut running = env
+    let running = env
         .cmd()
         .args(["exec", "dev", "sleep 3; echo done"])
         .stdout(Stdio::piped())
