@@ -4,7 +4,10 @@
 For sandboxes holding 10 MB, 200 MB and 1 GB of changes in 10 KiB files, measures
 `sandbox snapshot` and `sandbox rollback` (medians), and side by side `podman commit` of a
 container holding the same files and a plain `cp -a` of the files. Then `sandbox diff`
-between two snapshots 10,000 changed files apart. Prints a Markdown section.
+between two snapshots 10,000 changed files apart. Last, a checkpoint and restore of a small
+process tree (a shell loop and its `sleep`): `sandbox snapshot --with-processes` and a
+rollback to it, against `podman container checkpoint` and `restore` of the same loop.
+Prints a Markdown section.
 """
 import io
 import json
@@ -91,6 +94,31 @@ diff = timed(diff_args, runs)
 changes = len(json.loads(run(diff_args).stdout)["changes"])
 run([sandbox, "destroy", "--force", "diffbench"])
 
+# Processes: a shell loop (and its sleep) checkpointed and restored.
+LOOP = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done"
+run([sandbox, "create", "cprbench", "--image", "bench-busybox"])
+run([sandbox, "exec", "cprbench", f"sh -c '{LOOP}' >/dev/null 2>&1 &"])
+time.sleep(0.3)
+run([sandbox, "snapshot", "cprbench", "live", "--with-processes"])
+cp_runs = max(5, runs // 2)
+checkpoint = timed([sandbox, "snapshot", "cprbench", "--with-processes"], cp_runs)
+restore = timed([sandbox, "rollback", "cprbench", "--to", "live"], cp_runs)
+count = run([sandbox, "exec", "cprbench", "cat /tmp/count"]).stdout.decode().strip()
+run([sandbox, "destroy", "--force", "cprbench"])
+ctr = "cprbench"
+run(podman_cmd + ["run", "-d", "--name", ctr, "--network=none", "bench-busybox", "sh", "-c", LOOP])
+time.sleep(0.3)
+p_checkpoint, p_restore = [], []
+for _ in range(max(3, runs // 4)):
+    t = time.perf_counter()
+    run(podman_cmd + ["container", "checkpoint", ctr])
+    p_checkpoint.append((time.perf_counter() - t) * 1000)
+    t = time.perf_counter()
+    run(podman_cmd + ["container", "restore", ctr])
+    p_restore.append((time.perf_counter() - t) * 1000)
+run(podman_cmd + ["rm", "-f", ctr])
+p_checkpoint, p_restore = statistics.median(p_checkpoint), statistics.median(p_restore)
+
 small = rows[0]
 print("## Snapshots and rollback (changes in 10 KiB files)")
 print()
@@ -100,4 +128,13 @@ for label, count, snap, roll, commit, copy in rows:
     print(f"| {label} | {count} | {snap:.1f} ms | {roll:.1f} ms | {commit:.0f} ms | {copy:.0f} ms | {snap / small[2]:.2f}x |")
 print()
 print(f"`sandbox diff` between two snapshots {changes} changes apart: {diff:.1f} ms (median of {runs}).")
+print()
+print("## Checkpoint and restore with processes (a shell loop and its sleep)")
+print()
+print("| | dev-box | podman | ratio |")
+print("|---|---|---|---|")
+print(f"| checkpoint | {checkpoint:.0f} ms (`snapshot --with-processes`; keeps running) | {p_checkpoint:.0f} ms (`container checkpoint`; stops) | {p_checkpoint / checkpoint:.1f}x |")
+print(f"| restore | {restore:.0f} ms (`rollback --to`: stop, files back, restore) | {p_restore:.0f} ms (`container restore`) | {p_restore / restore:.1f}x |")
+print()
+print(f"Medians of {cp_runs} (dev-box) and {max(3, runs // 4)} (podman) runs; the loop's count after the rollbacks: {count}.")
 print()
