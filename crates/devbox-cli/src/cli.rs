@@ -98,6 +98,10 @@ pub struct SandboxOpts {
     /// Take a snapshot before every exec (recorded in the spec).
     #[arg(long)]
     pub auto_snapshot: bool,
+    /// The sandbox's main process (shell text), started whenever the sandbox starts and
+    /// after a rollback; its output goes to logs/NAME/main.log in the state dir.
+    #[arg(long = "main", value_name = "TEXT")]
+    pub main_command: Option<String>,
 }
 
 /// How a command runs.

@@ -120,6 +120,9 @@ pub fn create_request(
         s.rollback.enabled = true;
         s.rollback.auto_snapshot = true;
     }
+    if let Some(v) = &opts.main_command {
+        s.command = vec![v.clone()];
+    }
     for (k, v) in key_values(&opts.labels, "label")? {
         m.metadata.labels.insert(k, v);
     }

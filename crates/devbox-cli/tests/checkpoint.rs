@@ -202,3 +202,56 @@ fn what_cannot_be_checkpointed_changes_nothing() {
     );
     assert_eq!(env.snapshot_names("dev"), vec!["live".to_string()]);
 }
+
+/// The spec's main process starts with the sandbox, again after a stop and start, and again
+/// after a rollback to a snapshot of files only; one the checks deny refuses the sandbox.
+#[test]
+fn main_process_starts_and_restarts_after_rollback() {
+    require_root!();
+    let env = TestEnv::new();
+    let spec = env.root.path().join("web.yaml");
+    std::fs::write(
+        &spec,
+        "apiVersion: sandbox.io/v1\nkind: Sandbox\nmetadata: {name: web}\nspec:\n  command: [\"python3\", \"-m\", \"http.server\", \"8765\", \"--bind\", \"127.0.0.1\", \"--directory\", \"/work\"]\n",
+    )
+    .unwrap();
+    env.ok(&["create", "-f", spec.to_str().unwrap()]);
+    let serving = |env: &TestEnv| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while env.sh("web", GET).1.trim() != "200" {
+            assert!(
+                Instant::now() < deadline,
+                "the main process does not serve: {}",
+                env.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        pids_of(env, "web", "http.server")
+    };
+    let first = serving(&env);
+    assert_eq!(first.len(), 1);
+
+    env.ok(&["snapshot", "web", "files"]);
+    env.ok(&["exec", "web", "pkill -f 'http[.]server'; echo x > /work/x"]);
+    assert_ne!(env.sh("web", GET).0, 0);
+    env.ok(&["rollback", "web", "--to", "files"]);
+    assert_eq!(serving(&env).len(), 1, "restarted after the rollback");
+    assert_ne!(env.sh("web", "test -e /work/x").0, 0);
+
+    env.ok(&["stop", "web"]);
+    env.ok(&["start", "web"]);
+    assert_eq!(serving(&env).len(), 1, "started again with the sandbox");
+    let log = env.state.join("logs/web/main.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("GET / HTTP"),
+        "the server's output is logged: {text}"
+    );
+    let audit = env.ok(&["audit", "--sandbox", "web"]);
+    assert!(audit.matches("sandbox.main").count() >= 3, "{audit}");
+
+    // A main command the checks deny: no sandbox is made.
+    let err = env.fails(&["create", "bad", "--main", "rm -rf /"]);
+    assert!(err.contains("spec.command"), "{err}");
+    assert!(!env.ok(&["ls", "-q"]).contains("bad"));
+}

@@ -373,7 +373,7 @@ impl ExecSession {
     }
 }
 
-fn failure(kind: FailureKind, message: String) -> EngineError {
+pub(crate) fn failure(kind: FailureKind, message: String) -> EngineError {
     match kind {
         FailureKind::BadRequest => EngineError::InvalidRequest(message),
         FailureKind::Internal => EngineError::Internal(message),
@@ -382,6 +382,63 @@ fn failure(kind: FailureKind, message: String) -> EngineError {
 }
 
 impl Engine {
+    /// The environment, working directory and user of a process started in a sandbox: the
+    /// image's, then the spec's, then the request's (`extra_env`, `workdir`, `user`).
+    pub(crate) fn process_context(
+        &self,
+        rec: &devbox_store::SandboxRecord,
+        manifest: &devbox_spec::SandboxManifest,
+        extra_env: &std::collections::BTreeMap<String, String>,
+        workdir: Option<String>,
+        user: Option<String>,
+    ) -> Result<(Vec<String>, String, Option<String>)> {
+        let image_cfg = if rec.image_id == HOST_IMAGE {
+            devbox_image::ImageConfig::default()
+        } else {
+            self.store
+                .images()?
+                .into_iter()
+                .find(|i| i.id == rec.image_id)
+                .and_then(|i| serde_json::from_str(&i.config).ok())
+                .unwrap_or_default()
+        };
+        let mut env: Vec<String> = image_cfg.env.clone();
+        let mut set = |k: &str, v: &str| {
+            env.retain(|e| e.split_once('=').map(|(key, _)| key) != Some(k));
+            env.push(format!("{k}={v}"));
+        };
+        set(
+            "HOSTNAME",
+            manifest.spec.hostname.as_deref().unwrap_or(&rec.name),
+        );
+        for (k, v) in manifest.spec.env.iter().chain(extra_env.iter()) {
+            if k.is_empty() || k.contains('=') {
+                return Err(EngineError::InvalidRequest(format!(
+                    "bad environment variable name {k:?}"
+                )));
+            }
+            set(k, v);
+        }
+        let default_dir = if rec.image_id == HOST_IMAGE {
+            "/work"
+        } else {
+            "/"
+        };
+        let cwd = workdir
+            .or(manifest.spec.workdir.clone())
+            .or(image_cfg.workdir.clone())
+            .unwrap_or(default_dir.into());
+        if !cwd.starts_with('/') {
+            return Err(EngineError::InvalidRequest(format!(
+                "workdir {cwd:?} must be an absolute path"
+            )));
+        }
+        let user = user
+            .or(manifest.spec.user.clone())
+            .or(image_cfg.user.clone());
+        Ok((env, cwd, user))
+    }
+
     /// Starts a command in a running sandbox. With `want_stdin`, the session's `stdin` is
     /// connected; otherwise the command reads from /dev/null.
     pub async fn exec(
@@ -461,54 +518,13 @@ impl Engine {
         } else {
             None
         };
-        let image_cfg = if rec.image_id == HOST_IMAGE {
-            devbox_image::ImageConfig::default()
-        } else {
-            self.store
-                .images()?
-                .into_iter()
-                .find(|i| i.id == rec.image_id)
-                .and_then(|i| serde_json::from_str(&i.config).ok())
-                .unwrap_or_default()
-        };
-        let mut env: Vec<String> = image_cfg.env.clone();
-        let mut set = |k: &str, v: &str| {
-            env.retain(|e| e.split_once('=').map(|(key, _)| key) != Some(k));
-            env.push(format!("{k}={v}"));
-        };
-        set(
-            "HOSTNAME",
-            manifest.spec.hostname.as_deref().unwrap_or(&rec.name),
-        );
-        for (k, v) in manifest.spec.env.iter().chain(req.env.iter()) {
-            if k.is_empty() || k.contains('=') {
-                return Err(EngineError::InvalidRequest(format!(
-                    "bad environment variable name {k:?}"
-                )));
-            }
-            set(k, v);
-        }
-        let default_dir = if rec.image_id == HOST_IMAGE {
-            "/work"
-        } else {
-            "/"
-        };
-        let cwd = req
-            .workdir
-            .clone()
-            .or(manifest.spec.workdir.clone())
-            .or(image_cfg.workdir.clone())
-            .unwrap_or(default_dir.into());
-        if !cwd.starts_with('/') {
-            return Err(EngineError::InvalidRequest(format!(
-                "workdir {cwd:?} must be an absolute path"
-            )));
-        }
-        let user = req
-            .user
-            .clone()
-            .or(manifest.spec.user.clone())
-            .or(image_cfg.user.clone());
+        let (env, cwd, user) = self.process_context(
+            &rec,
+            &manifest,
+            &req.env,
+            req.workdir.clone(),
+            req.user.clone(),
+        )?;
         let tty = req.tty.map(|t| WinSize {
             rows: t.rows,
             cols: t.cols,

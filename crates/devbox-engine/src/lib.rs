@@ -17,6 +17,7 @@ mod error;
 mod exec;
 mod images;
 mod locks;
+mod main_process;
 mod measure;
 pub mod model;
 mod os;

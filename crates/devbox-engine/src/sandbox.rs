@@ -196,6 +196,8 @@ impl Engine {
             self.insert_creating(name.to_string(), &manifest, image_id, ephemeral, None)?;
         phases.mark("record");
         let made = (|| {
+            // A main command the checks would not allow refuses the sandbox outright.
+            self.check_main(&rec, &manifest)?;
             self.make_volume(&rec)?;
             phases.mark("volume");
             if req.start {
@@ -424,6 +426,15 @@ impl Engine {
         self.store.update_sandbox(rec)?;
         self.watch(rec);
         phases.mark("recorded");
+        // A restore brought the main process back with the rest; otherwise it starts now.
+        // Its failure is recorded, not fatal: the sandbox runs and can be fixed.
+        if checkpoint.is_none()
+            && let Err(e) = self.start_main(rec, manifest)
+        {
+            tracing::warn!(sandbox = %rec.name, "main process: {e}");
+            rec.last_error = Some(format!("the main process did not start: {e}"));
+            self.store.update_sandbox(rec)?;
+        }
         Ok(())
     }
 

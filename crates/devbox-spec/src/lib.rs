@@ -232,6 +232,11 @@ pub struct SandboxSpec {
     /// Hostname (defaults to the sandbox's name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// The sandbox's main process, started (checked like an exec) each time the sandbox
+    /// starts, restarts or is rolled back: one element is shell text run by `/bin/sh -c`,
+    /// several are a program and its arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
 }
 
 /// `metadata`.
@@ -360,6 +365,15 @@ impl SandboxSpec {
         }
         self.resolved_limits()?;
         self.rollback.max_age_seconds()?;
+        if !self.command.is_empty() && self.command[0].trim().is_empty() {
+            return Err(SpecError::field(
+                "spec.command",
+                "the first element is empty: give shell text, or a program and its arguments",
+            ));
+        }
+        if self.command.iter().any(|a| a.contains('\0')) {
+            return Err(SpecError::field("spec.command", "contains a NUL byte"));
+        }
         for key in self.env.keys() {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
                 return Err(SpecError::field(

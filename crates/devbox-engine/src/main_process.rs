@@ -1,0 +1,117 @@
+//! A sandbox's main process (`spec.command`): started each time the sandbox starts, restarts
+//! or is rolled back to files only (a rollback to a snapshot with processes brings back the
+//! one that ran). It is checked like an exec but must be allowed outright (no approval can
+//! wait at start-up), audited as `sandbox.main`, and writes to `logs/<sandbox>/main.log`. It
+//! is not tied to any client: like a process an exec left in the background, it runs until
+//! it ends or the sandbox stops.
+
+use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use devbox_runtime::client::AgentConn;
+use devbox_runtime::protocol::{self, AttachedStdio, Reply, Request};
+use devbox_safety::Verdict;
+use devbox_spec::SandboxManifest;
+use devbox_store::SandboxRecord;
+
+use crate::{Engine, EngineError, Result};
+
+/// The main process's argv and its text as checked and audited, if the spec has one.
+fn main_command(manifest: &SandboxManifest) -> Option<(Vec<String>, String)> {
+    match manifest.spec.command.as_slice() {
+        [] => None,
+        [text] => Some((
+            vec!["/bin/sh".into(), "-c".into(), text.clone()],
+            text.clone(),
+        )),
+        argv => Some((argv.to_vec(), crate::safety::shell_join(argv))),
+    }
+}
+
+impl Engine {
+    /// Where a sandbox's main process writes its output (appended across starts).
+    pub(crate) fn main_log_path(&self, sandbox: &str) -> std::path::PathBuf {
+        self.cfg
+            .state_dir
+            .join("logs")
+            .join(sandbox)
+            .join("main.log")
+    }
+
+    /// Refuses a main command that the checks would not allow outright.
+    pub(crate) fn check_main(&self, rec: &SandboxRecord, manifest: &SandboxManifest) -> Result<()> {
+        let Some((_, text)) = main_command(manifest) else {
+            return Ok(());
+        };
+        let check = self.check_for(Some(rec), &text, None)?;
+        match check.decision {
+            Verdict::Allow => Ok(()),
+            verdict => Err(EngineError::Denied {
+                reasons: std::iter::once(format!(
+                    "spec.command {text:?} is not allowed outright ({}): a main process cannot wait for an approval",
+                    serde_json::to_string(&verdict).unwrap_or_default().trim_matches('"')
+                ))
+                .chain(check.reasons)
+                .collect(),
+            }),
+        }
+    }
+
+    /// Starts the spec's main process in the running sandbox; returns its pid in the sandbox.
+    pub(crate) fn start_main(
+        &self,
+        rec: &SandboxRecord,
+        manifest: &SandboxManifest,
+    ) -> Result<Option<i32>> {
+        let Some((argv, text)) = main_command(manifest) else {
+            return Ok(None);
+        };
+        let started = (|| {
+            self.check_main(rec, manifest)?;
+            let (env, cwd, user) =
+                self.process_context(rec, manifest, &BTreeMap::new(), None, None)?;
+            let log_path = self.main_log_path(&rec.name);
+            if let Some(dir) = log_path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| EngineError::internal("log dir", e))?;
+            }
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .map_err(|e| EngineError::internal("main log", e))?;
+            let socket = self.sandbox_runtime_dir(&rec.id).join("agent.sock");
+            let conn = AgentConn::connect(&socket)
+                .and_then(|c| c.set_timeout(Some(Duration::from_secs(10))).map(|()| c))
+                .map_err(|e| EngineError::internal("connecting to the sandbox's agent", e))?;
+            let req = protocol::ExecRequest {
+                argv,
+                env,
+                cwd,
+                user,
+                tty: None,
+                stdio: AttachedStdio {
+                    stdin: false,
+                    stdout: true,
+                    stderr: true,
+                },
+            };
+            conn.send(&Request::Exec(req), &[log.as_raw_fd(), log.as_raw_fd()])
+                .map_err(|e| EngineError::internal("exec request", e))?;
+            // Closing the connection afterwards leaves the process running, untied.
+            match conn
+                .recv()
+                .map_err(|e| EngineError::internal("exec reply", e))?
+            {
+                (Reply::Started { pid }, _) => Ok(pid),
+                (Reply::Failed { kind, message }, _) => Err(crate::exec::failure(kind, message)),
+                (other, _) => Err(EngineError::Internal(format!(
+                    "unexpected agent reply {other:?}"
+                ))),
+            }
+        })();
+        let detail = serde_json::json!({"command": text, "pid": started.as_ref().ok()});
+        self.audit_result("sandbox.main", Some(&rec.name), detail, &started);
+        started.map(Some)
+    }
+}
