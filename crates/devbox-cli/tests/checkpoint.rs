@@ -36,6 +36,32 @@ fn wait_count_above(env: &TestEnv, name: &str, n: u64) -> u64 {
     }
 }
 
+/// Rolls back, and on failure shows the end of CRIU's restore log before failing.
+fn rollback(env: &TestEnv, name: &str, to: &str) {
+    let out = env.sb(&["rollback", name, "--to", to]);
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        let log = err
+            .split("(log: ")
+            .nth(1)
+            .and_then(|r| r.split(')').next())
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default();
+        let tail: Vec<&str> = log
+            .lines()
+            .rev()
+            .take(60)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        panic!(
+            "rollback {name} --to {to} failed: {err}\nCRIU's log ends:\n{}",
+            tail.join("\n")
+        );
+    }
+}
+
 /// The sandbox's pids of processes whose command line contains `pattern`.
 fn pids_of(env: &TestEnv, name: &str, pattern: &str) -> Vec<String> {
     let out = env.ok(&["exec", name, "--", "ps", "-eo", "pid=,args="]);
@@ -77,7 +103,7 @@ fn rollback_restores_running_processes() {
     env.ok(&["exec", "dev", "pkill -f 'http[.]server'; touch /work/after"]);
     assert_ne!(env.sh("dev", GET).0, 0, "the server is gone");
 
-    env.ok(&["rollback", "dev", "--to", "live"]);
+    rollback(&env, "dev", "live");
     let restored = count(&env, "dev");
     assert!(
         restored >= before && restored < later,
@@ -137,7 +163,7 @@ fn busybox_sandbox_processes_come_back() {
     let before = wait_count_above(&env, "small", 3);
     env.ok(&["snapshot", "small", "s", "--with-processes"]);
     let later = wait_count_above(&env, "small", before + 20);
-    env.ok(&["rollback", "small", "--to", "s"]);
+    rollback(&env, "small", "s");
     let restored = count(&env, "small");
     assert!(
         restored >= before && restored < later,
@@ -254,4 +280,102 @@ fn main_process_starts_and_restarts_after_rollback() {
     let err = env.fails(&["create", "bad", "--main", "rm -rf /"]);
     assert!(err.contains("spec.command"), "{err}");
     assert!(!env.ok(&["ls", "-q"]).contains("bad"));
+}
+
+/// Killing the daemon at random points of checkpoints and restores loses no acknowledged
+/// snapshot, leaves no checkpoint without its snapshot, and a restart leaves the sandbox
+/// usable (running, or stopped and startable: a parked agent whose daemon died stops its
+/// sandbox, as nobody could reach it).
+#[test]
+fn killing_the_daemon_mid_checkpoint_leaves_a_repairable_state() {
+    require_root!();
+    let mut env = TestEnv::new();
+    env.ok(&["create", "crash"]);
+    env.ok(&["exec", "crash", COUNTER]);
+    wait_count_above(&env, "crash", 1);
+    env.ok(&["snapshot", "crash", "base", "--with-processes"]);
+    let id =
+        serde_json::from_str::<serde_json::Value>(&env.ok(&["inspect", "crash"])).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    let mut acknowledged = vec!["base".to_string()];
+    let mut seed = std::process::id() as u64;
+    let mut rnd = |n: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    };
+    for round in 0..12 {
+        let name = format!("p{round}");
+        let args: Vec<String> = if round % 2 == 0 {
+            vec![
+                "snapshot".into(),
+                "crash".into(),
+                name.clone(),
+                "--with-processes".into(),
+            ]
+        } else {
+            vec![
+                "rollback".into(),
+                "crash".into(),
+                "--to".into(),
+                "base".into(),
+            ]
+        };
+        let child = env
+            .cmd()
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rnd(150)));
+        env.kill_daemon();
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() && args[0] == "snapshot" {
+            acknowledged.push(name);
+        }
+        // A CRIU the dead daemon started may still be finishing.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::process::Command::new("pgrep")
+            .args(["-f", &format!("checkpoints/{id}")])
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            assert!(Instant::now() < deadline, "CRIU did not end");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        env.start_daemon();
+        let snaps = env.snapshots("crash");
+        for s in &acknowledged {
+            assert!(
+                snaps.iter().any(|x| x["name"] == s.as_str()),
+                "round {round}: snapshot {s} was lost\n{}",
+                env.daemon_log()
+            );
+        }
+        let with_processes = snaps.iter().filter(|s| s["processes"] == true).count();
+        let dirs = std::fs::read_dir(env.state.join("checkpoints").join(&id))
+            .map(|d| d.flatten().filter(|e| e.path().is_dir()).count())
+            .unwrap_or(0);
+        assert_eq!(
+            dirs, with_processes,
+            "round {round}: checkpoints without snapshots"
+        );
+        let info: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "crash"])).unwrap();
+        let state = info["state"].as_str().unwrap().to_string();
+        assert!(
+            state == "running" || state == "stopped",
+            "round {round}: {state}"
+        );
+        if state == "stopped" {
+            env.ok(&["start", "crash"]);
+        }
+        assert_eq!(env.ok(&["exec", "crash", "echo alive"]), "alive\n");
+        if pids_of(&env, "crash", "while :").is_empty() {
+            env.ok(&["exec", "crash", COUNTER]);
+        }
+    }
 }

@@ -271,7 +271,10 @@ impl Engine {
         cg: &devbox_runtime::cgroup::SandboxCgroup,
     ) -> Result<()> {
         let _ = std::fs::remove_dir_all(images);
-        crate::ensure_dir(images, 0o700)?;
+        // 0711: CRIU opens (possibly missing) images from a task inside the new user
+        // namespace before its id map is written; it must get ENOENT, not EACCES. The state
+        // dir above is root's alone.
+        crate::ensure_dir(images, 0o711)?;
         let binds = Self::host_binds(rec);
         devbox_runtime::checkpoint::dump(&devbox_runtime::checkpoint::DumpRequest {
             criu: criu.to_path_buf(),
