@@ -61,7 +61,9 @@ pub fn restore(rc: &RestoreConfig, prepared: Option<Prepared>) -> Result<i32, St
     }
     let files = checkpoint::open_external_files(&meta).map_err(|e| step("open host files", e))?;
     if prepared.is_none() {
-        super::prepare(&cfg.cgroups)?;
+        // CRIU forks the processes from here: they start in the sandbox's cgroups.
+        nix::unistd::setsid().stage("new session")?;
+        super::join_cgroups(&cfg.cgroups)?;
     }
     unshare(CloneFlags::CLONE_NEWNS).stage("private mount namespace")?;
     nix::mount::mount(
