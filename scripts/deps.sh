@@ -10,15 +10,6 @@ if [[ "${1:-}" == "bench" ]]; then
   packages+=(runc bubblewrap podman hyperfine)
 fi
 
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "installing: ${missing[*]}" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+"$(dirname "$0")"/apt-install.sh "${packages[@]}"
 
 "$(dirname "$0")"/criu/build.sh

@@ -21,16 +21,7 @@ fi
 build_deps=(curl ca-certificates xz-utils gcc make pkg-config patch libprotobuf-c-dev
   protobuf-c-compiler protobuf-compiler libnl-3-dev libnet1-dev libcap-dev libbsd-dev
   libgnutls28-dev libnftables-dev)
-missing=()
-for p in "${build_deps[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "installing CRIU's build dependencies: ${missing[*]}" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+"$here/../apt-install.sh" "${build_deps[@]}"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

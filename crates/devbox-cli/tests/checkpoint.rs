@@ -300,13 +300,7 @@ fn killing_the_daemon_mid_checkpoint_leaves_a_repairable_state() {
             .unwrap()
             .to_string();
     let mut acknowledged = vec!["base".to_string()];
-    let mut seed = std::process::id() as u64;
-    let mut rnd = |n: u64| {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (seed >> 33) % n
-    };
+    let mut rnd = common::rng();
     for round in 0..12 {
         let name = format!("p{round}");
         let args: Vec<String> = if round % 2 == 0 {

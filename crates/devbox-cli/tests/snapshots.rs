@@ -492,13 +492,7 @@ fn killing_the_daemon_mid_operation_loses_no_snapshot() {
     env.ok(&["exec", "crash", "echo 0 > /work/n"]);
     env.ok(&["snapshot", "crash", "base"]);
     let mut acknowledged: Vec<String> = vec!["base".into()];
-    let mut seed = std::process::id() as u64;
-    let mut rnd = |n: u64| {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (seed >> 33) % n
-    };
+    let mut rnd = common::rng();
     for round in 0..40 {
         let name = format!("r{round}");
         // A deletion may complete even if the kill comes before its answer: its target is no

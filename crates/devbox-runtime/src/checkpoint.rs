@@ -249,9 +249,10 @@ pub fn ensure_cache_dir() -> bool {
 /// namespace) and `tar`/`gzip` (its tmpfs mounts).
 const CRIU_TOOLS: &[&str] = &["ip", "tar", "gzip"];
 
-/// A directory holding only [`CRIU_TOOLS`], for CRIU's PATH. Without iptables on its PATH
-/// CRIU neither probes nor saves legacy iptables rules (~25 ms a dump, ~20 ms a restore),
-/// which a sandbox cannot have: it lacks CAP_NET_ADMIN. `None` (use the usual PATH) when a
+/// A directory holding only [`CRIU_TOOLS`], for CRIU's PATH. Without iptables on its PATH a
+/// restore does not probe for legacy iptables (~5 ms; the dump skips iptables altogether
+/// with `DEVBOX_CRIU_PLAIN_NETNS`), whose rules a sandbox cannot have: it lacks
+/// CAP_NET_ADMIN. `ip` serves a CRIU without that patch (`DEVBOX_CRIU`). `None` (use the usual PATH) when a
 /// tool is missing or the directory is not root's own.
 pub fn criu_tool_path() -> Option<PathBuf> {
     if !ensure_cache_dir() {

@@ -421,3 +421,15 @@ pub fn tar_dir(dir: &Path, out: &Path) {
         .unwrap();
     assert!(st.success());
 }
+
+/// A small pseudo-random source seeded by the pid (`rnd(n)` is in 0..n): each run kills
+/// at different points, and a failure's pid in the log says which sequence it was.
+pub fn rng() -> impl FnMut(u64) -> u64 {
+    let mut seed = std::process::id() as u64;
+    move |n| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    }
+}

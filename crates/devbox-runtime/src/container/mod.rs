@@ -189,15 +189,10 @@ fn join_cgroups(cgroups: &[std::path::PathBuf]) -> Result<(), StepError> {
     Ok(())
 }
 
-/// Launches the sandbox described by `cfg`; returns the host pid of its init process.
-///
-/// Without `prepared` (a cold launch) it first joins `cfg.cgroups` and builds the filter.
-pub fn launch(cfg: &LaunchConfig, prepared: Option<Prepared>) -> Result<i32, StepError> {
-    crate::trace::mark("launch");
-    let prepared = match prepared {
-        Some(p) => p,
-        None => prepare(&cfg.cgroups)?,
-    };
+/// The steps a launch and a restore share: a private mount namespace, the agent's listener
+/// on its host path, the user namespace, and the layers and binds staged as id-mapped mounts
+/// in the runtime dir. Returns the listener and the user namespace.
+fn stage(cfg: &LaunchConfig) -> Result<(OwnedFd, OwnedFd), StepError> {
     unshare(CloneFlags::CLONE_NEWNS).stage("private mount namespace")?;
     nix::mount::mount(
         None::<&str>,
@@ -207,12 +202,24 @@ pub fn launch(cfg: &LaunchConfig, prepared: Option<Prepared>) -> Result<i32, Ste
         None::<&str>,
     )
     .stage("make mounts private")?;
-
     let listener = bind_agent_socket(&cfg.agent_socket)?;
     let userns = make_userns(cfg)?;
     crate::trace::mark("user namespace");
     rootfs::assemble(cfg, &userns)?;
     crate::trace::mark("layers staged");
+    Ok((listener, userns))
+}
+
+/// Launches the sandbox described by `cfg`; returns the host pid of its init process.
+///
+/// Without `prepared` (a cold launch) it first joins `cfg.cgroups` and builds the filter.
+pub fn launch(cfg: &LaunchConfig, prepared: Option<Prepared>) -> Result<i32, StepError> {
+    crate::trace::mark("launch");
+    let prepared = match prepared {
+        Some(p) => p,
+        None => prepare(&cfg.cgroups)?,
+    };
+    let (listener, userns) = stage(cfg)?;
 
     std::env::set_current_dir(&cfg.runtime_dir).stage("enter runtime dir")?;
     setns(userns.as_fd(), CloneFlags::CLONE_NEWUSER).stage("enter user namespace")?;

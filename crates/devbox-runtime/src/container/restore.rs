@@ -65,18 +65,7 @@ pub fn restore(rc: &RestoreConfig, prepared: Option<Prepared>) -> Result<i32, St
         nix::unistd::setsid().stage("new session")?;
         super::join_cgroups(&cfg.cgroups)?;
     }
-    unshare(CloneFlags::CLONE_NEWNS).stage("private mount namespace")?;
-    nix::mount::mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .stage("make mounts private")?;
-    let listener = super::bind_agent_socket(&cfg.agent_socket)?;
-    let userns = super::make_userns(cfg)?;
-    rootfs::assemble(cfg, &userns)?;
+    let (listener, userns) = super::stage(cfg)?;
     std::env::set_current_dir(&cfg.runtime_dir).stage("enter runtime dir")?;
     let root = overlay_from_userns(cfg, &userns)?;
     drop(userns);
