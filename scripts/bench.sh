@@ -11,7 +11,7 @@
 #
 # Prints medians and ratios and writes them to bench-results/. Needs root. Installs the peers
 # from Debian (scripts/deps.sh bench) and builds dev-box in release mode.
-# Usage: sudo scripts/bench.sh            (BENCH_RUNS=100 BENCH_IDLE=500 to change sizes)
+# Usage (as root): scripts/bench.sh            (BENCH_RUNS=100 BENCH_IDLE=500 to change sizes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $(id -u) == 0 ]] || { echo "scripts/bench.sh needs root" >&2; exit 1; }

@@ -2,11 +2,11 @@
 # One command to set dev-box up and run it: installs the Debian packages it needs, builds it,
 # installs `sandbox`, `sandboxd` and `sandbox-init` into $PREFIX/bin (default /usr/local),
 # (re)starts the daemon and runs a first sandbox.
-# Usage: sudo scripts/setup.sh
+# Usage (as root): scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $(id -u) != 0 ]]; then
-  echo "scripts/setup.sh needs root: run it with sudo" >&2
+  echo "scripts/setup.sh needs root: run it as root (or with sudo)" >&2
   exit 1
 fi
 prefix=${PREFIX:-/usr/local}

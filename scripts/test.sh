@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $(id -u) != 0 ]]; then
-  echo "scripts/test.sh needs root: run it with sudo" >&2
+  echo "scripts/test.sh needs root: run it as root (or with sudo)" >&2
   exit 1
 fi
 scripts/deps.sh
