@@ -262,6 +262,9 @@ impl Engine {
     }
 
     /// Dumps a parked, frozen sandbox's processes into `images`, leaving them running.
+    /// A dump CRIU itself gives up on is tried once more after a thaw and a fresh freeze:
+    /// the cgroup v1 freezer does not always let go (once, under the parallel test load,
+    /// CRIU timed out waiting for a task the thaw had not reached).
     fn dump_processes(
         &self,
         rec: &SandboxRecord,
@@ -270,11 +273,42 @@ impl Engine {
         images: &Path,
         cg: &devbox_runtime::cgroup::SandboxCgroup,
     ) -> Result<()> {
+        let mut result = self.dump_once(rec, criu, pid, images, cg);
+        if let Err(devbox_runtime::checkpoint::CheckpointError::Criu { reason, .. }) = &result {
+            tracing::warn!(sandbox = %rec.name, "checkpoint failed, trying once more: {reason}");
+            let refrozen = cg
+                .set_frozen(false, Duration::from_secs(5))
+                .and_then(|()| cg.set_frozen(true, Duration::from_secs(5)));
+            if refrozen.is_ok() {
+                result = self.dump_once(rec, criu, pid, images, cg);
+            }
+        }
+        result.map_err(|e| {
+            EngineError::Checkpoint(format!(
+                "cannot checkpoint the processes of {}: {e}; nothing was changed",
+                rec.name
+            ))
+        })
+    }
+
+    fn dump_once(
+        &self,
+        rec: &SandboxRecord,
+        criu: &Path,
+        pid: i32,
+        images: &Path,
+        cg: &devbox_runtime::cgroup::SandboxCgroup,
+    ) -> std::result::Result<(), devbox_runtime::checkpoint::CheckpointError> {
         let _ = std::fs::remove_dir_all(images);
         // 0711: CRIU opens (possibly missing) images from a task inside the new user
         // namespace before its id map is written; it must get ENOENT, not EACCES. The state
         // dir above is root's alone.
-        crate::ensure_dir(images, 0o711)?;
+        crate::ensure_dir(images, 0o711).map_err(|e| {
+            devbox_runtime::checkpoint::CheckpointError::Io {
+                what: "making the images dir",
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
         let binds = Self::host_binds(rec);
         devbox_runtime::checkpoint::dump(&devbox_runtime::checkpoint::DumpRequest {
             criu: criu.to_path_buf(),
@@ -287,12 +321,6 @@ impl Engine {
             owner: rec.uid_base,
         })
         .map(drop)
-        .map_err(|e| {
-            EngineError::Checkpoint(format!(
-                "cannot checkpoint the processes of {}: {e}; nothing was changed",
-                rec.name
-            ))
-        })
     }
 
     /// Measures a snapshot's size in the background.
