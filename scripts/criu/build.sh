@@ -19,7 +19,7 @@ if [[ -x $prefix/sbin/criu && -f $stamp && "$(cat "$stamp")" == "$want" ]]; then
 fi
 
 build_deps=(curl ca-certificates xz-utils gcc make pkg-config patch libprotobuf-c-dev
-  protobuf-c-compiler protobuf-compiler libnl-3-dev libnet1-dev libcap-dev libbsd-dev
+  protobuf-c-compiler protobuf-compiler libprotobuf-dev libnl-3-dev libnet1-dev libcap-dev libbsd-dev
   libgnutls28-dev libnftables-dev)
 "$here/../apt-install.sh" "${build_deps[@]}"
 
