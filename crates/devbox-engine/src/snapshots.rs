@@ -424,13 +424,21 @@ impl Engine {
                 .snapshot(&self.snapshot_path(target), &new, false)?;
         } else {
             self.pool.snapshot(&volume, &new, false)?;
-            if let Err(e) = restore_paths(
+            // Both layers are the sandbox's writing: fd-relative, never through a link.
+            if let Err(e) = devbox_storage::tree::restore_paths(
                 &self.snapshot_path(target).join("upper"),
                 &new.join("upper"),
                 &rels,
             ) {
                 let _ = self.pool.delete_volume(&new);
-                return Err(EngineError::internal("restoring paths", e));
+                return Err(match e.kind() {
+                    std::io::ErrorKind::InvalidInput => EngineError::InvalidRequest(format!(
+                        "cannot restore from snapshot {}: {e}; nothing was changed",
+                        target.name
+                    )),
+                    _ if devbox_storage::Pool::is_full_error(&e) => self.pool.full().into(),
+                    _ => EngineError::internal("restoring paths", e),
+                });
             }
         }
         let resume = rec.state == SandboxState::Running;
@@ -747,71 +755,4 @@ fn tempdir_in(dir: &Path) -> Result<PathBuf> {
     let p = dir.join(format!("empty-{}", new_id()));
     std::fs::create_dir_all(&p).map_err(|e| EngineError::internal("scratch dir", e))?;
     Ok(p)
-}
-
-/// Makes `rels` (relative paths) in `dest_upper` what they are in `src_upper`: removes what
-/// `dest_upper` has there and copies what `src_upper` has (whiteouts and opaque directories
-/// included), with reflinks where the filesystem has them.
-fn restore_paths(src_upper: &Path, dest_upper: &Path, rels: &[PathBuf]) -> std::io::Result<()> {
-    for rel in rels {
-        let dest = dest_upper.join(rel);
-        match std::fs::symlink_metadata(&dest) {
-            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&dest)?,
-            Ok(_) => std::fs::remove_file(&dest)?,
-            Err(_) => {}
-        }
-        let src = src_upper.join(rel);
-        if std::fs::symlink_metadata(&src).is_err() {
-            continue; // the snapshot shows the image's version (or nothing): so will the sandbox
-        }
-        // Parents the upper does not have yet come from the snapshot's upper, metadata and all.
-        if let Some(parent) = rel.parent() {
-            let mut built = PathBuf::new();
-            for comp in parent.components() {
-                built.push(comp);
-                let d = dest_upper.join(&built);
-                if std::fs::symlink_metadata(&d).is_err() {
-                    copy_dir_itself(&src_upper.join(&built), &d)?;
-                }
-            }
-        }
-        copy_tree(&src, &dest)?;
-    }
-    Ok(())
-}
-
-/// Copies a file or tree with everything overlayfs cares about (owners, modes, times,
-/// xattrs, whiteout devices), with reflinks where the filesystem has them.
-fn copy_tree(src: &Path, dest: &Path) -> std::io::Result<()> {
-    let out = std::process::Command::new("cp")
-        .args(["-a", "--reflink=auto", "--no-target-directory"])
-        .arg(src)
-        .arg(dest)
-        .output()?;
-    if !out.status.success() {
-        return Err(std::io::Error::other(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
-    Ok(())
-}
-
-/// Makes directory `dest` like `src` (owner, mode, xattrs such as overlay opacity), empty.
-fn copy_dir_itself(src: &Path, dest: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let m = std::fs::symlink_metadata(src)?;
-    std::fs::create_dir(dest)?;
-    std::os::unix::fs::lchown(dest, Some(m.uid()), Some(m.gid()))?;
-    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
-    let mut names = vec![0u8; 4096];
-    let n = rustix::fs::llistxattr(src, &mut names).unwrap_or(0);
-    for name in names[..n].split(|b| *b == 0).filter(|n| !n.is_empty()) {
-        let name = std::ffi::OsStr::new(std::str::from_utf8(name).unwrap_or_default());
-        let mut value = vec![0u8; 4096];
-        if let Ok(len) = rustix::fs::lgetxattr(src, name, &mut value) {
-            let _ =
-                rustix::fs::lsetxattr(dest, name, &value[..len], rustix::fs::XattrFlags::empty());
-        }
-    }
-    Ok(())
 }

@@ -15,6 +15,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::tree;
 use utoipa::ToSchema;
 
 /// How a path changed.
@@ -101,6 +103,26 @@ impl Seen {
         }
     }
 
+    /// From an entry of a walk of a layer a sandbox wrote (a link's target read through its
+    /// directory, never followed).
+    fn of_entry(e: &tree::Entry<'_>) -> Self {
+        let st = e.stat;
+        let dir = tree::kind(st) == rustix::fs::FileType::Directory;
+        Seen {
+            kind: st.st_mode & libc::S_IFMT,
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            size: if dir { 0 } else { st.st_size as u64 },
+            mtime: (st.st_mtime, st.st_mtime_nsec as i64),
+            target: if tree::kind(st) == rustix::fs::FileType::Symlink {
+                tree::read_link_at(e.dir, e.name).ok()
+            } else {
+                None
+            },
+        }
+    }
+
     fn is_dir(&self) -> bool {
         self.kind == libc::S_IFDIR
     }
@@ -114,27 +136,6 @@ impl Seen {
     }
 }
 
-fn walk(root: &Path, out: &mut BTreeSet<PathBuf>) -> io::Result<()> {
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let dir = root.join(&rel);
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        for e in entries {
-            let e = e?;
-            let child = rel.join(e.file_name());
-            if e.file_type()?.is_dir() {
-                stack.push(child.clone());
-            }
-            out.insert(child);
-        }
-    }
-    Ok(())
-}
-
 /// One upper-layer entry, as read once by [`scan`].
 #[derive(Debug, Clone)]
 struct Entry {
@@ -143,34 +144,46 @@ struct Entry {
 }
 
 /// Reads every entry of an upper layer: one `lstat` per entry (and an xattr read per
-/// directory, for opacity).
+/// directory, for opacity), through [`tree::walk`]: no link is followed, even one swapped in
+/// while the sandbox runs.
 fn scan(root: &Path) -> io::Result<std::collections::HashMap<PathBuf, Entry>> {
     let mut out = std::collections::HashMap::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let entries = match fs::read_dir(root.join(&rel)) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
+    match tree::walk(root, |e| {
+        let (seen, opaque) = if tree::is_whiteout(e.stat) {
+            (None, false)
+        } else {
+            let dir = tree::kind(e.stat) == rustix::fs::FileType::Directory;
+            (Some(Seen::of_entry(&e)), dir && opaque_at(e.dir, e.name))
         };
-        for e in entries {
-            let e = e?;
-            let child = rel.join(e.file_name());
-            let full = root.join(&child);
-            let m = fs::symlink_metadata(&full)?;
-            let (seen, opaque) = if is_whiteout(&m) {
-                (None, false)
-            } else {
-                let dir = m.is_dir();
-                if dir {
-                    stack.push(child.clone());
-                }
-                (Some(Seen::of(&full, &m)), dir && is_opaque(&full))
-            };
-            out.insert(child, Entry { seen, opaque });
-        }
+        out.insert(e.rel.to_path_buf(), Entry { seen, opaque });
+        Ok(true)
+    }) {
+        Ok(()) => Ok(out),
+        // A layer that does not exist (yet) has no entries.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(out),
+        Err(e) => Err(e),
     }
-    Ok(out)
+}
+
+/// Whether directory `name` of `dir` is opaque (read through a descriptor, never a link).
+fn opaque_at(dir: std::os::fd::BorrowedFd<'_>, name: &std::ffi::CStr) -> bool {
+    let Ok(fd) = rustix::fs::openat(
+        dir,
+        name,
+        rustix::fs::OFlags::RDONLY
+            | rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    ) else {
+        return false;
+    };
+    ["user.overlay.opaque", "trusted.overlay.opaque"]
+        .iter()
+        .any(|n| {
+            tree::get_xattr(std::os::fd::AsFd::as_fd(&fd), n)
+                .is_some_and(|v| v.first() == Some(&b'y'))
+        })
 }
 
 /// Compares the state `from_upper` over `image` with `to_upper` over the same image.
@@ -289,39 +302,67 @@ pub fn is_overlay_xattr(name: &str) -> bool {
 /// links, whiteouts (character devices 0:0) and overlay xattrs (as PAX `SCHILY.xattr.*`).
 /// Entries are sorted, so the same layer gives the same stream.
 pub fn archive<W: io::Write>(upper: &Path, out: W) -> io::Result<W> {
+    use rustix::fs::FileType;
     use std::collections::HashMap;
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
     let mut builder = tar::Builder::new(out);
     builder.follow_symlinks(false);
     let mut paths = BTreeSet::new();
-    walk(upper, &mut paths)?;
+    tree::walk(upper, |e| {
+        paths.insert(e.rel.to_path_buf());
+        Ok(true)
+    })?;
+    let root = tree::open_root(upper)?;
     let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
     for rel in paths {
-        let full = upper.join(&rel);
-        let m = fs::symlink_metadata(&full)?;
+        // Each entry is reached through its directory's descriptor, never through a link.
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        let Some(name) = rel.file_name() else {
+            continue;
+        };
+        let name = std::ffi::CString::new(name.as_bytes())?;
+        let dir = tree::open_dir(std::os::fd::AsFd::as_fd(&root), parent)?;
+        let Some(st) = tree::stat_at(std::os::fd::AsFd::as_fd(&dir), &name)? else {
+            continue;
+        };
+        let kind = tree::kind(&st);
+        let opened = match kind {
+            FileType::RegularFile | FileType::Directory => Some(
+                rustix::fs::openat(
+                    &dir,
+                    &name,
+                    rustix::fs::OFlags::RDONLY
+                        | rustix::fs::OFlags::NOFOLLOW
+                        | rustix::fs::OFlags::CLOEXEC
+                        | rustix::fs::OFlags::NOCTTY,
+                    rustix::fs::Mode::empty(),
+                )
+                .map_err(|e| io::Error::from_raw_os_error(e.raw_os_error()))?,
+            ),
+            _ => None,
+        };
         // Overlay attributes travel in a PAX header before the entry.
         let mut pax = Vec::new();
-        let mut names = vec![0u8; 4096];
-        let n = rustix::fs::llistxattr(&full, &mut names).unwrap_or(0);
-        for name in names[..n].split(|b| *b == 0).filter(|n| !n.is_empty()) {
-            let Ok(name) = std::str::from_utf8(name) else {
-                continue;
-            };
-            if !is_overlay_xattr(name) {
-                continue;
-            }
-            let mut value = vec![0u8; 4096];
-            if let Ok(len) = rustix::fs::lgetxattr(&full, name, &mut value) {
-                let record_body = format!("SCHILY.xattr.{name}=");
-                let mut rec = record_body.into_bytes();
-                rec.extend_from_slice(&value[..len]);
-                rec.push(b'\n');
-                // The length field counts itself.
-                let mut total = rec.len() + 2;
-                while format!("{total} ").len() + rec.len() != total {
-                    total += 1;
+        if let Some(fd) = &opened {
+            let fd = std::os::fd::AsFd::as_fd(fd);
+            for xname in tree::list_xattrs(fd) {
+                let Ok(xname) = xname.to_str() else { continue };
+                if !is_overlay_xattr(xname) {
+                    continue;
                 }
-                pax.extend_from_slice(format!("{total} ").as_bytes());
-                pax.extend_from_slice(&rec);
+                if let Some(value) = tree::get_xattr(fd, xname) {
+                    let mut rec = format!("SCHILY.xattr.{xname}=").into_bytes();
+                    rec.extend_from_slice(&value);
+                    rec.push(b'\n');
+                    // The length field counts itself.
+                    let mut total = rec.len() + 2;
+                    while format!("{total} ").len() + rec.len() != total {
+                        total += 1;
+                    }
+                    pax.extend_from_slice(format!("{total} ").as_bytes());
+                    pax.extend_from_slice(&rec);
+                }
             }
         }
         if !pax.is_empty() {
@@ -334,29 +375,52 @@ pub fn archive<W: io::Write>(upper: &Path, out: W) -> io::Result<W> {
             builder.append(&h, &pax[..])?;
         }
         let mut h = tar::Header::new_gnu();
-        h.set_metadata_in_mode(&m, tar::HeaderMode::Complete);
-        let ft = m.file_type();
-        if m.nlink() > 1 && !m.is_dir() {
-            if let Some(first) = links.get(&(m.dev(), m.ino())) {
+        h.set_mode(st.st_mode & 0o7777);
+        h.set_uid(st.st_uid.into());
+        h.set_gid(st.st_gid.into());
+        h.set_mtime(u64::try_from(st.st_mtime).unwrap_or(0));
+        if kind != FileType::Directory && st.st_nlink > 1 {
+            if let Some(first) = links.get(&(st.st_dev, st.st_ino)) {
                 h.set_entry_type(tar::EntryType::Link);
                 h.set_size(0);
                 builder.append_link(&mut h, &rel, first)?;
                 continue;
             }
-            links.insert((m.dev(), m.ino()), rel.clone());
+            links.insert((st.st_dev, st.st_ino), rel.clone());
         }
-        if ft.is_file() {
-            builder.append_data(&mut h, &rel, fs::File::open(&full)?)?;
-        } else if ft.is_symlink() {
-            h.set_size(0);
-            builder.append_link(&mut h, &rel, fs::read_link(&full)?)?;
-        } else if ft.is_dir() || ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
-            h.set_size(0);
-            if ft.is_char_device() || ft.is_block_device() {
-                h.set_device_major(((m.rdev() >> 8) & 0xfff) as u32)?;
-                h.set_device_minor(((m.rdev() & 0xff) | ((m.rdev() >> 12) & 0xfff00)) as u32)?;
+        match (kind, opened) {
+            (FileType::RegularFile, Some(fd)) => {
+                let file = std::fs::File::from(fd);
+                let size = file.metadata()?.len();
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(size);
+                builder.append_data(&mut h, &rel, io::Read::take(file, size))?;
             }
-            builder.append_data(&mut h, &rel, io::empty())?;
+            (FileType::Symlink, _) => {
+                let target = rustix::fs::readlinkat(&dir, &name, Vec::new())
+                    .map_err(|e| io::Error::from_raw_os_error(e.raw_os_error()))?;
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                builder.append_link(&mut h, &rel, OsStr::from_bytes(target.as_bytes()))?;
+            }
+            (FileType::Directory, _)
+            | (FileType::CharacterDevice, _)
+            | (FileType::BlockDevice, _)
+            | (FileType::Fifo, _) => {
+                h.set_size(0);
+                h.set_entry_type(match kind {
+                    FileType::Directory => tar::EntryType::Directory,
+                    FileType::CharacterDevice => tar::EntryType::Char,
+                    FileType::BlockDevice => tar::EntryType::Block,
+                    _ => tar::EntryType::Fifo,
+                });
+                if matches!(kind, FileType::CharacterDevice | FileType::BlockDevice) {
+                    h.set_device_major(rustix::fs::major(st.st_rdev))?;
+                    h.set_device_minor(rustix::fs::minor(st.st_rdev))?;
+                }
+                builder.append_data(&mut h, &rel, io::empty())?;
+            }
+            _ => {}
         }
     }
     builder.into_inner()

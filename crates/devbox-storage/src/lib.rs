@@ -13,5 +13,6 @@
 pub mod btrfs;
 pub mod layers;
 mod pool;
+pub mod tree;
 
 pub use pool::{Driver, Pool, PoolInfo, PoolSource, StorageError, default_loop_size, disk_usage};

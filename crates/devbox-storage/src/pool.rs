@@ -306,23 +306,10 @@ impl Pool {
                 btrfs::snapshot(src, dst, readonly).map_err(|e| self.map_err("snapshot", dst, e))
             }
             Driver::Copy => {
-                let out = Command::new("cp")
-                    .args(["-a", "--reflink=auto", "--no-target-directory"])
-                    .arg(src)
-                    .arg(dst)
-                    .output()
-                    .map_err(|e| self.map_err("copy", dst, e))?;
-                if !out.status.success() {
-                    let _ = fs::remove_dir_all(dst);
-                    let msg = String::from_utf8_lossy(&out.stderr).to_string();
-                    if msg.contains("No space left") {
-                        return Err(self.full());
-                    }
-                    return Err(StorageError::Io {
-                        op: "copy",
-                        path: dst.to_path_buf(),
-                        source: io::Error::other(msg.trim().to_string()),
-                    });
+                // In-process and link-safe: the source is a tree a sandbox wrote.
+                if let Err(e) = crate::tree::copy_tree(src, dst) {
+                    let _ = self.delete_volume(dst);
+                    return Err(self.map_err("copy", dst, e));
                 }
                 Ok(())
             }
@@ -375,26 +362,10 @@ impl Pool {
     }
 }
 
-/// Bytes used by the files under `path` (apparent sizes; hard links counted once).
+/// Bytes used by the files under `path` (apparent sizes; hard links counted once), never
+/// following a link: see [`crate::tree::disk_usage`].
 pub fn disk_usage(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    let mut seen = std::collections::HashSet::new();
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let Ok(m) = e.metadata() else { continue };
-            if m.is_dir() {
-                stack.push(e.path());
-            } else if m.nlink() <= 1 || seen.insert((m.dev(), m.ino())) {
-                total += m.len();
-            }
-        }
-    }
-    total
+    crate::tree::disk_usage(path)
 }
 
 #[cfg(test)]
