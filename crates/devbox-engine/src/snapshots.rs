@@ -319,6 +319,7 @@ impl Engine {
             freezer: cg.freezer_dir(),
             leave_running: true,
             owner: rec.uid_base,
+            init_binary: self.cfg.init_binary.clone(),
         })
         .map(drop)
     }

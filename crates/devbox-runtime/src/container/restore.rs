@@ -59,7 +59,15 @@ pub fn restore(rc: &RestoreConfig, prepared: Option<Prepared>) -> Result<i32, St
             "the sandbox's bind mounts changed since the checkpoint",
         ));
     }
-    let files = checkpoint::open_external_files(&meta).map_err(|e| step("open host files", e))?;
+    // The host files init may map are derived here, from this very binary (the sandbox-init
+    // the daemon runs), still in the host's mount namespace: never taken from checkpoint.json.
+    let trusted = std::env::current_exe()
+        .map_err(|e| step("open host files", e))
+        .and_then(|exe| {
+            checkpoint::trusted_host_files(&exe).map_err(|e| step("open host files", e))
+        })?;
+    let files =
+        checkpoint::open_external_files(&meta, &trusted).map_err(|e| step("open host files", e))?;
     if prepared.is_none() {
         // CRIU forks the processes from here: they start in the sandbox's cgroups.
         nix::unistd::setsid().stage("new session")?;
@@ -120,6 +128,12 @@ pub fn restore(rc: &RestoreConfig, prepared: Option<Prepared>) -> Result<i32, St
         .and_then(|t| t.trim().parse().ok())
         .ok_or_else(|| step("restore processes", "CRIU wrote no pid"))?;
     let _ = std::fs::remove_file(cfg.runtime_dir.join("restore.pid"));
+    // CRIU restored init's credentials from the images: it must hold its guard capability
+    // (so that no process of the sandbox can trace it) and be untraced, or it is not resumed.
+    if let Err(e) = checkpoint::check_init_guarded(pid) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+        return Err(step("check the restored init", e));
+    }
     resume(&ours, &listener).map_err(|e| {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
         step("resume the restored agent", e)
