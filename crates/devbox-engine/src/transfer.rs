@@ -4,8 +4,14 @@
 //! `layer.tar`. The layer is the snapshot's writable layer (whiteouts and overlay xattrs
 //! included, see [`devbox_storage::layers::archive`]); the manifest names the snapshot, the
 //! sandbox's spec, the image it sits on (by id: the importing host must have it), and the
-//! layer's sha256 and size. An import extracts the layer with the safe extractor, checks the
-//! digest, and only then records anything: a corrupted or hostile archive changes nothing.
+//! layer's sha256 and size. An import reads `manifest.json` first and checks it (its format,
+//! and its sandbox spec with the validation `create` applies, limits included) before a byte
+//! of the layer is written; it extracts the layer with the safe extractor within the import's
+//! budget (`DEVBOX_IMPORT_MAX_BYTES` and the pool's free space, checked before each entry is
+//! written, see [`devbox_image::extract::Budget`]), with runs of zeros left as holes, checks
+//! the digest, and only then records anything: a corrupted or hostile archive changes
+//! nothing. An export writes its scratch copy of the layer with holes too, so a sparse file
+//! costs neither side its apparent size.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -88,6 +94,53 @@ struct HashingWriter<W> {
     count: u64,
 }
 
+/// Writes a file sequentially, leaving 4 KiB blocks of zeros as holes.
+struct HoleyFile {
+    file: std::fs::File,
+    pos: u64,
+    buf: Vec<u8>,
+}
+
+impl HoleyFile {
+    const CHUNK: usize = 256 * 1024;
+
+    fn new(file: std::fs::File) -> Self {
+        Self {
+            file,
+            pos: 0,
+            buf: Vec::with_capacity(Self::CHUNK),
+        }
+    }
+
+    fn write_out(&mut self) -> io::Result<()> {
+        devbox_image::extract::write_holey(&self.file, self.pos, &self.buf)?;
+        self.pos += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Writes what is buffered and sets the file's length (trailing zeros become a hole).
+    fn finish(mut self) -> io::Result<()> {
+        self.write_out()?;
+        self.file.set_len(self.pos)
+    }
+}
+
+impl Write for HoleyFile {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(Self::CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == Self::CHUNK {
+            self.write_out()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 impl<W: Write> Write for HashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
@@ -154,14 +207,20 @@ impl Engine {
                 let written = (|| -> Result<()> {
                     let file = std::fs::File::create(&layer_path).map_err(io_err("export"))?;
                     let mut w = HashingWriter {
-                        inner: io::BufWriter::new(file),
+                        inner: HoleyFile::new(file),
                         hasher: Sha256::new(),
                         count: 0,
                     };
                     w = devbox_storage::layers::archive(&e.snapshot_path(&snap).join("upper"), w)
                         .map_err(io_err("export layer"))?;
                     w.flush().map_err(io_err("export"))?;
-                    let digest = format!("sha256:{}", hex::encode(w.hasher.finalize()));
+                    let HashingWriter {
+                        inner,
+                        hasher,
+                        count,
+                    } = w;
+                    inner.finish().map_err(io_err("export"))?;
+                    let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
                     let manifest = ArchiveManifest {
                         format: SNAPSHOT_FORMAT.into(),
                         snapshot: ArchivedSnapshot {
@@ -180,7 +239,7 @@ impl Engine {
                         },
                         layer: ArchivedLayer {
                             digest,
-                            size: w.count,
+                            size: count,
                         },
                     };
                     let json = serde_json::to_vec_pretty(&manifest)
@@ -257,13 +316,14 @@ impl Engine {
             |m: String| EngineError::InvalidRequest(format!("not a valid snapshot archive: {m}"));
         let scratch = self.scratch_path("import-layer");
         let volume_upper = scratch.join("upper");
+        let mut budget = devbox_image::extract::Budget::for_pool(&self.pool)?;
         self.pool.create_volume(&scratch)?;
         let result = (|| -> Result<(ArchiveManifest, String, u64)> {
             std::fs::create_dir(&volume_upper).map_err(io_err("import"))?;
             std::fs::create_dir(scratch.join("work")).map_err(io_err("import"))?;
             let file = std::fs::File::open(archive).map_err(io_err("import"))?;
             let zst = zstd::stream::read::Decoder::new(file).map_err(|e| bad(e.to_string()))?;
-            let mut outer = tar::Archive::new(zst);
+            let mut outer = tar::Archive::new(devbox_image::extract::guarded(zst));
             let mut manifest = None;
             let mut layer = None;
             for entry in outer.entries().map_err(|e| bad(e.to_string()))? {
@@ -274,18 +334,25 @@ impl Engine {
                     .to_string_lossy()
                     .to_string();
                 match path.as_str() {
-                    "manifest.json" if manifest.is_none() => {
+                    "manifest.json" if manifest.is_none() && layer.is_none() => {
                         let mut text = Vec::new();
                         (&mut entry)
                             .take(MAX_MANIFEST)
                             .read_to_end(&mut text)
                             .map_err(|e| bad(e.to_string()))?;
-                        manifest = Some(
-                            serde_json::from_slice::<ArchiveManifest>(&text)
-                                .map_err(|e| bad(format!("manifest.json: {e}")))?,
-                        );
+                        let m = serde_json::from_slice::<ArchiveManifest>(&text)
+                            .map_err(|e| bad(format!("manifest.json: {e}")))?;
+                        // Everything the manifest says is checked before the layer is read.
+                        self.check_archive_manifest(&m)?;
+                        manifest = Some(m);
                     }
                     "layer.tar" if layer.is_none() => {
+                        if manifest.is_none() {
+                            return Err(bad(
+                                "layer.tar comes before manifest.json (an export writes the manifest first)"
+                                    .into(),
+                            ));
+                        }
                         let mut reader = HashingReader {
                             inner: entry,
                             hasher: Sha256::new(),
@@ -295,16 +362,20 @@ impl Engine {
                             whiteouts: false,
                             overlay_layer: true,
                         };
-                        devbox_image::extract::extract(&mut reader, &volume_upper, opts).map_err(
-                            |err| match err {
-                                e2 if e2.is_full() => {
-                                    EngineError::PoolFull(self.pool.full().to_string())
-                                }
-                                e2 => EngineError::InvalidRequest(format!(
-                                    "not a valid snapshot archive: {e2}"
-                                )),
-                            },
-                        )?;
+                        devbox_image::extract::extract(
+                            &mut reader,
+                            &volume_upper,
+                            opts,
+                            &mut budget,
+                        )
+                        .map_err(|err| match err {
+                            e2 if e2.is_full() => {
+                                EngineError::PoolFull(self.pool.full().to_string())
+                            }
+                            e2 => EngineError::InvalidRequest(format!(
+                                "not a valid snapshot archive: {e2}"
+                            )),
+                        })?;
                         io::copy(&mut reader, &mut io::sink()).map_err(|e| bad(e.to_string()))?;
                         layer = Some((
                             format!("sha256:{}", hex::encode(reader.hasher.finalize())),
@@ -316,19 +387,12 @@ impl Engine {
             }
             let manifest = manifest.ok_or_else(|| bad("no manifest.json".into()))?;
             let (digest, size) = layer.ok_or_else(|| bad("no layer.tar".into()))?;
-            if manifest.format != SNAPSHOT_FORMAT {
-                return Err(bad(format!(
-                    "format {:?}, expected {SNAPSHOT_FORMAT:?}",
-                    manifest.format
-                )));
-            }
             if manifest.layer.digest != digest || manifest.layer.size != size {
                 return Err(EngineError::InvalidRequest(format!(
                     "the snapshot archive is corrupted: layer.tar has digest {digest} ({size} bytes), the manifest says {} ({} bytes)",
                     manifest.layer.digest, manifest.layer.size
                 )));
             }
-            manifest.sandbox.manifest.validate()?;
             Ok((manifest, digest, size))
         })();
         let (manifest, _, _) = match result {
@@ -343,6 +407,24 @@ impl Engine {
             let _ = self.pool.delete_volume(&scratch);
         }
         adopted
+    }
+
+    /// Checks an archive's manifest before anything of the archive is written: its format,
+    /// and its sandbox spec with the validation `create` applies (limits within the range
+    /// the daemon accepts; nothing is clamped).
+    fn check_archive_manifest(&self, m: &ArchiveManifest) -> Result<()> {
+        if m.format != SNAPSHOT_FORMAT {
+            return Err(EngineError::InvalidRequest(format!(
+                "not a valid snapshot archive: format {:?}, expected {SNAPSHOT_FORMAT:?}",
+                m.format
+            )));
+        }
+        m.sandbox.manifest.validate().map_err(|e| {
+            EngineError::InvalidRequest(format!(
+                "the snapshot archive's sandbox spec is not accepted: {e}"
+            ))
+        })?;
+        Ok(())
     }
 
     /// Turns an extracted, verified layer into a sandbox with one snapshot.

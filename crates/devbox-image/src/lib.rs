@@ -7,13 +7,16 @@
 //!
 //! Imports accept a rootfs tarball (plain, gzip or zstd), a rootfs directory, an OCI image
 //! layout (directory or archive) and a `docker save` archive. Archives are untrusted: see
-//! [`extract`]. An import that fails leaves nothing behind.
+//! [`extract`] (paths, sizes, sparse files) and [`oci`] (links between members, digests). An
+//! image's id is computed from the very bytes that were extracted (a tarball's, in the same
+//! pass), or is an OCI config digest whose diff ids verified every layer. An import that
+//! fails leaves nothing behind.
 //!
 //! The `host` image ([`host`]) is built on first use from the host's own system.
 
 pub mod extract;
 pub mod host;
-mod oci;
+pub mod oci;
 
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -131,9 +134,9 @@ pub struct Imported {
 }
 
 /// Reads `inner` while hashing it.
-struct Hashing<R> {
-    inner: R,
-    hasher: Sha256,
+pub(crate) struct Hashing<R> {
+    pub(crate) inner: R,
+    pub(crate) hasher: Sha256,
 }
 
 impl<R: Read> Read for Hashing<R> {
@@ -232,12 +235,22 @@ impl ImageStore {
         Ok(stage)
     }
 
-    /// Imports an image from a file or directory on this host.
+    /// Imports an image from a file or directory on this host, within the pool's budget
+    /// (`DEVBOX_IMPORT_MAX_BYTES` and its free space, see [`extract::Budget`]).
     pub fn import(&self, source: &Path) -> Result<Imported, ImageError> {
+        self.import_within(source, extract::Budget::for_pool(&self.pool)?)
+    }
+
+    /// Imports an image within `budget`.
+    pub fn import_within(
+        &self,
+        source: &Path,
+        mut budget: extract::Budget,
+    ) -> Result<Imported, ImageError> {
         let shown = source.display().to_string();
         let meta = std::fs::metadata(source).map_err(|e| ImageError::io("read", &shown, e))?;
         let stage = self.new_stage()?;
-        let result = self.import_into(source, &meta, &stage);
+        let result = self.import_into(source, &meta, &stage, &mut budget);
         let outcome = match result {
             Ok((id, name_hint, format, config)) => {
                 self.commit(&stage, id, name_hint, format, config)
@@ -287,6 +300,7 @@ impl ImageStore {
         source: &Path,
         meta: &std::fs::Metadata,
         stage: &Path,
+        budget: &mut extract::Budget,
     ) -> Result<(String, Option<String>, ImageFormat, ImageConfig), ImageError> {
         let rootfs = stage.join("rootfs");
         self.pool.create_volume(&rootfs)?;
@@ -296,15 +310,18 @@ impl ImageStore {
             .map(|n| n.split('.').next().unwrap_or(n).to_string())
             .filter(|n| !n.is_empty());
         if meta.is_dir() {
-            if source.join("oci-layout").is_file() {
-                let u = oci::unpack_oci_layout(source, &rootfs)?;
+            let has = |n: &str| std::fs::symlink_metadata(source.join(n)).is_ok();
+            if has("oci-layout") {
+                let members = oci::DirMembers::open_dir(source)?;
+                let u = oci::unpack_oci_layout(&members, &rootfs, budget)?;
                 return Ok((u.id, u.name.or(stem), ImageFormat::OciLayout, u.config));
             }
-            if source.join("manifest.json").is_file() {
-                let u = oci::unpack_docker_save(source, &rootfs)?;
+            if has("manifest.json") {
+                let members = oci::DirMembers::open_dir(source)?;
+                let u = oci::unpack_docker_save(&members, &rootfs, budget)?;
                 return Ok((u.id, u.name.or(stem), ImageFormat::DockerArchive, u.config));
             }
-            let id = copy_directory(source, &rootfs)?;
+            let id = copy_directory(source, &rootfs, budget)?;
             return Ok((id, stem, ImageFormat::Directory, ImageConfig::default()));
         }
         if !meta.is_file() {
@@ -315,39 +332,38 @@ impl ImageStore {
         }
         let shown = source.display().to_string();
         let open = || std::fs::File::open(source).map_err(|e| ImageError::io("open", &shown, e));
-        match classify(extract::decompressed(open()?)?)? {
+        match classify(extract::decompressed(open()?)?, budget.max_bytes())? {
             ArchiveKind::Rootfs => {
+                // One pass: the id is the digest of the very bytes extracted.
                 let mut hashing = Hashing {
                     inner: open()?,
                     hasher: Sha256::new(),
                 };
+                extract::extract(
+                    extract::decompressed(&mut hashing)?,
+                    &rootfs,
+                    extract::ExtractOptions::default(),
+                    budget,
+                )?;
                 io::copy(&mut hashing, &mut io::sink())
                     .map_err(|e| ImageError::io("read", &shown, e))?;
                 let id = hex::encode(hashing.hasher.finalize());
-                extract::extract(
-                    extract::decompressed(open()?)?,
-                    &rootfs,
-                    extract::ExtractOptions::default(),
-                )?;
                 Ok((id, stem, ImageFormat::RootfsTar, ImageConfig::default()))
             }
             kind => {
                 let unpacked = stage.join("archive");
                 std::fs::create_dir(&unpacked)
                     .map_err(|e| ImageError::io("create", &unpacked.display().to_string(), e))?;
-                extract::extract(
-                    extract::decompressed(open()?)?,
-                    &unpacked,
-                    extract::ExtractOptions::default(),
-                )?;
+                let members =
+                    oci::StagedArchive::read(extract::decompressed(open()?)?, &unpacked, budget)?;
                 let (u, format) = if kind == ArchiveKind::OciLayout {
                     (
-                        oci::unpack_oci_layout(&unpacked, &rootfs)?,
+                        oci::unpack_oci_layout(&members, &rootfs, budget)?,
                         ImageFormat::OciLayout,
                     )
                 } else {
                     (
-                        oci::unpack_docker_save(&unpacked, &rootfs)?,
+                        oci::unpack_docker_save(&members, &rootfs, budget)?,
                         ImageFormat::DockerArchive,
                     )
                 };
@@ -364,10 +380,13 @@ enum ArchiveKind {
     DockerSave,
 }
 
-/// Tells image archives from rootfs tarballs by their top-level entries.
-fn classify(reader: Box<dyn Read>) -> Result<ArchiveKind, ImageError> {
-    let mut archive = tar::Archive::new(reader);
+/// Tells image archives from rootfs tarballs by their top-level entries; refuses, before
+/// anything is written, an archive whose entries add up to more than `max_bytes`.
+fn classify(reader: Box<dyn Read + '_>, max_bytes: u64) -> Result<ArchiveKind, ImageError> {
+    let mut archive = tar::Archive::new(extract::guarded(reader));
     let mut docker = false;
+    let mut oci = false;
+    let mut total: u64 = 0;
     let entries = archive
         .entries()
         .map_err(|e| ImageError::Format(format!("not a tar archive: {e}")))?;
@@ -378,13 +397,26 @@ fn classify(reader: Box<dyn Read>) -> Result<ArchiveKind, ImageError> {
             .map_err(|e| ImageError::Format(format!("unreadable entry name: {e}")))?;
         let clean = path.strip_prefix("./").unwrap_or(&path);
         if clean == Path::new("oci-layout") {
-            return Ok(ArchiveKind::OciLayout);
+            oci = true;
         }
         if clean == Path::new("manifest.json") {
             docker = true;
         }
+        total = total.saturating_add(entry.size());
+        if total > max_bytes {
+            return Err(ImageError::Hostile {
+                entry: path.display().to_string(),
+                reason: format!(
+                    "the archive's entries add up to more than the import limit of {} ({})",
+                    extract::human(max_bytes),
+                    extract::MAX_BYTES_VAR
+                ),
+            });
+        }
     }
-    Ok(if docker {
+    Ok(if oci {
+        ArchiveKind::OciLayout
+    } else if docker {
         ArchiveKind::DockerSave
     } else {
         ArchiveKind::Rootfs
@@ -393,7 +425,11 @@ fn classify(reader: Box<dyn Read>) -> Result<ArchiveKind, ImageError> {
 
 /// Copies a rootfs directory into `dest` through the safe extractor; returns a digest of the
 /// tree (names, metadata and contents as a tar stream).
-fn copy_directory(source: &Path, dest: &Path) -> Result<String, ImageError> {
+fn copy_directory(
+    source: &Path,
+    dest: &Path,
+    budget: &mut extract::Budget,
+) -> Result<String, ImageError> {
     let (reader, writer) = io::pipe().map_err(|e| ImageError::io("pipe", "", e))?;
     let src = source.to_path_buf();
     let producer = std::thread::spawn(move || -> io::Result<()> {
@@ -407,7 +443,12 @@ fn copy_directory(source: &Path, dest: &Path) -> Result<String, ImageError> {
         inner: reader,
         hasher: Sha256::new(),
     };
-    let extracted = extract::extract(&mut hashing, dest, extract::ExtractOptions::default());
+    let extracted = extract::extract(
+        &mut hashing,
+        dest,
+        extract::ExtractOptions::default(),
+        budget,
+    );
     let _ = io::copy(&mut hashing, &mut io::sink());
     let produced = producer
         .join()

@@ -1,17 +1,39 @@
-//! OCI image layouts and `docker save` archives (already unpacked into a directory).
+//! OCI image layouts and `docker save` archives.
 //!
-//! Every blob read is checked against its sha256 digest; layers are applied in order, with
-//! whiteouts, into one flattened root.
+//! An image's members (index, manifests, config, layers) are read through [`Members`]: from
+//! a directory opened once, each member opened beneath it with `openat2(RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV)` and required to be a
+//! regular file with one link ([`DirMembers`]); or from an archive's tar stream, each regular
+//! member staged under a name the daemon makes up ([`StagedArchive`]), so no name from the
+//! archive is ever joined to a path. A symlink or hard link member of an archive is only an
+//! alias of another member of the same archive, looked up by name in the table read from
+//! the stream; a link to an absolute path, one that leaves the archive, or a member reached
+//! through a linked directory is refused.
+//!
+//! Every byte is verified: manifests and configs against the digests that name them, each
+//! layer's raw bytes against its blob digest (when it is a blob) and its uncompressed tar
+//! stream against the config's `rootfs.diff_ids` entry at its position; the layer and
+//! diff-id counts must match. An image whose config lists no diff ids is refused: nothing
+//! would vouch for its layers. So the image's id, the config's digest, names exactly the
+//! content stored.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
-use std::path::{Path, PathBuf};
+use std::os::fd::OwnedFd;
+use std::path::{Component, Path, PathBuf};
 
+use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::extract::{self, ExtractOptions};
-use crate::{ImageConfig, ImageError};
+use crate::extract::{self, Budget, ExtractOptions};
+use crate::{Hashing, ImageConfig, ImageError};
+
+/// Largest index, manifest or config read.
+const MAX_JSON: u64 = 16 << 20;
+/// Most links followed from one member name to another.
+const MAX_ALIASES: usize = 16;
 
 #[derive(Deserialize)]
 struct Descriptor {
@@ -92,89 +114,392 @@ pub struct Unpacked {
     pub config: ImageConfig,
 }
 
-fn blob_path(layout: &Path, digest: &str) -> Result<PathBuf, ImageError> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| {
-            ImageError::Format(format!(
-                "unsupported digest {digest:?} (only sha256 is supported)"
-            ))
-        })?;
-    Ok(layout.join("blobs/sha256").join(hex))
+fn hostile(entry: &str, why: impl std::fmt::Display) -> ImageError {
+    ImageError::Hostile {
+        entry: entry.to_string(),
+        reason: why.to_string(),
+    }
 }
 
-fn read_verified(path: &Path, digest: &str) -> Result<Vec<u8>, ImageError> {
-    let data =
-        std::fs::read(path).map_err(|e| ImageError::io("read", &path.display().to_string(), e))?;
-    let got = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
-    if got != digest {
-        return Err(ImageError::Corrupt(format!(
-            "{} does not match its digest {digest}",
-            path.display()
+/// Where an image's members are read from.
+pub(crate) trait Members {
+    /// Opens member `name` (a relative path in the layout) for reading.
+    fn open(&self, name: &str) -> Result<File, ImageError>;
+}
+
+const MEMBER_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::NONBLOCK)
+    .union(OFlags::NOCTTY)
+    .union(OFlags::CLOEXEC);
+
+fn no_links() -> ResolveFlags {
+    ResolveFlags::BENEATH
+        | ResolveFlags::NO_SYMLINKS
+        | ResolveFlags::NO_MAGICLINKS
+        | ResolveFlags::NO_XDEV
+}
+
+/// Members of a layout directory on this host.
+pub(crate) struct DirMembers {
+    dir: OwnedFd,
+}
+
+impl DirMembers {
+    /// Opens the layout directory `path` (the caller's own choice of path).
+    pub(crate) fn open_dir(path: &Path) -> Result<Self, ImageError> {
+        let dir = rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| ImageError::io("open", &path.display().to_string(), e.into()))?;
+        Ok(Self { dir })
+    }
+}
+
+impl Members for DirMembers {
+    fn open(&self, name: &str) -> Result<File, ImageError> {
+        let rel = extract::clean_path(Path::new(name))?;
+        if rel.as_os_str().is_empty() {
+            return Err(ImageError::Format(format!("{name:?} names no file")));
+        }
+        let fd = rustix::fs::openat2(&self.dir, &rel, MEMBER_FLAGS, Mode::empty(), no_links())
+            .map_err(|e| match e {
+                rustix::io::Errno::LOOP => hostile(
+                    name,
+                    "it is a symlink, or is reached through one: dev-box never follows links in an image layout",
+                ),
+                rustix::io::Errno::XDEV => hostile(name, "it lies outside the layout"),
+                rustix::io::Errno::NOENT => {
+                    ImageError::Format(format!("the layout has no {name}"))
+                }
+                other => ImageError::io("open", name, other.into()),
+            })?;
+        let st = rustix::fs::fstat(&fd).map_err(|e| ImageError::io("stat", name, e.into()))?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Err(hostile(name, "it is not a regular file"));
+        }
+        if st.st_nlink > 1 {
+            return Err(hostile(
+                name,
+                "it has other hard links (it could be a host file linked in): copy the layout without hard links",
+            ));
+        }
+        Ok(File::from(fd))
+    }
+}
+
+#[derive(Debug)]
+enum Member {
+    /// Staged as `m<N>` in the staging directory.
+    File(u64),
+    Symlink(PathBuf),
+    HardLink(PathBuf),
+    Directory,
+    Other(&'static str),
+}
+
+/// Members of an image archive, read from its tar stream into a staging directory.
+pub(crate) struct StagedArchive {
+    dir: OwnedFd,
+    table: HashMap<PathBuf, Member>,
+}
+
+impl StagedArchive {
+    /// Reads the (decompressed) tar stream `reader`, staging each regular member's content
+    /// into the empty directory `stage` (within `budget`) and recording every other member.
+    pub(crate) fn read<R: Read>(
+        reader: R,
+        stage: &Path,
+        budget: &mut Budget,
+    ) -> Result<Self, ImageError> {
+        let dir = rustix::fs::open(
+            stage,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| ImageError::io("open", &stage.display().to_string(), e.into()))?;
+        let mut table = HashMap::new();
+        let mut archive = tar::Archive::new(extract::guarded(reader));
+        let entries = archive
+            .entries()
+            .map_err(|e| ImageError::Format(format!("not a tar archive: {e}")))?;
+        let mut next = 0u64;
+        for entry in entries {
+            let mut e =
+                entry.map_err(|e| ImageError::Format(format!("corrupt tar archive: {e}")))?;
+            let raw = e
+                .path()
+                .map_err(|err| ImageError::Format(format!("unreadable entry name: {err}")))?
+                .into_owned();
+            let shown = raw.display().to_string();
+            let path = extract::clean_path(&raw)?;
+            if path.as_os_str().is_empty() {
+                continue;
+            }
+            let kind = e.header().entry_type();
+            let link = || -> Result<PathBuf, ImageError> {
+                Ok(e.link_name()
+                    .map_err(|err| {
+                        ImageError::Format(format!("{shown}: unreadable link target: {err}"))
+                    })?
+                    .ok_or_else(|| hostile(&shown, "a link without a target"))?
+                    .into_owned())
+            };
+            let member =
+                if kind.is_file() || kind == tar::EntryType::Continuous || kind.is_gnu_sparse() {
+                    budget.charge(&shown, e.size())?;
+                    let n = next;
+                    next += 1;
+                    let fd = rustix::fs::openat(
+                        &dir,
+                        format!("m{n}"),
+                        OFlags::WRONLY
+                            | OFlags::CREATE
+                            | OFlags::EXCL
+                            | OFlags::NOFOLLOW
+                            | OFlags::CLOEXEC,
+                        Mode::from_raw_mode(0o600),
+                    )
+                    .map_err(|err| ImageError::io("stage", &shown, err.into()))?;
+                    extract::copy_sparse(&mut e, &File::from(fd))
+                        .map_err(|err| ImageError::io("stage", &shown, err))?;
+                    Member::File(n)
+                } else if kind.is_symlink() {
+                    Member::Symlink(link()?)
+                } else if kind.is_hard_link() {
+                    Member::HardLink(link()?)
+                } else if kind.is_dir() {
+                    Member::Directory
+                } else if kind.is_fifo() {
+                    Member::Other("a fifo")
+                } else if kind.is_character_special() || kind.is_block_special() {
+                    Member::Other("a device node")
+                } else {
+                    Member::Other("an entry of an unusual type")
+                };
+            table.insert(path, member);
+        }
+        Ok(Self { dir, table })
+    }
+
+    /// The member `at` (a symlink to `target`) points to, within the archive.
+    fn symlink_target(name: &str, at: &Path, target: &Path) -> Result<PathBuf, ImageError> {
+        let shown = target.display();
+        let mut out: Vec<&std::ffi::OsStr> = Vec::new();
+        if let Some(parent) = at.parent() {
+            out.extend(parent.iter());
+        }
+        for c in target.components() {
+            match c {
+                Component::Normal(p) => out.push(p),
+                Component::CurDir => {}
+                Component::ParentDir => {
+                    if out.pop().is_none() {
+                        return Err(hostile(
+                            name,
+                            format!("it is a symlink to {shown}, which leaves the archive"),
+                        ));
+                    }
+                }
+                Component::RootDir | Component::Prefix(_) => {
+                    return Err(hostile(
+                        name,
+                        format!("it is a symlink to {shown}, an absolute path outside the archive"),
+                    ));
+                }
+            }
+        }
+        Ok(out.iter().collect())
+    }
+}
+
+impl Members for StagedArchive {
+    fn open(&self, name: &str) -> Result<File, ImageError> {
+        let mut cur = extract::clean_path(Path::new(name))?;
+        for _ in 0..MAX_ALIASES {
+            match self.table.get(&cur) {
+                Some(Member::File(n)) => {
+                    let fd = rustix::fs::openat2(
+                        &self.dir,
+                        format!("m{n}"),
+                        MEMBER_FLAGS,
+                        Mode::empty(),
+                        no_links(),
+                    )
+                    .map_err(|e| ImageError::io("open", name, e.into()))?;
+                    return Ok(File::from(fd));
+                }
+                Some(Member::Symlink(target)) => {
+                    cur = Self::symlink_target(name, &cur, target)?;
+                }
+                Some(Member::HardLink(target)) => {
+                    cur = extract::clean_path(target).map_err(|_| {
+                        hostile(
+                            name,
+                            format!(
+                                "it is a hard link to {}, outside the archive",
+                                target.display()
+                            ),
+                        )
+                    })?;
+                }
+                Some(Member::Directory) => {
+                    return Err(hostile(name, "it is a directory, not a file"));
+                }
+                Some(Member::Other(what)) => {
+                    return Err(hostile(name, format!("it is {what}, not a file")));
+                }
+                None => {
+                    let linked = cur.ancestors().skip(1).find(|a| {
+                        matches!(
+                            self.table.get(*a),
+                            Some(Member::Symlink(_) | Member::HardLink(_))
+                        )
+                    });
+                    return Err(match linked {
+                        Some(a) => hostile(
+                            name,
+                            format!(
+                                "it is reached through the link {}: dev-box never follows links in an archive",
+                                a.display()
+                            ),
+                        ),
+                        None => ImageError::Format(format!("the archive has no {name}")),
+                    });
+                }
+            }
+        }
+        Err(hostile(name, "it is a chain of too many links"))
+    }
+}
+
+/// Reads a small member (an index, manifest or config) whole.
+fn read_member(m: &dyn Members, name: &str) -> Result<Vec<u8>, ImageError> {
+    let mut data = Vec::new();
+    m.open(name)?
+        .take(MAX_JSON + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| ImageError::io("read", name, e))?;
+    if data.len() as u64 > MAX_JSON {
+        return Err(ImageError::Format(format!(
+            "{name} is larger than {}: not an image manifest or config",
+            extract::human(MAX_JSON)
         )));
     }
     Ok(data)
 }
 
-/// A reader that hashes what passes through it.
-struct Hashing<R> {
-    inner: R,
-    hasher: Sha256,
+/// The hex of a `sha256:` digest.
+fn digest_hex<'a>(digest: &'a str, what: &str) -> Result<&'a str, ImageError> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .ok_or_else(|| {
+            ImageError::Format(format!(
+                "unsupported {what} {digest:?} (only sha256, in lowercase hex, is supported)"
+            ))
+        })
 }
 
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
+fn blob_name(digest: &str) -> Result<String, ImageError> {
+    Ok(format!("blobs/sha256/{}", digest_hex(digest, "digest")?))
+}
+
+/// Reads blob `digest` whole and checks it.
+fn read_verified(m: &dyn Members, digest: &str) -> Result<Vec<u8>, ImageError> {
+    let name = blob_name(digest)?;
+    let data = read_member(m, &name)?;
+    let got = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+    if got != digest {
+        return Err(ImageError::Corrupt(format!(
+            "{name} does not match its digest {digest}"
+        )));
     }
+    Ok(data)
 }
 
-/// Applies one layer file after checking the digest of its raw bytes (`blob_digest`), and
-/// checks the digest of its uncompressed tar stream (`diff_id`) on the way.
+/// Applies layer `name` to `root`, in one pass over its bytes, and checks them: the raw
+/// bytes against `blob_digest` (when given) and the uncompressed tar stream against
+/// `diff_id`. Anything written before a mismatch is found is discarded with the import.
 fn apply_layer(
-    path: &Path,
+    m: &dyn Members,
+    name: &str,
     blob_digest: Option<&str>,
-    diff_id: Option<&str>,
+    diff_id: &str,
+    position: usize,
     root: &Path,
+    budget: &mut Budget,
 ) -> Result<(), ImageError> {
-    let shown = path.display().to_string();
-    let open = || File::open(path).map_err(|e| ImageError::io("open", &shown, e));
-    if let Some(want) = blob_digest {
-        let mut hashing = Hashing {
-            inner: open()?,
-            hasher: Sha256::new(),
-        };
-        io::copy(&mut hashing, &mut io::sink()).map_err(|e| ImageError::io("read", &shown, e))?;
-        if format!("sha256:{}", hex::encode(hashing.hasher.finalize())) != want {
-            return Err(ImageError::Corrupt(format!(
-                "layer {shown} does not match its digest {want}"
-            )));
-        }
-    }
-    let mut tar_stream = Hashing {
-        inner: extract::decompressed(open()?)?,
+    digest_hex(diff_id, "diff id")?;
+    let mut raw = Hashing {
+        inner: m.open(name)?,
         hasher: Sha256::new(),
     };
-    extract::extract(
-        &mut tar_stream,
-        root,
-        ExtractOptions {
-            whiteouts: true,
-            ..Default::default()
-        },
-    )?;
-    // Drain the end-of-archive padding so the digest covers the whole stream.
-    io::copy(&mut tar_stream, &mut io::sink()).map_err(|e| ImageError::io("read", &shown, e))?;
-    if let Some(want) = diff_id
-        && format!("sha256:{}", hex::encode(tar_stream.hasher.finalize())) != want
+    let applied = (|| -> Result<String, ImageError> {
+        let mut tar_stream = Hashing {
+            inner: extract::decompressed(&mut raw)?,
+            hasher: Sha256::new(),
+        };
+        extract::extract(
+            &mut tar_stream,
+            root,
+            ExtractOptions {
+                whiteouts: true,
+                ..Default::default()
+            },
+            budget,
+        )?;
+        // The end-of-archive padding too, so the digest covers the whole stream.
+        io::copy(&mut tar_stream, &mut io::sink()).map_err(|e| ImageError::io("read", name, e))?;
+        Ok(format!(
+            "sha256:{}",
+            hex::encode(tar_stream.hasher.finalize())
+        ))
+    })();
+    // The rest of the raw bytes (a compressed stream's trailer), so a damaged blob is
+    // reported as such even when it broke the extraction.
+    let drained = io::copy(&mut raw, &mut io::sink());
+    if let Some(want) = blob_digest
+        && (drained.is_err() || format!("sha256:{}", hex::encode(raw.hasher.finalize())) != want)
     {
         return Err(ImageError::Corrupt(format!(
-            "layer {shown} does not match its diff id {want}"
+            "layer {name} does not match its digest {want}"
+        )));
+    }
+    let got = applied?;
+    if got != diff_id {
+        return Err(ImageError::Corrupt(format!(
+            "layer {name} does not match rootfs.diff_ids[{position}] of the image config ({diff_id}): its content is {got}"
         )));
     }
     Ok(())
+}
+
+/// The config's diff ids, which must name every layer of the manifest, in order.
+fn diff_ids_for(
+    config: &ConfigFile,
+    layers: usize,
+    lister: &str,
+) -> Result<Vec<String>, ImageError> {
+    let diff_ids = config
+        .rootfs
+        .as_ref()
+        .map(|r| r.diff_ids.clone())
+        .unwrap_or_default();
+    if diff_ids.is_empty() && layers > 0 {
+        return Err(ImageError::Corrupt(format!(
+            "its layers cannot be verified: the image config lists no rootfs.diff_ids for the {layers} layer(s) of {lister}, and dev-box imports only layers a digest vouches for"
+        )));
+    }
+    if diff_ids.len() != layers {
+        return Err(ImageError::Corrupt(format!(
+            "{lister} lists {layers} layer(s) but the image config's rootfs.diff_ids lists {}: every layer must be named by a diff id",
+            diff_ids.len()
+        )));
+    }
+    Ok(diff_ids)
 }
 
 fn run_config(cfg: ConfigFile) -> ImageConfig {
@@ -188,13 +513,14 @@ fn run_config(cfg: ConfigFile) -> ImageConfig {
     }
 }
 
-/// Reads an OCI image layout directory and flattens its image into `root`.
-pub fn unpack_oci_layout(layout: &Path, root: &Path) -> Result<Unpacked, ImageError> {
-    let index: Index = serde_json::from_slice(
-        &std::fs::read(layout.join("index.json"))
-            .map_err(|e| ImageError::io("read", "index.json", e))?,
-    )
-    .map_err(|e| ImageError::Format(format!("index.json: {e}")))?;
+/// Reads an OCI image layout and flattens its image into `root`.
+pub(crate) fn unpack_oci_layout(
+    m: &dyn Members,
+    root: &Path,
+    budget: &mut Budget,
+) -> Result<Unpacked, ImageError> {
+    let index: Index = serde_json::from_slice(&read_member(m, "index.json")?)
+        .map_err(|e| ImageError::Format(format!("index.json: {e}")))?;
     let mut desc = pick(index.manifests, "index.json")?;
     let mut name = desc
         .annotations
@@ -205,7 +531,7 @@ pub fn unpack_oci_layout(layout: &Path, root: &Path) -> Result<Unpacked, ImageEr
         if !desc.media_type.contains("index") && !desc.media_type.contains("manifest.list") {
             break;
         }
-        let data = read_verified(&blob_path(layout, &desc.digest)?, &desc.digest)?;
+        let data = read_verified(m, &desc.digest)?;
         let inner: Index = serde_json::from_slice(&data)
             .map_err(|e| ImageError::Format(format!("image index: {e}")))?;
         desc = pick(inner.manifests, "image index")?;
@@ -216,33 +542,25 @@ pub fn unpack_oci_layout(layout: &Path, root: &Path) -> Result<Unpacked, ImageEr
                 .cloned();
         }
     }
-    let data = read_verified(&blob_path(layout, &desc.digest)?, &desc.digest)?;
+    let data = read_verified(m, &desc.digest)?;
     let manifest: Manifest = serde_json::from_slice(&data)
         .map_err(|e| ImageError::Format(format!("image manifest: {e}")))?;
-    let config_bytes = read_verified(
-        &blob_path(layout, &manifest.config.digest)?,
-        &manifest.config.digest,
-    )?;
+    let config_bytes = read_verified(m, &manifest.config.digest)?;
     let config: ConfigFile = serde_json::from_slice(&config_bytes)
         .map_err(|e| ImageError::Format(format!("image config: {e}")))?;
-    let diff_ids = config
-        .rootfs
-        .as_ref()
-        .map(|r| r.diff_ids.clone())
-        .unwrap_or_default();
+    let diff_ids = diff_ids_for(&config, manifest.layers.len(), "the image manifest")?;
     for (i, layer) in manifest.layers.iter().enumerate() {
         apply_layer(
-            &blob_path(layout, &layer.digest)?,
+            m,
+            &blob_name(&layer.digest)?,
             Some(&layer.digest),
-            diff_ids.get(i).map(String::as_str),
+            &diff_ids[i],
+            i,
             root,
+            budget,
         )?;
     }
-    let id = manifest
-        .config
-        .digest
-        .trim_start_matches("sha256:")
-        .to_string();
+    let id = digest_hex(&manifest.config.digest, "digest")?.to_string();
     Ok(Unpacked {
         id,
         name,
@@ -265,22 +583,23 @@ fn pick(manifests: Vec<Descriptor>, what: &str) -> Result<Descriptor, ImageError
     best.ok_or_else(|| ImageError::Format(format!("{what} lists no linux/amd64 image")))
 }
 
-/// Reads an unpacked `docker save` archive and flattens its (first) image into `root`.
-pub fn unpack_docker_save(dir: &Path, root: &Path) -> Result<Unpacked, ImageError> {
-    let entries: Vec<DockerManifestEntry> = serde_json::from_slice(
-        &std::fs::read(dir.join("manifest.json"))
-            .map_err(|e| ImageError::io("read", "manifest.json", e))?,
-    )
-    .map_err(|e| ImageError::Format(format!("manifest.json: {e}")))?;
+/// Reads a `docker save` archive and flattens its (first) image into `root`.
+pub(crate) fn unpack_docker_save(
+    m: &dyn Members,
+    root: &Path,
+    budget: &mut Budget,
+) -> Result<Unpacked, ImageError> {
+    let entries: Vec<DockerManifestEntry> =
+        serde_json::from_slice(&read_member(m, "manifest.json")?)
+            .map_err(|e| ImageError::Format(format!("manifest.json: {e}")))?;
     let entry = entries
         .into_iter()
         .next()
         .ok_or_else(|| ImageError::Format("manifest.json lists no image".into()))?;
     let config_rel = extract::clean_path(Path::new(&entry.config))?;
-    let config_bytes = std::fs::read(dir.join(&config_rel))
-        .map_err(|e| ImageError::io("read", &entry.config, e))?;
+    let config_bytes = read_member(m, &entry.config)?;
     let id = hex::encode(Sha256::digest(&config_bytes));
-    // The config's file name is its digest; check it when it says so.
+    // The config's name is its digest (`<hex>.json`, or `blobs/sha256/<hex>`): check it.
     let stem = config_rel
         .file_name()
         .and_then(|n| n.to_str())
@@ -295,29 +614,19 @@ pub fn unpack_docker_save(dir: &Path, root: &Path) -> Result<Unpacked, ImageErro
     }
     let config: ConfigFile = serde_json::from_slice(&config_bytes)
         .map_err(|e| ImageError::Format(format!("image config: {e}")))?;
-    let diff_ids = config
-        .rootfs
-        .as_ref()
-        .map(|r| r.diff_ids.clone())
-        .unwrap_or_default();
-    if !diff_ids.is_empty() && diff_ids.len() != entry.layers.len() {
-        return Err(ImageError::Corrupt(
-            "the image config and manifest.json disagree on the number of layers".into(),
-        ));
-    }
+    let diff_ids = diff_ids_for(&config, entry.layers.len(), "manifest.json")?;
     for (i, layer) in entry.layers.iter().enumerate() {
         let rel = extract::clean_path(Path::new(layer))?;
+        // A layer stored as a blob is named by the digest of its bytes: check that too.
         let blob = rel
             .strip_prefix("blobs/sha256")
             .ok()
             .and_then(|p| p.to_str())
             .map(|h| format!("sha256:{h}"));
-        apply_layer(
-            &dir.join(&rel),
-            blob.as_deref(),
-            diff_ids.get(i).map(String::as_str),
-            root,
-        )?;
+        if let Some(b) = &blob {
+            digest_hex(b, "blob name")?;
+        }
+        apply_layer(m, layer, blob.as_deref(), &diff_ids[i], i, root, budget)?;
     }
     let name = entry.repo_tags.and_then(|t| t.into_iter().next());
     Ok(Unpacked {
@@ -325,4 +634,242 @@ pub fn unpack_docker_save(dir: &Path, root: &Path) -> Result<Unpacked, ImageErro
         name,
         config: run_config(config),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(data: &[u8]) -> String {
+        format!("sha256:{}", hex::encode(Sha256::digest(data)))
+    }
+
+    fn tar_with(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        build(&mut b);
+        b.into_inner().unwrap()
+    }
+
+    fn raw(
+        b: &mut tar::Builder<Vec<u8>>,
+        kind: tar::EntryType,
+        name: &str,
+        link: &str,
+        data: &[u8],
+    ) {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+
+    fn file(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {
+        raw(b, tar::EntryType::Regular, name, "", data);
+    }
+
+    fn layer(content: &[u8]) -> Vec<u8> {
+        tar_with(|b| file(b, "etc/greeting", content))
+    }
+
+    fn config(diff_ids: &[String]) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }))
+        .unwrap()
+    }
+
+    /// A docker save archive: `layers` are names listed in manifest.json, `extra` adds members.
+    fn docker(
+        diff_ids: &[String],
+        layers: &[&str],
+        extra: impl FnOnce(&mut tar::Builder<Vec<u8>>),
+    ) -> Vec<u8> {
+        let cfg = config(diff_ids);
+        let cfg_name = format!("{}.json", &sha(&cfg)[7..]);
+        let manifest = serde_json::to_vec(
+            &serde_json::json!([{"Config": cfg_name, "RepoTags": ["t:1"], "Layers": layers}]),
+        )
+        .unwrap();
+        tar_with(|b| {
+            file(b, "manifest.json", &manifest);
+            file(b, &cfg_name, &cfg);
+            extra(b);
+        })
+    }
+
+    fn unpack(archive: &[u8]) -> Result<(tempfile::TempDir, Unpacked), ImageError> {
+        let stage = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let mut budget = Budget::unlimited();
+        let members = StagedArchive::read(archive, stage.path(), &mut budget)?;
+        let u = unpack_docker_save(&members, root.path(), &mut budget)?;
+        Ok((root, u))
+    }
+
+    #[test]
+    fn archive_links_never_leave_the_archive() {
+        // A host file holding a valid layer; the attacker knows its digest.
+        let host = tempfile::tempdir().unwrap();
+        let secret_layer = layer(b"host secret\n");
+        let secret = host.path().join("secret.tar");
+        std::fs::write(&secret, &secret_layer).unwrap();
+        let secret = secret.to_str().unwrap().to_string();
+        let up = format!("../../../../../../../..{secret}");
+        let ids = [sha(&secret_layer)];
+        let sym = tar::EntryType::Symlink;
+        let hard = tar::EntryType::Link;
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "absolute symlink",
+                docker(&ids, &["l1/layer.tar"], |b| {
+                    raw(b, sym, "l1/layer.tar", &secret, b"")
+                }),
+            ),
+            (
+                "relative symlink",
+                docker(&ids, &["l1/layer.tar"], |b| {
+                    raw(b, sym, "l1/layer.tar", &up, b"")
+                }),
+            ),
+            (
+                "absolute hard link",
+                docker(&ids, &["l1/layer.tar"], |b| {
+                    raw(b, hard, "l1/layer.tar", &secret, b"")
+                }),
+            ),
+            (
+                "dotdot hard link",
+                docker(&ids, &["l1/layer.tar"], |b| {
+                    raw(b, hard, "l1/layer.tar", &up, b"")
+                }),
+            ),
+            (
+                "linked directory",
+                docker(&ids, &["l1/layer.tar"], |b| {
+                    raw(b, sym, "l1", host.path().to_str().unwrap(), b"")
+                }),
+            ),
+            ("dotdot layer name", docker(&ids, &[&up], |_| {})),
+            ("absolute layer name", docker(&ids, &[&secret], |_| {})),
+            (
+                "symlinked manifest",
+                tar_with(|b| raw(b, sym, "manifest.json", &secret, b"")),
+            ),
+            (
+                "device",
+                docker(&ids, &["l1/layer.tar"], |b| {
+                    raw(b, tar::EntryType::Char, "l1/layer.tar", "", b"")
+                }),
+            ),
+        ];
+        for (what, archive) in cases {
+            match unpack(&archive) {
+                Err(ImageError::Hostile { .. }) => {}
+                Err(other) => panic!("{what}: {other}"),
+                Ok(_) => panic!("{what}: imported"),
+            }
+        }
+        // An alias between members of the archive itself (docker writes these for layers it
+        // already saved) is fine: it is the archive's own content, verified.
+        let l = layer(b"shared\n");
+        let ids = [sha(&l), sha(&l)];
+        let archive = docker(&ids, &["a/layer.tar", "b/layer.tar"], |b| {
+            file(b, "a/layer.tar", &l);
+            raw(b, sym, "b/layer.tar", "../a/layer.tar", b"");
+        });
+        let (root, _) = unpack(&archive).unwrap();
+        assert_eq!(
+            std::fs::read(root.path().join("etc/greeting")).unwrap(),
+            b"shared\n"
+        );
+    }
+
+    #[test]
+    fn layers_are_verified() {
+        let good = layer(b"genuine\n");
+        let evil = layer(b"doctored\n");
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            (
+                "a layer beyond the diff ids",
+                docker(&[sha(&good)], &["a/layer.tar", "b/layer.tar"], |b| {
+                    file(b, "a/layer.tar", &good);
+                    file(b, "b/layer.tar", &evil);
+                }),
+                "every layer must be named",
+            ),
+            (
+                "content differing from its diff id",
+                docker(&[sha(&good)], &["a/layer.tar"], |b| {
+                    file(b, "a/layer.tar", &evil)
+                }),
+                "does not match rootfs.diff_ids[0]",
+            ),
+            (
+                "no diff ids at all",
+                docker(&[], &["a/layer.tar"], |b| file(b, "a/layer.tar", &evil)),
+                "cannot be verified",
+            ),
+            (
+                "a blob named by another digest",
+                docker(
+                    &[sha(&evil)],
+                    &[&format!("blobs/sha256/{}", &sha(&good)[7..])],
+                    |b| file(b, &format!("blobs/sha256/{}", &sha(&good)[7..]), &evil),
+                ),
+                "does not match its digest",
+            ),
+        ];
+        for (what, archive, says) in cases {
+            match unpack(&archive) {
+                Err(e @ ImageError::Corrupt(_)) => {
+                    assert!(e.to_string().contains(says), "{what}: {e}")
+                }
+                Err(other) => panic!("{what}: {other}"),
+                Ok(_) => panic!("{what}: imported"),
+            }
+        }
+        let (root, u) = unpack(&docker(&[sha(&good)], &["a/layer.tar"], |b| {
+            file(b, "a/layer.tar", &good)
+        }))
+        .unwrap();
+        assert_eq!(
+            std::fs::read(root.path().join("etc/greeting")).unwrap(),
+            b"genuine\n"
+        );
+        assert_eq!(u.name.as_deref(), Some("t:1"));
+    }
+
+    #[test]
+    fn layout_directories_are_read_without_links() {
+        let host = tempfile::tempdir().unwrap();
+        let secret = host.path().join("secret");
+        std::fs::write(&secret, b"host secret").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("blobs/sha256")).unwrap();
+        std::os::unix::fs::symlink(&secret, dir.path().join("blobs/sha256/link")).unwrap();
+        std::fs::hard_link(&secret, dir.path().join("blobs/sha256/hard")).unwrap();
+        std::os::unix::fs::symlink(host.path(), dir.path().join("up")).unwrap();
+        std::fs::write(dir.path().join("plain"), b"ok").unwrap();
+        let m = DirMembers::open_dir(dir.path()).unwrap();
+        for name in [
+            "blobs/sha256/link",
+            "blobs/sha256/hard",
+            "up/secret",
+            "../secret",
+            "blobs",
+        ] {
+            assert!(
+                matches!(m.open(name), Err(ImageError::Hostile { .. })),
+                "{name}"
+            );
+        }
+        let mut text = String::new();
+        m.open("plain").unwrap().read_to_string(&mut text).unwrap();
+        assert_eq!(text, "ok");
+    }
 }

@@ -273,6 +273,18 @@ pub const DEFAULT_MEMORY: u64 = 1 << 30;
 pub const DEFAULT_CPU_MILLIS: u64 = 1000;
 /// Default process limit.
 pub const DEFAULT_PIDS: u64 = 1024;
+/// Least memory a sandbox may have: 4Mi.
+pub const MIN_MEMORY: u64 = 4 << 20;
+/// Most memory a sandbox may have: 1Ti (create and snapshot import refuse more).
+pub const MAX_MEMORY: u64 = 1 << 40;
+/// Least CPU bandwidth: 10m.
+pub const MIN_CPU_MILLIS: u64 = 10;
+/// Most CPU bandwidth: 1024 CPUs.
+pub const MAX_CPU_MILLIS: u64 = 1024 * 1000;
+/// Least processes: the init and one command.
+pub const MIN_PIDS: u64 = 2;
+/// Most processes: the kernel's own ceiling on pids (`PID_MAX_LIMIT`, 4194304).
+pub const MAX_PIDS: u64 = 4 << 20;
 
 /// Limits in numbers, after parsing and defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -418,10 +430,19 @@ impl SandboxSpec {
             }
             None => DEFAULT_MEMORY,
         };
-        if memory_bytes < 4 << 20 {
+        if memory_bytes < MIN_MEMORY {
             return Err(SpecError::field(
                 "spec.limits.memory",
                 "at least 4Mi is needed to run anything",
+            ));
+        }
+        if memory_bytes > MAX_MEMORY {
+            return Err(SpecError::field(
+                "spec.limits.memory",
+                format!(
+                    "{} is more than a sandbox may have: give 4Mi to 1Ti",
+                    self.limits.memory.as_deref().unwrap_or_default()
+                ),
             ));
         }
         let cpu_millis = match &self.limits.cpu {
@@ -430,17 +451,32 @@ impl SandboxSpec {
             }
             None => DEFAULT_CPU_MILLIS,
         };
-        if cpu_millis < 10 {
+        if cpu_millis < MIN_CPU_MILLIS {
             return Err(SpecError::field(
                 "spec.limits.cpu",
                 "at least 10m (a hundredth of a CPU) is needed",
             ));
         }
+        if cpu_millis > MAX_CPU_MILLIS {
+            return Err(SpecError::field(
+                "spec.limits.cpu",
+                format!(
+                    "{} is more than a sandbox may have: give 10m to 1024",
+                    self.limits.cpu.as_deref().unwrap_or_default()
+                ),
+            ));
+        }
         let pids = self.limits.pids.unwrap_or(DEFAULT_PIDS);
-        if pids < 2 {
+        if pids < MIN_PIDS {
             return Err(SpecError::field(
                 "spec.limits.pids",
                 "at least 2 processes are needed (the init and one command)",
+            ));
+        }
+        if pids > MAX_PIDS {
+            return Err(SpecError::field(
+                "spec.limits.pids",
+                format!("{pids} is more than a sandbox may have: give 2 to {MAX_PIDS}"),
             ));
         }
         Ok(ResolvedLimits {
@@ -523,6 +559,31 @@ spec:
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("metadata.name"), "{e}");
+    }
+
+    #[test]
+    fn limits_have_a_range() {
+        let spec = |limits: &str| {
+            SandboxManifest::parse(&format!(
+                r#"{{"apiVersion":"sandbox.io/v1","kind":"Sandbox","spec":{{"limits":{limits}}}}}"#
+            ))
+        };
+        for (limits, field) in [
+            (r#"{"memory":"512Ti"}"#, "spec.limits.memory:"),
+            (r#"{"memory":"1025Gi"}"#, "spec.limits.memory:"),
+            (r#"{"cpu":"1025"}"#, "spec.limits.cpu:"),
+            (r#"{"pids":4194305}"#, "spec.limits.pids:"),
+            (r#"{"pids":18446744073709551615}"#, "spec.limits.pids:"),
+        ] {
+            let e = spec(limits).unwrap_err().to_string();
+            assert!(e.starts_with(field) && e.contains(" to "), "{limits}: {e}");
+        }
+        for limits in [
+            r#"{"memory":"1Ti","cpu":"1024","pids":4194304}"#,
+            r#"{"memory":"4Mi","cpu":"10m","pids":2}"#,
+        ] {
+            spec(limits).unwrap();
+        }
     }
 
     #[test]
