@@ -553,9 +553,16 @@ impl Client {
             .await
     }
 
-    /// Checks the audit chain.
-    pub async fn verify_audit(&self) -> Result<devbox_store::AuditVerification, ClientError> {
-        self.json(Method::GET, "/v1/audit/verify", None).await
+    /// Checks the audit chain; with `head`, also that it reaches that kept head hash.
+    pub async fn verify_audit(
+        &self,
+        head: Option<&str>,
+    ) -> Result<devbox_store::AuditVerification, ClientError> {
+        let path = match head {
+            Some(h) => format!("/v1/audit/verify?head={}", enc(h)),
+            None => "/v1/audit/verify".to_string(),
+        };
+        self.json(Method::GET, &path, None).await
     }
 
     /// Downloads a sandbox's logs into `out`.

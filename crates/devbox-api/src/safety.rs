@@ -302,10 +302,21 @@ pub(crate) async fn audit(
     ))
 }
 
-#[utoipa::path(get, path = "/v1/audit/verify", description = "Checks every record's hash and link; reports the first broken record.",
-    responses((status = 200, body = AuditVerification)))]
-pub(crate) async fn verify(State(e): State<AppState>) -> ApiResult<Json<AuditVerification>> {
-    Ok(Json(e.verify_audit().await?))
+/// Query of GET /v1/audit/verify.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct VerifyQuery {
+    /// A head hash an earlier verify reported, kept elsewhere: the chain must still reach it.
+    pub head: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/audit/verify", params(VerifyQuery),
+    description = "Checks every record's hash and link, and that the chain starts where retention's own record says it pruned to; reports the first broken record and the head (the newest record's hash). With `head`, also checks that the chain reaches that head.",
+    responses((status = 200, body = AuditVerification), (status = 400, body = ErrorBody)))]
+pub(crate) async fn verify(
+    State(e): State<AppState>,
+    Query(q): Query<VerifyQuery>,
+) -> ApiResult<Json<AuditVerification>> {
+    Ok(Json(e.verify_audit(q.head).await?))
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{name}/logs/export", params(("name" = String, Path)),

@@ -418,8 +418,14 @@ pub struct AuditArgs {
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Check the hash chain: every record links to the one before and hashes to what it
-    /// says. Exits 1 and names the first broken record if it does not hold.
+    /// says, and the chain starts where retention's own record says it pruned to. Prints
+    /// the head (the newest record's hash): keep it elsewhere and check later with --head.
+    /// Exits 1 and names the first broken record if it does not hold.
     Verify {
+        /// A head printed by an earlier verify and kept elsewhere: the chain must still reach
+        /// it (this reveals a rewritten log and records cut from its end).
+        #[arg(long, value_name = "HASH")]
+        head: Option<String>,
         /// Output format.
         #[arg(long, value_enum, default_value = "table")]
         format: Format,

@@ -421,22 +421,37 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
             eprintln!("denied {} ({} in {})", a.id, a.command, a.sandbox);
         }
         Command::Audit(args) => match &args.command {
-            Some(AuditCommand::Verify { format }) => {
-                let v = c.verify_audit().await?;
+            Some(AuditCommand::Verify { head, format }) => {
+                let v = c.verify_audit(head.as_deref()).await?;
                 if *format == Format::Json {
                     print_json(&v)?;
                 } else if v.ok {
                     println!("ok: {} records, the chain holds", v.records);
-                    if let Some(h) = &v.head {
-                        println!("head: {h}");
+                    if let Some(p) = v.pruned_through {
+                        println!(
+                            "records 1 to {p} were pruned by retention, as its record in the chain says"
+                        );
+                    }
+                    if let (Some(h), Some(seq)) = (&v.kept_head, v.kept_head_seq) {
+                        let after = v.head_seq.map_or(0, |s| s - seq);
+                        println!("kept head {h} is record {seq}; {after} records follow it");
+                    }
+                    if let (Some(h), Some(seq)) = (&v.head, v.head_seq) {
+                        println!("head: {h} (record {seq})");
                     }
                 } else {
-                    println!(
-                        "BROKEN at record {}: {} ({} records checked)",
-                        v.first_broken.unwrap_or_default(),
-                        v.problem.as_deref().unwrap_or("?"),
-                        v.records
-                    );
+                    match v.first_broken {
+                        Some(seq) => println!(
+                            "BROKEN at record {seq}: {} ({} records checked)",
+                            v.problem.as_deref().unwrap_or("?"),
+                            v.records
+                        ),
+                        None => println!(
+                            "BROKEN: {} ({} records checked)",
+                            v.problem.as_deref().unwrap_or("?"),
+                            v.records
+                        ),
+                    }
                 }
                 return Ok(if v.ok { 0 } else { 1 });
             }

@@ -40,6 +40,7 @@ use devbox_store::Store;
 pub use config::EngineConfig;
 pub use error::EngineError;
 pub use exec::{ExecExit, ExecSession, Output, Pty};
+pub use reconcile::{DAEMON_MARK_ENV, daemon_mark, is_own_mark};
 pub use safety::{ACTOR, ApprovalInfo, PolicyInfo, current_actor, shell_join};
 
 /// Result of engine operations.
@@ -111,6 +112,14 @@ impl Engine {
         ensure_dir(&cfg.runtime_dir, 0o711)?;
         ensure_dir(&cfg.sandboxes_runtime_dir(), 0o711)?;
         let store = Store::open(&cfg.db_path())?;
+        // Host uid ranges are claimed host-wide, so daemons of other state dirs never share them.
+        let registry = devbox_store::UidRegistry::new(
+            devbox_store::UidRegistry::default_path(),
+            &cfg.state_dir,
+        )?;
+        for warning in store.use_uid_registry(registry)? {
+            tracing::warn!("{warning}");
+        }
         let pool = Pool::open(&cfg.pool, &cfg.pool_mountpoint)?;
         let images = ImageStore::new(pool.clone());
         images.ensure_host()?;

@@ -1,108 +1,382 @@
 //! Bringing recorded state and the host back in line after a restart (or a crash).
+//!
+//! One sandbox's state never stops the daemon from starting: whatever fails while one
+//! record is brought in line is logged and written to that record (`last_error`; the state
+//! `broken` unless it was being created or destroyed, which the next start retries), and
+//! the daemon goes on. `destroy` removes such a sandbox; the next start tries it again.
+//!
+//! A killed daemon can leave behind, besides its sandboxes:
+//! - a sandbox frozen for a snapshot: it is thawed (both the v1 freezer and the unified
+//!   `cgroup.freeze`) before it is pinged, and kept;
+//! - warm launchers, in `warm-*` cgroups no record names: killed, their cgroups removed;
+//! - helper processes it started (CRIU, the storage driver's tools, a launcher that had not
+//!   joined its cgroup yet). Each carries the daemon's mark in its environment
+//!   ([`DAEMON_MARK_ENV`], inherited from the daemon, which sets it on itself at start), so
+//!   the next daemon of the same state directory finds them by it and kills them, unless
+//!   they run in one of its sandboxes' cgroups.
 
 use std::collections::HashSet;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use devbox_image::HOST_IMAGE;
+use devbox_runtime::container::process_start_time;
+use devbox_runtime::sys;
 use devbox_storage::Driver;
-use devbox_store::{SandboxState, SnapshotState};
+use devbox_store::{SandboxRecord, SandboxState, SnapshotRecord, SnapshotState};
 
 use crate::sandbox::alive;
-use crate::{Engine, Result};
+use crate::warm::WARM_PREFIX;
+use crate::{Engine, EngineError, Result};
+
+/// The environment variable that marks the daemon and, by inheritance, every process it
+/// starts: `<pid>:<nonce>:<state dir>`.
+pub const DAEMON_MARK_ENV: &str = "DEVBOX_DAEMON_MARK";
+
+/// A new mark for this process as the daemon of `state_dir` (which must exist).
+pub fn daemon_mark(state_dir: &Path) -> String {
+    let dir = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    format!(
+        "{}:{}:{}",
+        std::process::id(),
+        crate::sandbox::new_id(),
+        dir.display()
+    )
+}
+
+/// Whether `mark` was made by this very process (so it is set, and inherited from here on).
+pub fn is_own_mark(mark: &str) -> bool {
+    mark.split(':').next() == Some(std::process::id().to_string().as_str())
+}
+
+/// How long a frozen sandbox may take to thaw.
+const THAW_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Engine {
     /// Finishes or undoes interrupted operations, marks sandboxes whose processes are gone
-    /// as stopped, re-attaches exit monitors to running ones, and removes cgroups, volumes,
-    /// runtime directories and staging areas that no record owns.
+    /// as stopped, thaws and re-attaches exit monitors to running ones, reaps what a dead
+    /// daemon left running, and removes cgroups, volumes, runtime directories and staging
+    /// areas that no record owns. Only a failure to read the database fails it.
     pub(crate) fn reconcile(self: &Arc<Self>) -> Result<()> {
+        let records = self.store.sandboxes()?;
+        let owned_cgroups: HashSet<String> =
+            records.iter().filter_map(|r| r.cgroup.clone()).collect();
+        self.reap_dead_daemon_helpers();
+        self.reap_warm_leftovers(&owned_cgroups);
+
         // Snapshots first: a snapshot whose copy exists is complete (btrfs snapshots are
         // atomic; a copy is only recorded ready after it finished), one without is dropped.
-        for mut snap in self.store.all_snapshots()? {
-            match snap.state {
-                SnapshotState::Ready => {}
-                SnapshotState::Deleting => self.remove_snapshot(snap)?,
-                SnapshotState::Creating => {
-                    let complete = self.snapshot_path(&snap).join("upper").exists()
-                        && self.pool.driver() == Driver::Btrfs;
-                    if complete {
-                        // A checkpoint of processes is complete once its metadata is written,
-                        // which happens before the files are taken.
-                        snap.processes = self
-                            .checkpoint_dir(&snap)
-                            .join(devbox_runtime::checkpoint::CheckpointMeta::FILE)
-                            .exists();
-                        snap.state = SnapshotState::Ready;
-                        self.store.update_snapshot(&snap)?;
-                    } else {
-                        let _ = self.pool.delete_volume(&self.snapshot_path(&snap));
-                        let _ = std::fs::remove_dir_all(self.checkpoint_dir(&snap));
-                        self.store.delete_snapshot(&snap)?;
-                    }
-                }
+        for snap in self.store.all_snapshots()? {
+            let (id, sandbox) = (snap.id.clone(), snap.sandbox_id.clone());
+            if let Err(e) = self.reconcile_snapshot(snap) {
+                tracing::error!(snapshot = %id, sandbox = %sandbox, "bringing a snapshot in line (the next start tries again): {e}");
             }
         }
-        let records = self.store.sandboxes()?;
         let mut known = HashSet::new();
         for mut rec in records {
-            match rec.state {
-                SandboxState::Creating => {
-                    tracing::info!(sandbox = %rec.name, "undoing an interrupted create");
-                    self.release_runtime(&rec);
-                    self.delete_volume_retrying(&self.sandbox_volume(&rec.id))?;
-                    self.store.delete_sandbox(&rec.id)?;
-                    continue;
+            let keep = match self.reconcile_sandbox(&mut rec) {
+                Ok(keep) => keep,
+                Err(e) => {
+                    self.mark_failed(&rec, &e);
+                    true
                 }
-                SandboxState::Destroying => {
-                    tracing::info!(sandbox = %rec.name, "finishing an interrupted destroy");
-                    self.destroy_locked(&mut rec, Duration::ZERO)?;
-                    continue;
+            };
+            if keep {
+                known.insert(rec.id.clone());
+                if let Some(cg) = &rec.cgroup {
+                    known.insert(cg.clone());
                 }
-                _ if rec.pending.is_some()
-                    && matches!(rec.state, SandboxState::Running | SandboxState::Stopped) =>
-                {
-                    // The operation swaps the writable volume: nothing may run on the old one.
-                    // (`halt` kills only a live init, and releases the runtime either way.)
-                    if rec.state == SandboxState::Running {
-                        self.halt(&mut rec, Duration::ZERO)?;
-                    }
-                    if let Err(e) = self.finish_pending(&mut rec) {
-                        tracing::error!(sandbox = %rec.name, "finishing an interrupted operation: {e}");
-                    }
-                }
-                SandboxState::Running => {
-                    let socket = self.sandbox_runtime_dir(&rec.id).join("agent.sock");
-                    let responsive = alive(rec.init_pid, rec.init_start)
-                        && devbox_runtime::client::ping(&socket, Duration::from_secs(2)).is_ok();
-                    if responsive {
-                        // The daemon may have died with the sandbox frozen for a snapshot.
-                        let _ = self
-                            .cgroup_of(&rec)
-                            .set_frozen(false, Duration::from_secs(5));
-                        self.watch(&rec);
-                    } else {
-                        tracing::info!(sandbox = %rec.name, "its processes are gone: marking it stopped");
-                        self.halt(&mut rec, Duration::ZERO)?;
-                        rec.last_error = Some(
-                            "stopped while the daemon was not running (host reboot or crash)"
-                                .into(),
-                        );
-                        self.store.update_sandbox(&rec)?;
-                    }
-                }
-                SandboxState::Stopped => self.release_runtime(&rec),
-            }
-            known.insert(rec.id.clone());
-            if let Some(cg) = &rec.cgroup {
-                known.insert(cg.clone());
             }
         }
+        self.sweep_unowned(&known);
+        Ok(())
+    }
+
+    fn reconcile_snapshot(&self, mut snap: SnapshotRecord) -> Result<()> {
+        match snap.state {
+            SnapshotState::Ready => {}
+            SnapshotState::Deleting => self.remove_snapshot(snap)?,
+            SnapshotState::Creating => {
+                let complete = self.snapshot_path(&snap).join("upper").exists()
+                    && self.pool.driver() == Driver::Btrfs;
+                if complete {
+                    // A checkpoint of processes is complete once its metadata is written,
+                    // which happens before the files are taken.
+                    snap.processes = self
+                        .checkpoint_dir(&snap)
+                        .join(devbox_runtime::checkpoint::CheckpointMeta::FILE)
+                        .exists();
+                    snap.state = SnapshotState::Ready;
+                    self.store.update_snapshot(&snap)?;
+                } else {
+                    let _ = self.pool.delete_volume(&self.snapshot_path(&snap));
+                    let _ = std::fs::remove_dir_all(self.checkpoint_dir(&snap));
+                    self.store.delete_snapshot(&snap)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings one sandbox in line; returns whether its record still exists.
+    fn reconcile_sandbox(self: &Arc<Self>, rec: &mut SandboxRecord) -> Result<bool> {
+        // A daemon killed mid-snapshot leaves the cgroup frozen: nothing in it answers a
+        // ping, and (v1 freezer) nothing in it dies of SIGKILL. Thaw first, whatever comes next.
+        let thawed = self.thaw_leftover(rec)?;
+        match rec.state {
+            SandboxState::Creating => {
+                tracing::info!(sandbox = %rec.name, "undoing an interrupted create");
+                self.release_runtime(rec);
+                self.delete_volume_retrying(&self.sandbox_volume(&rec.id))?;
+                self.store.delete_sandbox(&rec.id)?;
+                return Ok(false);
+            }
+            SandboxState::Destroying => {
+                tracing::info!(sandbox = %rec.name, "finishing an interrupted destroy");
+                self.destroy_locked(rec, Duration::ZERO)?;
+                return Ok(false);
+            }
+            _ if rec.pending.is_some()
+                && matches!(rec.state, SandboxState::Running | SandboxState::Stopped) =>
+            {
+                // The operation swaps the writable volume: nothing may run on the old one.
+                // (`halt` kills only a live init, and releases the runtime either way.)
+                if rec.state == SandboxState::Running {
+                    self.halt(rec, Duration::ZERO)?;
+                }
+                if let Err(e) = self.finish_pending(rec) {
+                    tracing::error!(sandbox = %rec.name, "finishing an interrupted operation: {e}");
+                    self.note_error(
+                        rec,
+                        format!(
+                            "an interrupted operation could not be finished at daemon start: {e}"
+                        ),
+                    );
+                }
+            }
+            SandboxState::Running => {
+                if !self.adopt(rec) {
+                    let was_alive = alive(rec.init_pid, rec.init_start);
+                    tracing::info!(sandbox = %rec.name, alive = was_alive, "it does not answer: stopping it");
+                    self.halt(rec, Duration::ZERO)?;
+                    rec.last_error = Some(if was_alive {
+                        "stopped at daemon start: its init did not answer the daemon".into()
+                    } else {
+                        "stopped while the daemon was not running (host reboot or crash)".into()
+                    });
+                    self.store.update_sandbox(rec)?;
+                    self.check_files(rec)?;
+                } else if thawed {
+                    tracing::info!(sandbox = %rec.name, "thawed a sandbox a dead daemon left frozen");
+                }
+            }
+            SandboxState::Stopped => {
+                self.release_runtime(rec);
+                self.check_files(rec)?;
+            }
+            SandboxState::Broken => {
+                // A previous start could not bring it in line: try again.
+                let before = rec.last_error.clone().unwrap_or_default();
+                if rec.pending.is_none() && self.adopt(rec) {
+                    tracing::info!(sandbox = %rec.name, "a broken sandbox answers again: running");
+                    rec.state = SandboxState::Running;
+                    rec.last_error = Some(format!("running again after: {before}"));
+                    self.store.update_sandbox(rec)?;
+                } else {
+                    self.halt(rec, Duration::ZERO)?;
+                    rec.last_error = Some(format!("stopped at daemon start after: {before}"));
+                    self.store.update_sandbox(rec)?;
+                    if rec.pending.is_some()
+                        && let Err(e) = self.finish_pending(rec)
+                    {
+                        return Err(EngineError::Internal(format!(
+                            "an interrupted operation could not be finished: {e}"
+                        )));
+                    }
+                    self.check_files(rec)?;
+                    tracing::info!(sandbox = %rec.name, "a broken sandbox is stopped now");
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Thaws a sandbox's cgroup if any freezer holds it; returns whether one did.
+    fn thaw_leftover(&self, rec: &SandboxRecord) -> Result<bool> {
+        let cg = self.cgroup_of(rec);
+        if !cg.exists() || !cg.is_frozen() {
+            return Ok(false);
+        }
+        cg.thaw_all(THAW_TIMEOUT).map_err(|e| {
+            EngineError::Internal(format!("its cgroup is frozen and did not thaw: {e}"))
+        })
+    }
+
+    /// Takes a running sandbox back if its init still runs and answers; watches it then.
+    fn adopt(self: &Arc<Self>, rec: &SandboxRecord) -> bool {
+        let socket = self.sandbox_runtime_dir(&rec.id).join("agent.sock");
+        let responsive = alive(rec.init_pid, rec.init_start)
+            && devbox_runtime::client::ping(&socket, Duration::from_secs(2)).is_ok();
+        if responsive {
+            self.watch(rec);
+        }
+        responsive
+    }
+
+    /// Checks that a stopped sandbox's files can be started from: its writable volume (else
+    /// an error: it is broken) and its image (else a note: importing it again fixes it).
+    fn check_files(&self, rec: &mut SandboxRecord) -> Result<()> {
+        let vol = self.sandbox_volume(&rec.id);
+        if !vol.join("upper").is_dir() {
+            return Err(EngineError::Internal(format!(
+                "its writable volume {} is missing: its files are gone (destroy it)",
+                vol.display()
+            )));
+        }
+        if rec.image_id != HOST_IMAGE && !self.images.exists(&rec.image_id) {
+            self.note_error(
+                rec,
+                format!(
+                    "its image {} is missing from the pool: import it again to start it, or destroy it",
+                    rec.image_id
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Records `why` on a sandbox, leaving its state.
+    fn note_error(&self, rec: &mut SandboxRecord, why: String) {
+        rec.last_error = Some(why);
+        if let Err(e) = self.store.update_sandbox(rec) {
+            tracing::error!(sandbox = %rec.name, "recording its error: {e}");
+        }
+    }
+
+    /// Marks a sandbox that could not be brought in line: `broken` (a create or destroy
+    /// under way stays so, to be retried), with the error; logs it.
+    fn mark_failed(&self, rec: &SandboxRecord, err: &EngineError) {
+        tracing::error!(sandbox = %rec.name, state = ?rec.state, "bringing it in line at daemon start failed (it is marked; destroy removes it): {err}");
+        // What the failed step left in the store is the truth to build on.
+        let mut cur = match self.store.sandbox_by_name(&rec.name) {
+            Ok(Some(r)) if r.id == rec.id => r,
+            _ => rec.clone(),
+        };
+        if !matches!(cur.state, SandboxState::Creating | SandboxState::Destroying) {
+            cur.state = SandboxState::Broken;
+        }
+        cur.last_error = Some(format!("at daemon start: {err}"));
+        if let Err(e) = self.store.update_sandbox(&cur) {
+            tracing::error!(sandbox = %rec.name, "recording its error: {e}");
+        }
+    }
+
+    /// Kills warm launchers a dead daemon left (in `warm-*` cgroups no sandbox took) and
+    /// removes their cgroups.
+    fn reap_warm_leftovers(&self, owned: &HashSet<String>) {
+        for name in self.cgroups.existing() {
+            if !name.starts_with(WARM_PREFIX) || owned.contains(&name) {
+                continue;
+            }
+            let cg = self.cgroups.sandbox(&name);
+            let n = cg.pids().len();
+            let _ = cg.kill_all();
+            match cg.remove(Duration::from_secs(5)) {
+                Ok(()) => {
+                    tracing::info!(cgroup = %name, processes = n, "removed a warm launcher a dead daemon left")
+                }
+                Err(e) => {
+                    tracing::warn!(cgroup = %name, "removing a dead daemon's warm launcher: {e}")
+                }
+            }
+        }
+    }
+
+    /// Kills the processes a dead daemon of this state directory started that still run
+    /// outside this daemon's cgroups (found by the mark they inherited), and waits for them.
+    fn reap_dead_daemon_helpers(&self) {
+        let own = std::env::var(DAEMON_MARK_ENV).ok();
+        let Ok(state_dir) = std::fs::canonicalize(&self.cfg.state_dir) else {
+            return;
+        };
+        let cgroup_prefix = format!("/{}/", self.cfg.cgroup_parent.trim_matches('/'));
+        let me = std::process::id() as i32;
+        let mut doomed = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let Some(start) = process_start_time(pid) else {
+                continue;
+            };
+            let Some(mark) = read_mark(pid) else { continue };
+            if own.as_deref() == Some(mark.as_str()) {
+                continue;
+            }
+            let mut parts = mark.splitn(3, ':');
+            let (Some(_), Some(_), Some(dir)) = (parts.next(), parts.next(), parts.next()) else {
+                continue;
+            };
+            if Path::new(dir) != state_dir {
+                continue;
+            }
+            // Sandboxes' processes (and warm launchers) are dealt with by their cgroups.
+            let cgroups =
+                std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            if cgroups.lines().any(|l| {
+                l.splitn(3, ':')
+                    .nth(2)
+                    .is_some_and(|p| p.starts_with(&cgroup_prefix))
+            }) {
+                continue;
+            }
+            let Ok(pidfd) = sys::pidfd_open(pid) else {
+                continue;
+            };
+            // The pidfd is of the process read above only if it started at the same time.
+            if process_start_time(pid) != Some(start) {
+                continue;
+            }
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .replace('\0', " ")
+                        .trim()
+                        .to_string()
+                })
+                .unwrap_or_default();
+            tracing::info!(pid, command = %cmd, "killing a process a dead daemon started");
+            let _ = sys::pidfd_send_signal(&pidfd, libc::SIGKILL);
+            doomed.push(pidfd);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for pidfd in doomed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut fds = [nix::poll::PollFd::new(
+                pidfd.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let ms = nix::poll::PollTimeout::try_from(left).unwrap_or(nix::poll::PollTimeout::MAX);
+            let _ = nix::poll::poll(&mut fds, ms);
+        }
+    }
+
+    /// Removes cgroups, volumes, runtime directories, snapshot volumes, checkpoints and
+    /// image volumes that no record owns (each failure is logged).
+    fn sweep_unowned(&self, known: &HashSet<String>) {
         for id in self.cgroups.existing() {
             if !known.contains(&id) {
                 tracing::info!(cgroup = %id, "removing a cgroup no sandbox owns");
                 let cg = self.cgroups.sandbox(&id);
                 let _ = cg.kill_all();
-                let _ = cg.remove(Duration::from_secs(5));
+                if let Err(e) = cg.remove(Duration::from_secs(5)) {
+                    tracing::warn!(cgroup = %id, "removing a cgroup no sandbox owns: {e}");
+                }
             }
         }
         for dir in [self.pool.sandboxes_dir(), self.cfg.sandboxes_runtime_dir()] {
@@ -116,62 +390,57 @@ impl Engine {
                 }
                 tracing::info!(path = %e.path().display(), "removing what no sandbox owns");
                 if dir == self.pool.sandboxes_dir() {
-                    self.delete_volume_retrying(&e.path())?;
+                    if let Err(err) = self.delete_volume_retrying(&e.path()) {
+                        tracing::warn!(path = %e.path().display(), "removing a volume no sandbox owns: {err}");
+                    }
                 } else {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }
         }
         // Snapshot volumes no record owns (a crash between copying and recording).
-        let snapshot_ids: HashSet<String> = self
-            .store
-            .all_snapshots()?
-            .into_iter()
-            .map(|s| s.id)
-            .collect();
-        for dir in std::fs::read_dir(self.pool.snapshots_dir())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            for e in std::fs::read_dir(dir.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                if !snapshot_ids.contains(&e.file_name().to_string_lossy().to_string()) {
-                    tracing::info!(path = %e.path().display(), "removing a snapshot volume no record owns");
-                    let _ = self.pool.set_readonly(&e.path(), false);
-                    let _ = self.pool.delete_volume(&e.path());
+        let snapshot_ids: HashSet<String> = match self.store.all_snapshots() {
+            Ok(all) => all.into_iter().map(|s| s.id).collect(),
+            Err(e) => {
+                tracing::error!("reading snapshots: {e}");
+                return;
+            }
+        };
+        for dir in read_dirs(&self.pool.snapshots_dir()) {
+            for e in read_dirs(&dir) {
+                let name = e.file_name().map(|n| n.to_string_lossy().to_string());
+                if name.is_some_and(|n| !snapshot_ids.contains(&n)) {
+                    tracing::info!(path = %e.display(), "removing a snapshot volume no record owns");
+                    let _ = self.pool.set_readonly(&e, false);
+                    let _ = self.pool.delete_volume(&e);
                 }
             }
-            let _ = std::fs::remove_dir(dir.path());
+            let _ = std::fs::remove_dir(&dir);
         }
         // Checkpoints of processes no snapshot owns; a sandbox's last CRIU logs stay with it.
-        for dir in std::fs::read_dir(self.cfg.state_dir.join("checkpoints"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if !known.contains(&dir.file_name().to_string_lossy().to_string()) {
-                let _ = std::fs::remove_dir_all(dir.path());
+        for dir in read_dirs(&self.cfg.state_dir.join("checkpoints")) {
+            let name = dir.file_name().map(|n| n.to_string_lossy().to_string());
+            if !name.is_some_and(|n| known.contains(&n)) {
+                let _ = std::fs::remove_dir_all(&dir);
                 continue;
             }
-            for e in std::fs::read_dir(dir.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                let name = e.file_name().to_string_lossy().to_string();
-                if e.path().is_dir() && !snapshot_ids.contains(&name) {
-                    tracing::info!(path = %e.path().display(), "removing a checkpoint no snapshot owns");
-                    let _ = std::fs::remove_dir_all(e.path());
+            for e in read_dirs(&dir) {
+                let name = e.file_name().map(|n| n.to_string_lossy().to_string());
+                if e.is_dir() && name.is_some_and(|n| !snapshot_ids.contains(&n)) {
+                    tracing::info!(path = %e.display(), "removing a checkpoint no snapshot owns");
+                    let _ = std::fs::remove_dir_all(&e);
                 }
             }
         }
         let _ = std::fs::remove_dir_all(self.cfg.runtime_dir.join("trash"));
         self.images.clear_staging();
-        let recorded: HashSet<String> = self.store.images()?.into_iter().map(|i| i.id).collect();
+        let recorded: HashSet<String> = match self.store.images() {
+            Ok(all) => all.into_iter().map(|i| i.id).collect(),
+            Err(e) => {
+                tracing::error!("reading images: {e}");
+                return;
+            }
+        };
         for id in self.images.stored_ids() {
             if id != HOST_IMAGE && !recorded.contains(&id) {
                 tracing::info!(image = %id, "removing an image volume no record owns");
@@ -182,9 +451,29 @@ impl Engine {
         for id in recorded {
             if !self.images.exists(&id) {
                 tracing::warn!(image = %id, "forgetting an image whose volume is gone");
-                self.store.delete_image(&id)?;
+                if let Err(e) = self.store.delete_image(&id) {
+                    tracing::error!(image = %id, "forgetting an image: {e}");
+                }
             }
         }
-        Ok(())
     }
+}
+
+/// The entries of a directory (none if it cannot be read).
+fn read_dirs(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect()
+}
+
+/// The daemon mark in a process's environment, if any.
+fn read_mark(pid: i32) -> Option<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let key = format!("{DAEMON_MARK_ENV}=");
+    env.split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(key.as_bytes()))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
 }

@@ -584,13 +584,29 @@ impl Engine {
             .await
     }
 
-    /// Checks the audit chain.
-    pub async fn verify_audit(self: &Arc<Self>) -> Result<AuditVerification> {
+    /// Checks the audit chain; with `head` (a head hash from an earlier verify, kept
+    /// elsewhere), also that the chain still reaches it.
+    pub async fn verify_audit(self: &Arc<Self>, head: Option<String>) -> Result<AuditVerification> {
+        let head = match head {
+            None => None,
+            Some(h) => {
+                let h = h.trim().to_ascii_lowercase();
+                if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "the head {h:?} (--head) is not a hash: give the 64 hex digits of a head that `sandbox audit verify` printed"
+                    )));
+                }
+                Some(h)
+            }
+        };
         self.bookkeeping.settled().await;
-        self.blocking(|e| Ok(e.store.verify_audit()?)).await
+        self.blocking(move |e| Ok(e.store.verify_audit(head.as_deref())?))
+            .await
     }
 
     /// Deletes audit records, exec records and exec logs older than the retention period.
+    /// The audit chain gets a record of what was pruned (`audit.prune`, by `retention`),
+    /// which `audit verify` checks the oldest kept record against.
     pub(crate) fn apply_retention(&self) -> Result<()> {
         let Some(days) = self.cfg.retention_days else {
             return Ok(());

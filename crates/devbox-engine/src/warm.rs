@@ -4,6 +4,10 @@
 //! machines), the largest part of a cold start. A few launchers are kept ready in cgroups
 //! named `warm-<id>`; starting a sandbox takes one (the sandbox records the cgroup's name),
 //! writes its limits, and hands the launcher its config. The pool refills in the background.
+//!
+//! A launcher exits when its stdin closes, so a killed daemon's launchers end by themselves;
+//! the next daemon's reconcile kills any still in a `warm-*` cgroup no sandbox took (and any
+//! that had not joined one yet, by the daemon's mark), and removes those cgroups.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

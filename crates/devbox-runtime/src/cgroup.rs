@@ -495,12 +495,86 @@ impl SandboxCgroup {
         }
     }
 
-    /// SIGKILLs every process in the sandbox.
+    /// Whether any freezer holds the sandbox: `cgroup.freeze` of the unified (v2) directory,
+    /// or the v1 freezer's state (on hybrid hosts either can be set, and each stops the tasks
+    /// on its own).
+    pub fn is_frozen(&self) -> bool {
+        self.dirs.iter().any(|(h, dir)| {
+            if h.v2 {
+                fs::read_to_string(dir.join("cgroup.freeze")).is_ok_and(|s| s.trim() == "1")
+            } else if h.has("freezer") {
+                fs::read_to_string(dir.join("freezer.state")).is_ok_and(|s| s.trim() != "THAWED")
+            } else {
+                false
+            }
+        })
+    }
+
+    /// Thaws the sandbox in every freezer that holds it (the unified `cgroup.freeze` and the
+    /// v1 freezer), waiting until the kernel confirms; returns whether any was frozen. Unlike
+    /// [`Self::set_frozen`], which drives the one freezer the daemon uses, this also undoes a
+    /// freeze someone else (a killed daemon, CRIU, a person) left in the other one.
+    pub fn thaw_all(&self, timeout: Duration) -> Result<bool, CgroupError> {
+        let deadline = Instant::now() + timeout;
+        let mut was = false;
+        for (h, dir) in &self.dirs {
+            // (the file to write, its thawed value, the file that says when it is done)
+            let (file, thawed, status) = if h.v2 {
+                ("cgroup.freeze", "0", "cgroup.events")
+            } else if h.has("freezer") {
+                ("freezer.state", "THAWED", "freezer.state")
+            } else {
+                continue;
+            };
+            let path = dir.join(file);
+            let now = match fs::read_to_string(&path) {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&path)(e)),
+            };
+            if now.trim() == thawed {
+                continue;
+            }
+            was = true;
+            write(&path, thawed)?;
+            let status = dir.join(status);
+            loop {
+                let text = fs::read_to_string(&status).map_err(io_err(&status))?;
+                let done = if h.v2 {
+                    text.lines().any(|l| l == "frozen 0")
+                } else {
+                    text.trim() == thawed
+                };
+                if done {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(CgroupError::Io {
+                        path: dir.clone(),
+                        source: io::Error::other(format!(
+                            "did not thaw within {timeout:?} ({})",
+                            text.split_whitespace().collect::<Vec<_>>().join(" ")
+                        )),
+                    });
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        Ok(was)
+    }
+
+    /// SIGKILLs every process in the sandbox (thawing it first: a task the v1 freezer holds
+    /// does not die of a SIGKILL until it is thawed).
     pub fn kill_all(&self) -> Result<(), CgroupError> {
         if let Some(dir) = self.unified() {
             let kill = dir.join("cgroup.kill");
             if kill.exists() {
-                return write(&kill, "1");
+                write(&kill, "1")?;
+                // cgroup.kill wakes tasks frozen by cgroup.freeze, not those of the v1 freezer.
+                if self.is_frozen() {
+                    self.thaw_all(Duration::from_secs(2))?;
+                }
+                return Ok(());
             }
         }
         // No cgroup.kill: freeze so nothing forks while we signal, then kill and thaw.
@@ -511,8 +585,8 @@ impl SandboxCgroup {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
-        if frozen {
-            let _ = self.set_frozen(false, Duration::from_secs(2));
+        if frozen || self.is_frozen() {
+            let _ = self.thaw_all(Duration::from_secs(2));
         }
         Ok(())
     }
@@ -594,5 +668,51 @@ mod tests {
         assert_eq!(read("cpu/dev-box/sb1/cpu.cfs_quota_us"), "50000");
         assert_eq!(driver.existing(), vec!["sb1".to_string()]);
         assert_eq!(cg.paths().len(), 3);
+    }
+
+    #[test]
+    fn thaw_all_thaws_both_freezers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let freezer = tmp.path().join("freezer");
+        let unified = tmp.path().join("unified");
+        let driver = CgroupDriver::from_hierarchies(
+            vec![
+                Hierarchy {
+                    mount: freezer.clone(),
+                    v2: false,
+                    controllers: vec!["freezer".into()],
+                },
+                Hierarchy {
+                    mount: unified.clone(),
+                    v2: true,
+                    controllers: Vec::new(),
+                },
+            ],
+            "dev-box",
+        )
+        .unwrap();
+        let cg = driver.sandbox("sb1");
+        let (v1, v2) = (freezer.join("dev-box/sb1"), unified.join("dev-box/sb1"));
+        fs::create_dir_all(&v1).unwrap();
+        fs::create_dir_all(&v2).unwrap();
+        fs::write(v1.join("freezer.state"), "THAWED\n").unwrap();
+        fs::write(v2.join("cgroup.freeze"), "0\n").unwrap();
+        fs::write(v2.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        assert!(!cg.is_frozen());
+        assert!(!cg.thaw_all(Duration::from_millis(10)).unwrap());
+        fs::write(v1.join("freezer.state"), "FROZEN\n").unwrap();
+        fs::write(v2.join("cgroup.freeze"), "1\n").unwrap();
+        assert!(cg.is_frozen());
+        assert!(cg.thaw_all(Duration::from_millis(10)).unwrap());
+        assert_eq!(
+            fs::read_to_string(v1.join("freezer.state")).unwrap(),
+            "THAWED"
+        );
+        assert_eq!(fs::read_to_string(v2.join("cgroup.freeze")).unwrap(), "0");
+        assert!(!cg.is_frozen());
+        // A freezer that does not confirm in time is an error, not a hang.
+        fs::write(v2.join("cgroup.freeze"), "1\n").unwrap();
+        fs::write(v2.join("cgroup.events"), "populated 1\nfrozen 1\n").unwrap();
+        assert!(cg.thaw_all(Duration::from_millis(10)).is_err());
     }
 }

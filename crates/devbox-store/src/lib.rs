@@ -14,12 +14,14 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 mod safety;
 mod snapshots;
+mod uids;
 pub use safety::{
     ApprovalRecord, ApprovalState, AuditRecord, AuditVerification, ExecRecord, GENESIS,
-    PolicyRecord, audit_hash,
+    PRUNE_ACTION, PolicyRecord, RETENTION_ACTOR, audit_hash,
 };
 use serde::{Deserialize, Serialize};
 pub use snapshots::{SnapshotRecord, SnapshotState};
+pub use uids::{BLOCK_SLOTS, DEFAULT_REGISTRY, UidRegistry};
 use utoipa::ToSchema;
 
 /// Errors of the store.
@@ -37,6 +39,9 @@ pub enum StoreError {
     /// Every id range is in use.
     #[error("no free user-id range is left for a new sandbox")]
     Exhausted,
+    /// The host-wide registry of uid ranges could not be used.
+    #[error("host uid registry: {0}")]
+    UidRegistry(String),
 }
 
 /// Milliseconds since the Unix epoch.
@@ -59,6 +64,10 @@ pub enum SandboxState {
     Stopped,
     /// Being destroyed.
     Destroying,
+    /// The daemon could not bring it in line with the host at its start (its `last_error`
+    /// says why): nothing is started in it; `destroy` removes it, and the next daemon start
+    /// tries again.
+    Broken,
 }
 
 impl SandboxState {
@@ -68,6 +77,7 @@ impl SandboxState {
             Self::Running => "running",
             Self::Stopped => "stopped",
             Self::Destroying => "destroying",
+            Self::Broken => "broken",
         }
     }
 
@@ -77,6 +87,7 @@ impl SandboxState {
             "running" => Self::Running,
             "stopped" => Self::Stopped,
             "destroying" => Self::Destroying,
+            "broken" => Self::Broken,
             other => return Err(StoreError::Decode(format!("sandbox state {other:?}"))),
         })
     }
@@ -248,18 +259,23 @@ const MIGRATIONS: &[&str] = &[
         stderr_bytes INTEGER NOT NULL DEFAULT 0
      );
      CREATE INDEX execs_by_sandbox ON execs (sandbox, started_at);",
+    // 5: retention's records in the audit chain are looked up by action.
+    "CREATE INDEX audit_by_action ON audit (action, seq);",
 ];
 
 /// First host uid handed to sandboxes; each gets [`ID_RANGE`] ids from there.
 pub const UID_BASE_START: u32 = 1_000_000;
 /// Ids mapped per sandbox.
 pub const ID_RANGE: u32 = 65_536;
-const MAX_SLOTS: u32 = (u32::MAX - UID_BASE_START) / ID_RANGE - 1;
+pub(crate) const MAX_SLOTS: u32 = (u32::MAX - UID_BASE_START) / ID_RANGE - 1;
 
 /// The state database.
 #[derive(Debug)]
 pub struct Store {
     conn: Mutex<Connection>,
+    /// The host-wide uid registry and the blocks this daemon owns in it; without one
+    /// (tests, a lone daemon), every slot is this store's.
+    uids: Mutex<Option<(UidRegistry, Vec<u32>)>>,
 }
 
 const SANDBOX_COLS: &str = "id, name, manifest, image_id, state, uid_base, init_pid, init_start, created_at, started_at, stopped_at, last_error, ephemeral, cgroup, head, origin, pending";
@@ -290,9 +306,21 @@ fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<(SandboxRecord, String)> {
     ))
 }
 
+/// A record whose state cannot be read is `broken` (and says why), so that one bad row
+/// neither hides the others nor stops the daemon.
 fn finish(row: (SandboxRecord, String)) -> Result<SandboxRecord, StoreError> {
     let (mut rec, state) = row;
-    rec.state = SandboxState::parse(&state)?;
+    match SandboxState::parse(&state) {
+        Ok(s) => rec.state = s,
+        Err(e) => {
+            rec.state = SandboxState::Broken;
+            let mut why = format!("the daemon cannot use its record ({e})");
+            if let Some(before) = rec.last_error.take() {
+                why = format!("{why}; before: {before}");
+            }
+            rec.last_error = Some(why);
+        }
+    }
     Ok(rec)
 }
 
@@ -336,9 +364,67 @@ impl Store {
                 i + 1
             ))?;
         }
-        Ok(Self {
+        let store = Self {
             conn: Mutex::new(conn),
-        })
+            uids: Mutex::new(None),
+        };
+        if (1..5).contains(&version) {
+            store.record_legacy_prune()?;
+        }
+        Ok(store)
+    }
+
+    /// Uses the host-wide uid registry: claims the blocks that this store's sandboxes use
+    /// already, and takes new sandboxes' ranges only from blocks it owns there. Returns a
+    /// warning per sandbox whose range another daemon's registry entry holds (it was made
+    /// before the registry existed, or the registry was edited).
+    pub fn use_uid_registry(&self, registry: UidRegistry) -> Result<Vec<String>, StoreError> {
+        let recs = self.sandboxes()?;
+        let bases: Vec<u32> = recs.iter().map(|r| r.uid_base).collect();
+        let (owned, conflicts) = registry.claim_existing(&bases)?;
+        let warnings = recs
+            .iter()
+            .filter_map(|r| {
+                let b = uids::block_of(r.uid_base)?;
+                let (_, other) = conflicts.iter().find(|(x, _)| *x == b)?;
+                Some(format!(
+                    "sandbox {} maps host uids {}..{}, which {} says belong to the daemon of {}",
+                    r.name,
+                    r.uid_base,
+                    r.uid_base as u64 + ID_RANGE as u64,
+                    registry.path().display(),
+                    other.display()
+                ))
+            })
+            .collect();
+        *self.uids.lock().unwrap_or_else(|p| p.into_inner()) = Some((registry, owned));
+        Ok(warnings)
+    }
+
+    /// The lowest free slot, given the used uid bases: inside this daemon's blocks when a
+    /// registry is in use (claiming another block when they are full).
+    fn free_slot(&self, used: &[u32]) -> Result<u32, StoreError> {
+        let free_in = |slots: &mut dyn Iterator<Item = u32>| {
+            slots.filter(|s| *s <= MAX_SLOTS).find(|s| {
+                used.binary_search(&(UID_BASE_START + s * ID_RANGE))
+                    .is_err()
+            })
+        };
+        let mut uids = self.uids.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((registry, owned)) = uids.as_mut() else {
+            return free_in(&mut (0..=MAX_SLOTS)).ok_or(StoreError::Exhausted);
+        };
+        let in_blocks = |owned: &[u32]| {
+            let mut slots = owned
+                .iter()
+                .flat_map(|b| b * BLOCK_SLOTS..(b + 1) * BLOCK_SLOTS);
+            free_in(&mut slots)
+        };
+        if let Some(s) = in_blocks(owned) {
+            return Ok(s);
+        }
+        *owned = registry.claim_block()?;
+        in_blocks(owned).ok_or(StoreError::Exhausted)
     }
 
     fn with<T>(
@@ -363,15 +449,7 @@ impl Store {
                 st.query_map([], |r| r.get::<_, u32>(0))?.collect::<Result<_, _>>()?
             };
             used.dedup();
-            let mut slot = 0u32;
-            for base in &used {
-                if *base == UID_BASE_START + slot * ID_RANGE {
-                    slot += 1;
-                }
-            }
-            if slot > MAX_SLOTS {
-                return Err(StoreError::Exhausted);
-            }
+            let slot = self.free_slot(&used)?;
             let mut out = rec.clone();
             out.uid_base = UID_BASE_START + slot * ID_RANGE;
             out.state = SandboxState::Creating;

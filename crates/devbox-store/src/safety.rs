@@ -118,6 +118,14 @@ pub struct AuditRecord {
 /// The first record of an empty chain follows this hash.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// The action of the record retention appends when it prunes the oldest records. Its detail
+/// names what went: `pruned` (how many), `first_seq` and `last_seq`, and `last_hash`, the
+/// hash of the last pruned record, which the oldest kept record links to.
+pub const PRUNE_ACTION: &str = "audit.prune";
+
+/// The actor of retention's records.
+pub const RETENTION_ACTOR: &str = "retention";
+
 /// The hash of a record: sha256 over its fields and the previous hash.
 pub fn audit_hash(
     seq: i64,
@@ -138,16 +146,31 @@ pub fn audit_hash(
 pub struct AuditVerification {
     /// Records checked.
     pub records: u64,
-    /// The whole chain holds.
+    /// The whole chain holds (and reaches the kept head, if one was given).
     pub ok: bool,
     /// The first record that does not (its seq), if any.
     pub first_broken: Option<i64>,
     /// What is wrong with it.
     pub problem: Option<String>,
-    /// The hash of the newest record: kept elsewhere, it also reveals records cut from the
-    /// end of the log, which no chain can show by itself.
+    /// The hash of the newest record: kept elsewhere and given to a later `verify --head`,
+    /// it reveals any rewrite of the records up to it, and records cut from the end of the
+    /// log, which no chain can show by itself.
     #[serde(default)]
     pub head: Option<String>,
+    /// The seq of the newest record.
+    #[serde(default)]
+    pub head_seq: Option<i64>,
+    /// Records up to this seq were pruned by retention, as the chain's own retention record
+    /// says (none: the chain starts at record 1).
+    #[serde(default)]
+    pub pruned_through: Option<i64>,
+    /// The head given to check (`--head`), if any.
+    #[serde(default)]
+    pub kept_head: Option<String>,
+    /// Where that head is: the seq of the record with that hash (or of the last record a
+    /// retention record names, if retention pruned it since).
+    #[serde(default)]
+    pub kept_head_seq: Option<i64>,
 }
 
 /// One exec, as recorded.
@@ -223,6 +246,69 @@ fn audit_row(r: &Row<'_>) -> rusqlite::Result<(AuditRecord, String)> {
             hash: r.get(7)?,
         },
         r.get(5)?,
+    ))
+}
+
+/// Appends a record inside a transaction: the next seq after the newest record, linked to
+/// its hash. In an empty table: after `pruned` (the last record just pruned), else record 1
+/// after the anchor an old retention left, else after [`GENESIS`].
+fn append_in(
+    tx: &rusqlite::Transaction<'_>,
+    actor: &str,
+    action: &str,
+    sandbox: Option<&str>,
+    detail: &serde_json::Value,
+    pruned: Option<(i64, &str)>,
+) -> Result<AuditRecord, StoreError> {
+    let last: Option<(i64, String)> = tx
+        .query_row(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let (seq, prev) = match (last, pruned) {
+        (Some((s, h)), _) => (s + 1, h),
+        (None, Some((s, h))) => (s + 1, h.to_string()),
+        (None, None) => {
+            let anchor: Option<String> = tx
+                .query_row(
+                    "SELECT value FROM meta WHERE key = 'audit_anchor'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            (1, anchor.unwrap_or_else(|| GENESIS.to_string()))
+        }
+    };
+    let time = now_ms();
+    let hash = audit_hash(seq, time, actor, action, sandbox, detail, &prev);
+    tx.execute(
+        "INSERT INTO audit (seq, time, actor, action, sandbox, detail, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![seq, time, actor, action, sandbox, detail.to_string(), prev, hash],
+    )?;
+    Ok(AuditRecord {
+        seq,
+        time,
+        actor: actor.into(),
+        action: action.into(),
+        sandbox: sandbox.map(str::to_string),
+        detail: detail.clone(),
+        prev_hash: prev,
+        hash,
+    })
+}
+
+/// What a retention record says it pruned: (first seq, last seq, hash of the last record).
+fn prune_range(d: &serde_json::Value) -> Option<(i64, i64, String)> {
+    let last_hash = d["last_hash"].as_str()?;
+    if last_hash.len() != 64 || !last_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some((
+        d["first_seq"].as_i64()?,
+        d["last_seq"].as_i64()?,
+        last_hash.to_string(),
     ))
 }
 
@@ -374,24 +460,9 @@ impl Store {
     ) -> Result<AuditRecord, StoreError> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let last: Option<(i64, String)> =
-                tx.query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
-            let (seq, prev) = match last {
-                Some((s, h)) => (s + 1, h),
-                None => {
-                    let anchor: Option<String> =
-                        tx.query_row("SELECT value FROM meta WHERE key = 'audit_anchor'", [], |r| r.get(0)).optional()?;
-                    (1, anchor.unwrap_or_else(|| GENESIS.to_string()))
-                }
-            };
-            let time = now_ms();
-            let hash = audit_hash(seq, time, actor, action, sandbox, detail, &prev);
-            tx.execute(
-                "INSERT INTO audit (seq, time, actor, action, sandbox, detail, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![seq, time, actor, action, sandbox, detail.to_string(), prev, hash],
-            )?;
+            let rec = append_in(&tx, actor, action, sandbox, detail, None)?;
             tx.commit()?;
-            Ok(AuditRecord { seq, time, actor: actor.into(), action: action.into(), sandbox: sandbox.map(str::to_string), detail: detail.clone(), prev_hash: prev, hash })
+            Ok(rec)
         })
     }
 
@@ -414,51 +485,192 @@ impl Store {
         })
     }
 
-    /// Checks the whole chain: every hash, every link.
-    pub fn verify_audit(&self) -> Result<AuditVerification, StoreError> {
+    /// Checks the whole chain: every hash, every link, and where it starts: at record 1 after
+    /// [`GENESIS`], or right after the records the newest retention record says it pruned,
+    /// linked to the last of them. With `kept_head` (a head hash kept elsewhere), also that
+    /// the chain reaches it: that record is still there, unchanged, with everything before it.
+    ///
+    /// Nothing here is secret: whoever can write the database can rewrite the whole chain
+    /// consistently. Only a head kept out of their reach shows such a rewrite (up to that
+    /// head).
+    pub fn verify_audit(&self, kept_head: Option<&str>) -> Result<AuditVerification, StoreError> {
         self.with(|c| {
-            let anchor: Option<String> = c.query_row("SELECT value FROM meta WHERE key = 'audit_anchor'", [], |r| r.get(0)).optional()?;
+            let mut v = AuditVerification {
+                records: 0,
+                ok: true,
+                first_broken: None,
+                problem: None,
+                head: None,
+                head_seq: None,
+                pruned_through: None,
+                kept_head: kept_head.map(str::to_string),
+                kept_head_seq: None,
+            };
+            // Where the chain must start: after what the newest retention record pruned.
+            let prune: Option<(i64, String)> = c
+                .query_row(
+                    "SELECT seq, detail FROM audit WHERE action = ?1 AND actor = ?2 ORDER BY seq DESC LIMIT 1",
+                    [PRUNE_ACTION, RETENTION_ACTOR],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let (first_seq, first_prev) = match &prune {
+                None => (1, GENESIS.to_string()),
+                Some((seq, detail)) => match serde_json::from_str(detail).ok().as_ref().and_then(prune_range) {
+                    Some((_, last_seq, last_hash)) => {
+                        v.pruned_through = Some(last_seq);
+                        (last_seq + 1, last_hash)
+                    }
+                    None => {
+                        v.ok = false;
+                        v.first_broken = Some(*seq);
+                        v.problem = Some("this retention record does not say what it pruned (it was edited)".into());
+                        return Ok(v);
+                    }
+                },
+            };
             let mut st = c.prepare("SELECT seq, time, actor, action, sandbox, detail, prev_hash, hash FROM audit ORDER BY seq")?;
             let mut rows = st.query([])?;
-            let mut expected_prev = anchor.unwrap_or_else(|| GENESIS.to_string());
-            let mut expected_seq: Option<i64> = None;
-            let mut n = 0u64;
+            let mut expected_prev = first_prev;
+            let mut expected_seq = first_seq;
             while let Some(r) = rows.next()? {
                 let rec = finish_audit(audit_row(r)?);
-                n += 1;
-                let broken = |problem: String| AuditVerification { records: n, ok: false, first_broken: Some(rec.seq), problem: Some(problem), head: None };
-                if let Some(s) = expected_seq
-                    && rec.seq != s
+                v.records += 1;
+                let problem = if rec.seq != expected_seq {
+                    Some(if v.records == 1 && rec.seq > expected_seq {
+                        if prune.is_some() {
+                            format!("records {expected_seq} to {} are missing: the newest retention record pruned only up to {}", rec.seq - 1, expected_seq - 1)
+                        } else {
+                            format!("records {expected_seq} to {} are missing and no retention record accounts for them", rec.seq - 1)
+                        }
+                    } else if rec.seq > expected_seq {
+                        format!("record {expected_seq} is missing (the next one is {})", rec.seq)
+                    } else {
+                        format!("record {} should not be there: retention pruned up to {}", rec.seq, expected_seq - 1)
+                    })
+                } else if rec.prev_hash != expected_prev {
+                    Some(if v.records == 1 {
+                        "its link does not match the last record retention pruned (the oldest records were replaced)".into()
+                    } else {
+                        "its link to the previous record does not match (a record before it was removed or changed)".into()
+                    })
+                } else if audit_hash(rec.seq, rec.time, &rec.actor, &rec.action, rec.sandbox.as_deref(), &rec.detail, &rec.prev_hash) != rec.hash {
+                    Some("its content does not match its hash (it was edited)".into())
+                } else {
+                    None
+                };
+                if let Some(p) = problem {
+                    v.ok = false;
+                    v.first_broken = Some(rec.seq);
+                    v.problem = Some(p);
+                    return Ok(v);
+                }
+                if kept_head == Some(rec.hash.as_str()) {
+                    v.kept_head_seq = Some(rec.seq);
+                }
+                // A retention record in the (verified) chain vouches for the last record it pruned.
+                if v.kept_head_seq.is_none()
+                    && rec.action == PRUNE_ACTION
+                    && rec.actor == RETENTION_ACTOR
+                    && let Some((_, last_seq, last_hash)) = prune_range(&rec.detail)
+                    && kept_head == Some(last_hash.as_str())
                 {
-                    return Ok(broken(format!("record {s} is missing (the next one is {})", rec.seq)));
-                }
-                if rec.prev_hash != expected_prev {
-                    return Ok(broken("its link to the previous record does not match (a record before it was removed or changed)".into()));
-                }
-                let hash = audit_hash(rec.seq, rec.time, &rec.actor, &rec.action, rec.sandbox.as_deref(), &rec.detail, &rec.prev_hash);
-                if hash != rec.hash {
-                    return Ok(broken("its content does not match its hash (it was edited)".into()));
+                    v.kept_head_seq = Some(last_seq);
                 }
                 expected_prev = rec.hash.clone();
-                expected_seq = Some(rec.seq + 1);
+                expected_seq = rec.seq + 1;
             }
-            let head = (n > 0).then_some(expected_prev);
-            Ok(AuditVerification { records: n, ok: true, first_broken: None, problem: None, head })
+            if v.records == 0 && prune.is_none() {
+                let anchor: Option<String> = c.query_row("SELECT value FROM meta WHERE key = 'audit_anchor'", [], |r| r.get(0)).optional()?;
+                if anchor.is_some() {
+                    v.ok = false;
+                    v.problem = Some("the log is empty, yet retention pruned it before: its records were removed".into());
+                    return Ok(v);
+                }
+            }
+            if v.records > 0 {
+                v.head = Some(expected_prev);
+                v.head_seq = Some(expected_seq - 1);
+            }
+            if let Some(h) = kept_head
+                && v.kept_head_seq.is_none()
+            {
+                v.ok = false;
+                v.problem = Some(format!(
+                    "the kept head {h} is not in the chain: records up to it were removed or rewritten, the log was cut after it, or retention pruned it (after a retention, keep the new head)"
+                ));
+            }
+            Ok(v)
         })
     }
 
-    /// Deletes audit records older than `before_ms`, keeping the chain verifiable: the hash
-    /// of the last deleted record becomes the anchor the first kept one links to.
+    /// Deletes the oldest audit records, every one up to the newest older than `before_ms`
+    /// (a prefix of the chain, whatever the clock did), and appends a retention record saying
+    /// what went, in one transaction. The oldest kept record links to the last pruned one,
+    /// whose hash the retention record names, so the rest still verifies and a cut that
+    /// retention did not make does not.
     pub fn prune_audit(&self, before_ms: i64) -> Result<u64, StoreError> {
         self.with(|c| {
-            let tx = c.transaction()?;
-            let last: Option<String> =
-                tx.query_row("SELECT hash FROM audit WHERE time < ?1 ORDER BY seq DESC LIMIT 1", [before_ms], |r| r.get(0)).optional()?;
-            let Some(anchor) = last else { return Ok(0) };
-            let n = tx.execute("DELETE FROM audit WHERE time < ?1", [before_ms])?;
-            tx.execute("INSERT INTO meta (key, value) VALUES ('audit_anchor', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value", [anchor])?;
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let last: Option<(i64, String)> = tx
+                .query_row("SELECT seq, hash FROM audit WHERE time < ?1 ORDER BY seq DESC LIMIT 1", [before_ms], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let Some((last_seq, last_hash)) = last else { return Ok(0) };
+            let first_seq: i64 = tx.query_row("SELECT MIN(seq) FROM audit", [], |r| r.get(0))?;
+            let n = tx.execute("DELETE FROM audit WHERE seq <= ?1", [last_seq])?;
+            tx.execute("INSERT INTO meta (key, value) VALUES ('audit_anchor', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value", [&last_hash])?;
+            let detail = serde_json::json!({
+                "pruned": n,
+                "first_seq": first_seq,
+                "last_seq": last_seq,
+                "last_hash": last_hash,
+                "older_than": before_ms,
+            });
+            append_in(&tx, RETENTION_ACTOR, PRUNE_ACTION, None, &detail, Some((last_seq, &last_hash)))?;
             tx.commit()?;
             Ok(n as u64)
+        })
+    }
+
+    /// A database from before retention recorded itself: if records were pruned (an anchor
+    /// exists and the chain does not start at 1), a retention record naming the anchor is
+    /// appended once, at the upgrade, so the chain verifies from then on. (It vouches for
+    /// whatever cut existed at that moment.)
+    pub(crate) fn record_legacy_prune(&self) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let anchor: Option<String> = tx
+                .query_row(
+                    "SELECT value FROM meta WHERE key = 'audit_anchor'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(anchor) = anchor else { return Ok(()) };
+            let recorded: Option<i64> = tx
+                .query_row(
+                    "SELECT seq FROM audit WHERE action = ?1 LIMIT 1",
+                    [PRUNE_ACTION],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if recorded.is_some() {
+                return Ok(());
+            }
+            let first: Option<i64> =
+                tx.query_row("SELECT MIN(seq) FROM audit", [], |r| r.get(0))?;
+            // (Before, an append to an emptied table started again at seq 1.)
+            let last_seq = first.map_or(0, |f| f - 1);
+            let detail = serde_json::json!({
+                "pruned": serde_json::Value::Null,
+                "first_seq": 1,
+                "last_seq": last_seq,
+                "last_hash": anchor,
+                "legacy": true,
+            });
+            append_in(&tx, RETENTION_ACTOR, PRUNE_ACTION, None, &detail, None)?;
+            tx.commit()?;
+            Ok(())
         })
     }
 
@@ -542,17 +754,17 @@ mod tests {
             s.append_audit("root", "exec", Some("dev"), &serde_json::json!({"n": i}))
                 .unwrap();
         }
-        assert!(s.verify_audit().unwrap().ok);
+        assert!(s.verify_audit(None).unwrap().ok);
         s.with(|c| Ok(c.execute("UPDATE audit SET detail = '{\"n\":99}' WHERE seq = 3", [])?))
             .unwrap();
-        let v = s.verify_audit().unwrap();
+        let v = s.verify_audit(None).unwrap();
         assert_eq!((v.ok, v.first_broken), (false, Some(3)));
         s.with(|c| Ok(c.execute("UPDATE audit SET detail = '{\"n\":2}' WHERE seq = 3", [])?))
             .unwrap();
-        assert!(s.verify_audit().unwrap().ok);
+        assert!(s.verify_audit(None).unwrap().ok);
         s.with(|c| Ok(c.execute("DELETE FROM audit WHERE seq = 2", [])?))
             .unwrap();
-        let v = s.verify_audit().unwrap();
+        let v = s.verify_audit(None).unwrap();
         assert_eq!((v.ok, v.first_broken), (false, Some(3)));
     }
 
@@ -563,11 +775,161 @@ mod tests {
             s.append_audit("root", "a", None, &serde_json::json!({}))
                 .unwrap();
         }
+        let third = s.audit(None, None, 10).unwrap()[2].hash.clone();
         assert_eq!(s.prune_audit(now_ms() + 1000).unwrap(), 3);
         s.append_audit("root", "b", None, &serde_json::json!({}))
             .unwrap();
-        let v = s.verify_audit().unwrap();
-        assert!(v.ok && v.records == 1, "{v:?}");
+        let v = s.verify_audit(None).unwrap();
+        assert!(v.ok && v.records == 2, "{v:?}");
+        assert_eq!((v.pruned_through, v.head_seq), (Some(3), Some(5)));
+        let kept = s.audit(None, None, 10).unwrap();
+        assert_eq!(kept[0].action, PRUNE_ACTION);
+        assert_eq!(kept[0].detail["pruned"], 3);
+        assert_eq!(kept[0].detail["last_hash"], third.as_str());
+        // A head kept before the retention is still vouched for by its record.
+        let v = s.verify_audit(Some(&third)).unwrap();
+        assert_eq!((v.ok, v.kept_head_seq), (true, Some(3)), "{v:?}");
+    }
+
+    fn chain(n: usize) -> (Store, Vec<AuditRecord>) {
+        let s = Store::open_in_memory().unwrap();
+        for i in 0..n {
+            s.append_audit("root", "exec", Some("dev"), &serde_json::json!({"n": i}))
+                .unwrap();
+        }
+        let recs = s.audit(None, None, 100_000).unwrap();
+        (s, recs)
+    }
+
+    fn sql(s: &Store, q: &str, p: impl rusqlite::Params) {
+        s.with(|c| Ok(c.execute(q, p)?)).unwrap();
+    }
+
+    #[test]
+    fn cutting_the_oldest_records_and_moving_the_anchor_is_found() {
+        for cut in [1usize, 5, 70, 99] {
+            let (s, recs) = chain(100);
+            sql(&s, "DELETE FROM audit WHERE seq <= ?1", [cut as i64]);
+            sql(
+                &s,
+                "INSERT INTO meta (key, value) VALUES ('audit_anchor', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [&recs[cut - 1].hash],
+            );
+            let v = s.verify_audit(None).unwrap();
+            assert!(!v.ok, "cut {cut}: {v:?}");
+            assert_eq!(v.first_broken, Some(cut as i64 + 1));
+        }
+        // After a real retention, a further cut is found as well.
+        let (s, _) = chain(100);
+        sql(&s, "UPDATE audit SET time = 0 WHERE seq <= 30", []);
+        assert_eq!(s.prune_audit(1).unwrap(), 30);
+        assert!(s.verify_audit(None).unwrap().ok);
+        let recs = s.audit(None, None, 1000).unwrap();
+        for cut in [31i64, 40, 99] {
+            let s2 = Store::open_in_memory().unwrap();
+            s2.with(|c| {
+                c.execute("DELETE FROM audit", [])?;
+                for r in &recs {
+                    c.execute(
+                        "INSERT INTO audit (seq, time, actor, action, sandbox, detail, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                        params![r.seq, r.time, r.actor, r.action, r.sandbox, r.detail.to_string(), r.prev_hash, r.hash],
+                    )?;
+                }
+                Ok(())
+            })
+            .unwrap();
+            assert!(s2.verify_audit(None).unwrap().ok);
+            let anchor = recs.iter().find(|r| r.seq == cut).unwrap().hash.clone();
+            sql(&s2, "DELETE FROM audit WHERE seq <= ?1", [cut]);
+            sql(
+                &s2,
+                "INSERT INTO meta (key, value) VALUES ('audit_anchor', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [&anchor],
+            );
+            let v = s2.verify_audit(None).unwrap();
+            assert!(!v.ok, "cut {cut}: {v:?}");
+        }
+        // Removing the retention record itself (at the end of the chain) is found too.
+        let (s3, _) = chain(3);
+        sql(&s3, "UPDATE audit SET time = 0 WHERE seq <= 2", []);
+        s3.prune_audit(1).unwrap();
+        assert!(s3.verify_audit(None).unwrap().ok);
+        sql(&s3, "DELETE FROM audit WHERE action = 'audit.prune'", []);
+        assert!(!s3.verify_audit(None).unwrap().ok);
+    }
+
+    #[test]
+    fn a_kept_head_shows_rewrites_and_cuts_at_the_end() {
+        let (s, recs) = chain(10);
+        let v = s.verify_audit(None).unwrap();
+        let head = v.head.clone().unwrap();
+        assert_eq!((v.ok, v.head_seq), (true, Some(10)));
+        s.append_audit("root", "exec", None, &serde_json::json!({}))
+            .unwrap();
+        let v = s.verify_audit(Some(&head)).unwrap();
+        assert_eq!((v.ok, v.kept_head_seq), (true, Some(10)), "{v:?}");
+        // A wrong head fails.
+        let wrong = recs[3].hash.replace(&recs[3].hash[..4], "0000");
+        let v = s.verify_audit(Some(&wrong)).unwrap();
+        assert!(!v.ok && v.problem.unwrap().contains("not in the chain"));
+        // Cut the end (the head's record and after): the chain alone holds, the head does not.
+        sql(&s, "DELETE FROM audit WHERE seq >= 10", []);
+        assert!(s.verify_audit(None).unwrap().ok);
+        assert!(!s.verify_audit(Some(&head)).unwrap().ok);
+        // A consistent rewrite of the whole chain: only the kept head shows it.
+        let (s, _) = chain(10);
+        let head = s.verify_audit(None).unwrap().head.unwrap();
+        let forged = Store::open_in_memory().unwrap();
+        for i in 0..10 {
+            forged
+                .append_audit(
+                    "root",
+                    "exec",
+                    Some("dev"),
+                    &serde_json::json!({"n": i, "x": 1}),
+                )
+                .unwrap();
+        }
+        assert!(forged.verify_audit(None).unwrap().ok);
+        assert!(!forged.verify_audit(Some(&head)).unwrap().ok);
+    }
+
+    #[test]
+    fn an_upgraded_database_with_an_anchor_gets_one_retention_record() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("state.db");
+        let anchor;
+        {
+            let s = Store::open(&path).unwrap();
+            for _ in 0..5 {
+                s.append_audit("root", "a", None, &serde_json::json!({}))
+                    .unwrap();
+            }
+            anchor = s.audit(None, None, 10).unwrap()[1].hash.clone();
+            // As the old retention left it: records 1-2 gone, the anchor on record 2.
+            sql(&s, "DELETE FROM audit WHERE seq <= 2", []);
+            sql(
+                &s,
+                "INSERT INTO meta (key, value) VALUES ('audit_anchor', ?1)",
+                [&anchor],
+            );
+            assert!(!s.verify_audit(None).unwrap().ok);
+            s.with(
+                |c| Ok(c.execute_batch("DROP INDEX audit_by_action; PRAGMA user_version = 4;")?),
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let v = s.verify_audit(None).unwrap();
+        assert!(v.ok, "{v:?}");
+        assert_eq!(v.pruned_through, Some(2));
+        // Only once: a later cut is not blessed by reopening.
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        sql(&s, "DELETE FROM audit WHERE seq <= 3", []);
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert!(!s.verify_audit(None).unwrap().ok);
     }
 
     #[test]

@@ -76,6 +76,7 @@ fn run(cli: &Args) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&cli.state_dir)
         .with_context(|| format!("creating {}", cli.state_dir.display()))?;
+    mark_self(&cli.state_dir)?;
     let _lock = lock_state_dir(&cli.state_dir)?;
     // Sandboxes' init processes are orphaned by their launcher; as a subreaper the daemon
     // collects them when they end.
@@ -113,6 +114,30 @@ fn run(cli: &Args) -> anyhow::Result<()> {
     // Exit at once: blocking tasks still in flight must not hold the process.
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
+}
+
+/// Makes sure this process carries its own daemon mark in its environment, which every
+/// process it starts inherits, so that the next daemon of this state directory can find (and
+/// kill) what this one left running if it dies. The environment of a running process cannot
+/// be changed safely once threads may exist, so the daemon executes itself again with the
+/// mark set (same pid, same arguments); the second run finds its mark and goes on.
+fn mark_self(state_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let mark = std::env::var(devbox_engine::DAEMON_MARK_ENV).unwrap_or_default();
+    if devbox_engine::is_own_mark(&mark) {
+        return Ok(());
+    }
+    let mut args = std::env::args_os();
+    let argv0 = args.next().unwrap_or_else(|| "sandboxd".into());
+    let err = std::process::Command::new("/proc/self/exe")
+        .arg0(argv0)
+        .args(args)
+        .env(
+            devbox_engine::DAEMON_MARK_ENV,
+            devbox_engine::daemon_mark(state_dir),
+        )
+        .exec();
+    Err(anyhow::Error::new(err).context("executing the daemon again with its mark"))
 }
 
 /// Takes an exclusive lock on the state directory, held while the returned guard lives.
