@@ -8,5 +8,8 @@ if [[ $(id -u) != 0 ]]; then
   exit 1
 fi
 scripts/deps.sh
+# Style and lints are part of the tests: formatting, and clippy with warnings as errors.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked -- --test-threads="${DEVBOX_TEST_THREADS:-4}"

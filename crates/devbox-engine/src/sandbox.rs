@@ -486,6 +486,13 @@ impl Engine {
         self.on_sandbox(name, "sandbox.start", serde_json::json!({}), |e, rec| {
             match rec.state {
                 SandboxState::Running => return e.info(rec, false),
+                SandboxState::Broken => {
+                    return Err(EngineError::WrongState(format!(
+                        "sandbox {} is broken ({}): destroy it, or restart the daemon to try to repair it",
+                        rec.name,
+                        rec.last_error.as_deref().unwrap_or("no error recorded")
+                    )));
+                }
                 s if !s.can_start() => {
                     return Err(EngineError::WrongState(format!(
                         "sandbox {} is {s:?}; try again shortly",
@@ -651,7 +658,17 @@ impl Engine {
 
     pub(crate) fn info(&self, rec: &SandboxRecord, detailed: bool) -> Result<SandboxInfo> {
         let manifest = Self::manifest_of(rec)?;
-        let limits = manifest.spec.resolved_limits()?;
+        // A stored spec this version no longer accepts (limits beyond today's ranges) is
+        // shown with its error, not allowed to fail the listing of every sandbox.
+        let mut last_error = rec.last_error.clone();
+        let limits = manifest.spec.resolved_limits().unwrap_or_else(|e| {
+            last_error = Some(format!("{e}: recreate the sandbox with limits in range"));
+            devbox_spec::ResolvedLimits {
+                memory_bytes: 0,
+                cpu_millis: 0,
+                pids: 0,
+            }
+        });
         let running = rec.state == SandboxState::Running;
         let cg = self.cgroup_of(rec);
         let processes = if detailed && running {
@@ -693,7 +710,7 @@ impl Engine {
             created_at: rfc3339(rec.created_at),
             started_at: rec.started_at.map(rfc3339),
             stopped_at: rec.stopped_at.map(rfc3339),
-            last_error: rec.last_error.clone(),
+            last_error,
         })
     }
 }
