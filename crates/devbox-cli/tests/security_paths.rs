@@ -321,3 +321,103 @@ fn grep_tree(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     }
     out
 }
+
+// A tree twelve thousand directories deep (deeper than PATH_MAX): destroying the
+// sandbox, diffing it and snapshotting it must not crash or wedge the daemon (a recursive
+// removal overflowed its stack, and every later start with it).
+on_both_drivers!(deep_trees_do_not_crash_the_daemon);
+fn deep_trees_do_not_crash_the_daemon(env: TestEnv) {
+    env.allow_everything();
+    env.ok(&["create", "deep"]);
+    env.ok(&[
+        "exec",
+        "deep",
+        "python3 -c \"import os\nos.chdir('/work')\nfor i in range(12000):\n    os.mkdir('d')\n    os.chdir('d')\nopen('leaf', 'w').write('x')\"",
+    ]);
+    // These may fail on such a tree (paths beyond PATH_MAX), but the daemon stays up.
+    let _ = env.sb(&["diff", "deep"]);
+    let _ = env.sb(&["snapshot", "deep", "s"]);
+    let _ = env.sb(&["rollback", "deep", "--to", "s", "--path", "/work/d"]);
+    env.ok(&["ls"]);
+    env.ok(&["destroy", "-f", "deep"]);
+    assert!(env.ok(&["ls", "-q"]).trim().is_empty());
+    let left = std::fs::read_dir(env.pool_dir().join("sandboxes"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0, "the volume was removed");
+}
+
+// Files swapped for fifos (renameat2 RENAME_EXCHANGE in a loop) while the daemon copies the
+// live layer for a rollback by path: opening a fifo must never hang the daemon.
+on_both_drivers!(fifos_swapped_in_do_not_hang_copies);
+fn fifos_swapped_in_do_not_hang_copies(env: TestEnv) {
+    env.allow_everything();
+    env.ok(&["create", "ff"]);
+    env.ok(&[
+        "exec",
+        "ff",
+        "mkdir -p /work/src && echo keep > /work/src/a",
+    ]);
+    env.ok(&["snapshot", "ff", "good"]);
+    let swapper = "python3 -c \"
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+os.makedirs('/work/x', exist_ok=True)
+for i in range(64):
+    open('/work/x/f%d' % i, 'w').write('data')
+    os.mkfifo('/work/x/p%d' % i)
+while True:
+    for i in range(64):
+        libc.renameat2(-100, b'/work/x/f%d' % i, -100, b'/work/x/p%d' % i, 2)
+\" > /dev/null 2>&1 &";
+    for _ in 0..8 {
+        env.ok(&["exec", "ff", swapper]);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // A rollback by path copies the live layer first; diff and inspect walk it.
+        env.ok(&["diff", "ff", "--from", "good"]);
+        env.ok(&["inspect", "ff"]);
+        env.ok(&["rollback", "ff", "--to", "good", "--path", "/work/src"]);
+    }
+    env.ok(&["snapshot", "ff", "after"]);
+    env.ok(&["exec", "ff", "cat /work/src/a"]);
+}
+
+// An image's own links (`var/run -> /run`, as Debian images have, or one to /root) are
+// never followed when a diff looks things up in the image.
+on_both_drivers!(image_links_are_not_followed_by_diffs);
+fn image_links_are_not_followed_by_diffs(env: TestEnv) {
+    env.allow_everything();
+    let host = HostDir::new(&env, "host-i");
+    let rootfs = env.root.path().join("img");
+    common::busybox_rootfs(&rootfs);
+    std::fs::create_dir_all(rootfs.join("var")).unwrap();
+    std::fs::create_dir_all(rootfs.join("work")).unwrap();
+    std::os::unix::fs::symlink(&host.path, rootfs.join("var/run")).unwrap();
+    std::os::unix::fs::symlink(&host.path, rootfs.join("hostroot")).unwrap();
+    let tarball = env.root.path().join("img.tar.gz");
+    common::tar_dir(&rootfs, &tarball);
+    env.ok(&[
+        "image",
+        "import",
+        tarball.to_str().unwrap(),
+        "--name",
+        "linky",
+    ]);
+    env.ok(&["create", "d1", "--image", "linky"]);
+    env.ok(&[
+        "exec",
+        "-w",
+        "/",
+        "d1",
+        "rm /var/run && mkdir /var/run && echo x > /var/run/secret",
+    ]);
+    for args in [vec!["diff", "d1"], vec!["diff", "d1", "--format", "json"]] {
+        let out = env.sb(&args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("/var/run/secret"), "{text}");
+        // Only the host's directory has src/ and precious: the diff never looks there.
+        assert!(!text.contains("/var/run/src"), "{text}");
+        assert!(!text.contains("precious"), "{text}");
+    }
+}

@@ -394,7 +394,7 @@ impl Engine {
                         tracing::warn!(path = %e.path().display(), "removing a volume no sandbox owns: {err}");
                     }
                 } else {
-                    let _ = std::fs::remove_dir_all(e.path());
+                    let _ = devbox_storage::tree::remove_tree(&e.path());
                 }
             }
         }

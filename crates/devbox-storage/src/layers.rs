@@ -11,6 +11,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -87,36 +88,28 @@ struct Seen {
 }
 
 impl Seen {
-    fn of(path: &Path, m: &fs::Metadata) -> Self {
-        Seen {
-            kind: m.mode() & libc::S_IFMT,
-            mode: m.mode() & 0o7777,
-            uid: m.uid(),
-            gid: m.gid(),
-            size: if m.is_dir() { 0 } else { m.len() },
-            mtime: (m.mtime(), m.mtime_nsec()),
-            target: if m.file_type().is_symlink() {
-                fs::read_link(path).ok()
-            } else {
-                None
-            },
-        }
-    }
-
     /// From an entry of a walk of a layer a sandbox wrote (a link's target read through its
     /// directory, never followed).
     fn of_entry(e: &tree::Entry<'_>) -> Self {
-        let st = e.stat;
-        let dir = tree::kind(st) == rustix::fs::FileType::Directory;
+        Self::of_stat(e.dir, e.name, e.stat)
+    }
+
+    /// From the `lstat` of entry `name` of directory `dir`.
+    fn of_stat(
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &std::ffi::CStr,
+        st: &rustix::fs::Stat,
+    ) -> Self {
+        let is_dir = tree::kind(st) == rustix::fs::FileType::Directory;
         Seen {
             kind: st.st_mode & libc::S_IFMT,
             mode: st.st_mode & 0o7777,
             uid: st.st_uid,
             gid: st.st_gid,
-            size: if dir { 0 } else { st.st_size as u64 },
+            size: if is_dir { 0 } else { st.st_size as u64 },
             mtime: (st.st_mtime, st.st_mtime_nsec as i64),
             target: if tree::kind(st) == rustix::fs::FileType::Symlink {
-                tree::read_link_at(e.dir, e.name).ok()
+                tree::read_link_at(dir, name).ok()
             } else {
                 None
             },
@@ -201,6 +194,7 @@ pub fn diff(image: &Path, from_upper: &Path, to_upper: &Path) -> io::Result<Vec<
         )
     });
     let (from, to) = (from?, to?);
+    let image_root = tree::open_root(image).ok();
     // Image lookups, with directories known to be absent remembered: their children are too.
     let absent = std::cell::RefCell::new(std::collections::HashSet::<PathBuf>::new());
     let image_look = |rel: &Path| -> Option<Seen> {
@@ -208,14 +202,19 @@ pub fn diff(image: &Path, from_upper: &Path, to_upper: &Path) -> io::Result<Vec<
             absent.borrow_mut().insert(rel.to_path_buf());
             return None;
         }
-        let full = image.join(rel);
-        match fs::symlink_metadata(&full) {
-            Ok(m) => Some(Seen::of(&full, &m)),
-            Err(_) => {
-                absent.borrow_mut().insert(rel.to_path_buf());
-                None
-            }
+        // An image comes from an archive: its links (`var/run -> /run`) are never followed.
+        // A path below a link is not an entry of the image's tree.
+        let seen = image_root.as_ref().and_then(|root| {
+            let name = std::ffi::CString::new(rel.file_name()?.as_bytes()).ok()?;
+            let parent = rel.parent().unwrap_or(Path::new(""));
+            let dir = tree::open_dir(std::os::fd::AsFd::as_fd(root), parent).ok()?;
+            let st = tree::stat_at(std::os::fd::AsFd::as_fd(&dir), &name).ok()??;
+            Some(Seen::of_stat(std::os::fd::AsFd::as_fd(&dir), &name, &st))
+        });
+        if seen.is_none() {
+            absent.borrow_mut().insert(rel.to_path_buf());
         }
+        seen
     };
     // What a merged view shows at `rel`, from the scanned layer and the image.
     let look = |layer: &std::collections::HashMap<PathBuf, Entry>, rel: &Path| -> Option<Seen> {
@@ -242,9 +241,16 @@ pub fn diff(image: &Path, from_upper: &Path, to_upper: &Path) -> io::Result<Vec<
         let opaque =
             |l: &std::collections::HashMap<PathBuf, Entry>| l.get(rel).is_some_and(|e| e.opaque);
         if opaque(&from) != opaque(&to)
-            && let Ok(entries) = fs::read_dir(image.join(rel))
+            && let Some(root) = &image_root
+            && let Ok(dir) = tree::open_dir(std::os::fd::AsFd::as_fd(root), rel)
+            && let Ok(entries) = rustix::fs::Dir::read_from(&dir)
         {
-            extra.extend(entries.flatten().map(|e| rel.join(e.file_name())));
+            extra.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_name() != c"." && e.file_name() != c"..")
+                    .map(|e| rel.join(std::ffi::OsStr::from_bytes(e.file_name().to_bytes()))),
+            );
         }
     }
     paths.extend(extra);
@@ -332,10 +338,12 @@ pub fn archive<W: io::Write>(upper: &Path, out: W) -> io::Result<W> {
                 rustix::fs::openat(
                     &dir,
                     &name,
+                    // NONBLOCK: a fifo swapped in must not hang the daemon in open.
                     rustix::fs::OFlags::RDONLY
                         | rustix::fs::OFlags::NOFOLLOW
                         | rustix::fs::OFlags::CLOEXEC
-                        | rustix::fs::OFlags::NOCTTY,
+                        | rustix::fs::OFlags::NOCTTY
+                        | rustix::fs::OFlags::NONBLOCK,
                     rustix::fs::Mode::empty(),
                 )
                 .map_err(|e| io::Error::from_raw_os_error(e.raw_os_error()))?,
@@ -391,7 +399,14 @@ pub fn archive<W: io::Write>(upper: &Path, out: W) -> io::Result<W> {
         match (kind, opened) {
             (FileType::RegularFile, Some(fd)) => {
                 let file = std::fs::File::from(fd);
-                let size = file.metadata()?.len();
+                let m = file.metadata()?;
+                if !m.is_file() || m.ino() != st.st_ino {
+                    return Err(io::Error::other(format!(
+                        "/{} changed while being archived",
+                        rel.display()
+                    )));
+                }
+                let size = m.len();
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_size(size);
                 builder.append_data(&mut h, &rel, io::Read::take(file, size))?;

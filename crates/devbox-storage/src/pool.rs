@@ -328,7 +328,8 @@ impl Pool {
                 Err(e) => return Err(self.map_err("delete volume", path, e)),
             }
         }
-        fs::remove_dir_all(path).map_err(|e| self.map_err("delete", path, e))
+        // A tree a sandbox (or an archive) shaped: bounded stack and descriptors.
+        crate::tree::remove_tree(path).map_err(|e| self.map_err("delete", path, e))
     }
 
     /// Marks a volume read-only (btrfs) so nothing can change it by accident.

@@ -217,8 +217,12 @@ pub fn disk_usage(root: &Path) -> u64 {
     total
 }
 
+/// Directories [`remove_at`] holds open at once, whatever the depth of the tree.
+const MAX_HELD: usize = 64;
+
 /// Removes entry `name` of `dir` and, for a directory, everything below it, without
-/// following any link. A missing entry is not an error.
+/// following any link, with a bounded stack and bounded descriptors (a sandbox can make a
+/// tree tens of thousands of directories deep). A missing entry is not an error.
 pub fn remove_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     let Some(st) = stat_at(dir, name)? else {
         return Ok(());
@@ -243,8 +247,28 @@ pub fn remove_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
         Err(e) => return Err(e),
     };
     let mut stack: Vec<(OwnedFd, CString)> = vec![(top, name.to_owned())];
+    let mut hoisted = 0u64;
     while let Some((fd, _)) = stack.last() {
         match first_subdir_unlinking_the_rest(fd.as_fd())? {
+            // Deeper than the descriptors we hold: the subtree is moved up under the
+            // directory being removed (a rename on the same filesystem, O(1)) and met again
+            // from there. Neither the stack nor the descriptors grow with the tree's depth.
+            Some(n) if stack.len() >= MAX_HELD => loop {
+                hoisted += 1;
+                let to = CString::new(format!(".devbox-removing-{hoisted}"))
+                    .map_err(io::Error::other)?;
+                match rustix::fs::renameat_with(
+                    fd,
+                    &n,
+                    &stack[0].0,
+                    &to,
+                    rustix::fs::RenameFlags::NOREPLACE,
+                ) {
+                    Ok(()) => break,
+                    Err(rustix::io::Errno::EXIST) => continue,
+                    Err(e) => return Err(err(e)),
+                }
+            },
             Some(n) => {
                 let child = open_child_dir(fd.as_fd(), &n)?;
                 stack.push((child, n));
@@ -261,6 +285,25 @@ pub fn remove_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Removes the tree at `path` (a path the daemon names: a volume, a staging directory) with
+/// [`remove_at`]. A missing path is not an error.
+pub fn remove_tree(path: &Path) -> io::Result<()> {
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let Some(name) = path.file_name() else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} names no entry", path.display()),
+        ));
+    };
+    let name = CString::new(name.as_bytes())?;
+    let dir = match open_root(parent) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    remove_at(dir.as_fd(), &name)
 }
 
 /// Unlinks the entries of `dir` that are not directories, up to its first subdirectory,
@@ -517,7 +560,8 @@ fn copy_file(
     let src = rustix::fs::openat(
         src_dir,
         src_name,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY,
+        // NONBLOCK: a fifo swapped in for the file must not hang the daemon in open.
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
         Mode::empty(),
     )
     .map_err(err)?;
@@ -806,6 +850,25 @@ mod tests {
             fs::metadata(src.join("a/b")).unwrap().mtime(),
             fs::metadata(dst.join("a/b")).unwrap().mtime()
         );
+    }
+
+    #[test]
+    fn removal_of_a_tree_deeper_than_path_max_holds_few_descriptors() {
+        let t = tempfile::tempdir().unwrap();
+        let top = t.path().join("deep");
+        fs::create_dir(&top).unwrap();
+        let mut fd = open_root(&top).unwrap();
+        for _ in 0..6_000 {
+            rustix::fs::mkdirat(&fd, c"d", Mode::from_raw_mode(0o755)).unwrap();
+            fd = open_child_dir(fd.as_fd(), c"d").unwrap();
+        }
+        rustix::fs::mkdirat(&fd, c"leaf", Mode::from_raw_mode(0o755)).unwrap();
+        drop(fd);
+        let before = fs::read_dir("/proc/self/fd").unwrap().count();
+        remove_tree(&top).unwrap();
+        assert!(!top.exists());
+        assert!(fs::read_dir("/proc/self/fd").unwrap().count() <= before + 1);
+        remove_tree(&top).unwrap(); // missing: fine
     }
 
     #[test]
