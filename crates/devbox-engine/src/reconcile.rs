@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 use devbox_image::HOST_IMAGE;
 use devbox_runtime::container::process_start_time;
 use devbox_runtime::sys;
-use devbox_storage::Driver;
 use devbox_store::{SandboxRecord, SandboxState, SnapshotRecord, SnapshotState};
 
 use crate::sandbox::alive;
@@ -100,7 +99,7 @@ impl Engine {
             SnapshotState::Deleting => self.remove_snapshot(snap)?,
             SnapshotState::Creating => {
                 let complete = self.snapshot_path(&snap).join("upper").exists()
-                    && self.pool.driver() == Driver::Btrfs;
+                    && self.pool.driver().capabilities().atomic_snapshots;
                 if complete {
                     // A checkpoint of processes is complete once its metadata is written,
                     // which happens before the files are taken.

@@ -283,7 +283,7 @@ impl ImageStore {
                 .map_err(|e| ImageError::io("store", &dest.display().to_string(), e))?;
             self.pool.set_readonly(&dest, true)?;
         }
-        let size_bytes = devbox_storage::disk_usage(&dest);
+        let size_bytes = self.pool.volume_usage(&dest);
         Ok(Imported {
             id,
             name_hint,

@@ -2,12 +2,13 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::btrfs;
+use crate::drivers::btrfs::{self, BtrfsDriver};
+use crate::drivers::{CopyDriver, VolumeDriver};
 
 /// Errors of pool operations.
 #[derive(Debug, thiserror::Error)]
@@ -42,16 +43,6 @@ pub enum StorageError {
     },
 }
 
-/// Which driver a pool uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Driver {
-    /// btrfs subvolumes and snapshots.
-    Btrfs,
-    /// Plain directories and copies.
-    Copy,
-}
-
 /// Where a pool comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -72,8 +63,9 @@ pub enum PoolSource {
 /// What `sandbox pool info` shows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PoolInfo {
-    /// Driver in use.
-    pub driver: Driver,
+    /// Driver in use (`btrfs`, `copy`).
+    #[schema(example = "btrfs")]
+    pub driver: String,
     /// Pool directory.
     pub path: String,
     /// Backing loop file, if any.
@@ -86,11 +78,11 @@ pub struct PoolInfo {
     pub free_bytes: u64,
 }
 
-/// A storage pool.
+/// A storage pool: a directory with its layout, and the driver that makes its volumes.
 #[derive(Debug, Clone)]
 pub struct Pool {
     root: PathBuf,
-    driver: Driver,
+    driver: Arc<dyn VolumeDriver>,
     loop_file: Option<PathBuf>,
 }
 
@@ -103,7 +95,10 @@ pub fn default_loop_size(dir: &Path) -> u64 {
     (free / 5).clamp(4 << 30, 100 << 30)
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StorageError + 'a {
+pub(crate) fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> StorageError + 'a {
     move |source| StorageError::Io {
         op,
         path: path.to_path_buf(),
@@ -111,90 +106,37 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Sto
     }
 }
 
-fn is_mountpoint(path: &Path) -> bool {
-    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = path.to_string_lossy();
-    text.lines().any(|l| l.split(' ').nth(4) == Some(&want))
-}
-
-fn run(cmd: &mut Command, path: &Path) -> Result<(), StorageError> {
-    let out = cmd.output().map_err(|e| StorageError::Setup {
-        path: path.to_path_buf(),
-        message: format!(
-            "cannot run {:?}: {e} (install btrfs-progs and util-linux)",
-            cmd.get_program()
-        ),
-    })?;
-    if !out.status.success() {
-        return Err(StorageError::Setup {
-            path: path.to_path_buf(),
-            message: format!(
-                "{:?} failed: {}",
-                cmd.get_program(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        });
-    }
-    Ok(())
-}
-
 impl Pool {
     /// Opens (and on first use creates) a pool. For a loop file, `mountpoint` is where it is
     /// mounted; for directories the directory itself is the pool.
     pub fn open(source: &PoolSource, mountpoint: &Path) -> Result<Self, StorageError> {
-        let pool = match source {
+        let (root, driver, loop_file): (_, Arc<dyn VolumeDriver>, _) = match source {
             PoolSource::LoopFile { image, size } => {
-                fs::create_dir_all(mountpoint).map_err(io_err("create", mountpoint))?;
-                if !is_mountpoint(mountpoint) {
-                    if !image.exists() {
-                        Self::format_loop_file(image, *size)?;
-                    }
-                    run(
-                        Command::new("mount")
-                            .args(["-t", "btrfs", "-o", "loop,nosuid,nodev,noatime"])
-                            .arg(image)
-                            .arg(mountpoint),
-                        mountpoint,
-                    )?;
-                }
-                if !btrfs::is_btrfs(mountpoint) {
-                    return Err(StorageError::Setup {
-                        path: mountpoint.to_path_buf(),
-                        message:
-                            "something other than the pool's btrfs is mounted here; unmount it"
-                                .into(),
-                    });
-                }
-                Pool {
-                    root: mountpoint.to_path_buf(),
-                    driver: Driver::Btrfs,
-                    loop_file: Some(image.clone()),
-                }
+                btrfs::mount_loop_file(image, *size, mountpoint)?;
+                let driver = BtrfsDriver::open(mountpoint)?;
+                (mountpoint, Arc::new(driver), Some(image.clone()))
             }
             PoolSource::Btrfs(dir) => {
                 fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-                if !btrfs::is_btrfs(dir) {
-                    return Err(StorageError::Setup {
-                        path: dir.clone(),
-                        message: "not on a btrfs filesystem; name a btrfs directory, or use the copy driver".into(),
-                    });
-                }
-                Pool {
-                    root: dir.clone(),
-                    driver: Driver::Btrfs,
-                    loop_file: None,
-                }
+                (dir.as_path(), Arc::new(BtrfsDriver::open(dir)?), None)
             }
             PoolSource::Directory(dir) => {
                 fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-                Pool {
-                    root: dir.clone(),
-                    driver: Driver::Copy,
-                    loop_file: None,
-                }
+                (dir.as_path(), Arc::new(CopyDriver::open(dir)), None)
             }
+        };
+        let mut pool = Self::with_driver(root, driver)?;
+        pool.loop_file = loop_file;
+        Ok(pool)
+    }
+
+    /// A pool in directory `root` (which exists) whose volumes `driver` makes: sets up the
+    /// layout.
+    pub fn with_driver(root: &Path, driver: Arc<dyn VolumeDriver>) -> Result<Self, StorageError> {
+        let pool = Pool {
+            root: root.to_path_buf(),
+            driver,
+            loop_file: None,
         };
         fs::set_permissions(&pool.root, fs::Permissions::from_mode(0o711))
             .map_err(io_err("chmod", &pool.root))?;
@@ -207,37 +149,17 @@ impl Pool {
         Ok(pool)
     }
 
-    fn format_loop_file(image: &Path, size: u64) -> Result<(), StorageError> {
-        if let Some(dir) = image.parent() {
-            fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-        }
-        let tmp = image.with_extension("img.new");
-        let f = fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
-        f.set_len(size).map_err(io_err("size", &tmp))?;
-        drop(f);
-        if let Err(e) = run(
-            Command::new("mkfs.btrfs").args(["-q", "-f"]).arg(&tmp),
-            image,
-        ) {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        fs::rename(&tmp, image).map_err(io_err("rename", image))?;
-        Ok(())
-    }
-
     /// Unmounts a loop-file pool (its loop device is released). Used at uninstall and in tests.
     pub fn unmount(&self) -> Result<(), StorageError> {
-        if self.loop_file.is_some() && is_mountpoint(&self.root) {
-            nix::mount::umount2(&self.root, nix::mount::MntFlags::empty())
-                .map_err(|e| io_err("unmount", &self.root)(e.into()))?;
+        if self.loop_file.is_some() {
+            btrfs::unmount_loop_file(&self.root)?;
         }
         Ok(())
     }
 
     /// The pool's driver.
-    pub fn driver(&self) -> Driver {
-        self.driver
+    pub fn driver(&self) -> &dyn VolumeDriver {
+        &*self.driver
     }
 
     /// The pool directory.
@@ -266,7 +188,7 @@ impl Pool {
     }
 
     fn map_err(&self, op: &'static str, path: &Path, e: io::Error) -> StorageError {
-        if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
+        if self.driver.is_full(&e) {
             return self.full();
         }
         StorageError::Io {
@@ -287,33 +209,21 @@ impl Pool {
 
     /// Whether an I/O error means the pool is full.
     pub fn is_full_error(e: &io::Error) -> bool {
-        matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        crate::drivers::is_no_space(e)
     }
 
     /// Makes an empty volume.
     pub fn create_volume(&self, path: &Path) -> Result<(), StorageError> {
-        let r = match self.driver {
-            Driver::Btrfs => btrfs::create_subvolume(path),
-            Driver::Copy => fs::create_dir(path),
-        };
-        r.map_err(|e| self.map_err("create volume", path, e))
+        self.driver
+            .create_volume(path)
+            .map_err(|e| self.map_err("create volume", path, e))
     }
 
     /// Snapshots volume `src` into a new volume `dst`.
     pub fn snapshot(&self, src: &Path, dst: &Path, readonly: bool) -> Result<(), StorageError> {
-        match self.driver {
-            Driver::Btrfs => {
-                btrfs::snapshot(src, dst, readonly).map_err(|e| self.map_err("snapshot", dst, e))
-            }
-            Driver::Copy => {
-                // In-process and link-safe: the source is a tree a sandbox wrote.
-                if let Err(e) = crate::tree::copy_tree(src, dst) {
-                    let _ = self.delete_volume(dst);
-                    return Err(self.map_err("copy", dst, e));
-                }
-                Ok(())
-            }
-        }
+        self.driver
+            .snapshot_volume(src, dst, readonly)
+            .map_err(|e| self.map_err("snapshot", dst, e))
     }
 
     /// Deletes a volume and everything in it. Deleting a missing volume succeeds.
@@ -321,24 +231,21 @@ impl Pool {
         if fs::symlink_metadata(path).is_err() {
             return Ok(());
         }
-        if self.driver == Driver::Btrfs && btrfs::is_subvolume(path) {
-            match btrfs::delete_subvolume(path) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-                Err(e) => return Err(self.map_err("delete volume", path, e)),
-            }
-        }
-        // A tree a sandbox (or an archive) shaped: bounded stack and descriptors.
-        crate::tree::remove_tree(path).map_err(|e| self.map_err("delete", path, e))
+        self.driver
+            .delete_volume(path)
+            .map_err(|e| self.map_err("delete volume", path, e))
     }
 
-    /// Marks a volume read-only (btrfs) so nothing can change it by accident.
+    /// Marks a volume read-only (where the driver can) so nothing can change it by accident.
     pub fn set_readonly(&self, path: &Path, readonly: bool) -> Result<(), StorageError> {
-        if self.driver == Driver::Btrfs {
-            btrfs::set_readonly(path, readonly)
-                .map_err(|e| self.map_err("set read-only", path, e))?;
-        }
-        Ok(())
+        self.driver
+            .set_read_only(path, readonly)
+            .map_err(|e| self.map_err("set read-only", path, e))
+    }
+
+    /// Bytes a volume's contents take (see [`VolumeDriver::volume_usage`]).
+    pub fn volume_usage(&self, path: &Path) -> u64 {
+        self.driver.volume_usage(path)
     }
 
     /// Size and use of the pool's filesystem.
@@ -353,7 +260,7 @@ impl Pool {
             Err(_) => (0, 0, 0),
         };
         PoolInfo {
-            driver: self.driver,
+            driver: self.driver.name().to_string(),
             path: self.root.display().to_string(),
             loop_file: self.loop_file.as_ref().map(|p| p.display().to_string()),
             total_bytes: total,
@@ -381,7 +288,8 @@ mod tests {
             Path::new("/nonexistent"),
         )
         .unwrap();
-        assert_eq!(pool.driver(), Driver::Copy);
+        assert_eq!(pool.driver().name(), "copy");
+        assert_eq!(pool.info().driver, "copy");
         let v = pool.sandboxes_dir().join("a");
         pool.create_volume(&v).unwrap();
         fs::write(v.join("f"), b"hello").unwrap();
@@ -399,10 +307,76 @@ mod tests {
     #[test]
     fn btrfs_source_refuses_other_filesystems() {
         let tmp = tempfile::tempdir().unwrap();
-        if btrfs::is_btrfs(tmp.path()) {
+        if btrfs::ioctl::is_btrfs(tmp.path()) {
             return;
         }
         let e = Pool::open(&PoolSource::Btrfs(tmp.path().to_path_buf()), tmp.path()).unwrap_err();
         assert!(e.to_string().contains("not on a btrfs"), "{e}");
+    }
+
+    #[test]
+    fn no_space_errors_become_the_full_pool_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pool = Pool::open(
+            &PoolSource::Directory(tmp.path().join("pool")),
+            Path::new("/nonexistent"),
+        )
+        .unwrap();
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let e = pool.map_err("x", tmp.path(), io::Error::from_raw_os_error(errno));
+            assert!(
+                matches!(e, StorageError::Full { total, .. } if total > 0),
+                "{e}"
+            );
+            assert!(e.to_string().contains("storage pool is full"), "{e}");
+            assert!(Pool::is_full_error(&io::Error::from_raw_os_error(errno)));
+        }
+        let e = pool.map_err("x", tmp.path(), io::Error::from_raw_os_error(libc::EIO));
+        assert!(matches!(e, StorageError::Io { op: "x", .. }), "{e}");
+        assert!(!Pool::is_full_error(&io::Error::from_raw_os_error(
+            libc::EIO
+        )));
+    }
+
+    #[test]
+    fn loop_file_pool_is_made_once_and_shows_as_btrfs() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("SKIPPED: a btrfs loop file needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let source = PoolSource::LoopFile {
+            image: tmp.path().join("state/pool.img"),
+            size: 256 << 20,
+        };
+        let mnt = tmp.path().join("state/pool");
+        let pool = match Pool::open(&source, &mnt) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("SKIPPED: no btrfs loop file here: {e}");
+                return;
+            }
+        };
+        let info = pool.info();
+        assert_eq!(
+            (info.driver.as_str(), pool.driver().name()),
+            ("btrfs", "btrfs")
+        );
+        assert_eq!(
+            info.loop_file.as_deref(),
+            Some(tmp.path().join("state/pool.img").to_str().unwrap())
+        );
+        assert!(info.total_bytes > 0 && info.free_bytes <= info.total_bytes);
+        // Opening again (a daemon restart) finds it mounted and keeps what is there.
+        let v = pool.sandboxes_dir().join("a");
+        pool.create_volume(&v).unwrap();
+        let again = Pool::open(&source, &mnt).unwrap();
+        assert!(again.sandboxes_dir().join("a").is_dir());
+        pool.unmount().unwrap();
+        assert!(!v.exists());
+        // And after an unmount (a reboot), mounts the same file again.
+        let again = Pool::open(&source, &mnt).unwrap();
+        assert!(again.sandboxes_dir().join("a").is_dir());
+        again.unmount().unwrap();
     }
 }
