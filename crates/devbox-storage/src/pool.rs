@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 use crate::btrfs;
 
@@ -43,7 +42,7 @@ pub enum StorageError {
 }
 
 /// Which driver a pool uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Driver {
     /// btrfs subvolumes and snapshots.
@@ -70,7 +69,7 @@ pub enum PoolSource {
 }
 
 /// What `sandbox pool info` shows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolInfo {
     /// Driver in use.
     pub driver: Driver,
