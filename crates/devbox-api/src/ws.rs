@@ -9,11 +9,10 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path as UrlPath, State};
 use axum::response::Response;
 use devbox_engine::{ApprovalInfo, ApprovalWait, Caller, Engine, EngineError, ExecSession};
+use devbox_wire::stream::{ClientMsg, STDERR, STDOUT, ServerMsg};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
-
-use devbox_wire::stream::{ClientMsg, STDERR, STDOUT, ServerMsg};
 
 fn text(msg: &ServerMsg) -> Message {
     Message::Text(serde_json::to_string(msg).unwrap_or_default().into())
