@@ -1,16 +1,19 @@
-//! The REST API of dev-box, and its client.
+//! The REST API of dev-box: a front end that translates HTTP and WebSocket to the engine's
+//! calls. Requests, responses and the OpenAPI document are the wire model's
+//! ([`devbox_wire`]); the typed client is the `devbox-client` crate.
 //!
 //! - [`server`]: axum routes over the [`devbox_engine::Engine`], served on a Unix socket;
 //!   errors map to HTTP statuses with a JSON body `{"error": {"code", "message"}}`.
-//! - [`ws`]: streaming exec over WebSocket; [`wire`] defines its messages.
-//! - [`openapi`]: the OpenAPI document.
-//! - [`client`]: a typed client over the Unix socket, used by the CLI.
+//! - [`auth`]: the caller check: only root may call; who calls (and for whom) is the
+//!   engine's [`devbox_engine::Caller`].
+//! - [`checks`]: command checks, policies and approvals; [`audit`]: the audit log and exec
+//!   log export.
+//! - `ws`: streaming exec over WebSocket ([`devbox_wire::stream`] defines its messages).
 
-pub mod client;
-pub mod openapi;
-pub mod safety;
+pub mod audit;
+pub mod auth;
+pub mod checks;
 pub mod server;
-pub mod wire;
 mod ws;
 
 pub use server::{router, serve_unix};

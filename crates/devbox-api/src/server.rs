@@ -11,37 +11,15 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use devbox_engine::model::{
-    CloneRequest, CreateSandboxRequest, DiffResult, ExecRequest, ExecResult, ImageInfo,
-    ImportImageRequest, RollbackRequest, SandboxInfo, SnapshotInfo, SnapshotRequest, StopRequest,
-};
 use devbox_engine::{Engine, EngineError};
-use devbox_storage::PoolInfo;
-use serde::{Deserialize, Serialize};
-use utoipa::{OpenApi, ToSchema};
+use devbox_wire::query::{DeleteSnapshotQuery, DestroyQuery, DiffQuery, ImportSnapshotQuery};
+use devbox_wire::{
+    CloneRequest, CreateSandboxRequest, DiffResult, ErrorBody, ErrorDetail, ExecRequest,
+    ExecResult, ImageInfo, ImportImageRequest, PoolInfo, RollbackRequest, SandboxInfo,
+    SnapshotInfo, SnapshotRequest, StopRequest, VersionInfo,
+};
 
-use crate::openapi::ApiDoc;
 use crate::ws;
-
-/// The error body of every failed request.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ErrorBody {
-    /// The error.
-    pub error: ErrorDetail,
-}
-
-/// What failed.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ErrorDetail {
-    /// Stable code: not_found, already_exists, invalid_spec, invalid_request, wrong_state,
-    /// image_in_use, pool_full, exec_failed, internal.
-    pub code: String,
-    /// What went wrong and what to do.
-    pub message: String,
-    /// The approval the command waits for (code `approval_required`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub approval: Option<devbox_engine::ApprovalInfo>,
-}
 
 /// An engine error as an HTTP response.
 #[derive(Debug)]
@@ -114,19 +92,6 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
 type AppState = Arc<Engine>;
 type ApiResult<T> = Result<T, ApiError>;
 
-/// Daemon and host facts.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct VersionInfo {
-    /// dev-box version.
-    pub version: String,
-    /// API version.
-    pub api: String,
-    /// Cgroup layout of the host.
-    pub cgroups: String,
-    /// Storage driver.
-    pub storage: String,
-}
-
 /// The API's routes over an engine.
 pub fn router(engine: Arc<Engine>) -> Router {
     Router::new()
@@ -165,79 +130,63 @@ pub fn router(engine: Arc<Engine>) -> Router {
             axum::routing::delete(remove_image),
         )
         .route("/v1/pool", get(pool_info))
-        .route("/v1/check", post(crate::safety::check))
-        .route("/v1/policies", get(crate::safety::list_policies))
+        .route("/v1/check", post(crate::checks::check))
+        .route("/v1/policies", get(crate::checks::list_policies))
         .route(
             "/v1/policies/{name}",
-            axum::routing::put(crate::safety::put_policy).delete(crate::safety::delete_policy),
+            axum::routing::put(crate::checks::put_policy).delete(crate::checks::delete_policy),
         )
-        .route("/v1/approvals", get(crate::safety::list_approvals))
-        .route("/v1/approvals/{id}", get(crate::safety::get_approval))
-        .route("/v1/approvals/{id}/approve", post(crate::safety::approve))
-        .route("/v1/approvals/{id}/deny", post(crate::safety::deny))
-        .route("/v1/audit", get(crate::safety::audit))
-        .route("/v1/audit/verify", get(crate::safety::verify))
+        .route("/v1/approvals", get(crate::checks::list_approvals))
+        .route("/v1/approvals/{id}", get(crate::checks::get_approval))
+        .route("/v1/approvals/{id}/approve", post(crate::checks::approve))
+        .route("/v1/approvals/{id}/deny", post(crate::checks::deny))
+        .route("/v1/audit", get(crate::audit::audit))
+        .route("/v1/audit/verify", get(crate::audit::verify))
         .route(
             "/v1/sandboxes/{name}/logs/export",
-            get(crate::safety::export_logs),
+            get(crate::audit::export_logs),
         )
         .layer(axum::middleware::from_fn_with_state(
             engine.clone(),
-            crate::safety::actor_layer,
+            crate::auth::caller_layer,
         ))
         .with_state(engine)
 }
 
-async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+async fn openapi() -> Json<devbox_wire::openapi::Document> {
+    Json(devbox_wire::openapi::document())
 }
 
-#[utoipa::path(get, path = "/v1/version", responses((status = 200, body = VersionInfo)))]
 async fn version(State(e): State<AppState>) -> Json<VersionInfo> {
     Json(VersionInfo {
         version: env!("CARGO_PKG_VERSION").into(),
         api: "v1".into(),
         cgroups: e.cgroup_mode().into(),
-        storage: serde_json::to_string(&e.pool_info().driver)
+        storage: serde_json::to_string(&e.pool_status().driver)
             .unwrap_or_default()
             .trim_matches('"')
             .into(),
     })
 }
 
-#[utoipa::path(get, path = "/v1/sandboxes", responses((status = 200, body = Vec<SandboxInfo>)))]
 async fn list_sandboxes(State(e): State<AppState>) -> ApiResult<Json<Vec<SandboxInfo>>> {
-    Ok(Json(e.list().await?))
+    Ok(Json(e.list().await?.into_iter().map(Into::into).collect()))
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandboxRequest,
-    responses((status = 201, body = SandboxInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn create_sandbox(
     State(e): State<AppState>,
     Body(req): Body<CreateSandboxRequest>,
 ) -> ApiResult<(StatusCode, Json<SandboxInfo>)> {
-    Ok((StatusCode::CREATED, Json(e.create(req).await?)))
+    Ok((StatusCode::CREATED, Json(e.create(req).await?.into())))
 }
 
-#[utoipa::path(get, path = "/v1/sandboxes/{name}", params(("name" = String, Path)),
-    responses((status = 200, body = SandboxInfo), (status = 404, body = ErrorBody)))]
 async fn inspect_sandbox(
     State(e): State<AppState>,
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<Json<SandboxInfo>> {
-    Ok(Json(e.inspect(&name).await?))
+    Ok(Json(e.inspect(&name).await?.into()))
 }
 
-/// Query of DELETE /v1/sandboxes/{name}.
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-pub struct DestroyQuery {
-    /// Kill at once instead of a graceful stop.
-    #[serde(default)]
-    pub force: bool,
-}
-
-#[utoipa::path(delete, path = "/v1/sandboxes/{name}", params(("name" = String, Path), DestroyQuery),
-    responses((status = 204), (status = 404, body = ErrorBody)))]
 async fn destroy_sandbox(
     State(e): State<AppState>,
     UrlPath(name): UrlPath<String>,
@@ -247,17 +196,13 @@ async fn destroy_sandbox(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes/{name}/start", params(("name" = String, Path)),
-    responses((status = 200, body = SandboxInfo), (status = 404, body = ErrorBody)))]
 async fn start_sandbox(
     State(e): State<AppState>,
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<Json<SandboxInfo>> {
-    Ok(Json(e.start(&name).await?))
+    Ok(Json(e.start(&name).await?.into()))
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes/{name}/stop", params(("name" = String, Path)), request_body = StopRequest,
-    responses((status = 200, body = SandboxInfo), (status = 404, body = ErrorBody)))]
 async fn stop_sandbox(
     State(e): State<AppState>,
     UrlPath(name): UrlPath<String>,
@@ -283,14 +228,12 @@ async fn stop_sandbox(
         Some(g) => Some(Duration::from_secs_f64(g)),
         None => None,
     };
-    Ok(Json(e.stop(&name, grace).await?))
+    Ok(Json(e.stop(&name, grace).await?.into()))
 }
 
 /// Most output a non-streaming exec keeps per stream.
 pub const MAX_CAPTURE: usize = 16 << 20;
 
-#[utoipa::path(post, path = "/v1/sandboxes/{name}/exec", params(("name" = String, Path)), request_body = ExecRequest,
-    responses((status = 200, body = ExecResult), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn exec(
     State(e): State<AppState>,
     UrlPath(name): UrlPath<String>,
@@ -357,8 +300,6 @@ async fn finish(c: Option<Capture>, grace: Duration) -> (Vec<u8>, bool) {
     }
 }
 
-#[utoipa::path(get, path = "/v1/sandboxes/{name}/snapshots", params(("name" = String, Path)),
-    responses((status = 200, body = Vec<SnapshotInfo>), (status = 404, body = ErrorBody)))]
 async fn list_snapshots(
     State(e): State<AppState>,
     UrlPath(name): UrlPath<String>,
@@ -366,8 +307,6 @@ async fn list_snapshots(
     Ok(Json(e.snapshots(&name).await?))
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes/{name}/snapshots", params(("name" = String, Path)), request_body = SnapshotRequest,
-    responses((status = 201, body = SnapshotInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 507, body = ErrorBody)))]
 async fn take_snapshot(
     State(e): State<AppState>,
     UrlPath(name): UrlPath<String>,
@@ -377,16 +316,6 @@ async fn take_snapshot(
     Ok((StatusCode::CREATED, Json(e.snapshot(&name, req).await?)))
 }
 
-/// Query of DELETE .../snapshots/{snapshot}.
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-pub struct DeleteSnapshotQuery {
-    /// Delete even if sandboxes were cloned from it.
-    #[serde(default)]
-    pub force: bool,
-}
-
-#[utoipa::path(delete, path = "/v1/sandboxes/{name}/snapshots/{snapshot}", params(("name" = String, Path), ("snapshot" = String, Path), DeleteSnapshotQuery),
-    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn delete_snapshot(
     State(e): State<AppState>,
     UrlPath((name, snapshot)): UrlPath<(String, String)>,
@@ -396,18 +325,14 @@ async fn delete_snapshot(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes/{name}/rollback", params(("name" = String, Path)), request_body = RollbackRequest,
-    responses((status = 200, body = SandboxInfo), (status = 404, body = ErrorBody)))]
 async fn rollback(
     State(e): State<AppState>,
     UrlPath(name): UrlPath<String>,
     Body(req): Body<RollbackRequest>,
 ) -> ApiResult<Json<SandboxInfo>> {
-    Ok(Json(e.rollback(&name, req).await?))
+    Ok(Json(e.rollback(&name, req).await?.into()))
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes/{name}/clone", params(("name" = String, Path)), request_body = CloneRequest,
-    responses((status = 201, body = SandboxInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn clone_sandbox(
     State(e): State<AppState>,
     UrlPath(name): UrlPath<String>,
@@ -415,32 +340,18 @@ async fn clone_sandbox(
 ) -> ApiResult<(StatusCode, Json<SandboxInfo>)> {
     Ok((
         StatusCode::CREATED,
-        Json(e.clone_sandbox(&name, req).await?),
+        Json(e.clone_sandbox(&name, req).await?.into()),
     ))
 }
 
-/// Query of GET .../diff.
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-pub struct DiffQuery {
-    /// The older state: a snapshot, `latest`, or `image` (default: the head snapshot).
-    pub from: Option<String>,
-    /// The newer state: a snapshot, `latest`, or `current` (default).
-    pub to: Option<String>,
-}
-
-#[utoipa::path(get, path = "/v1/sandboxes/{name}/diff", params(("name" = String, Path), DiffQuery),
-    responses((status = 200, body = DiffResult), (status = 404, body = ErrorBody)))]
 async fn diff(
     State(e): State<AppState>,
     UrlPath(name): UrlPath<String>,
     Query(q): Query<DiffQuery>,
 ) -> ApiResult<Json<DiffResult>> {
-    Ok(Json(e.diff(&name, q.from, q.to).await?))
+    Ok(Json(e.diff(&name, q.from, q.to).await?.into()))
 }
 
-#[utoipa::path(get, path = "/v1/sandboxes/{name}/snapshots/{snapshot}/export", params(("name" = String, Path), ("snapshot" = String, Path)),
-    description = "The snapshot as a dev-box.snapshot/v1 archive (zstd-compressed tar of manifest.json and layer.tar).",
-    responses((status = 200, content_type = "application/zstd"), (status = 404, body = ErrorBody)))]
 async fn export_snapshot(
     State(e): State<AppState>,
     UrlPath((name, snapshot)): UrlPath<(String, String)>,
@@ -460,20 +371,6 @@ async fn export_snapshot(
         .into_response())
 }
 
-/// Query of POST /v1/snapshots/import.
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-pub struct ImportSnapshotQuery {
-    /// Name of the new sandbox (default: the name in the archive).
-    pub name: Option<String>,
-    /// Start it.
-    #[serde(default)]
-    pub start: bool,
-}
-
-#[utoipa::path(post, path = "/v1/snapshots/import", params(ImportSnapshotQuery),
-    description = "Body: a dev-box.snapshot/v1 archive. Makes a sandbox whose state and history head is the snapshot.",
-    request_body(content_type = "application/zstd"),
-    responses((status = 201, body = SandboxInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn import_snapshot(
     State(e): State<AppState>,
     Query(q): Query<ImportSnapshotQuery>,
@@ -500,7 +397,7 @@ async fn import_snapshot(
         Err(err) => Err(EngineError::internal("receiving the archive", err)),
     };
     let _ = tokio::fs::remove_file(&path).await;
-    Ok((StatusCode::CREATED, Json(result?)))
+    Ok((StatusCode::CREATED, Json(result?.into())))
 }
 
 fn optional_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
@@ -514,13 +411,10 @@ fn optional_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Resul
     })
 }
 
-#[utoipa::path(get, path = "/v1/images", responses((status = 200, body = Vec<ImageInfo>)))]
 async fn list_images(State(e): State<AppState>) -> ApiResult<Json<Vec<ImageInfo>>> {
     Ok(Json(e.list_images().await?))
 }
 
-#[utoipa::path(post, path = "/v1/images/import", request_body = ImportImageRequest,
-    responses((status = 201, body = ImageInfo), (status = 400, body = ErrorBody), (status = 507, body = ErrorBody)))]
 async fn import_image(
     State(e): State<AppState>,
     Body(req): Body<ImportImageRequest>,
@@ -528,8 +422,6 @@ async fn import_image(
     Ok((StatusCode::CREATED, Json(e.import_image(req).await?)))
 }
 
-#[utoipa::path(delete, path = "/v1/images/{reference}", params(("reference" = String, Path)),
-    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn remove_image(
     State(e): State<AppState>,
     UrlPath(reference): UrlPath<String>,
@@ -538,9 +430,8 @@ async fn remove_image(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(get, path = "/v1/pool", responses((status = 200, body = PoolInfo)))]
 async fn pool_info(State(e): State<AppState>) -> Json<PoolInfo> {
-    Json(e.pool_info())
+    Json(e.pool_status())
 }
 
 /// Serves the API on a Unix socket (mode 0600, in a 0700 directory) until `shutdown` resolves.
@@ -556,7 +447,7 @@ pub async fn serve_unix(
     let _ = std::fs::remove_file(socket);
     let listener = tokio::net::UnixListener::bind(socket)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
-    let app = router(engine).into_make_service_with_connect_info::<crate::safety::Peer>();
+    let app = router(engine).into_make_service_with_connect_info::<crate::auth::Peer>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -1,17 +1,18 @@
-//! Streaming exec over WebSocket (see [`crate::wire`] for the protocol).
+//! Streaming exec over WebSocket (see [`devbox_wire::stream`] for the protocol). The flows
+//! (waiting for an approval, a one-shot run) are the engine's; this module moves messages.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path as UrlPath, State};
 use axum::response::Response;
-use devbox_engine::{Engine, EngineError, ExecSession};
+use devbox_engine::{ApprovalInfo, ApprovalWait, Caller, Engine, EngineError, ExecSession};
+use devbox_wire::stream::{ClientMsg, STDERR, STDOUT, ServerMsg};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
-
-use crate::wire::{ClientMsg, STDERR, STDOUT, ServerMsg};
 
 fn text(msg: &ServerMsg) -> Message {
     Message::Text(serde_json::to_string(msg).unwrap_or_default().into())
@@ -35,174 +36,110 @@ async fn first(socket: &mut WebSocket) -> Option<ClientMsg> {
     }
 }
 
-#[utoipa::path(get, path = "/v1/sandboxes/{name}/exec/stream", params(("name" = String, Path)),
-    description = "WebSocket: send {\"type\":\"exec\",\"exec\":ExecRequest,\"stdin\":bool}; receive started, output frames (first byte 1 stdout, 2 stderr), exit.",
-    responses((status = 101, description = "switching to the WebSocket protocol")))]
 pub(crate) async fn exec_stream(
     State(engine): State<Arc<Engine>>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    // The upgraded connection runs in a task of its own: carry the caller's identity there.
-    let actor = devbox_engine::current_actor();
-    ws.on_upgrade(move |mut socket| {
-        devbox_engine::ACTOR.scope(actor, async move {
-            let Some(ClientMsg::Exec { exec, stdin }) = first(&mut socket).await else {
-                let e = EngineError::InvalidRequest(
-                    "the first message must be {\"type\":\"exec\",...}".into(),
-                );
-                let _ = socket.send(error_msg(&e)).await;
-                return;
-            };
-            match exec_with_approval(&engine, &mut socket, &name, exec.clone(), stdin).await {
-                Ok(session) => {
-                    let mode = if exec.tty.is_some() {
-                        OnDisconnect::Hangup
-                    } else {
-                        OnDisconnect::Keep
-                    };
-                    pump(&engine, socket, &name, session, mode).await
-                }
-                Err(e) => {
-                    let _ = socket.send(error_msg(&e)).await;
-                }
-            }
-        })
-    })
-}
-
-#[utoipa::path(get, path = "/v1/run/stream",
-    description = "WebSocket: send {\"type\":\"run\",\"sandbox\":CreateSandboxRequest,\"exec\":ExecRequest,\"stdin\":bool}; the sandbox is created, runs the command as on exec/stream, and is destroyed when the command ends or the client leaves.",
-    responses((status = 101, description = "switching to the WebSocket protocol")))]
-pub(crate) async fn run_stream(
-    State(engine): State<Arc<Engine>>,
-    ws: WebSocketUpgrade,
-) -> Response {
-    // The upgraded connection runs in a task of its own: carry the caller's identity there.
-    let actor = devbox_engine::current_actor();
-    ws.on_upgrade(move |mut socket| {
-        devbox_engine::ACTOR.scope(actor, async move {
-            let Some(ClientMsg::Run {
-                mut sandbox,
-                exec,
-                stdin,
-            }) = first(&mut socket).await
-            else {
-                let e = EngineError::InvalidRequest(
-                    "the first message must be {\"type\":\"run\",...}".into(),
-                );
-                let _ = socket.send(error_msg(&e)).await;
-                return;
-            };
-            let named = sandbox.name.is_some()
-                || sandbox
-                    .manifest
-                    .as_ref()
-                    .is_some_and(|m| m.metadata.name.is_some());
-            if !named {
-                sandbox.name = Some(format!("run-{}", random_suffix()));
-            }
-            sandbox.start = true;
-            let info = match engine.create_with(*sandbox, true).await {
-                Ok(i) => i,
-                Err(e) => {
-                    let _ = socket.send(error_msg(&e)).await;
-                    return;
-                }
-            };
-            // Destroy whatever happens to the connection: run in a task of its own.
-            let e2 = engine.clone();
-            let name = info.name.clone();
-            // The client hears the exit once the sandbox is gone.
-            let actor = devbox_engine::current_actor();
-            let _ = tokio::spawn(devbox_engine::ACTOR.scope(actor, async move {
-                let mut socket = socket;
-                let end = match exec_with_approval(&e2, &mut socket, &name, exec, stdin).await {
-                    Ok(session) => {
-                        pump_until_exit(&e2, socket, &name, session, OnDisconnect::Kill).await
-                    }
-                    Err(e) => {
-                        let _ = socket.send(error_msg(&e)).await;
-                        None
-                    }
-                };
-                if let Err(e) = e2.destroy(&name, true).await {
-                    tracing::warn!(sandbox = %name, "destroying a run sandbox: {e}");
-                }
-                if let Some(end) = end {
-                    end.finish().await;
-                }
-            }))
+    // The upgraded connection runs in a task of its own: it runs as the caller there too.
+    ws.on_upgrade(move |mut socket| async move {
+        let Some(ClientMsg::Exec { exec, stdin }) = first(&mut socket).await else {
+            let e = EngineError::InvalidRequest(
+                "the first message must be {\"type\":\"exec\",...}".into(),
+            );
+            let _ = socket.send(error_msg(&e)).await;
+            return;
+        };
+        let mode = if exec.tty.is_some() {
+            OnDisconnect::Hangup
+        } else {
+            OnDisconnect::Keep
+        };
+        let started = engine
+            .exec_approved(&caller, &name, exec, stdin, &mut WsWait(&mut socket))
             .await;
-        })
-    })
-}
-
-/// Starts the exec; when the checks require approval, tells the client and waits for the
-/// decision (or the approval's expiry, or the client leaving), then runs it if approved.
-async fn exec_with_approval(
-    engine: &Arc<Engine>,
-    socket: &mut WebSocket,
-    name: &str,
-    mut exec: devbox_engine::model::ExecRequest,
-    stdin: bool,
-) -> Result<ExecSession, EngineError> {
-    match engine.exec(name, &exec, stdin).await {
-        Err(EngineError::ApprovalRequired(a)) => {
-            let id = a.id.clone();
-            if socket
-                .send(text(&ServerMsg::ApprovalRequired { approval: *a }))
-                .await
-                .is_err()
-            {
-                return Err(EngineError::InvalidRequest("the client went away".into()));
+        match started {
+            Ok(session) => {
+                caller
+                    .run(pump(&engine, socket, &name, session, mode))
+                    .await
             }
-            loop {
-                let decided = tokio::select! {
-                    d = engine.wait_approval(&id, std::time::Duration::from_secs(3600)) => d?,
-                    m = socket.recv() => match m {
-                        None | Some(Err(_)) | Some(Ok(Message::Close(_))) => {
-                            let _ = engine.withdraw_approval(&id).await;
-                            return Err(EngineError::InvalidRequest("the client went away".into()));
-                        }
-                        Some(Ok(_)) => continue,
-                    },
-                };
-                if decided.state == devbox_store::ApprovalState::Pending {
-                    continue;
-                }
-                if decided.state != devbox_store::ApprovalState::Approved {
-                    let reasons = if decided.state == devbox_store::ApprovalState::Expired {
-                        vec![format!(
-                            "approval {id} expired: nobody decided before {}",
-                            decided.expires_at
-                        )]
-                    } else {
-                        let state = serde_json::to_string(&decided.state).unwrap_or_default();
-                        let mut reasons =
-                            vec![format!("approval {id} was {}", state.trim_matches('"'))];
-                        if let Some(by) = &decided.decided_by {
-                            reasons[0].push_str(&format!(" by {by}"));
-                        }
-                        reasons.extend(decided.reason.clone());
-                        reasons
-                    };
-                    return Err(EngineError::Denied { reasons });
-                }
-                exec.approval = Some(id.clone());
-                return engine.exec(name, &exec, stdin).await;
+            Err(e) => {
+                let _ = socket.send(error_msg(&e)).await;
             }
         }
-        other => other,
-    }
+    })
 }
 
-fn random_suffix() -> String {
-    let mut b = [0u8; 4];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut b);
+pub(crate) async fn run_stream(
+    State(engine): State<Arc<Engine>>,
+    Extension(caller): Extension<Caller>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    ws.on_upgrade(move |mut socket| async move {
+        let Some(ClientMsg::Run {
+            sandbox,
+            exec,
+            stdin,
+        }) = first(&mut socket).await
+        else {
+            let e = EngineError::InvalidRequest(
+                "the first message must be {\"type\":\"run\",...}".into(),
+            );
+            let _ = socket.send(error_msg(&e)).await;
+            return;
+        };
+        let run = match engine.run_create(&caller, *sandbox).await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = socket.send(error_msg(&e)).await;
+                return;
+            }
+        };
+        // Destroy whatever happens to the connection: run in a task of its own. The client
+        // hears the exit once the sandbox is gone.
+        let _ = tokio::spawn(async move {
+            let mut socket = socket;
+            let end = match run.exec(exec, stdin, &mut WsWait(&mut socket)).await {
+                Ok(session) => {
+                    let pumped =
+                        pump_until_exit(&engine, socket, run.name(), session, OnDisconnect::Kill);
+                    caller.run(pumped).await
+                }
+                Err(e) => {
+                    let _ = socket.send(error_msg(&e)).await;
+                    None
+                }
+            };
+            run.destroy().await;
+            if let Some(end) = end {
+                end.finish().await;
+            }
+        })
+        .await;
+    })
+}
+
+/// An exec stream waiting for an approval: the client hears of it, and leaving withdraws it.
+struct WsWait<'a>(&'a mut WebSocket);
+
+impl ApprovalWait for WsWait<'_> {
+    async fn pending(&mut self, approval: &ApprovalInfo) -> bool {
+        let msg = text(&ServerMsg::ApprovalRequired {
+            approval: approval.clone(),
+        });
+        self.0.send(msg).await.is_ok()
     }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+
+    async fn gone(&mut self) {
+        loop {
+            match self.0.recv().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
 }
 
 /// What to do to the command when the client goes away before it ends.

@@ -1,14 +1,13 @@
 //! The client commands: each builds a request, calls the daemon, prints the answer.
 
 use anyhow::{Context, bail};
-use devbox_api::client::{Client, ClientError};
-use devbox_api::wire::ClientMsg;
-use devbox_engine::model::{
+use devbox_client::{Client, ClientError};
+use devbox_spec::SandboxManifest;
+use devbox_wire::stream::ClientMsg;
+use devbox_wire::{
     CloneRequest, CreateSandboxRequest, ExecRequest, ImportImageRequest, RollbackRequest,
     SnapshotInfo, SnapshotRequest, TtySize,
 };
-use devbox_spec::SandboxManifest;
-use utoipa::OpenApi;
 
 use crate::cli::{
     AuditCommand, Cli, Command, ExecOpts, Format, ImageCommand, PolicyCommand, PoolCommand,
@@ -18,10 +17,7 @@ use crate::{daemon, output, stream};
 
 /// Prints the OpenAPI document (no daemon needed).
 pub fn print_openapi() -> anyhow::Result<()> {
-    println!(
-        "{}",
-        devbox_api::openapi::ApiDoc::openapi().to_pretty_json()?
-    );
+    println!("{}", devbox_wire::openapi::document().to_pretty_json()?);
     Ok(())
 }
 
@@ -338,7 +334,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
                 print_json(&d)?;
             } else {
                 for ch in &d.changes {
-                    let size = if ch.dir || ch.kind == devbox_storage::layers::ChangeKind::Deleted {
+                    let size = if ch.dir || ch.kind == devbox_wire::ChangeKind::Deleted {
                         String::new()
                     } else {
                         format!("  ({})", output::bytes(ch.size))
@@ -571,8 +567,8 @@ fn state_name<T: serde::Serialize>(v: &T) -> String {
 }
 
 /// Prints a check; returns its exit code (0 allow, 2 approval, 3 deny).
-fn print_check(check: &devbox_safety::Check, format: Format) -> anyhow::Result<i32> {
-    use devbox_safety::Verdict;
+fn print_check(check: &devbox_wire::Check, format: Format) -> anyhow::Result<i32> {
+    use devbox_wire::Verdict;
     if format == Format::Json {
         print_json(check)?;
     } else {

@@ -4,8 +4,8 @@
 use std::io::{IsTerminal, Write};
 use std::os::fd::AsFd;
 
-use devbox_api::client::{Client, ClientError};
-use devbox_api::wire::{ClientMsg, STDERR, STDOUT, ServerMsg};
+use devbox_client::{Client, ClientError};
+use devbox_wire::stream::{ClientMsg, STDERR, STDOUT, ServerMsg};
 use futures_util::{SinkExt, StreamExt};
 use nix::sys::termios::{SetArg, Termios, cfmakeraw, tcgetattr, tcsetattr};
 use tokio::io::AsyncReadExt;
@@ -36,10 +36,10 @@ impl Drop for RawMode {
 
 /// The size of the terminal on stdout (or stdin).
 pub fn terminal_size() -> Option<(u16, u16)> {
-    use std::os::fd::AsRawFd;
-    devbox_runtime::sys::get_winsize(std::io::stdout().as_raw_fd())
-        .or_else(|_| devbox_runtime::sys::get_winsize(std::io::stdin().as_raw_fd()))
+    rustix::termios::tcgetwinsize(std::io::stdout())
+        .or_else(|_| rustix::termios::tcgetwinsize(std::io::stdin()))
         .ok()
+        .map(|w| (w.ws_row, w.ws_col))
         .filter(|(r, c)| *r > 0 && *c > 0)
 }
 
@@ -123,7 +123,7 @@ pub async fn run(
 }
 
 async fn pump(
-    ws: devbox_api::client::ExecStream,
+    ws: devbox_client::ExecStream,
     tty: bool,
     stdin: bool,
     signals: Signals,

@@ -134,3 +134,9 @@ impl From<devbox_image::ImageError> for EngineError {
         }
     }
 }
+
+impl From<devbox_wire::RequestError> for EngineError {
+    fn from(e: devbox_wire::RequestError) -> Self {
+        Self::InvalidRequest(e.0)
+    }
+}

@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use devbox_image::{HOST_IMAGE, ImageConfig};
+use devbox_image::HOST_IMAGE;
 use devbox_store::{ImageRecord, StoreError, now_ms};
+use devbox_wire::ImageConfig;
 
 use crate::model::{ImageInfo, ImportImageRequest, rfc3339};
 use crate::{Engine, EngineError, Result};

@@ -5,7 +5,9 @@
 //! operations every front end offers (the REST API, hence the CLI): sandboxes
 //! ([`Engine::create`], [`Engine::start`], [`Engine::stop`], [`Engine::destroy`],
 //! [`Engine::list`], [`Engine::inspect`]), commands ([`Engine::exec`], an [`ExecSession`]),
-//! images and the pool.
+//! images and the pool. Flows that front ends share (an exec that waits for its approval, a
+//! one-shot run) and the explicit [`Caller`] are in `flows.rs`; requests and responses are the
+//! wire model's ([`devbox_wire`], re-exported in [`model`]), so front ends only translate.
 //!
 //! Operations on one sandbox are serialised by a per-name lock; operations on different
 //! sandboxes run in parallel. Each lifecycle step is recorded before it acts, and
@@ -15,6 +17,7 @@
 mod config;
 mod error;
 mod exec;
+mod flows;
 mod images;
 mod locks;
 mod main_process;
@@ -25,6 +28,7 @@ mod reconcile;
 mod safety;
 mod sandbox;
 mod snapshots;
+mod to_wire;
 mod transfer;
 mod warm;
 
@@ -40,6 +44,7 @@ use devbox_store::Store;
 pub use config::EngineConfig;
 pub use error::EngineError;
 pub use exec::{ExecExit, ExecSession, Output, Pty};
+pub use flows::{ApprovalWait, Caller, OneShot};
 pub use reconcile::{DAEMON_MARK_ENV, daemon_mark, is_own_mark};
 pub use safety::{ACTOR, ApprovalInfo, PolicyInfo, current_actor, shell_join};
 

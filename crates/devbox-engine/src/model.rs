@@ -1,14 +1,19 @@
-//! The engine's request and response types: the public shapes of the API.
+//! The engine's request and response types. Most are the wire model's ([`devbox_wire`]),
+//! which front ends speak; the two that hold types of the crates below the engine (the
+//! spec's record state, the cgroup's usage, the storage's changes) are the engine's own and
+//! convert into the wire model's with `From`.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, UNIX_EPOCH};
 
-use devbox_image::ImageConfig;
 use devbox_runtime::cgroup::Usage;
 use devbox_spec::{ResolvedLimits, SandboxManifest};
 use devbox_store::SandboxState;
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+
+pub use devbox_wire::{
+    CloneRequest, CreateSandboxRequest, ExecRequest, ExecResult, ImageInfo, ImportImageRequest,
+    ProcessInfo, RollbackRequest, SnapshotInfo, SnapshotRequest, StopRequest, TtySize,
+};
 
 /// Formats milliseconds since the epoch as RFC 3339.
 pub fn rfc3339(ms: i64) -> String {
@@ -16,43 +21,8 @@ pub fn rfc3339(ms: i64) -> String {
         .to_string()
 }
 
-fn default_true() -> bool {
-    true
-}
-
-/// Create a sandbox.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct CreateSandboxRequest {
-    /// The sandbox's name; overrides `manifest.metadata.name`.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// The Sandbox document (apiVersion sandbox.io/v1); defaults apply when omitted.
-    #[serde(default)]
-    pub manifest: Option<SandboxManifest>,
-    /// Start it right away (default true).
-    #[serde(default = "default_true")]
-    pub start: bool,
-}
-
-/// Stop a sandbox.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
-pub struct StopRequest {
-    /// Seconds between SIGTERM and SIGKILL (default 10; 0 kills at once).
-    #[serde(default)]
-    pub grace_seconds: Option<f64>,
-}
-
-/// A process of a sandbox, seen from the host.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ProcessInfo {
-    /// Host pid.
-    pub pid: i32,
-    /// Command line.
-    pub command: String,
-}
-
 /// Everything about a sandbox.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SandboxInfo {
     /// Internal id.
     pub id: String,
@@ -89,184 +59,8 @@ pub struct SandboxInfo {
     pub last_error: Option<String>,
 }
 
-/// A terminal size.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
-pub struct TtySize {
-    /// Rows.
-    pub rows: u16,
-    /// Columns.
-    pub cols: u16,
-}
-
-/// Run a command in a sandbox.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
-pub struct ExecRequest {
-    /// Program and arguments. Use `["/bin/sh", "-c", "..."]` for shell text, or set `command`.
-    #[serde(default)]
-    pub argv: Vec<String>,
-    /// Shell text, run through `/bin/sh -c` (instead of `argv`).
-    #[serde(default)]
-    pub command: Option<String>,
-    /// Extra environment.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// Working directory (default: the spec's, the image's, or /work for the host image).
-    #[serde(default)]
-    pub workdir: Option<String>,
-    /// `user`, `uid`, `user:group` or `uid:gid`.
-    #[serde(default)]
-    pub user: Option<String>,
-    /// Allocate a terminal of this size.
-    #[serde(default)]
-    pub tty: Option<TtySize>,
-    /// Standard input (non-streaming exec): text fed to the command.
-    #[serde(default)]
-    pub stdin: Option<String>,
-    /// Take a snapshot first, and roll back to it if the command exits non-zero.
-    #[serde(default)]
-    pub rollback_on_failure: bool,
-    /// An approved approval for exactly this command (when the checks require one).
-    #[serde(default)]
-    pub approval: Option<String>,
-}
-
-impl ExecRequest {
-    /// The argv to run.
-    pub fn resolved_argv(&self) -> Result<Vec<String>, crate::EngineError> {
-        match (&self.command, self.argv.is_empty()) {
-            (Some(_), false) => Err(crate::EngineError::InvalidRequest(
-                "give either `argv` or `command`, not both".into(),
-            )),
-            (Some(c), true) => Ok(vec!["/bin/sh".into(), "-c".into(), c.clone()]),
-            (None, false) => Ok(self.argv.clone()),
-            (None, true) => Err(crate::EngineError::InvalidRequest(
-                "no command given: set `argv` or `command`".into(),
-            )),
-        }
-    }
-}
-
-/// The outcome of a non-streaming exec.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ExecResult {
-    /// Exit code (128 + signal when killed).
-    pub exit_code: i32,
-    /// Signal that killed the command, if any.
-    pub signal: Option<i32>,
-    /// Standard output (UTF-8, lossy).
-    pub stdout: String,
-    /// Standard error (UTF-8, lossy).
-    pub stderr: String,
-    /// Output was cut at the size limit.
-    pub truncated: bool,
-    /// Wall time in milliseconds.
-    pub duration_ms: u64,
-    /// The snapshot the sandbox was rolled back to after the command failed.
-    pub rolled_back_to: Option<String>,
-}
-
-/// Import an image from a path on the daemon's host.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ImportImageRequest {
-    /// Rootfs tarball, rootfs directory, OCI layout (directory or archive) or docker-save archive.
-    pub path: String,
-    /// Name for the image (default: from the archive or the file name).
-    #[serde(default)]
-    pub name: Option<String>,
-}
-
-/// An image.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ImageInfo {
-    /// Content id (sha256 hex; `host` for the host image).
-    pub id: String,
-    /// Name.
-    pub name: String,
-    /// Source format.
-    pub format: String,
-    /// Bytes.
-    pub size_bytes: u64,
-    /// Imported (RFC 3339).
-    pub created_at: String,
-    /// What was imported.
-    pub source: String,
-    /// Run settings.
-    pub config: ImageConfig,
-    /// Sandboxes using it.
-    pub used_by: Vec<String>,
-}
-
-/// Take a snapshot.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
-pub struct SnapshotRequest {
-    /// Name, unique in the sandbox (default: a time-ordered `s-YYYYMMDD-HHMMSS-mmm`).
-    #[serde(default)]
-    pub name: Option<String>,
-    /// A message.
-    #[serde(default)]
-    pub message: Option<String>,
-    /// Labels.
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// Also checkpoint the running processes (CRIU), so that a rollback to this snapshot
-    /// restores them running.
-    #[serde(default)]
-    pub with_processes: bool,
-}
-
-/// A snapshot.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct SnapshotInfo {
-    /// Internal id.
-    pub id: String,
-    /// Name.
-    pub name: String,
-    /// The sandbox.
-    pub sandbox: String,
-    /// Name of the snapshot it descends from.
-    pub parent: Option<String>,
-    /// Taken (RFC 3339).
-    pub created_at: String,
-    /// Message.
-    pub message: Option<String>,
-    /// Labels.
-    pub labels: BTreeMap<String, String>,
-    /// Taken automatically before an exec.
-    pub auto: bool,
-    /// Bytes of files in its writable layer (measured in the background after it is taken).
-    pub size_bytes: Option<u64>,
-    /// It holds a checkpoint of the sandbox's processes: a rollback to it restores them.
-    pub processes: bool,
-    /// The sandbox's current state descends from it directly.
-    pub head: bool,
-    /// Sandboxes cloned from it.
-    pub clones: Vec<String>,
-}
-
-/// Roll a sandbox back.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
-pub struct RollbackRequest {
-    /// Snapshot name or id, or `latest`.
-    pub to: String,
-    /// Only these absolute paths (and what is under them); everything else stays.
-    #[serde(default)]
-    pub paths: Vec<String>,
-}
-
-/// Clone a sandbox from one of its snapshots.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct CloneRequest {
-    /// Snapshot name or id, or `latest`.
-    pub snapshot: String,
-    /// The new sandbox's name.
-    pub name: String,
-    /// Start it (default true).
-    #[serde(default = "default_true")]
-    pub start: bool,
-}
-
 /// Differences between two states of a sandbox.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DiffResult {
     /// The older state: a snapshot's name, or `image`.
     pub from: String,
@@ -274,4 +68,37 @@ pub struct DiffResult {
     pub to: String,
     /// Changed paths, sorted.
     pub changes: Vec<devbox_storage::layers::Change>,
+}
+
+impl From<SandboxInfo> for devbox_wire::SandboxInfo {
+    fn from(s: SandboxInfo) -> Self {
+        Self {
+            id: s.id,
+            name: s.name,
+            state: crate::to_wire::sandbox_state(s.state),
+            image: s.image,
+            image_id: s.image_id,
+            manifest: s.manifest,
+            limits: s.limits,
+            uid_base: s.uid_base,
+            init_pid: s.init_pid,
+            processes: s.processes,
+            usage: s.usage.map(crate::to_wire::usage),
+            storage_bytes: s.storage_bytes,
+            created_at: s.created_at,
+            started_at: s.started_at,
+            stopped_at: s.stopped_at,
+            last_error: s.last_error,
+        }
+    }
+}
+
+impl From<DiffResult> for devbox_wire::DiffResult {
+    fn from(d: DiffResult) -> Self {
+        Self {
+            from: d.from,
+            to: d.to,
+            changes: d.changes.into_iter().map(crate::to_wire::change).collect(),
+        }
+    }
 }

@@ -14,12 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use devbox_safety::{Check, CheckContext, PolicySet, PolicySource, Verdict};
-use devbox_store::{
-    ApprovalRecord, ApprovalState, AuditRecord, AuditVerification, PolicyRecord, SandboxRecord,
-    now_ms,
-};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use devbox_store::{ApprovalRecord, ApprovalState, PolicyRecord, SandboxRecord, now_ms};
+pub use devbox_wire::{ApprovalInfo, PolicyInfo};
 
 use crate::model::rfc3339;
 use crate::sandbox::new_id;
@@ -56,66 +52,6 @@ pub(crate) fn with_actor<T>(actor: String, f: impl FnOnce() -> T) -> T {
 pub(crate) struct PolicyCache {
     version: AtomicU64,
     sets: Mutex<HashMap<Option<String>, (u64, PolicySet)>>,
-}
-
-/// An approval, as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ApprovalInfo {
-    /// Id: approve with `sandbox approve ID`.
-    pub id: String,
-    /// The sandbox.
-    pub sandbox: String,
-    /// The command.
-    pub command: String,
-    /// Why approval is needed.
-    pub reasons: Vec<String>,
-    /// Risk level.
-    pub risk: String,
-    /// Where it stands.
-    pub state: ApprovalState,
-    /// Who asked.
-    pub requested_by: String,
-    /// Who decided.
-    pub decided_by: Option<String>,
-    /// Why it was denied.
-    pub reason: Option<String>,
-    /// Asked (RFC 3339).
-    pub created_at: String,
-    /// Expires (RFC 3339).
-    pub expires_at: String,
-}
-
-impl From<ApprovalRecord> for ApprovalInfo {
-    fn from(a: ApprovalRecord) -> Self {
-        Self {
-            id: a.id,
-            sandbox: a.sandbox,
-            command: a.command,
-            reasons: a.reasons,
-            risk: a.risk,
-            state: a.state,
-            requested_by: a.requested_by,
-            decided_by: a.decided_by,
-            reason: a.reason,
-            created_at: rfc3339(a.created_at),
-            expires_at: rfc3339(a.expires_at),
-        }
-    }
-}
-
-/// A policy, as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct PolicyInfo {
-    /// Name.
-    pub name: String,
-    /// The sandbox it applies to (none: all).
-    pub sandbox: Option<String>,
-    /// Rego text.
-    pub rego: String,
-    /// Added (RFC 3339); empty for the built-in default.
-    pub created_at: String,
-    /// The built-in default policy.
-    pub builtin: bool,
 }
 
 /// Quotes argv into shell text that parses back to the same words.
@@ -237,14 +173,19 @@ impl Engine {
         self: &Arc<Self>,
         sandbox: Option<String>,
         text: String,
-        candidate: Option<PolicySource>,
-    ) -> Result<Check> {
+        candidate: Option<devbox_wire::CandidatePolicy>,
+    ) -> Result<devbox_wire::Check> {
+        let candidate = candidate.map(|p| PolicySource {
+            name: p.name,
+            rego: p.rego,
+        });
         self.blocking(move |e| {
             let rec = match &sandbox {
                 Some(n) => Some(e.record(n)?),
                 None => None,
             };
             e.check_for(rec.as_ref(), &text, candidate.as_ref())
+                .map(crate::to_wire::check)
         })
         .await
     }
@@ -325,7 +266,9 @@ impl Engine {
                     Some(&rec.name),
                     serde_json::json!({"approval": a.id, "command": text, "risk": a.risk, "reasons": a.reasons}),
                 );
-                Err(EngineError::ApprovalRequired(Box::new(a.into())))
+                Err(EngineError::ApprovalRequired(Box::new(
+                    crate::to_wire::approval(a),
+                )))
             }
         }
     }
@@ -337,7 +280,7 @@ impl Engine {
             Ok(e.store
                 .approvals(!all)?
                 .into_iter()
-                .map(ApprovalInfo::from)
+                .map(crate::to_wire::approval)
                 .collect())
         })
         .await
@@ -350,7 +293,7 @@ impl Engine {
             e.expire_approvals()?;
             e.store
                 .approval(&id)?
-                .map(ApprovalInfo::from)
+                .map(crate::to_wire::approval)
                 .ok_or_else(|| EngineError::NotFound {
                     kind: "approval",
                     name: id.clone(),
@@ -436,8 +379,8 @@ impl Engine {
             e.approval_changed();
             Ok(e.store
                 .approval(&id)?
-                .map(ApprovalInfo::from)
-                .unwrap_or_else(|| a.into()))
+                .map(crate::to_wire::approval)
+                .unwrap_or_else(|| crate::to_wire::approval(a)))
         })
         .await
     }
@@ -475,7 +418,9 @@ impl Engine {
         let mut events = self.approval_events.subscribe();
         loop {
             let a = self.approval(id).await?;
-            if a.state != ApprovalState::Pending || tokio::time::Instant::now() >= deadline {
+            if a.state != devbox_wire::ApprovalState::Pending
+                || tokio::time::Instant::now() >= deadline
+            {
                 return Ok(a);
             }
             // Wake on any decision, and at least every second to notice expiry.
@@ -578,15 +523,24 @@ impl Engine {
         sandbox: Option<String>,
         since_ms: Option<i64>,
         limit: usize,
-    ) -> Result<Vec<AuditRecord>> {
+    ) -> Result<Vec<devbox_wire::AuditRecord>> {
         self.bookkeeping.settled().await;
-        self.blocking(move |e| Ok(e.store.audit(sandbox.as_deref(), since_ms, limit)?))
-            .await
+        self.blocking(move |e| {
+            let records = e.store.audit(sandbox.as_deref(), since_ms, limit)?;
+            Ok(records
+                .into_iter()
+                .map(crate::to_wire::audit_record)
+                .collect())
+        })
+        .await
     }
 
     /// Checks the audit chain; with `head` (a head hash from an earlier verify, kept
     /// elsewhere), also that the chain still reaches it.
-    pub async fn verify_audit(self: &Arc<Self>, head: Option<String>) -> Result<AuditVerification> {
+    pub async fn verify_audit(
+        self: &Arc<Self>,
+        head: Option<String>,
+    ) -> Result<devbox_wire::AuditVerification> {
         let head = match head {
             None => None,
             Some(h) => {
@@ -600,8 +554,11 @@ impl Engine {
             }
         };
         self.bookkeeping.settled().await;
-        self.blocking(move |e| Ok(e.store.verify_audit(head.as_deref())?))
-            .await
+        self.blocking(move |e| {
+            let found = e.store.verify_audit(head.as_deref())?;
+            Ok(crate::to_wire::audit_verification(found))
+        })
+        .await
     }
 
     /// Deletes audit records, exec records and exec logs older than the retention period.

@@ -24,7 +24,6 @@ use std::path::{Path, PathBuf};
 use devbox_storage::{Pool, StorageError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use utoipa::ToSchema;
 
 /// The id of the built-in host image.
 pub const HOST_IMAGE: &str = "host";
@@ -81,7 +80,7 @@ impl ImageError {
 }
 
 /// How processes run by default in an image (from an OCI config).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageConfig {
     /// Environment, `KEY=value`.
     #[serde(default)]
@@ -101,7 +100,7 @@ pub struct ImageConfig {
 }
 
 /// Where an image came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ImageFormat {
     /// The host's system.

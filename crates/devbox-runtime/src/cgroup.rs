@@ -24,7 +24,7 @@ pub struct Limits {
 }
 
 /// Resource use of one sandbox, as the kernel counts it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     /// Memory charged to the sandbox, in bytes.
     pub memory_bytes: u64,

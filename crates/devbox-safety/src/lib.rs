@@ -11,14 +11,13 @@ pub mod policy;
 pub mod rules;
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 pub use parse::{Invocation, Parsed};
 pub use policy::{PolicyError, PolicySet, PolicySource, PolicyVerdict, Verdict};
 pub use rules::{Finding, Risk};
 
 /// Who and what a check is about (besides the text).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CheckContext {
     /// The sandbox's name.
     pub sandbox: String,
@@ -31,7 +30,7 @@ pub struct CheckContext {
 }
 
 /// The outcome of a check.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Check {
     /// What to do.
     pub decision: Verdict,

@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use brush_parser::ast;
 use brush_parser::word::{Parameter, ParameterExpr, WordPiece, WordPieceWithSource};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 /// Most nested levels of `sh -c`, `eval`, substitutions... followed.
 const MAX_DEPTH: usize = 8;
@@ -24,7 +23,7 @@ const MAX_DEPTH: usize = 8;
 const MAX_INVOCATIONS: usize = 2000;
 
 /// A redirection of a command.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Redirect {
     /// The file descriptor (none: the operator's default).
     pub fd: Option<u32>,
@@ -35,7 +34,7 @@ pub struct Redirect {
 }
 
 /// One command that would run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Invocation {
     /// The program's name (the last component of its path): `rm`.
     pub program: String,
@@ -92,7 +91,7 @@ impl Invocation {
 }
 
 /// A function defined in the text, and the names its body calls.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Function {
     /// Its name.
     pub name: String,
@@ -103,7 +102,7 @@ pub struct Function {
 }
 
 /// Everything found in a text.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Parsed {
     /// The commands that would run.
     pub invocations: Vec<Invocation>,

@@ -19,7 +19,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::rules::{Finding, Risk};
-use utoipa::ToSchema;
 
 /// The built-in policy: critical findings are denied, high ones need approval, text that
 /// cannot be parsed needs approval, the rest is allowed.
@@ -61,7 +60,7 @@ reasons contains msg if {
 "#;
 
 /// What a policy decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
     /// Run it.
@@ -84,7 +83,7 @@ impl Verdict {
 }
 
 /// One policy's part in a decision.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyVerdict {
     /// The policy's name.
     pub policy: String,

@@ -3,14 +3,11 @@
 //! (see [`crate::policy`]).
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 use crate::parse::{self, Invocation, Parsed, SHELLS};
 
 /// How risky a finding is.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Risk {
     /// Nothing found.
@@ -26,7 +23,7 @@ pub enum Risk {
 }
 
 /// One rule's verdict on one command.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finding {
     /// Rule id, e.g. `fs.recursive_delete_root`.
     pub rule: String,

@@ -24,7 +24,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 /// The only apiVersion understood.
 pub const API_VERSION: &str = "sandbox.io/v1";
@@ -57,7 +56,7 @@ impl SpecError {
 }
 
 /// A sandbox name: 1 to 63 characters of `a-z 0-9 . _ -`, starting with a letter or digit.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Name(String);
 
@@ -118,7 +117,7 @@ impl fmt::Display for Name {
 }
 
 /// How a sandbox is isolated.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Isolation {
     /// Namespaces, cgroups, seccomp (the native backend).
@@ -129,7 +128,7 @@ pub enum Isolation {
 }
 
 /// Network access of a sandbox.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkMode {
     /// Loopback only: the network is closed.
@@ -138,7 +137,7 @@ pub enum NetworkMode {
 }
 
 /// Resource limits (strings as in Kubernetes: `cpu: "1.5"` or `"500m"`, `memory: 2Gi`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsSpec {
     /// CPUs: `"2"`, `"0.5"`, `"500m"`.
@@ -153,7 +152,7 @@ pub struct LimitsSpec {
 }
 
 /// Snapshot behaviour.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RollbackSpec {
     /// Snapshots are enabled (they always are; kept for the seed's format).
@@ -202,7 +201,7 @@ impl RollbackSpec {
 }
 
 /// The `spec` section.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SandboxSpec {
     /// Isolation backend.
@@ -240,7 +239,7 @@ pub struct SandboxSpec {
 }
 
 /// `metadata`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Metadata {
     /// Sandbox name.
@@ -252,7 +251,7 @@ pub struct Metadata {
 }
 
 /// A whole Sandbox document.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SandboxManifest {
     /// Must be `sandbox.io/v1`.
@@ -287,7 +286,7 @@ pub const MIN_PIDS: u64 = 2;
 pub const MAX_PIDS: u64 = 4 << 20;
 
 /// Limits in numbers, after parsing and defaults.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResolvedLimits {
     /// Memory in bytes.
     pub memory_bytes: u64,

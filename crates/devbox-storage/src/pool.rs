@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 use crate::drivers::btrfs::{self, BtrfsDriver};
 use crate::drivers::{CopyDriver, VolumeDriver};
@@ -61,10 +60,9 @@ pub enum PoolSource {
 }
 
 /// What `sandbox pool info` shows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolInfo {
     /// Driver in use (`btrfs`, `copy`).
-    #[schema(example = "btrfs")]
     pub driver: String,
     /// Pool directory.
     pub path: String,

@@ -22,7 +22,6 @@ pub use safety::{
 use serde::{Deserialize, Serialize};
 pub use snapshots::{SnapshotRecord, SnapshotState};
 pub use uids::{BLOCK_SLOTS, DEFAULT_REGISTRY, UidRegistry};
-use utoipa::ToSchema;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +52,7 @@ pub fn now_ms() -> i64 {
 }
 
 /// Where a sandbox is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SandboxState {
     /// Being created; not usable yet.

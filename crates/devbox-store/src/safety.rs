@@ -3,12 +3,11 @@
 use rusqlite::{OptionalExtension, Row, params};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use utoipa::ToSchema;
 
 use crate::{Store, StoreError, is_unique_violation, now_ms};
 
 /// A stored policy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyRecord {
     /// Name (unique within its scope).
     pub name: String,
@@ -21,7 +20,7 @@ pub struct PolicyRecord {
 }
 
 /// Where an approval stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ApprovalState {
     /// Waiting for someone.
@@ -64,7 +63,7 @@ impl ApprovalState {
 }
 
 /// A command held for approval.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApprovalRecord {
     /// Id.
     pub id: String,
@@ -95,7 +94,7 @@ pub struct ApprovalRecord {
 }
 
 /// One audit record; each carries the hash of the one before.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {
     /// Position in the chain.
     pub seq: i64,
@@ -142,7 +141,7 @@ pub fn audit_hash(
 }
 
 /// What `audit verify` found.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditVerification {
     /// Records checked.
     pub records: u64,
@@ -174,7 +173,7 @@ pub struct AuditVerification {
 }
 
 /// One exec, as recorded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecRecord {
     /// Id (names its log files).
     pub id: String,

@@ -2,12 +2,11 @@
 
 use rusqlite::{OptionalExtension, Row, params};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 use crate::{Store, StoreError, is_unique_violation};
 
 /// Where a snapshot is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SnapshotState {
     /// Being taken; its volume may not exist yet.

@@ -10,7 +10,8 @@
 //! - text frames carry [`ClientMsg::StdinEof`], [`ClientMsg::Resize`], [`ClientMsg::Signal`]
 //!   from the client, and finally [`ServerMsg::Exit`] from the server, which then closes.
 
-use devbox_engine::model::{CreateSandboxRequest, ExecRequest};
+use crate::checks::ApprovalInfo;
+use crate::model::{CreateSandboxRequest, ExecRequest};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -82,7 +83,7 @@ pub enum ServerMsg {
     /// once it is decided.
     ApprovalRequired {
         /// The approval.
-        approval: devbox_engine::ApprovalInfo,
+        approval: ApprovalInfo,
     },
     /// The request failed.
     Error {

@@ -1,13 +1,18 @@
-//! A typed client of the API over the daemon's Unix socket.
+//! A typed client of the dev-box API over the daemon's Unix socket: REST calls and the exec
+//! WebSocket. It speaks the wire model ([`devbox_wire`]) and nothing else of the daemon.
+
+pub use devbox_wire as wire;
 
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use devbox_engine::model::{
-    CloneRequest, CreateSandboxRequest, DiffResult, ExecRequest, ExecResult, ImageInfo,
-    ImportImageRequest, RollbackRequest, SandboxInfo, SnapshotInfo, SnapshotRequest, StopRequest,
+use devbox_wire::stream::{ClientMsg, ServerMsg};
+use devbox_wire::{
+    ApprovalInfo, AuditRecord, AuditVerification, Check, CloneRequest, CreateSandboxRequest,
+    DiffResult, ErrorBody, ExecRequest, ExecResult, ImageInfo, ImportImageRequest, PolicyInfo,
+    PoolInfo, RollbackRequest, SandboxInfo, SnapshotInfo, SnapshotRequest, StopRequest,
+    VersionInfo,
 };
-use devbox_storage::PoolInfo;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -15,9 +20,6 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-
-use crate::server::{ErrorBody, VersionInfo};
-use crate::wire::{ClientMsg, ServerMsg};
 
 /// Errors seen by a client.
 #[derive(Debug, thiserror::Error)]
@@ -439,11 +441,7 @@ impl Client {
     }
 
     /// What the checks decide for a command.
-    pub async fn check(
-        &self,
-        sandbox: Option<&str>,
-        command: &str,
-    ) -> Result<devbox_safety::Check, ClientError> {
+    pub async fn check(&self, sandbox: Option<&str>, command: &str) -> Result<Check, ClientError> {
         self.test_policy(sandbox, command, None).await
     }
 
@@ -453,7 +451,7 @@ impl Client {
         sandbox: Option<&str>,
         command: &str,
         policy: Option<(&str, &str)>,
-    ) -> Result<devbox_safety::Check, ClientError> {
+    ) -> Result<Check, ClientError> {
         let policy = policy.map(|(name, rego)| serde_json::json!({"name": name, "rego": rego}));
         let body = serde_json::json!({"command": command, "sandbox": sandbox, "policy": policy});
         self.json(Method::POST, "/v1/check", Self::body(&body))
@@ -461,10 +459,7 @@ impl Client {
     }
 
     /// Policies (global, or applying to a sandbox).
-    pub async fn policies(
-        &self,
-        sandbox: Option<&str>,
-    ) -> Result<Vec<devbox_engine::PolicyInfo>, ClientError> {
+    pub async fn policies(&self, sandbox: Option<&str>) -> Result<Vec<PolicyInfo>, ClientError> {
         let q = sandbox
             .map(|s| format!("?sandbox={}", enc(s)))
             .unwrap_or_default();
@@ -478,7 +473,7 @@ impl Client {
         name: &str,
         sandbox: Option<&str>,
         rego: &str,
-    ) -> Result<devbox_engine::PolicyInfo, ClientError> {
+    ) -> Result<PolicyInfo, ClientError> {
         let body = serde_json::json!({"rego": rego, "sandbox": sandbox});
         self.json(
             Method::PUT,
@@ -507,10 +502,7 @@ impl Client {
     }
 
     /// Approvals.
-    pub async fn approvals(
-        &self,
-        all: bool,
-    ) -> Result<Vec<devbox_engine::ApprovalInfo>, ClientError> {
+    pub async fn approvals(&self, all: bool) -> Result<Vec<ApprovalInfo>, ClientError> {
         self.json(Method::GET, &format!("/v1/approvals?all={all}"), None)
             .await
     }
@@ -521,7 +513,7 @@ impl Client {
         id: &str,
         approve: bool,
         reason: Option<&str>,
-    ) -> Result<devbox_engine::ApprovalInfo, ClientError> {
+    ) -> Result<ApprovalInfo, ClientError> {
         let verb = if approve { "approve" } else { "deny" };
         let body = serde_json::json!({"reason": reason});
         self.json(
@@ -538,7 +530,7 @@ impl Client {
         sandbox: Option<&str>,
         since: Option<&str>,
         limit: Option<usize>,
-    ) -> Result<Vec<devbox_store::AuditRecord>, ClientError> {
+    ) -> Result<Vec<AuditRecord>, ClientError> {
         let mut q = Vec::new();
         if let Some(s) = sandbox {
             q.push(format!("sandbox={}", enc(s)));
@@ -554,10 +546,7 @@ impl Client {
     }
 
     /// Checks the audit chain; with `head`, also that it reaches that kept head hash.
-    pub async fn verify_audit(
-        &self,
-        head: Option<&str>,
-    ) -> Result<devbox_store::AuditVerification, ClientError> {
+    pub async fn verify_audit(&self, head: Option<&str>) -> Result<AuditVerification, ClientError> {
         let path = match head {
             Some(h) => format!("/v1/audit/verify?head={}", enc(h)),
             None => "/v1/audit/verify".to_string(),
@@ -604,7 +593,7 @@ impl Client {
         &self,
         path: &str,
         first: &ClientMsg,
-        on_approval: impl Fn(&devbox_engine::ApprovalInfo),
+        on_approval: impl Fn(&ApprovalInfo),
     ) -> Result<(ExecStream, String, i32), ClientError> {
         use futures_util::{SinkExt, StreamExt};
         let stream = self.connect().await?;

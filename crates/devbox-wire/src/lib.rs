@@ -1,0 +1,25 @@
+//! The wire model of the dev-box API: what travels between a client and the daemon.
+//!
+//! - [`model`]: requests and responses of sandboxes, execs, snapshots, images and the pool;
+//! - [`checks`]: command checks, policies, approvals and the audit log;
+//! - [`error`]: the error body every failed request answers with;
+//! - [`stream`]: the messages of the exec WebSocket;
+//! - [`query`]: the query strings of the routes;
+//! - [`openapi`]: the OpenAPI document ([`openapi::ApiDoc`]), built from these types alone.
+//!
+//! This is the only crate that derives OpenAPI schemas. It depends on nothing of the daemon
+//! (no engine, SQLite, Rego or runtime), so clients (the CLI, SDK tests, an MCP server) build
+//! on it alone. The Sandbox document itself is [`devbox_spec::SandboxManifest`]; its schema is
+//! described here ([`spec_schema`]).
+
+pub mod checks;
+pub mod error;
+pub mod model;
+pub mod openapi;
+pub mod query;
+pub mod spec_schema;
+pub mod stream;
+
+pub use checks::*;
+pub use error::{ErrorBody, ErrorDetail, RequestError};
+pub use model::*;

@@ -1,0 +1,255 @@
+//! The OpenAPI document of the REST API (`GET /openapi.json`, `sandbox api openapi`).
+//!
+//! Each route is described by a function of this module that does nothing but carry the
+//! route's `#[utoipa::path]`; the daemon's handlers (crate `devbox-api`) implement them. The
+//! document needs only the wire model, so a client prints it without a daemon.
+
+use utoipa::OpenApi;
+
+use crate::checks::{
+    ApprovalInfo, AuditRecord, AuditVerification, Check, CheckRequest, DenyRequest, PolicyInfo,
+    PolicyRequest,
+};
+use crate::error::{ErrorBody, ErrorDetail};
+use crate::model::{
+    CloneRequest, CreateSandboxRequest, DiffResult, ExecRequest, ExecResult, ImageInfo,
+    ImportImageRequest, PoolInfo, RollbackRequest, SandboxInfo, SnapshotInfo, SnapshotRequest,
+    StopRequest, VersionInfo,
+};
+use crate::query::{
+    ApprovalsQuery, AuditQuery, DeleteSnapshotQuery, DestroyQuery, DiffQuery, ImportSnapshotQuery,
+    ScopeQuery, VerifyQuery, WaitQuery,
+};
+use crate::stream::{ClientMsg, ServerMsg};
+
+/// The API's OpenAPI description.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "dev-box API",
+        description = "Sandboxes that start in milliseconds, run commands, and are destroyed without a trace. \
+The daemon serves this API on a root-only Unix socket (/run/dev-box/api.sock by default). \
+Errors have the shape {\"error\": {\"code\", \"message\"}}."
+    ),
+    paths(
+        version,
+        list_sandboxes,
+        create_sandbox,
+        inspect_sandbox,
+        destroy_sandbox,
+        start_sandbox,
+        stop_sandbox,
+        exec,
+        list_snapshots,
+        take_snapshot,
+        delete_snapshot,
+        export_snapshot,
+        import_snapshot,
+        rollback,
+        clone_sandbox,
+        diff,
+        exec_stream,
+        run_stream,
+        list_images,
+        import_image,
+        remove_image,
+        pool_info,
+        check,
+        list_policies,
+        put_policy,
+        delete_policy,
+        list_approvals,
+        get_approval,
+        approve,
+        deny,
+        audit,
+        verify,
+        export_logs,
+    ),
+    components(schemas(
+        ErrorBody,
+        ErrorDetail,
+        VersionInfo,
+        ClientMsg,
+        ServerMsg,
+        crate::spec_schema::SandboxManifest,
+    ))
+)]
+pub struct ApiDoc;
+
+#[utoipa::path(get, path = "/v1/version", tag = "crate::server", responses((status = 200, body = VersionInfo)))]
+#[allow(dead_code)]
+fn version() {}
+
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "crate::server", responses((status = 200, body = Vec<SandboxInfo>)))]
+#[allow(dead_code)]
+fn list_sandboxes() {}
+
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "crate::server", request_body = CreateSandboxRequest,
+    responses((status = 201, body = SandboxInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[allow(dead_code)]
+fn create_sandbox() {}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{name}", tag = "crate::server", params(("name" = String, Path)),
+    responses((status = 200, body = SandboxInfo), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn inspect_sandbox() {}
+
+#[utoipa::path(delete, path = "/v1/sandboxes/{name}", tag = "crate::server", params(("name" = String, Path), DestroyQuery),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn destroy_sandbox() {}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/start", tag = "crate::server", params(("name" = String, Path)),
+    responses((status = 200, body = SandboxInfo), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn start_sandbox() {}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/stop", tag = "crate::server", params(("name" = String, Path)), request_body = StopRequest,
+    responses((status = 200, body = SandboxInfo), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn stop_sandbox() {}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/exec", tag = "crate::server", params(("name" = String, Path)), request_body = ExecRequest,
+    responses((status = 200, body = ExecResult), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+#[allow(dead_code)]
+fn exec() {}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/snapshots", tag = "crate::server", params(("name" = String, Path)),
+    responses((status = 200, body = Vec<SnapshotInfo>), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn list_snapshots() {}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/snapshots", tag = "crate::server", params(("name" = String, Path)), request_body = SnapshotRequest,
+    responses((status = 201, body = SnapshotInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 507, body = ErrorBody)))]
+#[allow(dead_code)]
+fn take_snapshot() {}
+
+#[utoipa::path(delete, path = "/v1/sandboxes/{name}/snapshots/{snapshot}", tag = "crate::server", params(("name" = String, Path), ("snapshot" = String, Path), DeleteSnapshotQuery),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[allow(dead_code)]
+fn delete_snapshot() {}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/snapshots/{snapshot}/export", tag = "crate::server", params(("name" = String, Path), ("snapshot" = String, Path)),
+    description = "The snapshot as a dev-box.snapshot/v1 archive (zstd-compressed tar of manifest.json and layer.tar).",
+    responses((status = 200, content_type = "application/zstd"), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn export_snapshot() {}
+
+#[utoipa::path(post, path = "/v1/snapshots/import", tag = "crate::server", params(ImportSnapshotQuery),
+    description = "Body: a dev-box.snapshot/v1 archive. Makes a sandbox whose state and history head is the snapshot.",
+    request_body(content_type = "application/zstd"),
+    responses((status = 201, body = SandboxInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[allow(dead_code)]
+fn import_snapshot() {}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/rollback", tag = "crate::server", params(("name" = String, Path)), request_body = RollbackRequest,
+    responses((status = 200, body = SandboxInfo), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn rollback() {}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/clone", tag = "crate::server", params(("name" = String, Path)), request_body = CloneRequest,
+    responses((status = 201, body = SandboxInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[allow(dead_code)]
+fn clone_sandbox() {}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/diff", tag = "crate::server", params(("name" = String, Path), DiffQuery),
+    responses((status = 200, body = DiffResult), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn diff() {}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/exec/stream", tag = "crate::ws", params(("name" = String, Path)),
+    description = "WebSocket: send {\"type\":\"exec\",\"exec\":ExecRequest,\"stdin\":bool}; receive started, output frames (first byte 1 stdout, 2 stderr), exit.",
+    responses((status = 101, description = "switching to the WebSocket protocol")))]
+#[allow(dead_code)]
+fn exec_stream() {}
+
+#[utoipa::path(get, path = "/v1/run/stream", tag = "crate::ws",
+    description = "WebSocket: send {\"type\":\"run\",\"sandbox\":CreateSandboxRequest,\"exec\":ExecRequest,\"stdin\":bool}; the sandbox is created, runs the command as on exec/stream, and is destroyed when the command ends or the client leaves.",
+    responses((status = 101, description = "switching to the WebSocket protocol")))]
+#[allow(dead_code)]
+fn run_stream() {}
+
+#[utoipa::path(get, path = "/v1/images", tag = "crate::server", responses((status = 200, body = Vec<ImageInfo>)))]
+#[allow(dead_code)]
+fn list_images() {}
+
+#[utoipa::path(post, path = "/v1/images/import", tag = "crate::server", request_body = ImportImageRequest,
+    responses((status = 201, body = ImageInfo), (status = 400, body = ErrorBody), (status = 507, body = ErrorBody)))]
+#[allow(dead_code)]
+fn import_image() {}
+
+#[utoipa::path(delete, path = "/v1/images/{reference}", tag = "crate::server", params(("reference" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[allow(dead_code)]
+fn remove_image() {}
+
+#[utoipa::path(get, path = "/v1/pool", tag = "crate::server", responses((status = 200, body = PoolInfo)))]
+#[allow(dead_code)]
+fn pool_info() {}
+
+#[utoipa::path(post, path = "/v1/check", tag = "crate::safety", request_body = CheckRequest,
+    description = "What the checks decide for a command, and why; nothing runs.",
+    responses((status = 200, body = Check), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn check() {}
+
+#[utoipa::path(get, path = "/v1/policies", tag = "crate::safety", params(ScopeQuery), responses((status = 200, body = Vec<PolicyInfo>)))]
+#[allow(dead_code)]
+fn list_policies() {}
+
+#[utoipa::path(put, path = "/v1/policies/{name}", tag = "crate::safety", params(("name" = String, Path)), request_body = PolicyRequest,
+    description = "Adds or replaces a policy. A global policy named `default` replaces the built-in one.",
+    responses((status = 200, body = PolicyInfo), (status = 400, body = ErrorBody)))]
+#[allow(dead_code)]
+fn put_policy() {}
+
+#[utoipa::path(delete, path = "/v1/policies/{name}", tag = "crate::safety", params(("name" = String, Path), ScopeQuery),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn delete_policy() {}
+
+#[utoipa::path(get, path = "/v1/approvals", tag = "crate::safety", params(ApprovalsQuery), responses((status = 200, body = Vec<ApprovalInfo>)))]
+#[allow(dead_code)]
+fn list_approvals() {}
+
+#[utoipa::path(get, path = "/v1/approvals/{id}", tag = "crate::safety", params(("id" = String, Path), WaitQuery),
+    description = "An approval; with ?wait=N, answers once it is decided or after N seconds.",
+    responses((status = 200, body = ApprovalInfo), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn get_approval() {}
+
+#[utoipa::path(post, path = "/v1/approvals/{id}/approve", tag = "crate::safety", params(("id" = String, Path)),
+    description = "Approves a pending command: it may then run once (a waiting exec stream runs it at once; a REST client re-sends the exec with `approval`).",
+    responses((status = 200, body = ApprovalInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[allow(dead_code)]
+fn approve() {}
+
+#[utoipa::path(post, path = "/v1/approvals/{id}/deny", tag = "crate::safety", params(("id" = String, Path)), request_body = DenyRequest,
+    responses((status = 200, body = ApprovalInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[allow(dead_code)]
+fn deny() {}
+
+#[utoipa::path(get, path = "/v1/audit", tag = "crate::safety", params(AuditQuery), responses((status = 200, body = Vec<AuditRecord>)))]
+#[allow(dead_code)]
+fn audit() {}
+
+#[utoipa::path(get, path = "/v1/audit/verify", tag = "crate::safety", params(VerifyQuery),
+    description = "Checks every record's hash and link, and that the chain starts where retention's own record says it pruned to; reports the first broken record and the head (the newest record's hash). With `head`, also checks that the chain reaches that head.",
+    responses((status = 200, body = AuditVerification), (status = 400, body = ErrorBody)))]
+#[allow(dead_code)]
+fn verify() {}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/logs/export", tag = "crate::safety", params(("name" = String, Path)),
+    description = "A .tar.gz of the sandbox's exec outputs, exec records and audit records.",
+    responses((status = 200, content_type = "application/gzip"), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn export_logs() {}
+
+/// The OpenAPI document (serialises to JSON; `to_pretty_json` prints it).
+pub type Document = utoipa::openapi::OpenApi;
+
+/// The API's OpenAPI document.
+pub fn document() -> Document {
+    ApiDoc::openapi()
+}

@@ -1,0 +1,203 @@
+//! The schema of the Sandbox document ([`devbox_spec::SandboxManifest`]) and of the limits
+//! in force ([`devbox_spec::ResolvedLimits`]) in the OpenAPI document.
+//!
+//! These types describe the spec crate's types for the document only (fields of the wire
+//! model name them with `#[schema(value_type = ...)]`); nothing builds them. They mirror the
+//! spec crate's fields and serde attributes: change both together.
+
+use std::collections::BTreeMap;
+
+use utoipa::ToSchema;
+
+/// How a sandbox is isolated.
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// Namespaces, cgroups, seccomp (the native backend).
+    Container,
+    /// A virtual machine.
+    Vm,
+}
+
+/// Network access of a sandbox.
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// Loopback only: the network is closed.
+    None,
+}
+
+/// Resource limits (strings as in Kubernetes: `cpu: "1.5"` or `"500m"`, `memory: 2Gi`).
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// CPUs: `"2"`, `"0.5"`, `"500m"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// Memory: `"512Mi"`, `"4Gi"`, `"1G"`, or bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// Most processes and threads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+}
+
+/// Snapshot behaviour.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RollbackSpec {
+    /// Snapshots are enabled (they always are; kept for the seed's format).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Take a snapshot before every exec.
+    #[serde(default)]
+    pub auto_snapshot: bool,
+    /// Keep at most this many automatic snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<u32>,
+    /// Delete automatic snapshots older than this: `90s`, `30m`, `12h`, `7d`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<String>,
+}
+
+/// The `spec` section.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SandboxSpec {
+    /// Isolation backend.
+    #[serde(default)]
+    pub isolation: Isolation,
+    /// Image name or id; `host` (the default) uses the host's system directories read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Resource limits.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+    /// Snapshot behaviour.
+    #[serde(default)]
+    pub rollback: RollbackSpec,
+    /// Network access.
+    #[serde(default)]
+    pub network: NetworkMode,
+    /// Environment for every exec.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Default working directory of execs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// Default user of execs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Hostname (defaults to the sandbox's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The sandbox's main process, started (checked like an exec) each time the sandbox
+    /// starts, restarts or is rolled back: one element is shell text run by `/bin/sh -c`,
+    /// several are a program and its arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+}
+
+/// `metadata`.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    /// Sandbox name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Free-form labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A whole Sandbox document.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SandboxManifest {
+    /// Must be `sandbox.io/v1`.
+    pub api_version: String,
+    /// Must be `Sandbox`.
+    pub kind: String,
+    /// Name and labels.
+    #[serde(default)]
+    pub metadata: Metadata,
+    /// The spec.
+    #[serde(default)]
+    pub spec: SandboxSpec,
+}
+
+/// Limits in numbers, after parsing and defaults.
+#[derive(ToSchema)]
+pub struct ResolvedLimits {
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+    /// CPU in thousandths.
+    pub cpu_millis: u64,
+    /// Process limit.
+    pub pids: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde_json::Value;
+
+    /// The field names of every object schema named `name` reaches, by schema name.
+    fn schema_fields(doc: &Value, name: &str, out: &mut Vec<(String, BTreeSet<String>)>) {
+        let schema = &doc["components"]["schemas"][name];
+        let Some(props) = schema["properties"].as_object() else {
+            return;
+        };
+        out.push((name.to_string(), props.keys().cloned().collect()));
+        for p in props.values() {
+            let r = p["$ref"]
+                .as_str()
+                .or_else(|| p["allOf"][0]["$ref"].as_str())
+                .or_else(|| p["oneOf"][0]["$ref"].as_str());
+            if let Some(r) = r {
+                let child = r.rsplit('/').next().unwrap_or_default().to_string();
+                if !out.iter().any(|(n, _)| *n == child) {
+                    schema_fields(doc, &child, out);
+                }
+            }
+        }
+    }
+
+    /// The mirrors describe the spec crate's types: a manifest with every field set
+    /// serialises to exactly the fields the schema names, level by level.
+    #[test]
+    fn mirrors_match_the_spec() {
+        let doc = serde_json::to_value(crate::openapi::document()).unwrap();
+        let mut fields = Vec::new();
+        schema_fields(&doc, "SandboxManifest", &mut fields);
+        schema_fields(&doc, "ResolvedLimits", &mut fields);
+        let manifest = devbox_spec::SandboxManifest::parse(
+            "apiVersion: sandbox.io/v1\nkind: Sandbox\nmetadata: {name: a, labels: {k: v}}\n\
+             spec:\n  image: host\n  limits: {cpu: '1', memory: 1Gi, pids: 10}\n\
+             \x20 rollback: {enabled: true, autoSnapshot: true, keep: 3, maxAge: 1d}\n\
+             \x20 network: none\n  env: {A: b}\n  workdir: /w\n  user: root\n\
+             \x20 hostname: h\n  command: [sleep, '1']\n",
+        )
+        .unwrap();
+        let limits = manifest.spec.resolved_limits().unwrap();
+        let value = serde_json::json!({
+            "SandboxManifest": manifest,
+            "Metadata": manifest.metadata,
+            "SandboxSpec": manifest.spec,
+            "LimitsSpec": manifest.spec.limits,
+            "RollbackSpec": manifest.spec.rollback,
+            "ResolvedLimits": limits,
+        });
+        for (name, schema) in &fields {
+            let actual: BTreeSet<String> = value[name]
+                .as_object()
+                .unwrap_or_else(|| panic!("no sample of {name}"))
+                .keys()
+                .cloned()
+                .collect();
+            assert_eq!(&actual, schema, "{name}: fields of the spec vs its schema");
+        }
+        assert_eq!(fields.len(), 6, "{fields:?}");
+    }
+}
