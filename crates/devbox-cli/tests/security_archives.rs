@@ -8,7 +8,12 @@
 //! (a tiny archive holding a 10 GiB file) in snapshot archives on both drivers, in rootfs
 //! tarballs, OCI layouts and docker archives; archives over `DEVBOX_IMPORT_MAX_BYTES`; limits
 //! in a snapshot archive beyond what `create` accepts. Each is refused with nothing changed;
-//! a legitimate sparse file stays sparse through export and import.
+//! a legitimate sparse file stays sparse through export and import. From a hostile review:
+//! names and link targets over PATH_MAX (held in memory by the import), data after a
+//! layer's end marker (64 MiB of zeros in a few KiB), skipped data of non-file entries,
+//! a snapshot's layer.tar or manifest.json larger than they may be, OCI descriptor sizes,
+//! docker configs not named by their digest, and entries written through in-tree symlinks
+//! (chains of links included), while a later layer may still replace a link by a directory.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -1361,4 +1366,353 @@ fn imported_limits_beyond_the_daemons_range_are_refused() {
     ]);
     let info: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "imp"])).unwrap();
     assert_eq!(info["limits"]["memory_bytes"], 64u64 << 20, "{info}");
+}
+
+// ---- a hostile review: names held in memory, inflation beyond what is written, links in
+// the extracted tree ----
+
+/// A tar of `n` symlinks whose names and targets are `len` bytes long (GNU long names).
+fn long_named_links(n: usize, len: usize) -> Vec<u8> {
+    tar_with(|b| {
+        for i in 0..n {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            h.set_mode(0o777);
+            let name = format!("{i}-{}", "n".repeat(len));
+            b.append_link(&mut h, &name, "t".repeat(len)).unwrap();
+        }
+    })
+}
+
+/// `layer` followed by `zeros` bytes of zeros, which a diff id of the result covers.
+fn with_zeros(layer: &[u8], zeros: usize) -> Vec<u8> {
+    let mut v = layer.to_vec();
+    v.extend(std::iter::repeat_n(0u8, zeros));
+    v
+}
+
+#[test]
+fn names_longer_than_path_max_are_refused_before_they_are_kept() {
+    crate::require_root!();
+    let env = TestEnv::new();
+    let work = env.root.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let before = Unchanged::now(&env);
+    let links = long_named_links(200, 5000);
+    let bb = busybox_layer(b"x\n");
+    let mut cases: Vec<(&str, PathBuf)> = Vec::new();
+    // Members of the archive itself (the table of links an image archive keeps).
+    let cfg = config(&diff_ids(&[&bb]));
+    let p = work.join("docker-links.tar.zst");
+    let archive = docker_save(&cfg, &["a/layer.tar"], |b| {
+        file(b, "a/layer.tar", &bb);
+        for i in 0..200 {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            b.append_link(&mut h, format!("l{i}-{}", "n".repeat(5000)), "a/layer.tar")
+                .unwrap();
+        }
+    });
+    std::fs::write(&p, zstd::encode_all(&archive[..], 19).unwrap()).unwrap();
+    cases.push(("docker archive with long member names", p));
+    // In a layer, and in a rootfs tarball.
+    let cfg = config(&diff_ids(&[&bb, &links]));
+    let p = work.join("docker-layer.tar");
+    std::fs::write(
+        &p,
+        docker_save(&cfg, &["a/layer.tar", "b/layer.tar"], |b| {
+            file(b, "a/layer.tar", &bb);
+            file(b, "b/layer.tar", &links);
+        }),
+    )
+    .unwrap();
+    cases.push(("docker archive, long names in a layer", p));
+    let p = work.join("layout");
+    write_dir(&p, &oci_members(&cfg, &[&bb, &links]).0);
+    cases.push(("OCI layout, long names in a layer", p));
+    let p = work.join("rootfs.tar.gz");
+    std::fs::write(&p, gzip(&links)).unwrap();
+    cases.push(("rootfs tarball", p));
+    for (what, path) in &cases {
+        let err = import_fails(&env, path);
+        assert!(
+            err.contains("refusing archive entry") && err.contains("4096"),
+            "{what}: {err}"
+        );
+        assert!(
+            err.len() < 4000,
+            "{what}: the error names the entry briefly"
+        );
+        before.check(&env, what);
+    }
+    // A snapshot's layer.
+    let a = work.join("snap.tar.zst");
+    std::fs::write(&a, snapshot_archive(&links, serde_json::json!({}))).unwrap();
+    let err = env.fails(&["snapshot", "import", a.to_str().unwrap(), "--name", "ln"]);
+    assert!(err.contains("4096"), "{err}");
+    before.check(&env, "snapshot archive");
+}
+
+#[test]
+fn inflation_beyond_what_is_written_is_refused() {
+    crate::require_root!();
+    let mut env = TestEnv::new();
+    let work = env.root.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let before = Unchanged::now(&env);
+    // A valid layer followed by 64 MiB of zeros (compressed: a few KiB), which its diff id
+    // and blob digest cover: nothing is wrong with it but the size of what follows its end.
+    let bb = busybox_layer(b"x\n");
+    let padded = with_zeros(&greeting_layer(b"hi\n"), 64 << 20);
+    let cfg = config(&diff_ids(&[&bb, &padded]));
+    let mut cases: Vec<(&str, PathBuf)> = Vec::new();
+    let p = work.join("docker.tar.zst");
+    let archive = docker_save(&cfg, &["a/layer.tar", "b/layer.tar"], |b| {
+        file(b, "a/layer.tar", &bb);
+        file(b, "b/layer.tar", &padded);
+    });
+    std::fs::write(&p, zstd::encode_all(&archive[..], 19).unwrap()).unwrap();
+    cases.push(("docker archive", p));
+    let p = work.join("layout");
+    write_dir(&p, &oci_members(&cfg, &[&bb, &padded]).0);
+    cases.push(("OCI layout", p));
+    let p = work.join("rootfs.tar.zst");
+    std::fs::write(&p, zstd::encode_all(&padded[..], 19).unwrap()).unwrap();
+    cases.push(("rootfs tarball", p));
+    for (what, path) in &cases {
+        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let err = import_fails(&env, path);
+        assert!(
+            err.contains("follows the end of the tar archive"),
+            "{what} ({size} bytes): {err}"
+        );
+        before.check(&env, what);
+    }
+    // A snapshot's layer.tar, the same way; one larger than its manifest says; a
+    // manifest.json that declares more than a manifest may be.
+    let snap = |name: &str, bytes: Vec<u8>| {
+        let a = work.join(name);
+        std::fs::write(&a, bytes).unwrap();
+        env.fails(&["snapshot", "import", a.to_str().unwrap(), "--name", "bomb"])
+    };
+    let err = snap(
+        "padded.tar.zst",
+        snapshot_archive(&padded, serde_json::json!({})),
+    );
+    assert!(err.contains("follows the end of the tar archive"), "{err}");
+    before.check(&env, "snapshot with data after its layer");
+    let layer = greeting_layer(b"hi\n");
+    let manifest = serde_json::json!({
+        "format": "dev-box.snapshot/v1",
+        "snapshot": {"name": "s", "created_at": "2026-01-01T00:00:00Z", "message": null, "labels": {}},
+        "sandbox": {"name": "probe", "manifest": {"apiVersion": "sandbox.io/v1", "kind": "Sandbox", "spec": {}}},
+        "image": {"id": "host", "name": "host"},
+        "layer": {"digest": format!("sha256:{}", sha(&layer)), "size": layer.len()},
+    });
+    let json = serde_json::to_vec(&manifest).unwrap();
+    let outer = tar_with(|b| {
+        file(b, "manifest.json", &json);
+        file(b, "layer.tar", &padded);
+    });
+    let err = snap("longer.tar.zst", zstd::encode_all(&outer[..], 19).unwrap());
+    assert!(err.contains("the manifest says"), "{err}");
+    before.check(
+        &env,
+        "snapshot whose layer.tar is longer than its manifest says",
+    );
+    let mut big = json.clone();
+    big.extend(std::iter::repeat_n(b' ', 2 << 20));
+    let outer = tar_with(|b| file(b, "manifest.json", &big));
+    let err = snap(
+        "manifest.tar.zst",
+        zstd::encode_all(&outer[..], 19).unwrap(),
+    );
+    assert!(err.contains("more than a manifest may be"), "{err}");
+    before.check(&env, "snapshot with a huge manifest");
+    // What tar writers emit after the end marker is fine: GNU tar pads to 10240 bytes.
+    let tree = work.join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/greeting"), b"gnu\n").unwrap();
+    let gnu = work.join("gnu.tar");
+    let st = std::process::Command::new("tar")
+        .args(["--format=gnu", "-cf"])
+        .arg(&gnu)
+        .arg("-C")
+        .arg(&tree)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(std::fs::metadata(&gnu).unwrap().len() % 10240, 0);
+    env.ok(&["image", "import", gnu.to_str().unwrap()]);
+    // Data an entry declares that the import skips counts against the cap: a directory
+    // entry with 64 MiB of zeros, under a 16 MiB cap.
+    env.restart_with_env("DEVBOX_IMPORT_MAX_BYTES", "16M");
+    let before = Unchanged::now(&env);
+    let dir_bomb = tar_with(|b| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_path("d").unwrap();
+        h.set_mode(0o755);
+        h.set_size(64 << 20);
+        h.set_cksum();
+        b.append(&h, &vec![0u8; 64 << 20][..]).unwrap();
+    });
+    let p = work.join("dir-bomb.tar.gz");
+    std::fs::write(&p, gzip(&dir_bomb)).unwrap();
+    let err = import_fails(&env, &p);
+    assert!(err.contains("DEVBOX_IMPORT_MAX_BYTES"), "{err}");
+    before.check(&env, "skipped data over the cap");
+    let a = work.join("dir-bomb-snap.tar.zst");
+    std::fs::write(&a, snapshot_archive(&dir_bomb, serde_json::json!({}))).unwrap();
+    let err = env.fails(&["snapshot", "import", a.to_str().unwrap(), "--name", "db"]);
+    assert!(err.contains("DEVBOX_IMPORT_MAX_BYTES"), "{err}");
+    before.check(&env, "skipped data of a snapshot over the cap");
+}
+
+#[test]
+fn descriptor_sizes_and_docker_config_names_are_checked() {
+    crate::require_root!();
+    let env = TestEnv::new();
+    let work = env.root.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let bb = busybox_layer(b"sized\n");
+    let cfg = config(&diff_ids(&[&bb]));
+    let before = Unchanged::now(&env);
+    // An OCI layer blob whose descriptor gives another size.
+    let (mut members, _) = oci_members(&cfg, &[&bb]);
+    let gz = gzip(&bb);
+    let blob = format!("blobs/sha256/{}", sha(&gz));
+    let manifest_at = members
+        .iter()
+        .position(|(n, d)| {
+            n.starts_with("blobs/")
+                && serde_json::from_slice::<serde_json::Value>(d)
+                    .map(|v| v.get("layers").is_some())
+                    .unwrap_or(false)
+        })
+        .unwrap();
+    let mut m: serde_json::Value = serde_json::from_slice(&members[manifest_at].1).unwrap();
+    m["layers"][0]["size"] = (gz.len() + 4096).into();
+    let doctored = serde_json::to_vec(&m).unwrap();
+    let old = members[manifest_at].0.clone();
+    members[manifest_at] = (format!("blobs/sha256/{}", sha(&doctored)), doctored.clone());
+    for (n, d) in members.iter_mut() {
+        if n == "index.json" {
+            let mut idx: serde_json::Value = serde_json::from_slice(d).unwrap();
+            idx["manifests"][0]["digest"] = format!("sha256:{}", sha(&doctored)).into();
+            idx["manifests"][0]["size"] = doctored.len().into();
+            *d = serde_json::to_vec(&idx).unwrap();
+        }
+    }
+    assert!(members.iter().any(|(n, _)| *n == blob) && old != members[manifest_at].0);
+    let p = work.join("layout");
+    write_dir(&p, &members);
+    let err = import_fails(&env, &p);
+    assert!(err.contains("descriptor says"), "{err}");
+    before.check(&env, "OCI descriptor size");
+    // A docker config named by a digest that is not its own.
+    let other = "ab".repeat(32);
+    let manifest = serde_json::to_vec(
+        &serde_json::json!([{"Config": format!("{other}.json"), "Layers": ["a/layer.tar"]}]),
+    )
+    .unwrap();
+    let p = work.join("misnamed.tar");
+    std::fs::write(
+        &p,
+        tar_with(|b| {
+            file(b, "manifest.json", &manifest);
+            file(b, &format!("{other}.json"), &cfg);
+            file(b, "a/layer.tar", &bb);
+        }),
+    )
+    .unwrap();
+    let err = import_fails(&env, &p);
+    assert!(err.contains("does not match its digest"), "{err}");
+    before.check(&env, "misnamed docker config");
+    // A docker config under another name: stored under the digest of its bytes.
+    let manifest = serde_json::to_vec(&serde_json::json!([{"Config": "config.json", "RepoTags": ["named:1"], "Layers": ["a/layer.tar"]}])).unwrap();
+    let p = work.join("plain-name.tar");
+    std::fs::write(
+        &p,
+        tar_with(|b| {
+            file(b, "manifest.json", &manifest);
+            file(b, "config.json", &cfg);
+            file(b, "a/layer.tar", &bb);
+        }),
+    )
+    .unwrap();
+    env.ok(&["image", "import", p.to_str().unwrap()]);
+    assert!(env.pool_dir().join("images").join(sha(&cfg)).is_dir());
+}
+
+#[test]
+fn links_in_an_archive_are_never_written_through() {
+    crate::require_root!();
+    let env = TestEnv::new();
+    let work = env.root.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let before = Unchanged::now(&env);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "a file below an in-tree symlink",
+            tar_with(|b| {
+                file(b, "usr/bin/tool", b"x");
+                symlink(b, "bin", "usr/bin");
+                file(b, "bin/via-link", b"x");
+            }),
+        ),
+        (
+            "a chain of links, each twice the last",
+            tar_with(|b| {
+                symlink(b, "l0", ".");
+                for i in 1..3000 {
+                    symlink(b, &format!("l{i}"), &format!("l{0}/l{0}", i - 1));
+                }
+                file(b, "l2999/x", b"x");
+            }),
+        ),
+        (
+            "a directory below a link to the root",
+            tar_with(|b| {
+                symlink(b, "up", "/");
+                raw(b, tar::EntryType::Directory, "up/etc/deep", "", b"");
+            }),
+        ),
+    ];
+    for (what, data) in &cases {
+        let p = work.join("links.tar.gz");
+        std::fs::write(&p, gzip(data)).unwrap();
+        let err = import_fails(&env, &p);
+        assert!(
+            err.contains("refusing archive entry") && err.contains("symlink"),
+            "{what}: {err}"
+        );
+        before.check(&env, what);
+        let a = work.join("links-snap.tar.zst");
+        std::fs::write(&a, snapshot_archive(data, serde_json::json!({}))).unwrap();
+        let err = env.fails(&["snapshot", "import", a.to_str().unwrap(), "--name", "ln"]);
+        assert!(err.contains("symlink"), "{what}, snapshot: {err}");
+        before.check(&env, what);
+    }
+    // A later layer replaces a symlink by a directory: that is a layer's right.
+    let lower = tar_with(|b| {
+        raw(b, tar::EntryType::Directory, "usr/lib/", "", b"");
+        file(b, "usr/lib/a", b"a");
+        symlink(b, "lib", "usr/lib");
+    });
+    let upper = tar_with(|b| {
+        raw(b, tar::EntryType::Directory, "lib/", "", b"");
+        file(b, "lib/b", b"b");
+    });
+    let cfg = config(&diff_ids(&[&lower, &upper]));
+    let p = work.join("replace");
+    write_dir(&p, &oci_members(&cfg, &[&lower, &upper]).0);
+    env.ok(&["image", "import", p.to_str().unwrap()]);
+    let stored = env.pool_dir().join("images").join(sha(&cfg));
+    assert!(stored.join("lib").symlink_metadata().unwrap().is_dir());
+    assert_eq!(std::fs::read(stored.join("lib/b")).unwrap(), b"b");
+    assert!(!stored.join("usr/lib/b").exists());
 }

@@ -9,7 +9,9 @@
 //! of the layer is written; it extracts the layer with the safe extractor within the import's
 //! budget (`DEVBOX_IMPORT_MAX_BYTES` and the pool's free space, checked before each entry is
 //! written, see [`devbox_image::extract::Budget`]), with runs of zeros left as holes, checks
-//! the digest, and only then records anything: a corrupted or hostile archive changes
+//! the digest, and only then records anything (manifest.json is refused by its declared size
+//! over 1 MiB, layer.tar when its declared size is not the manifest's, before either is
+//! inflated): a corrupted or hostile archive changes
 //! nothing. An export writes its scratch copy of the layer with holes too, so a sparse file
 //! costs neither side its apparent size.
 
@@ -335,6 +337,14 @@ impl Engine {
                     .to_string();
                 match path.as_str() {
                     "manifest.json" if manifest.is_none() && layer.is_none() => {
+                        // Refused by its declared size: the tar reader would otherwise
+                        // inflate what the read below leaves, to skip it.
+                        if entry.size() > MAX_MANIFEST {
+                            return Err(bad(format!(
+                                "manifest.json declares {} bytes, more than a manifest may be ({MAX_MANIFEST})",
+                                entry.size()
+                            )));
+                        }
                         let mut text = Vec::new();
                         (&mut entry)
                             .take(MAX_MANIFEST)
@@ -347,11 +357,20 @@ impl Engine {
                         manifest = Some(m);
                     }
                     "layer.tar" if layer.is_none() => {
-                        if manifest.is_none() {
+                        let Some(m) = manifest.as_ref() else {
                             return Err(bad(
                                 "layer.tar comes before manifest.json (an export writes the manifest first)"
                                     .into(),
                             ));
+                        };
+                        // The manifest's size, before a byte is inflated: everything read
+                        // of layer.tar then is the extractor's, within the budget.
+                        if entry.size() != m.layer.size {
+                            return Err(EngineError::InvalidRequest(format!(
+                                "the snapshot archive is corrupted: layer.tar is {} bytes, the manifest says {}",
+                                entry.size(),
+                                m.layer.size
+                            )));
                         }
                         let mut reader = HashingReader {
                             inner: entry,
@@ -376,7 +395,13 @@ impl Engine {
                                 "not a valid snapshot archive: {e2}"
                             )),
                         })?;
-                        io::copy(&mut reader, &mut io::sink()).map_err(|e| bad(e.to_string()))?;
+                        // The extractor read layer.tar to its end (what follows its
+                        // end-of-archive marker is bounded to 10 KiB): nothing is left to
+                        // hash, and nothing is read unbounded.
+                        let mut rest = [0u8; 1];
+                        if reader.read(&mut rest).map_err(|e| bad(e.to_string()))? != 0 {
+                            return Err(bad("layer.tar has data after its end".into()));
+                        }
                         layer = Some((
                             format!("sha256:{}", hex::encode(reader.hasher.finalize())),
                             reader.count,

@@ -1,9 +1,14 @@
 //! Safe extraction of tar archives into a directory.
 //!
-//! Archives are untrusted. Every path is resolved with `openat2(RESOLVE_BENEATH)` from the
-//! target root, so nothing is ever written outside it: an entry with an absolute path or a
-//! `..` component, or one that would be written through a symlink pointing out of the root,
-//! is refused with an error naming it. Device nodes are refused, except under `dev/`, where
+//! Archives are untrusted. Every path is resolved one component at a time with
+//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV)`
+//! from the target root, so nothing is ever written outside it or through a link: an entry
+//! with an absolute path or a `..` component, or one whose parent path passes through a
+//! symlink (the archive's own or an earlier layer's), is refused with an error naming it.
+//! Refused rather than the link replaced: an archive made from a filesystem never has an
+//! entry below a symlink, and replacing the link would change what the archive's own link
+//! means. A later layer may still replace a symlink by a directory (the entry's own name is
+//! never resolved through the link). Device nodes are refused, except under `dev/`, where
 //! they are skipped (dev-box provides /dev itself). Ownership and modes are kept (ids are
 //! stored unshifted: uid 0 is the sandbox's root).
 //!
@@ -13,15 +18,23 @@
 //! over either is refused before a byte of it is written. File contents are written with
 //! their runs of zeros left as holes (GNU sparse entries included), so sparse files stay
 //! sparse. The tar stream itself is checked as it is read ([`guarded`]): extension headers
-//! (long names, PAX records) larger than 1 MiB are refused before the tar reader buffers them.
+//! (long names, PAX records) larger than 1 MiB are refused before the tar reader buffers them,
+//! and more than 10 KiB after the end-of-archive marker is refused. Everything the stream
+//! inflates to counts against the cap: skipped data, headers and padding too. Names and
+//! link targets longer than 4096 bytes, more than 4 million entries or 256 MiB of names in
+//! one import are refused.
 //!
 //! With `whiteouts` on (OCI and docker layers), `.wh.NAME` deletes NAME and `.wh..wh..opq`
 //! empties a directory of what earlier layers put there.
 
 use std::collections::HashSet;
+use std::ffi::OsStr;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timestamps};
 
@@ -63,6 +76,16 @@ pub const DEFAULT_MAX_BYTES: u64 = 64 << 30;
 const ENTRY_OVERHEAD: u64 = 4096;
 /// Largest extension header (GNU long name or link, PAX records) accepted.
 const MAX_EXTENSION: u64 = 1 << 20;
+/// Longest name or link target of an entry (PATH_MAX).
+pub const MAX_NAME: usize = 4096;
+/// Most entries in one import.
+pub const MAX_ENTRIES: u64 = 4_000_000;
+/// Most bytes of names and link targets in one import.
+pub const MAX_NAME_BYTES: u64 = 256 << 20;
+/// Most bytes after the end-of-archive marker: GNU tar and Python's tarfile pad an archive
+/// to a record of 10240 bytes, so the second zero block and that padding may follow the
+/// first zero block; Docker and the tar crate write only the second zero block.
+pub const MAX_TRAILER: u64 = 10240;
 /// Zeros this long, aligned in the file, are left as holes.
 const HOLE_BLOCK: usize = 4096;
 
@@ -122,12 +145,30 @@ pub fn max_bytes_from_env() -> Result<u64, ImageError> {
 /// counted on: a sparse file is written sparse, but it must fit as if it were not (the
 /// sandbox may fill it in later), and an archive cannot tell the import it is sparse until
 /// its data has been read.
-#[derive(Debug, Clone)]
+///
+/// The cap bounds everything an import decompresses, not only what it writes: every entry's
+/// declared data is charged whether it is written or skipped (a directory or link that
+/// declares data, a device under dev/), and a [`guarded_within`] stream charges, as they
+/// pass, the bytes that belong to no entry (headers, extension records, padding, what
+/// follows the end-of-archive marker, itself refused beyond 10 KiB). So a small archive
+/// that inflates to terabytes is refused once it has inflated past the cap, whatever the
+/// bytes are.
+///
+/// Names are bounded too, as the import holds some of them in memory: a name or link target
+/// longer than 4096 bytes (PATH_MAX) is refused, as is an import of more than 4 million
+/// entries or of more than 256 MiB of names and link targets in all.
+#[derive(Debug)]
 pub struct Budget {
     max_bytes: u64,
     max_alloc: u64,
-    apparent: u64,
     alloc: u64,
+    /// Apparent bytes charged plus the stream bytes guards charged; shared with the guards
+    /// of [`guarded_within`].
+    used: Arc<AtomicU64>,
+    entries: u64,
+    max_entries: u64,
+    name_bytes: u64,
+    max_name_bytes: u64,
     /// The pool whose free space bounds `max_alloc`: running out of it is the pool's full
     /// error, as for any other write that does not fit.
     pool: Option<devbox_storage::Pool>,
@@ -139,15 +180,27 @@ impl Budget {
         Self {
             max_bytes,
             max_alloc,
-            apparent: 0,
             alloc: 0,
+            used: Arc::new(AtomicU64::new(0)),
+            entries: 0,
+            max_entries: MAX_ENTRIES,
+            name_bytes: 0,
+            max_name_bytes: MAX_NAME_BYTES,
             pool: None,
         }
     }
 
-    /// No bounds (tests, fuzzing).
+    /// No bounds on sizes (tests, fuzzing); names and entries are still bounded.
     pub fn unlimited() -> Self {
         Self::new(u64::MAX, u64::MAX)
+    }
+
+    /// The same budget with other bounds on the number of entries and on the bytes of
+    /// their names (the defaults are 4 million and 256 MiB).
+    pub fn with_entry_limits(mut self, max_entries: u64, max_name_bytes: u64) -> Self {
+        self.max_entries = max_entries;
+        self.max_name_bytes = max_name_bytes;
+        self
     }
 
     /// The budget of an import into `pool`: the configured cap, and the pool's free space
@@ -166,15 +219,27 @@ impl Budget {
         self.max_bytes
     }
 
+    /// Bytes charged against the cap so far (apparent sizes and stream overhead).
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
     /// Charges an entry of `apparent` bytes, or refuses it.
     pub fn charge(&mut self, entry: &str, apparent: u64) -> Result<(), ImageError> {
-        let apparent_total = self.apparent.saturating_add(apparent);
+        self.charge_data(entry, apparent, apparent)
+    }
+
+    /// Charges `data` bytes against the cap and `stored` bytes (plus an entry's overhead)
+    /// against the pool, or refuses them.
+    fn charge_data(&mut self, entry: &str, data: u64, stored: u64) -> Result<(), ImageError> {
+        let used = self.used.load(Ordering::Relaxed);
+        let apparent_total = used.saturating_add(data);
         if apparent_total > self.max_bytes {
             return Err(hostile(
                 entry,
                 format!(
                     "its {} would bring the import to {}, over the limit of {} ({MAX_BYTES_VAR})",
-                    human(apparent),
+                    human(data),
                     human(apparent_total),
                     human(self.max_bytes)
                 ),
@@ -182,7 +247,7 @@ impl Budget {
         }
         let alloc_total = self
             .alloc
-            .saturating_add(apparent)
+            .saturating_add(stored)
             .saturating_add(ENTRY_OVERHEAD);
         if alloc_total > self.max_alloc {
             return Err(hostile(
@@ -199,9 +264,123 @@ impl Budget {
                 ),
             ));
         }
-        self.apparent = apparent_total;
+        self.used.store(apparent_total, Ordering::Relaxed);
         self.alloc = alloc_total;
         Ok(())
+    }
+
+    /// Checks and charges one archive entry before anything of it is done: its name and
+    /// link target (raw bytes) against PATH_MAX and the import's bounds on entries and name
+    /// bytes, its declared data (written or skipped) against the cap, and, when it is a
+    /// file the import writes, that data against the pool.
+    pub fn charge_entry(
+        &mut self,
+        shown: &str,
+        name: &[u8],
+        link: Option<&[u8]>,
+        data: u64,
+        writes_data: bool,
+    ) -> Result<(), ImageError> {
+        if name.len() > MAX_NAME {
+            return Err(hostile(
+                shown,
+                format!(
+                    "its name is {} bytes long, more than a path may be ({MAX_NAME} bytes)",
+                    name.len()
+                ),
+            ));
+        }
+        let link_len = link.map_or(0, <[u8]>::len);
+        if link_len > MAX_NAME {
+            return Err(hostile(
+                shown,
+                format!(
+                    "its link target is {link_len} bytes long, more than a path may be ({MAX_NAME} bytes)"
+                ),
+            ));
+        }
+        self.entries += 1;
+        if self.entries > self.max_entries {
+            return Err(hostile(
+                shown,
+                format!(
+                    "the import has more than {} entries, the most dev-box takes in one import",
+                    self.max_entries
+                ),
+            ));
+        }
+        self.name_bytes += (name.len() + link_len) as u64;
+        if self.name_bytes > self.max_name_bytes {
+            return Err(hostile(
+                shown,
+                format!(
+                    "the import's names and link targets add up to more than {}, the most dev-box takes in one import",
+                    human(self.max_name_bytes)
+                ),
+            ));
+        }
+        self.charge_data(shown, data, if writes_data { data } else { 0 })
+    }
+
+    fn meter(&self) -> Meter {
+        Meter {
+            used: Arc::clone(&self.used),
+            max: self.max_bytes,
+        }
+    }
+}
+
+/// A guard's share of a [`Budget`]: the bytes of a stream that belong to no entry.
+#[derive(Debug)]
+struct Meter {
+    used: Arc<AtomicU64>,
+    max: u64,
+}
+
+impl Meter {
+    fn charge(&self, n: u64) -> io::Result<()> {
+        let total = self.used.fetch_add(n, Ordering::Relaxed).saturating_add(n);
+        if total > self.max {
+            return Err(refuse(format!(
+                "the archive inflates to more than the limit of {} ({MAX_BYTES_VAR}) counting its headers and padding",
+                human(self.max)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// An error of a [`TarGuard`]: the stream is refused.
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+fn refuse(why: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, Refused(why))
+}
+
+/// The reason a guard refused the stream, if `e` is that.
+pub fn refused_by_guard(e: &io::Error) -> Option<String> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<Refused>())
+        .map(|r| r.0.clone())
+}
+
+/// An entry's name as errors show it: at most 200 characters.
+pub fn shown_name(raw: &[u8]) -> String {
+    let text = String::from_utf8_lossy(raw);
+    if text.chars().count() <= 200 {
+        text.into_owned()
+    } else {
+        let head: String = text.chars().take(200).collect();
+        format!("{head}… ({} bytes)", raw.len())
     }
 }
 
@@ -257,7 +436,8 @@ pub fn copy_sparse(src: &mut impl Read, file: &std::fs::File) -> io::Result<u64>
 
 /// A tar stream checked as it is read: an extension header (GNU long name or long link,
 /// PAX records) over 1 MiB is refused before the tar reader, which buffers them whole, sees
-/// it. Wrap every untrusted tar stream in it before handing it to [`tar::Archive`].
+/// it, and so is more than 10 KiB of data after the end-of-archive marker. Wrap every
+/// untrusted tar stream in it before handing it to [`tar::Archive`].
 pub fn guarded<R: Read>(inner: R) -> TarGuard<R> {
     TarGuard {
         inner,
@@ -266,7 +446,18 @@ pub fn guarded<R: Read>(inner: R) -> TarGuard<R> {
         pax: None,
         pax_size: None,
         done: false,
+        trailer: 0,
+        meter: None,
     }
+}
+
+/// [`guarded`], and the bytes of the stream that belong to no entry's data (headers,
+/// extension records, padding, the trailer) are charged against `budget`'s cap as they
+/// pass. The consumer charges each entry's data ([`Budget::charge_entry`]).
+pub fn guarded_within<R: Read>(inner: R, budget: &Budget) -> TarGuard<R> {
+    let mut g = guarded(inner);
+    g.meter = Some(budget.meter());
+    g
 }
 
 #[derive(Debug)]
@@ -276,8 +467,13 @@ enum GuardState {
     /// Reading GNU sparse extension blocks; the entry's data (`padded` bytes with padding,
     /// `size` without) follows them.
     SparseExt { padded: u64, size: u64 },
-    /// Passing `left` bytes of an entry's data and padding; `data` of them are data.
-    Data { left: u64, data: u64 },
+    /// Passing `left` bytes of an entry's data and padding; `data` of them are data, which
+    /// belong to an entry (its consumer charges them) unless `extension`.
+    Data {
+        left: u64,
+        data: u64,
+        extension: bool,
+    },
 }
 
 /// See [`guarded`].
@@ -290,7 +486,11 @@ pub struct TarGuard<R> {
     pax: Option<Vec<u8>>,
     /// A `size` from the last PAX header, for the entry it describes.
     pax_size: Option<u64>,
+    /// The end-of-archive marker was read.
     done: bool,
+    /// Bytes read after the marker.
+    trailer: u64,
+    meter: Option<Meter>,
 }
 
 fn tar_number(field: &[u8]) -> Option<u64> {
@@ -343,8 +543,17 @@ fn pax_size_of(records: &[u8]) -> Option<u64> {
 }
 
 impl<R: Read> TarGuard<R> {
-    fn refuse(why: String) -> io::Error {
-        io::Error::new(io::ErrorKind::InvalidData, why)
+    /// Reads what is left of the stream after the end-of-archive marker (at most
+    /// [`MAX_TRAILER`] bytes, or the read fails), so a digest of the stream covers it all.
+    pub fn drain(&mut self) -> io::Result<u64> {
+        io::copy(self, &mut io::sink())
+    }
+
+    fn charge(&self, n: u64) -> io::Result<()> {
+        match &self.meter {
+            Some(m) if n > 0 => m.charge(n),
+            _ => Ok(()),
+        }
     }
 
     fn header(&mut self) -> io::Result<()> {
@@ -356,7 +565,7 @@ impl<R: Read> TarGuard<R> {
         }
         let kind = h[156];
         let declared = tar_number(&h[124..136])
-            .ok_or_else(|| Self::refuse("a tar header with an unreadable size".into()))?;
+            .ok_or_else(|| refuse("a tar header with an unreadable size".into()))?;
         let extension = matches!(kind, b'x' | b'L' | b'K');
         // A PAX `size` applies to every header up to the entry it describes, as the tar
         // reader applies it.
@@ -365,7 +574,7 @@ impl<R: Read> TarGuard<R> {
             self.pax_size = None;
         }
         if extension && size > MAX_EXTENSION {
-            return Err(Self::refuse(format!(
+            return Err(refuse(format!(
                 "a tar extension header of {} (more than {})",
                 human(size),
                 human(MAX_EXTENSION)
@@ -376,17 +585,17 @@ impl<R: Read> TarGuard<R> {
         }
         let padded = size
             .checked_add(511)
-            .ok_or_else(|| Self::refuse("a tar entry size overflows".into()))?
+            .ok_or_else(|| refuse("a tar entry size overflows".into()))?
             & !511;
         self.state = if kind == b'S' && h[482] != 0 {
             GuardState::SparseExt { padded, size }
         } else {
-            self.data_state(padded, size)
+            self.data_state(padded, size, extension)
         };
         Ok(())
     }
 
-    fn data_state(&mut self, padded: u64, size: u64) -> GuardState {
+    fn data_state(&mut self, padded: u64, size: u64, extension: bool) -> GuardState {
         if padded == 0 {
             self.finish_data();
             GuardState::Header
@@ -394,6 +603,7 @@ impl<R: Read> TarGuard<R> {
             GuardState::Data {
                 left: padded,
                 data: size,
+                extension,
             }
         }
     }
@@ -405,30 +615,55 @@ impl<R: Read> TarGuard<R> {
     }
 
     fn observe(&mut self, mut bytes: &[u8]) -> io::Result<()> {
-        while !bytes.is_empty() && !self.done {
+        while !bytes.is_empty() {
+            if self.done {
+                let n = bytes.len() as u64;
+                self.trailer = self.trailer.saturating_add(n);
+                self.charge(n)?;
+                if self.trailer > MAX_TRAILER {
+                    return Err(refuse(format!(
+                        "more than {} of data follows the end of the tar archive (tar writers pad to at most {MAX_TRAILER} bytes)",
+                        human(MAX_TRAILER)
+                    )));
+                }
+                return Ok(());
+            }
             match self.state {
                 GuardState::Header | GuardState::SparseExt { .. } => {
                     let take = (512 - self.block.len()).min(bytes.len());
                     self.block.extend_from_slice(&bytes[..take]);
                     bytes = &bytes[take..];
+                    self.charge(take as u64)?;
                     if self.block.len() < 512 {
                         continue;
                     }
                     if let GuardState::SparseExt { padded, size } = self.state {
                         let ext = std::mem::take(&mut self.block);
                         if ext[504] == 0 {
-                            self.state = self.data_state(padded, size);
+                            self.state = self.data_state(padded, size, false);
                         }
                     } else {
                         self.header()?;
                     }
                 }
-                GuardState::Data { left, data } => {
+                GuardState::Data {
+                    left,
+                    data,
+                    extension,
+                } => {
                     let take = left.min(bytes.len() as u64);
                     let data_here = data.min(take) as usize;
                     if let Some(p) = self.pax.as_mut() {
                         p.extend_from_slice(&bytes[..data_here]);
                     }
+                    // An entry's data is charged by its consumer; extension records and
+                    // padding here.
+                    let overhead = if extension {
+                        take
+                    } else {
+                        take - data_here as u64
+                    };
+                    self.charge(overhead)?;
                     bytes = &bytes[take as usize..];
                     if left == take {
                         self.finish_data();
@@ -437,6 +672,7 @@ impl<R: Read> TarGuard<R> {
                         self.state = GuardState::Data {
                             left: left - take,
                             data: data - data_here as u64,
+                            extension,
                         };
                     }
                 }
@@ -473,8 +709,23 @@ pub fn clean_path(raw: &Path) -> Result<PathBuf, ImageError> {
 
 const DIR_FLAGS: OFlags = OFlags::PATH.union(OFlags::DIRECTORY).union(OFlags::CLOEXEC);
 
+/// How the extractor resolves a path below the root: never above it, never through a
+/// symlink (the archive's own or an earlier layer's), never through a magic link or onto
+/// another filesystem.
 fn beneath() -> ResolveFlags {
-    ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_XDEV
+    ResolveFlags::BENEATH
+        | ResolveFlags::NO_SYMLINKS
+        | ResolveFlags::NO_MAGICLINKS
+        | ResolveFlags::NO_XDEV
+}
+
+/// A path as the `written` set keeps it: 16 bytes of its sha256, whatever its length.
+fn path_key(p: &Path) -> [u8; 16] {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(p.as_os_str().as_bytes());
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&d[..16]);
+    k
 }
 
 struct Target<'b> {
@@ -482,38 +733,38 @@ struct Target<'b> {
     budget: &'b mut Budget,
     whiteouts: bool,
     overlay_layer: bool,
-    /// Paths written by the current archive (opaque markers keep these).
-    written: HashSet<PathBuf>,
+    /// Paths written by the current archive (opaque markers keep these), as [`path_key`]s.
+    written: HashSet<[u8; 16]>,
     stats: ExtractStats,
 }
 
 impl Target<'_> {
-    /// Opens (creating as needed) directory `rel` beneath the root.
+    /// Opens (creating as needed) directory `rel` beneath the root, one component at a
+    /// time from its parent's descriptor; a component that is a symlink is refused.
     fn dir(&self, rel: &Path, entry: &str) -> Result<OwnedFd, ImageError> {
+        let mut fd = rustix::fs::openat(&self.root, ".", DIR_FLAGS, Mode::empty())
+            .map_err(|e| ImageError::io("open", entry, e.into()))?;
         if rel.as_os_str().is_empty() {
-            return rustix::fs::openat(&self.root, ".", DIR_FLAGS, Mode::empty())
-                .map_err(|e| ImageError::io("open", entry, e.into()));
+            return Ok(fd);
         }
         match rustix::fs::openat2(&self.root, rel, DIR_FLAGS, Mode::empty(), beneath()) {
             Ok(fd) => return Ok(fd),
             Err(rustix::io::Errno::NOENT) => {}
             Err(e) => return Err(self.resolve_error(e, entry)),
         }
-        let mut cur = PathBuf::new();
-        let mut fd = rustix::fs::openat(&self.root, ".", DIR_FLAGS, Mode::empty())
-            .map_err(|e| ImageError::io("open", entry, e.into()))?;
         for comp in rel.components() {
-            cur.push(comp);
-            match rustix::fs::openat2(&self.root, &cur, DIR_FLAGS, Mode::empty(), beneath()) {
-                Ok(next) => fd = next,
+            let comp = comp.as_os_str();
+            let next = match rustix::fs::openat2(&fd, comp, DIR_FLAGS, Mode::empty(), beneath()) {
                 Err(rustix::io::Errno::NOENT) => {
-                    rustix::fs::mkdirat(&fd, comp.as_os_str(), Mode::from_raw_mode(0o755))
-                        .map_err(|e| ImageError::io("mkdir", entry, e.into()))?;
-                    fd = rustix::fs::openat2(&self.root, &cur, DIR_FLAGS, Mode::empty(), beneath())
-                        .map_err(|e| self.resolve_error(e, entry))?;
+                    match rustix::fs::mkdirat(&fd, comp, Mode::from_raw_mode(0o755)) {
+                        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                        Err(e) => return Err(ImageError::io("mkdir", entry, e.into())),
+                    }
+                    rustix::fs::openat2(&fd, comp, DIR_FLAGS, Mode::empty(), beneath())
                 }
-                Err(e) => return Err(self.resolve_error(e, entry)),
-            }
+                other => other,
+            };
+            fd = next.map_err(|e| self.resolve_error(e, entry))?;
         }
         Ok(fd)
     }
@@ -525,7 +776,10 @@ impl Target<'_> {
                 "it would be written through a symlink that points outside the image",
             ),
             rustix::io::Errno::NOTDIR => hostile(entry, "a parent of it is not a directory"),
-            rustix::io::Errno::LOOP => hostile(entry, "a parent of it is a symlink loop"),
+            rustix::io::Errno::LOOP => hostile(
+                entry,
+                "a parent of it is a symlink: dev-box never writes through a link (an archive made from a filesystem has no entry below a symlink)",
+            ),
             other => ImageError::io("resolve", entry, other.into()),
         }
     }
@@ -553,24 +807,20 @@ impl Target<'_> {
     }
 
     fn entry<R: Read>(&mut self, mut e: tar::Entry<'_, R>) -> Result<(), ImageError> {
-        let raw = e
-            .path()
-            .map_err(|err| ImageError::Format(format!("unreadable entry name: {err}")))?
-            .into_owned();
-        let shown = raw.display().to_string();
-        let path = clean_path(&raw)?;
+        // Bounded before anything of the entry is written or kept: its name, its link
+        // target, its data (written or skipped).
+        let kind = e.header().entry_type();
+        let file_like =
+            kind.is_file() || kind == tar::EntryType::Continuous || kind.is_gnu_sparse();
+        let shown = charge_entry(&mut e, self.budget, file_like)?;
+        let path = clean_path(&e.path().map_err(|err| {
+            ImageError::Format(format!("{shown}: unreadable entry name: {err}"))
+        })?)?;
         let Some(name) = path.file_name().map(|n| n.to_os_string()) else {
             return Ok(()); // the archive's root directory itself
         };
         let parent = path.parent().unwrap_or(Path::new("")).to_path_buf();
         let name_str = name.to_string_lossy().to_string();
-
-        // Bounded before anything of the entry is written.
-        let kind = e.header().entry_type();
-        let file_like =
-            kind.is_file() || kind == tar::EntryType::Continuous || kind.is_gnu_sparse();
-        let apparent = if file_like { e.size() } else { 0 };
-        self.budget.charge(&shown, apparent)?;
 
         if self.whiteouts && name_str.starts_with(".wh.") {
             let dir = self.dir(&parent, &shown)?;
@@ -627,7 +877,7 @@ impl Target<'_> {
             .map_err(|err| ImageError::io("whiteout", &shown, err.into()))?;
             rustix::fs::chownat(&dir, &name, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(|err| ImageError::io("chown", &shown, err.into()))?;
-            self.written.insert(path);
+            self.written.insert(path_key(&path));
             self.stats.entries += 1;
             return Ok(());
         }
@@ -732,7 +982,7 @@ impl Target<'_> {
             tracing::debug!(entry = %shown, ?kind, "skipping archive entry of unsupported type");
             return Ok(());
         }
-        self.written.insert(path);
+        self.written.insert(path_key(&path));
         self.stats.entries += 1;
         Ok(())
     }
@@ -751,9 +1001,8 @@ impl Target<'_> {
             if n == b"." || n == b".." {
                 continue;
             }
-            let name =
-                std::ffi::OsStr::new(std::str::from_utf8(n).unwrap_or_default()).to_os_string();
-            if !self.written.contains(&rel.join(&name)) {
+            let name = OsStr::from_bytes(n).to_os_string();
+            if !self.written.contains(&path_key(&rel.join(&name))) {
                 names.push(name);
             }
         }
@@ -770,36 +1019,41 @@ impl Target<'_> {
     }
 }
 
-/// Removes directory `name` under `dir` and everything in it, never following symlinks.
-pub fn remove_tree_at(dir: &impl AsFd, name: &std::ffi::OsStr) -> io::Result<()> {
-    let sub = rustix::fs::openat2(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH,
-    )?;
-    let mut children = Vec::new();
-    for ent in rustix::fs::Dir::read_from(&sub)? {
-        let ent = ent?;
-        let n = ent.file_name().to_bytes().to_vec();
-        if n == b"." || n == b".." {
-            continue;
-        }
-        children.push((
-            std::ffi::OsString::from(String::from_utf8_lossy(&n).to_string()),
-            ent.file_type(),
-        ));
+/// Removes directory `name` under `dir` and everything in it, never following symlinks;
+/// iterative, with descriptors bounded by [`devbox_storage::tree::remove_at`].
+pub fn remove_tree_at(dir: &impl AsFd, name: &OsStr) -> io::Result<()> {
+    let name = std::ffi::CString::new(name.as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    devbox_storage::tree::remove_at(dir.as_fd(), &name)
+}
+
+/// Checks and charges entry `e` against `budget` ([`Budget::charge_entry`]); returns its
+/// name as errors show it.
+pub(crate) fn charge_entry<R: Read>(
+    e: &mut tar::Entry<'_, R>,
+    budget: &mut Budget,
+    writes_data: bool,
+) -> Result<String, ImageError> {
+    let name = e.path_bytes();
+    let shown = shown_name(&name);
+    let link = e.link_name_bytes();
+    // The data that follows the header in the stream: a sparse file's stored chunks (its
+    // header's size) or, for every other entry, its size.
+    let data = e.size().max(e.header().entry_size().unwrap_or(0));
+    budget.charge_entry(&shown, &name, link.as_deref(), data, writes_data)?;
+    Ok(shown)
+}
+
+/// An error of the tar reader as an import reports it: the guard's refusals name the entry
+/// last read (`after`).
+fn stream_error(e: io::Error, after: Option<&str>) -> ImageError {
+    match refused_by_guard(&e) {
+        Some(why) => ImageError::Hostile {
+            entry: after.map_or_else(|| "(the first header)".to_string(), str::to_string),
+            reason: why,
+        },
+        None => ImageError::Format(format!("corrupt tar archive: {e}")),
     }
-    for (n, t) in children {
-        if t == FileType::Directory {
-            remove_tree_at(&sub, &n)?;
-        } else {
-            rustix::fs::unlinkat(&sub, &n, AtFlags::empty())?;
-        }
-    }
-    rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)?;
-    Ok(())
 }
 
 /// Extracts a (decompressed) tar stream into the existing directory `root`, within `budget`.
@@ -819,14 +1073,26 @@ pub fn extract<R: Read>(
         written: HashSet::new(),
         stats: ExtractStats::default(),
     };
-    let mut archive = tar::Archive::new(guarded(reader));
+    let mut archive = tar::Archive::new(guarded_within(reader, target.budget));
+    let mut last: Option<String> = None;
     let entries = archive
         .entries()
         .map_err(|e| ImageError::Format(format!("not a tar archive: {e}")))?;
     for entry in entries {
-        let entry = entry.map_err(|e| ImageError::Format(format!("corrupt tar archive: {e}")))?;
-        target.entry(entry)?;
+        let entry = entry.map_err(|e| stream_error(e, last.as_deref()))?;
+        last = Some(shown_name(&entry.path_bytes()));
+        target.entry(entry).map_err(|err| match err {
+            ImageError::Io { source, .. } if refused_by_guard(&source).is_some() => {
+                stream_error(source, last.as_deref())
+            }
+            other => other,
+        })?;
     }
+    // What follows the end marker, bounded, so a digest over the stream covers it all.
+    archive
+        .into_inner()
+        .drain()
+        .map_err(|e| stream_error(e, last.as_deref()))?;
     Ok(target.stats)
 }
 
@@ -903,7 +1169,6 @@ mod tests {
             file(b, "./etc/hostname", b"box\n");
             symlink(b, "bin", "usr/bin");
             file(b, "usr/bin/tool", b"#!/bin/sh\n");
-            file(b, "bin/via-link", b"x");
             device(b, "dev/null");
         });
         let st = extract(
@@ -918,8 +1183,8 @@ mod tests {
             b"box\n"
         );
         assert_eq!(
-            std::fs::read(tmp.path().join("usr/bin/via-link")).unwrap(),
-            b"x"
+            std::fs::read_link(tmp.path().join("bin")).unwrap(),
+            Path::new("usr/bin")
         );
         assert_eq!(st.skipped_devices, 1);
     }
@@ -1215,5 +1480,312 @@ mod tests {
         .unwrap();
         assert_eq!(std::fs::read(tmp.path().join("payload")).unwrap(), content);
         assert_eq!(std::fs::read(tmp.path().join("after")).unwrap(), b"fine");
+    }
+
+    fn extract_plain(data: &[u8], root: &Path) -> Result<ExtractStats, ImageError> {
+        extract(
+            data,
+            root,
+            ExtractOptions::default(),
+            &mut Budget::unlimited(),
+        )
+    }
+
+    fn layer_opts() -> ExtractOptions {
+        ExtractOptions {
+            whiteouts: true,
+            ..Default::default()
+        }
+    }
+
+    fn hard(b: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Link);
+        h.set_size(0);
+        h.set_path(path).unwrap();
+        h.set_link_name(target).unwrap();
+        h.set_cksum();
+        b.append(&h, &[][..]).unwrap();
+    }
+
+    #[test]
+    fn links_are_never_written_through() {
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "a file below an in-tree symlink",
+                tar_with(|b| {
+                    symlink(b, "bin", "usr/bin");
+                    file(b, "usr/bin/tool", b"x");
+                    file(b, "bin/via-link", b"x");
+                }),
+            ),
+            (
+                "a symlink to the root",
+                tar_with(|b| {
+                    symlink(b, "self", ".");
+                    file(b, "self/self/self/x", b"x");
+                }),
+            ),
+            (
+                // Each link doubles the path the kernel would walk: quadratic, then worse.
+                "a chain of links",
+                tar_with(|b| {
+                    symlink(b, "l0", ".");
+                    for i in 1..200 {
+                        symlink(b, &format!("l{i}"), &format!("l{0}/l{0}", i - 1));
+                    }
+                    file(b, "l199/x", b"x");
+                }),
+            ),
+            (
+                "a hard link reached through a symlink",
+                tar_with(|b| {
+                    file(b, "usr/f", b"x");
+                    symlink(b, "d", "usr");
+                    hard(b, "h", "d/f");
+                }),
+            ),
+            (
+                "a whiteout below a symlink",
+                tar_with(|b| {
+                    symlink(b, "d", "usr");
+                    file(b, "usr/f", b"x");
+                    file(b, "d/.wh.f", b"");
+                }),
+            ),
+        ];
+        for (what, data) in cases {
+            let root = tempfile::tempdir().unwrap();
+            let err = extract(
+                &data[..],
+                root.path(),
+                layer_opts(),
+                &mut Budget::unlimited(),
+            )
+            .unwrap_err();
+            assert!(
+                matches!(err, ImageError::Hostile { .. }) && err.to_string().contains("symlink"),
+                "{what}: {err}"
+            );
+        }
+        // A later layer may replace a symlink by a directory, and fill it.
+        let tmp = tempfile::tempdir().unwrap();
+        let lower = tar_with(|b| {
+            file(b, "usr/lib/a", b"a");
+            symlink(b, "lib", "usr/lib");
+        });
+        extract(
+            &lower[..],
+            tmp.path(),
+            layer_opts(),
+            &mut Budget::unlimited(),
+        )
+        .unwrap();
+        let upper = tar_with(|b| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+            h.set_path("lib").unwrap();
+            h.set_cksum();
+            b.append(&h, &[][..]).unwrap();
+            file(b, "lib/b", b"b");
+        });
+        extract(
+            &upper[..],
+            tmp.path(),
+            layer_opts(),
+            &mut Budget::unlimited(),
+        )
+        .unwrap();
+        assert!(tmp.path().join("lib").symlink_metadata().unwrap().is_dir());
+        assert_eq!(std::fs::read(tmp.path().join("lib/b")).unwrap(), b"b");
+        assert!(!tmp.path().join("usr/lib/b").exists());
+        assert!(tmp.path().join("usr/lib/a").exists());
+    }
+
+    #[test]
+    fn names_and_entries_are_bounded() {
+        let long = "n".repeat(MAX_NAME + 1);
+        let long_path = format!("d/{}", "e/".repeat(MAX_NAME / 2));
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "a long name (GNU)",
+                tar_with(|b| {
+                    let mut h = tar::Header::new_gnu();
+                    h.set_size(1);
+                    h.set_mode(0o644);
+                    b.append_data(&mut h, &long_path, &b"x"[..]).unwrap();
+                }),
+            ),
+            (
+                "a long link target (GNU)",
+                tar_with(|b| {
+                    let mut h = tar::Header::new_gnu();
+                    h.set_entry_type(tar::EntryType::Symlink);
+                    h.set_size(0);
+                    b.append_link(&mut h, "l", &long).unwrap();
+                }),
+            ),
+            (
+                "a long name (PAX)",
+                tar_with(|b| {
+                    b.append_pax_extensions([("path", long_path.as_bytes())])
+                        .unwrap();
+                    file(b, "short", b"x");
+                }),
+            ),
+            (
+                "a long link target (PAX)",
+                tar_with(|b| {
+                    b.append_pax_extensions([("linkpath", long.as_bytes())])
+                        .unwrap();
+                    symlink(b, "l", "short");
+                }),
+            ),
+        ];
+        for (what, data) in cases {
+            let root = tempfile::tempdir().unwrap();
+            let err = extract_plain(&data, root.path()).unwrap_err();
+            assert!(
+                matches!(err, ImageError::Hostile { .. }) && err.to_string().contains("4096"),
+                "{what}: {err}"
+            );
+            assert!(err.to_string().len() < 1000, "{what}: the error is short");
+            assert!(is_empty_dir(root.path()), "{what}: nothing written");
+        }
+        // A name of exactly PATH_MAX bytes is fine as far as the bound goes.
+        let mut budget = Budget::unlimited();
+        budget
+            .charge_entry(
+                "x",
+                &vec![b'a'; MAX_NAME],
+                Some(&vec![b'b'; MAX_NAME]),
+                0,
+                false,
+            )
+            .unwrap();
+        // The number of entries, and the bytes of all names, per import (across layers).
+        let ten = tar_with(|b| {
+            for i in 0..10 {
+                file(b, &format!("f{i}"), b"x");
+            }
+        });
+        let mut budget = Budget::unlimited().with_entry_limits(15, u64::MAX);
+        let root = tempfile::tempdir().unwrap();
+        extract(&ten[..], root.path(), layer_opts(), &mut budget).unwrap();
+        let err = extract(&ten[..], root.path(), layer_opts(), &mut budget).unwrap_err();
+        assert!(err.to_string().contains("more than 15 entries"), "{err}");
+        let mut budget = Budget::unlimited().with_entry_limits(u64::MAX, 15);
+        let root = tempfile::tempdir().unwrap();
+        let err = extract(&ten[..], root.path(), layer_opts(), &mut budget).unwrap_err();
+        assert!(
+            err.to_string().contains("names and link targets add up"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn everything_inflated_is_bounded() {
+        // A tar writer's padding after the end marker is fine (GNU tar and Python pad to a
+        // 10240-byte record); more is refused, whatever it is.
+        let small = tar_with(|b| file(b, "a", b"x"));
+        let first_zero = small.len() - 1024;
+        let with_trailer = |n: usize| {
+            let mut v = small[..first_zero + 512].to_vec();
+            v.extend(std::iter::repeat_n(0u8, n));
+            v
+        };
+        let root = tempfile::tempdir().unwrap();
+        extract_plain(&with_trailer(MAX_TRAILER as usize), root.path()).unwrap();
+        for n in [MAX_TRAILER as usize + 1, 16 << 20] {
+            let root = tempfile::tempdir().unwrap();
+            let err = extract_plain(&with_trailer(n), root.path()).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("follows the end of the tar archive"),
+                "{n}: {err}"
+            );
+        }
+        // Data an entry declares but the import skips (a directory, a link, a device under
+        // dev/) counts against the cap like written data.
+        for kind in [
+            tar::EntryType::Directory,
+            tar::EntryType::Symlink,
+            tar::EntryType::Fifo,
+            tar::EntryType::XGlobalHeader,
+        ] {
+            let data = tar_with(|b| {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(kind);
+                h.set_path("dev/thing").unwrap();
+                h.set_link_name("x").unwrap();
+                h.set_size(2 << 20);
+                h.set_mode(0o755);
+                h.set_cksum();
+                b.append(&h, &vec![0u8; 2 << 20][..]).unwrap();
+            });
+            let root = tempfile::tempdir().unwrap();
+            let err = extract(
+                &data[..],
+                root.path(),
+                ExtractOptions::default(),
+                &mut Budget::new(1 << 20, u64::MAX),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains(MAX_BYTES_VAR), "{kind:?}: {err}");
+        }
+        // Headers count too: many empty entries inflate as well.
+        let many = tar_with(|b| {
+            for i in 0..100 {
+                file(b, &format!("e{i}"), b"");
+            }
+        });
+        let root = tempfile::tempdir().unwrap();
+        let err = extract(
+            &many[..],
+            root.path(),
+            ExtractOptions::default(),
+            &mut Budget::new(16 << 10, u64::MAX),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains(MAX_BYTES_VAR), "{err}");
+    }
+
+    #[test]
+    fn deep_trees_are_removed_without_recursion() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut p = tmp.path().join("top");
+        std::fs::create_dir(&p).unwrap();
+        let root = rustix::fs::open(tmp.path(), DIR_FLAGS, Mode::empty()).unwrap();
+        // Deeper than PATH_MAX: made one level at a time from the parent's descriptor.
+        let mut fd = rustix::fs::open(&p, DIR_FLAGS, Mode::empty()).unwrap();
+        for _ in 0..3000 {
+            rustix::fs::mkdirat(&fd, "dd", Mode::from_raw_mode(0o755)).unwrap();
+            rustix::fs::symlinkat("/", &fd, "s").unwrap();
+            fd = rustix::fs::openat(&fd, "dd", DIR_FLAGS, Mode::empty()).unwrap();
+        }
+        drop(fd);
+        remove_tree_at(&root, OsStr::new("top")).unwrap();
+        p.pop();
+        assert!(is_empty_dir(&p));
+        // Through a whiteout of a layer.
+        let lower = tar_with(|b| file(b, "a/b/c/d/e", b"x"));
+        let upper = tar_with(|b| file(b, ".wh.a", b""));
+        extract(
+            &lower[..],
+            tmp.path(),
+            layer_opts(),
+            &mut Budget::unlimited(),
+        )
+        .unwrap();
+        extract(
+            &upper[..],
+            tmp.path(),
+            layer_opts(),
+            &mut Budget::unlimited(),
+        )
+        .unwrap();
+        assert!(is_empty_dir(tmp.path()));
     }
 }

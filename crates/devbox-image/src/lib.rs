@@ -380,17 +380,27 @@ enum ArchiveKind {
 }
 
 /// Tells image archives from rootfs tarballs by their top-level entries; refuses, before
-/// anything is written, an archive whose entries add up to more than `max_bytes`.
+/// anything is written, an archive whose entries (their data, names and number, and the
+/// stream around them, see [`extract::Budget`]) are over the import's bounds.
 fn classify(reader: Box<dyn Read + '_>, max_bytes: u64) -> Result<ArchiveKind, ImageError> {
-    let mut archive = tar::Archive::new(extract::guarded(reader));
+    // A budget of its own: this pass writes nothing, the import's budget is charged later.
+    let mut probe = extract::Budget::new(max_bytes, u64::MAX);
+    let mut archive = tar::Archive::new(extract::guarded_within(reader, &probe));
     let mut docker = false;
     let mut oci = false;
-    let mut total: u64 = 0;
+    let mut last: Option<String> = None;
     let entries = archive
         .entries()
         .map_err(|e| ImageError::Format(format!("not a tar archive: {e}")))?;
     for entry in entries {
-        let entry = entry.map_err(|e| ImageError::Format(format!("not a tar archive: {e}")))?;
+        let mut entry = entry.map_err(|e| match extract::refused_by_guard(&e) {
+            Some(why) => ImageError::Hostile {
+                entry: last.clone().unwrap_or_else(|| "(the first header)".into()),
+                reason: why,
+            },
+            None => ImageError::Format(format!("not a tar archive: {e}")),
+        })?;
+        last = Some(extract::charge_entry(&mut entry, &mut probe, false)?);
         let path = entry
             .path()
             .map_err(|e| ImageError::Format(format!("unreadable entry name: {e}")))?;
@@ -400,17 +410,6 @@ fn classify(reader: Box<dyn Read + '_>, max_bytes: u64) -> Result<ArchiveKind, I
         }
         if clean == Path::new("manifest.json") {
             docker = true;
-        }
-        total = total.saturating_add(entry.size());
-        if total > max_bytes {
-            return Err(ImageError::Hostile {
-                entry: path.display().to_string(),
-                reason: format!(
-                    "the archive's entries add up to more than the import limit of {} ({})",
-                    extract::human(max_bytes),
-                    extract::MAX_BYTES_VAR
-                ),
-            });
         }
     }
     Ok(if oci {

@@ -13,7 +13,9 @@
 //! Every byte is verified: manifests and configs against the digests that name them, each
 //! layer's raw bytes against its blob digest (when it is a blob) and its uncompressed tar
 //! stream against the config's `rootfs.diff_ids` entry at its position; the layer and
-//! diff-id counts must match. An image whose config lists no diff ids is refused: nothing
+//! diff-id counts must match. An OCI descriptor's size is checked against the blob's before
+//! the blob is read; a docker config named by a digest must match it, and the image's id is
+//! the digest of the config's bytes whatever it is named. An image whose config lists no diff ids is refused: nothing
 //! would vouch for its layers. So the image's id, the config's digest, names exactly the
 //! content stored.
 
@@ -40,6 +42,8 @@ struct Descriptor {
     #[serde(rename = "mediaType", default)]
     media_type: String,
     digest: String,
+    #[serde(default)]
+    size: Option<u64>,
     #[serde(default)]
     platform: Option<Platform>,
     #[serde(default)]
@@ -221,24 +225,34 @@ impl StagedArchive {
         )
         .map_err(|e| ImageError::io("open", &stage.display().to_string(), e.into()))?;
         let mut table = HashMap::new();
-        let mut archive = tar::Archive::new(extract::guarded(reader));
+        let mut archive = tar::Archive::new(extract::guarded_within(reader, budget));
         let entries = archive
             .entries()
             .map_err(|e| ImageError::Format(format!("not a tar archive: {e}")))?;
         let mut next = 0u64;
+        let mut last: Option<String> = None;
+        let refused = |e: io::Error, last: &Option<String>| match extract::refused_by_guard(&e) {
+            Some(why) => hostile(last.as_deref().unwrap_or("(the first header)"), why),
+            None => ImageError::Format(format!("corrupt tar archive: {e}")),
+        };
         for entry in entries {
-            let mut e =
-                entry.map_err(|e| ImageError::Format(format!("corrupt tar archive: {e}")))?;
+            let mut e = entry.map_err(|err| refused(err, &last))?;
+            let kind = e.header().entry_type();
+            let file_like =
+                kind.is_file() || kind == tar::EntryType::Continuous || kind.is_gnu_sparse();
+            // Names, link targets and data bounded before anything is kept or staged.
+            let shown = extract::charge_entry(&mut e, budget, file_like)?;
+            last = Some(shown.clone());
             let raw = e
                 .path()
-                .map_err(|err| ImageError::Format(format!("unreadable entry name: {err}")))?
+                .map_err(|err| {
+                    ImageError::Format(format!("{shown}: unreadable entry name: {err}"))
+                })?
                 .into_owned();
-            let shown = raw.display().to_string();
             let path = extract::clean_path(&raw)?;
             if path.as_os_str().is_empty() {
                 continue;
             }
-            let kind = e.header().entry_type();
             let link = || -> Result<PathBuf, ImageError> {
                 Ok(e.link_name()
                     .map_err(|err| {
@@ -247,38 +261,41 @@ impl StagedArchive {
                     .ok_or_else(|| hostile(&shown, "a link without a target"))?
                     .into_owned())
             };
-            let member =
-                if kind.is_file() || kind == tar::EntryType::Continuous || kind.is_gnu_sparse() {
-                    budget.charge(&shown, e.size())?;
-                    let n = next;
-                    next += 1;
-                    let fd = rustix::fs::openat(
-                        &dir,
-                        format!("m{n}"),
-                        OFlags::WRONLY
-                            | OFlags::CREATE
-                            | OFlags::EXCL
-                            | OFlags::NOFOLLOW
-                            | OFlags::CLOEXEC,
-                        Mode::from_raw_mode(0o600),
-                    )
-                    .map_err(|err| ImageError::io("stage", &shown, err.into()))?;
-                    extract::copy_sparse(&mut e, &File::from(fd))
-                        .map_err(|err| ImageError::io("stage", &shown, err))?;
-                    Member::File(n)
-                } else if kind.is_symlink() {
-                    Member::Symlink(link()?)
-                } else if kind.is_hard_link() {
-                    Member::HardLink(link()?)
-                } else if kind.is_dir() {
-                    Member::Directory
-                } else if kind.is_fifo() {
-                    Member::Other("a fifo")
-                } else if kind.is_character_special() || kind.is_block_special() {
-                    Member::Other("a device node")
-                } else {
-                    Member::Other("an entry of an unusual type")
-                };
+            let member = if file_like {
+                let n = next;
+                next += 1;
+                let fd = rustix::fs::openat(
+                    &dir,
+                    format!("m{n}"),
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|err| ImageError::io("stage", &shown, err.into()))?;
+                extract::copy_sparse(&mut e, &File::from(fd)).map_err(|err| {
+                    if extract::refused_by_guard(&err).is_some() {
+                        refused(err, &last)
+                    } else {
+                        ImageError::io("stage", &shown, err)
+                    }
+                })?;
+                Member::File(n)
+            } else if kind.is_symlink() {
+                Member::Symlink(link()?)
+            } else if kind.is_hard_link() {
+                Member::HardLink(link()?)
+            } else if kind.is_dir() {
+                Member::Directory
+            } else if kind.is_fifo() {
+                Member::Other("a fifo")
+            } else if kind.is_character_special() || kind.is_block_special() {
+                Member::Other("a device node")
+            } else {
+                Member::Other("an entry of an unusual type")
+            };
             table.insert(path, member);
         }
         Ok(Self { dir, table })
@@ -407,9 +424,32 @@ fn blob_name(digest: &str) -> Result<String, ImageError> {
     Ok(format!("blobs/sha256/{}", digest_hex(digest, "digest")?))
 }
 
-/// Reads blob `digest` whole and checks it.
-fn read_verified(m: &dyn Members, digest: &str) -> Result<Vec<u8>, ImageError> {
+/// Checks that `file`, blob `name`, has the size its descriptor gives, before any of it is
+/// read (or decompressed).
+fn check_size(file: &File, name: &str, desc: &Descriptor) -> Result<(), ImageError> {
+    let Some(want) = desc.size else {
+        return Err(ImageError::Format(format!(
+            "the descriptor of {} gives no size (an OCI descriptor must)",
+            desc.digest
+        )));
+    };
+    let got = file
+        .metadata()
+        .map_err(|e| ImageError::io("stat", name, e))?
+        .len();
+    if got != want {
+        return Err(ImageError::Corrupt(format!(
+            "{name} is {got} bytes but its descriptor says {want}"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads the blob `desc` names whole and checks it: its size, then its digest.
+fn read_verified(m: &dyn Members, desc: &Descriptor) -> Result<Vec<u8>, ImageError> {
+    let digest = desc.digest.as_str();
     let name = blob_name(digest)?;
+    check_size(&m.open(&name)?, &name, desc)?;
     let data = read_member(m, &name)?;
     let got = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
     if got != digest {
@@ -426,15 +466,21 @@ fn read_verified(m: &dyn Members, digest: &str) -> Result<Vec<u8>, ImageError> {
 fn apply_layer(
     m: &dyn Members,
     name: &str,
-    blob_digest: Option<&str>,
+    blob: Option<&Descriptor>,
     diff_id: &str,
     position: usize,
     root: &Path,
     budget: &mut Budget,
 ) -> Result<(), ImageError> {
     digest_hex(diff_id, "diff id")?;
+    let blob_digest = blob.map(|d| d.digest.as_str());
+    let file = m.open(name)?;
+    // An OCI descriptor's size (required there); a docker layer named as a blob has none.
+    if let Some(desc) = blob.filter(|d| d.size.is_some()) {
+        check_size(&file, name, desc)?;
+    }
     let mut raw = Hashing {
-        inner: m.open(name)?,
+        inner: file,
         hasher: Sha256::new(),
     };
     let applied = (|| -> Result<String, ImageError> {
@@ -451,8 +497,8 @@ fn apply_layer(
             },
             budget,
         )?;
-        // The end-of-archive padding too, so the digest covers the whole stream.
-        io::copy(&mut tar_stream, &mut io::sink()).map_err(|e| ImageError::io("read", name, e))?;
+        // The extractor read the end-of-archive padding too (bounded), so the digest
+        // covers the whole stream.
         Ok(format!(
             "sha256:{}",
             hex::encode(tar_stream.hasher.finalize())
@@ -531,7 +577,7 @@ pub(crate) fn unpack_oci_layout(
         if !desc.media_type.contains("index") && !desc.media_type.contains("manifest.list") {
             break;
         }
-        let data = read_verified(m, &desc.digest)?;
+        let data = read_verified(m, &desc)?;
         let inner: Index = serde_json::from_slice(&data)
             .map_err(|e| ImageError::Format(format!("image index: {e}")))?;
         desc = pick(inner.manifests, "image index")?;
@@ -542,18 +588,24 @@ pub(crate) fn unpack_oci_layout(
                 .cloned();
         }
     }
-    let data = read_verified(m, &desc.digest)?;
+    let data = read_verified(m, &desc)?;
     let manifest: Manifest = serde_json::from_slice(&data)
         .map_err(|e| ImageError::Format(format!("image manifest: {e}")))?;
-    let config_bytes = read_verified(m, &manifest.config.digest)?;
+    let config_bytes = read_verified(m, &manifest.config)?;
     let config: ConfigFile = serde_json::from_slice(&config_bytes)
         .map_err(|e| ImageError::Format(format!("image config: {e}")))?;
     let diff_ids = diff_ids_for(&config, manifest.layers.len(), "the image manifest")?;
     for (i, layer) in manifest.layers.iter().enumerate() {
+        if layer.size.is_none() {
+            return Err(ImageError::Format(format!(
+                "the descriptor of layer {} gives no size (an OCI descriptor must)",
+                layer.digest
+            )));
+        }
         apply_layer(
             m,
             &blob_name(&layer.digest)?,
-            Some(&layer.digest),
+            Some(layer),
             &diff_ids[i],
             i,
             root,
@@ -596,22 +648,8 @@ pub(crate) fn unpack_docker_save(
         .into_iter()
         .next()
         .ok_or_else(|| ImageError::Format("manifest.json lists no image".into()))?;
-    let config_rel = extract::clean_path(Path::new(&entry.config))?;
     let config_bytes = read_member(m, &entry.config)?;
-    let id = hex::encode(Sha256::digest(&config_bytes));
-    // The config's name is its digest (`<hex>.json`, or `blobs/sha256/<hex>`): check it.
-    let stem = config_rel
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("")
-        .trim_end_matches(".json")
-        .to_string();
-    if stem.len() == 64 && stem != id {
-        return Err(ImageError::Corrupt(format!(
-            "{} does not match its digest",
-            entry.config
-        )));
-    }
+    let id = docker_config_id(&entry.config, &config_bytes)?;
     let config: ConfigFile = serde_json::from_slice(&config_bytes)
         .map_err(|e| ImageError::Format(format!("image config: {e}")))?;
     let diff_ids = diff_ids_for(&config, entry.layers.len(), "manifest.json")?;
@@ -622,11 +660,17 @@ pub(crate) fn unpack_docker_save(
             .strip_prefix("blobs/sha256")
             .ok()
             .and_then(|p| p.to_str())
-            .map(|h| format!("sha256:{h}"));
+            .map(|h| Descriptor {
+                media_type: String::new(),
+                digest: format!("sha256:{h}"),
+                size: None,
+                platform: None,
+                annotations: Default::default(),
+            });
         if let Some(b) = &blob {
-            digest_hex(b, "blob name")?;
+            digest_hex(&b.digest, "blob name")?;
         }
-        apply_layer(m, layer, blob.as_deref(), &diff_ids[i], i, root, budget)?;
+        apply_layer(m, layer, blob.as_ref(), &diff_ids[i], i, root, budget)?;
     }
     let name = entry.repo_tags.and_then(|t| t.into_iter().next());
     Ok(Unpacked {
@@ -634,6 +678,26 @@ pub(crate) fn unpack_docker_save(
         name,
         config: run_config(config),
     })
+}
+
+/// The id of a `docker save` image: the sha256 of its config's bytes. A config named by a
+/// digest (`<hex>.json`, `blobs/sha256/<hex>`, either with `sha256:` before the hex) must
+/// match it; a name that looks like a digest but is not one in lowercase sha256 hex is
+/// refused, so no name ever stands in for the bytes.
+fn docker_config_id(name: &str, bytes: &[u8]) -> Result<String, ImageError> {
+    let id = hex::encode(Sha256::digest(bytes));
+    let rel = extract::clean_path(Path::new(name))?;
+    let file = rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let stem = file.strip_suffix(".json").unwrap_or(file);
+    let stem = stem.strip_prefix("sha256:").unwrap_or(stem);
+    let in_blobs = rel.parent() == Some(Path::new("blobs/sha256"));
+    let looks_like_digest = stem.len() == 64 && stem.bytes().all(|b| b.is_ascii_hexdigit());
+    if (in_blobs || looks_like_digest) && stem != id {
+        return Err(ImageError::Corrupt(format!(
+            "the image config {name} does not match its digest: its content is sha256:{id}"
+        )));
+    }
+    Ok(id)
 }
 
 #[cfg(test)]
@@ -871,5 +935,149 @@ mod tests {
         let mut text = String::new();
         m.open("plain").unwrap().read_to_string(&mut text).unwrap();
         assert_eq!(text, "ok");
+    }
+
+    #[test]
+    fn docker_configs_are_named_by_their_digest_or_not_at_all() {
+        let cfg = config(&[]);
+        let id = &sha(&cfg)[7..];
+        assert_eq!(docker_config_id(&format!("{id}.json"), &cfg).unwrap(), id);
+        assert_eq!(
+            docker_config_id(&format!("blobs/sha256/{id}"), &cfg).unwrap(),
+            id
+        );
+        // A name that is no digest: the id is still the digest of the bytes.
+        assert_eq!(docker_config_id("config.json", &cfg).unwrap(), id);
+        let other = "a".repeat(64);
+        for name in [
+            format!("{other}.json"),
+            format!("blobs/sha256/{other}"),
+            format!("sha256:{other}.json"),
+            format!("{}.json", id.to_uppercase()),
+            "blobs/sha256/short".to_string(),
+        ] {
+            assert!(
+                matches!(docker_config_id(&name, &cfg), Err(ImageError::Corrupt(_))),
+                "{name}"
+            );
+        }
+        // Through an import: a config under another name imports under its own digest.
+        let l = layer(b"x\n");
+        let cfg = config(&[sha(&l)]);
+        let manifest = serde_json::to_vec(
+            &serde_json::json!([{"Config": "config.json", "Layers": ["a/layer.tar"]}]),
+        )
+        .unwrap();
+        let archive = tar_with(|b| {
+            file(b, "manifest.json", &manifest);
+            file(b, "config.json", &cfg);
+            file(b, "a/layer.tar", &l);
+        });
+        let (_, u) = unpack(&archive).unwrap();
+        assert_eq!(u.id, sha(&cfg)[7..]);
+    }
+
+    #[test]
+    fn data_after_a_layer_is_bounded() {
+        // A valid layer followed by 32 MiB of zeros, which its diff id covers.
+        let mut l = layer(b"x\n");
+        l.extend(std::iter::repeat_n(0u8, 32 << 20));
+        let archive = docker(&[sha(&l)], &["a/layer.tar"], |b| file(b, "a/layer.tar", &l));
+        let err = unpack(&archive).err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("follows the end of the tar archive"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn archive_names_are_bounded_before_they_are_kept() {
+        let long = "n".repeat(extract::MAX_NAME + 1);
+        let archive = tar_with(|b| {
+            for i in 0..3 {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                b.append_link(&mut h, format!("l{i}"), &long).unwrap();
+            }
+        });
+        let stage = tempfile::tempdir().unwrap();
+        let err = StagedArchive::read(&archive[..], stage.path(), &mut Budget::unlimited())
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, ImageError::Hostile { .. }) && err.to_string().contains("4096"),
+            "{err}"
+        );
+        let many = tar_with(|b| {
+            for i in 0..20 {
+                raw(b, tar::EntryType::Directory, &format!("d{i}"), "", b"");
+            }
+        });
+        let stage = tempfile::tempdir().unwrap();
+        let err = StagedArchive::read(
+            &many[..],
+            stage.path(),
+            &mut Budget::unlimited().with_entry_limits(10, u64::MAX),
+        )
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("more than 10 entries"), "{err}");
+    }
+
+    /// An OCI layout directory of one layer; `size` rewrites the layer's descriptor size.
+    fn layout(dir: &Path, l: &[u8], size: Option<u64>) {
+        let cfg = config(&[sha(l)]);
+        let blobs = dir.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        std::fs::write(blobs.join(&sha(l)[7..]), l).unwrap();
+        std::fs::write(blobs.join(&sha(&cfg)[7..]), &cfg).unwrap();
+        let mut layer_desc = serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha(l)});
+        if let Some(n) = size {
+            layer_desc["size"] = n.into();
+        }
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(&cfg), "size": cfg.len()},
+            "layers": [layer_desc],
+        }))
+        .unwrap();
+        std::fs::write(blobs.join(&sha(&manifest)[7..]), &manifest).unwrap();
+        let index = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": sha(&manifest), "size": manifest.len()}]}))
+        .unwrap();
+        std::fs::write(dir.join("index.json"), index).unwrap();
+    }
+
+    #[test]
+    fn descriptor_sizes_are_checked_before_reading() {
+        let l = layer(b"sized\n");
+        let cases = [
+            (Some(l.len() as u64 + 1), "descriptor says"),
+            (Some(1), "descriptor says"),
+            (None, "gives no size"),
+        ];
+        for (size, says) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            layout(dir.path(), &l, size);
+            let root = tempfile::tempdir().unwrap();
+            let m = DirMembers::open_dir(dir.path()).unwrap();
+            let err = unpack_oci_layout(&m, root.path(), &mut Budget::unlimited())
+                .err()
+                .unwrap();
+            assert!(err.to_string().contains(says), "{size:?}: {err}");
+            assert!(std::fs::read_dir(root.path()).unwrap().next().is_none());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        layout(dir.path(), &l, Some(l.len() as u64));
+        let root = tempfile::tempdir().unwrap();
+        let m = DirMembers::open_dir(dir.path()).unwrap();
+        unpack_oci_layout(&m, root.path(), &mut Budget::unlimited()).unwrap();
+        assert_eq!(
+            std::fs::read(root.path().join("etc/greeting")).unwrap(),
+            b"sized\n"
+        );
     }
 }
