@@ -323,8 +323,12 @@ pub trait Backend: Send + Sync {
     /// then, and releases what it held (as [`Backend::remove`]). With `hold_mounts`, returns
     /// a handle that keeps its mounts until dropped, so the caller does not wait for the
     /// kernel to unmount its root.
-    fn stop(&self, inst: &Instance, grace: Duration, hold_mounts: bool)
-    -> Result<Option<HeldMounts>>;
+    fn stop(
+        &self,
+        inst: &Instance,
+        grace: Duration,
+        hold_mounts: bool,
+    ) -> Result<Option<HeldMounts>>;
 
     /// Releases everything the backend holds for a sandbox that does not run (what a
     /// crashed start or stop left): processes left over, cgroups, runtime directories.

@@ -25,12 +25,13 @@ pub(crate) struct Backends {
 impl Backends {
     /// The backends of a daemon: the native container backend.
     pub(crate) fn native(cfg: &EngineConfig) -> Result<Self> {
-        let native = devbox_runtime::native::NativeBackend::new(devbox_runtime::native::NativeConfig {
-            runtime_dir: cfg.runtime_dir.clone(),
-            cgroup_parent: cfg.cgroup_parent.clone(),
-            init_binary: cfg.init_binary.clone(),
-            warm_launchers: cfg.warm_launchers,
-        })?;
+        let native =
+            devbox_runtime::native::NativeBackend::new(devbox_runtime::native::NativeConfig {
+                runtime_dir: cfg.runtime_dir.clone(),
+                cgroup_parent: cfg.cgroup_parent.clone(),
+                init_binary: cfg.init_binary.clone(),
+                warm_launchers: cfg.warm_launchers,
+            })?;
         Ok(Self::with(Arc::new(native), Vec::new()))
     }
 

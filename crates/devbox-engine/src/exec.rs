@@ -583,7 +583,9 @@ impl Engine {
         let err_log = self.exec_log_path(&rec.name, &exec_id, "stderr");
         let io_err = |e: io::Error| EngineError::internal("exec pipes", e);
         if let Some(master) = started.tty {
-            let pty = Arc::new(Pty::new(master, control).map_err(|e| EngineError::internal("terminal", e))?);
+            let pty = Arc::new(
+                Pty::new(master, control).map_err(|e| EngineError::internal("terminal", e))?,
+            );
             session.stdout = Some(tee(
                 PtyReader(pty.clone()),
                 out_log,

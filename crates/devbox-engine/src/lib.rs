@@ -27,9 +27,9 @@ mod reconcile;
 mod safety;
 mod sandbox;
 mod snapshots;
-mod transfer;
 #[cfg(test)]
 mod tests;
+mod transfer;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use devbox_backend::host::{process_start_time, still_runs};
 use devbox_backend::{
     Backend, BackendError, Capabilities, CheckpointSpec, ExecFailure, ExecSpec, HeldMounts,
-    HostProcess, Instance, Interrupted, Io, Process, ProcessControl, ProcessExit, Recorder,
-    Result, StartSpec, Started, Usage,
+    HostProcess, Instance, Interrupted, Io, Process, ProcessControl, ProcessExit, Recorder, Result,
+    StartSpec, Started, Usage,
 };
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
@@ -184,7 +184,7 @@ impl NativeBackend {
         self.runtime_dir(id).join("agent.sock")
     }
 
-    fn cgroup_name<'a>(inst: &'a Instance) -> &'a str {
+    fn cgroup_name(inst: &Instance) -> &str {
         inst.handle.as_deref().unwrap_or(&inst.id)
     }
 
@@ -213,7 +213,12 @@ impl NativeBackend {
         }
         std::thread::spawn(move || {
             loop {
-                let have = me.inner.warm.lock().unwrap_or_else(|p| p.into_inner()).len();
+                let have = me
+                    .inner
+                    .warm
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .len();
                 if have >= target {
                     break;
                 }
@@ -624,7 +629,10 @@ impl Backend for NativeBackend {
                 nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
                     .map_err(|e| BackendError::failed("pipe", e))
             };
-            for (i, io) in [spec.stdin, spec.stdout, spec.stderr].into_iter().enumerate() {
+            for (i, io) in [spec.stdin, spec.stdout, spec.stderr]
+                .into_iter()
+                .enumerate()
+            {
                 let attached = match io {
                     Io::Null => false,
                     Io::File(f) => {
@@ -715,9 +723,8 @@ impl Backend for NativeBackend {
         if !cg.exists() || !cg.is_frozen() {
             return Ok(false);
         }
-        cg.thaw_all(FREEZE_TIMEOUT).map_err(|e| {
-            BackendError::Other(format!("its cgroup is frozen and did not thaw: {e}"))
-        })
+        cg.thaw_all(FREEZE_TIMEOUT)
+            .map_err(|e| BackendError::Other(format!("its cgroup is frozen and did not thaw: {e}")))
     }
 
     fn checkpoint_ready(&self) -> Result<Option<PathBuf>> {
@@ -861,9 +868,8 @@ impl Backend for NativeBackend {
     }
 
     fn shutdown(&self) {
-        let drained: Vec<Warm> = std::mem::take(
-            &mut *self.inner.warm.lock().unwrap_or_else(|p| p.into_inner()),
-        );
+        let drained: Vec<Warm> =
+            std::mem::take(&mut *self.inner.warm.lock().unwrap_or_else(|p| p.into_inner()));
         for w in drained {
             self.discard_warm(w);
         }

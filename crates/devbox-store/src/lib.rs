@@ -666,7 +666,10 @@ mod tests {
         r.handle = Some("h".into());
         let new = s.insert_sandbox(&r).unwrap();
         let back = s.sandbox_by_name("new").unwrap().unwrap();
-        assert_eq!((back.backend.as_str(), back.handle.as_deref()), ("fake", Some("h")));
+        assert_eq!(
+            (back.backend.as_str(), back.handle.as_deref()),
+            ("fake", Some("h"))
+        );
         assert_eq!(back.id, new.id);
     }
 
