@@ -20,6 +20,8 @@ pub struct EngineConfig {
     pub cgroup_parent: String,
     /// The `sandbox-init` binary.
     pub init_binary: PathBuf,
+    /// The host-wide registry of uid blocks (`$DEVBOX_UID_REGISTRY`, else under /var/lib/dev-box).
+    pub uid_registry: PathBuf,
     /// Grace period of a stop before SIGKILL.
     pub stop_grace: Duration,
     /// Launchers kept ready in their cgroups (`$DEVBOX_WARM_LAUNCHERS`, default 2; 0: none).
@@ -52,9 +54,8 @@ impl EngineConfig {
             pool,
             pool_mountpoint,
             cgroup_parent: "dev-box".into(),
-            init_binary: devbox_runtime::launch::Launcher::locate()
-                .binary()
-                .to_path_buf(),
+            init_binary: crate::backends::default_init_binary(),
+            uid_registry: devbox_store::UidRegistry::default_path(),
             stop_grace: Duration::from_secs(10),
             approval_timeout: Duration::from_secs(
                 std::env::var("DEVBOX_APPROVAL_TIMEOUT")

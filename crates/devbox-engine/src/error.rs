@@ -112,6 +112,28 @@ impl From<devbox_store::StoreError> for EngineError {
     }
 }
 
+impl From<devbox_backend::BackendError> for EngineError {
+    fn from(e: devbox_backend::BackendError) -> Self {
+        use devbox_backend::{BackendError as B, ExecFailure as F};
+        match e {
+            B::Unsupported(m) => Self::InvalidRequest(m),
+            B::Checkpoint(m) => Self::Checkpoint(m),
+            B::Exec {
+                kind: F::BadRequest,
+                message,
+            } => Self::InvalidRequest(message),
+            B::Exec {
+                kind: F::Internal,
+                message,
+            } => Self::Internal(message),
+            B::Exec { message, .. } => Self::ExecFailed(message),
+            other @ (B::Failed { .. } | B::Other(_) | B::Interrupted) => {
+                Self::Internal(other.to_string())
+            }
+        }
+    }
+}
+
 impl From<devbox_storage::StorageError> for EngineError {
     fn from(e: devbox_storage::StorageError) -> Self {
         match e {

@@ -1,14 +1,13 @@
 //! Running commands in sandboxes: an [`ExecSession`] streams a process's stdio and exit.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use devbox_backend::{ExecSpec, Io, ProcessControl};
 use devbox_image::HOST_IMAGE;
-use devbox_runtime::client::AgentConn;
-use devbox_runtime::protocol::{self, AttachedStdio, FailureKind, Reply, Request, WinSize};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::unix::pipe;
@@ -34,10 +33,12 @@ pub struct ExecExit {
 #[derive(Debug)]
 pub struct Pty {
     fd: AsyncFd<OwnedFd>,
+    /// The command's control, which resizes it.
+    control: Arc<dyn ProcessControl>,
 }
 
 impl Pty {
-    fn new(fd: OwnedFd) -> io::Result<Self> {
+    fn new(fd: OwnedFd, control: Arc<dyn ProcessControl>) -> io::Result<Self> {
         let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)?;
         let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
         nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
@@ -46,12 +47,13 @@ impl Pty {
                 fd,
                 tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
             )?,
+            control,
         })
     }
 
     /// Resizes the terminal.
     pub fn resize(&self, rows: u16, cols: u16) -> io::Result<()> {
-        devbox_runtime::sys::set_winsize(self.fd.get_ref().as_raw_fd(), rows, cols)
+        self.control.resize(rows, cols)
     }
 }
 
@@ -238,7 +240,7 @@ pub struct ExecSession {
     pub stderr: Option<Output>,
     /// The terminal (with a tty): write to it, resize it.
     pub tty: Option<Arc<Pty>>,
-    conn: AsyncFd<OwnedFd>,
+    conn: AsyncFd<crate::os::Ready>,
     sandbox: String,
     /// Snapshot taken before the command, to roll back to if it fails.
     guard: Option<String>,
@@ -269,21 +271,15 @@ impl ExecSession {
                 .readable()
                 .await
                 .map_err(|e| EngineError::internal("exec", e))?;
-            match guard.try_io(|c| protocol::recv::<Reply>(c.get_ref().as_fd())) {
-                Ok(Ok(Some((
-                    Reply::Exited {
-                        code,
-                        signal,
-                        cpu_usec,
-                        max_rss_kib,
-                    },
-                    _,
-                )))) => {
-                    let exit = ExecExit { code, signal };
-                    self.finish(Some(&exit), cpu_usec, max_rss_kib);
+            match guard.try_io(|c| c.get_ref().0.try_wait()) {
+                Ok(Ok(Some(ended))) => {
+                    let exit = ExecExit {
+                        code: ended.code,
+                        signal: ended.signal,
+                    };
+                    self.finish(Some(&exit), ended.cpu_usec, ended.max_rss_kib);
                     return Ok(exit);
                 }
-                Ok(Ok(Some(_))) => continue,
                 Ok(Ok(None)) => {
                     self.finish(None, 0, 0);
                     return Err(EngineError::WrongState(
@@ -364,20 +360,11 @@ impl ExecSession {
 
     /// Sends a signal to the command.
     pub fn signal(&self, signal: i32) -> Result<()> {
-        protocol::send(
-            self.conn.get_ref().as_fd(),
-            &Request::Signal { signal },
-            &[],
-        )
-        .map_err(|e| EngineError::internal("signal", e))
-    }
-}
-
-pub(crate) fn failure(kind: FailureKind, message: String) -> EngineError {
-    match kind {
-        FailureKind::BadRequest => EngineError::InvalidRequest(message),
-        FailureKind::Internal => EngineError::Internal(message),
-        FailureKind::NotFound | FailureKind::PermissionDenied => EngineError::ExecFailed(message),
+        self.conn
+            .get_ref()
+            .0
+            .signal(signal)
+            .map_err(|e| EngineError::internal("signal", e))
     }
 }
 
@@ -477,6 +464,15 @@ impl Engine {
             .await?
         };
         let manifest = Self::manifest_of(&rec)?;
+        let (backend, inst) = self.backend_of(&rec)?;
+        if req.tty.is_some() && !backend.capabilities().pty {
+            return Err(EngineError::InvalidRequest(format!(
+                "sandbox {} runs on the {} backend, which has no terminals: leave out the tty",
+                rec.name,
+                backend.kind()
+            )));
+        }
+        let backend = backend.clone();
         // Auto-snapshots (the spec's rollback.autoSnapshot) and guards of
         // --rollback-on-failure are taken before the command runs.
         let auto = manifest.spec.rollback.auto_snapshot;
@@ -525,76 +521,29 @@ impl Engine {
             req.workdir.clone(),
             req.user.clone(),
         )?;
-        let tty = req.tty.map(|t| WinSize {
-            rows: t.rows,
-            cols: t.cols,
-        });
-        let stdio = if tty.is_some() {
-            AttachedStdio::default()
-        } else {
-            AttachedStdio {
-                stdin: want_stdin,
-                stdout: true,
-                stderr: true,
-            }
-        };
-        let request = protocol::ExecRequest {
+        let tty = req.tty.map(|t| (t.rows, t.cols));
+        let spec = ExecSpec {
             argv,
             env,
             cwd,
             user,
             tty,
-            stdio,
+            stdin: if want_stdin && tty.is_none() {
+                Io::Pipe
+            } else {
+                Io::Null
+            },
+            stdout: Io::Pipe,
+            stderr: Io::Pipe,
+            start_timeout: None,
         };
-        let socket = self.sandbox_runtime_dir(&rec.id).join("agent.sock");
-
-        let started = tokio::task::spawn_blocking(move || -> Result<_> {
-            let conn = AgentConn::connect(&socket)
-                .map_err(|e| EngineError::internal("connecting to the sandbox's agent", e))?;
-            let mut keep = Vec::new();
-            let mut send = Vec::new();
-            if stdio.stdin {
-                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-                    .map_err(|e| EngineError::internal("pipe", e))?;
-                send.push(r);
-                keep.push(w);
-            }
-            for _ in 0..(stdio.stdout as usize + stdio.stderr as usize) {
-                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-                    .map_err(|e| EngineError::internal("pipe", e))?;
-                send.push(w);
-                keep.push(r);
-            }
-            let raw: Vec<_> = send.iter().map(|f| f.as_raw_fd()).collect();
-            conn.send(&Request::Exec(request), &raw)
-                .map_err(|e| EngineError::internal("exec request", e))?;
-            drop(send);
-            let (reply, fds) = conn
-                .recv()
-                .map_err(|e| EngineError::internal("exec reply", e))?;
-            match reply {
-                Reply::Started { pid } => Ok((conn.into_fd(), pid, keep, fds)),
-                Reply::Failed { kind, message } => Err(failure(kind, message)),
-                other => Err(EngineError::Internal(format!(
-                    "unexpected agent reply {other:?}"
-                ))),
-            }
-        })
-        .await
-        .map_err(|e| EngineError::internal("exec task", e))??;
-        let (conn, pid, mut keep, mut fds) = started;
-        let nonblock = |fd: &OwnedFd| {
-            let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)
-                .map_err(|e| EngineError::internal("fcntl", e))?;
-            let flags =
-                nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
-            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags))
-                .map_err(|e| EngineError::internal("fcntl", e))?;
-            Ok::<_, EngineError>(())
-        };
-        nonblock(&conn)?;
-        let conn = crate::os::async_fd(conn, tokio::io::Interest::READABLE)
+        let started = tokio::task::spawn_blocking(move || backend.exec(&inst, spec))
+            .await
+            .map_err(|e| EngineError::internal("exec task", e))??;
+        let control = started.control.clone();
+        let conn = crate::os::async_ready(crate::os::Ready(started.control))
             .map_err(|e| EngineError::internal("exec", e))?;
+        let pid = started.pid;
         let exec_id = new_id();
         let record = ExecRecord {
             id: exec_id.clone(),
@@ -632,30 +581,28 @@ impl Engine {
         };
         let out_log = self.exec_log_path(&rec.name, &exec_id, "stdout");
         let err_log = self.exec_log_path(&rec.name, &exec_id, "stderr");
-        if tty.is_some() {
-            let master = fds
-                .pop()
-                .ok_or_else(|| EngineError::Internal("the agent sent no terminal".into()))?;
-            let pty = Arc::new(Pty::new(master).map_err(|e| EngineError::internal("terminal", e))?);
+        let io_err = |e: io::Error| EngineError::internal("exec pipes", e);
+        if let Some(master) = started.tty {
+            let pty = Arc::new(
+                Pty::new(master, control).map_err(|e| EngineError::internal("terminal", e))?,
+            );
             session.stdout = Some(tee(
                 PtyReader(pty.clone()),
                 out_log,
                 session.out_bytes.clone(),
             ));
             session.tty = Some(pty);
+        } else if tty.is_some() {
+            return Err(EngineError::Internal("the agent sent no terminal".into()));
         } else {
-            let io_err = |e: io::Error| EngineError::internal("exec pipes", e);
-            let mut it = keep.drain(..);
-            if stdio.stdin
-                && let Some(w) = it.next()
-            {
+            if let Some(w) = started.stdin {
                 session.stdin = Some(pipe::Sender::from_owned_fd(w).map_err(io_err)?);
             }
-            if let Some(r) = it.next() {
+            if let Some(r) = started.stdout {
                 let rx = pipe::Receiver::from_owned_fd(r).map_err(io_err)?;
                 session.stdout = Some(tee(rx, out_log, session.out_bytes.clone()));
             }
-            if let Some(r) = it.next() {
+            if let Some(r) = started.stderr {
                 let rx = pipe::Receiver::from_owned_fd(r).map_err(io_err)?;
                 session.stderr = Some(tee(rx, err_log, session.err_bytes.clone()));
             }

@@ -1,7 +1,8 @@
 //! The engine: dev-box's one internal command API.
 //!
-//! [`Engine`] owns the state ([`devbox_store::Store`]), the storage pool, the image store,
-//! the cgroup driver and the launcher of the native container backend. Its methods are the
+//! [`Engine`] owns the state ([`devbox_store::Store`]), the storage pool, the image store
+//! and the backends that run sandboxes ([`devbox_backend::Backend`], built in `backends.rs`:
+//! the native container backend). Its methods are the
 //! operations every front end offers (the REST API, hence the CLI): sandboxes
 //! ([`Engine::create`], [`Engine::start`], [`Engine::stop`], [`Engine::destroy`],
 //! [`Engine::list`], [`Engine::inspect`]), commands ([`Engine::exec`], an [`ExecSession`]),
@@ -14,6 +15,7 @@
 //! [`Engine::open`] reconciles records with the host (processes, cgroups, volumes, runtime
 //! directories), so a daemon killed at any point leaves nothing a restart cannot repair.
 
+mod backends;
 mod config;
 mod error;
 mod exec;
@@ -28,16 +30,15 @@ mod reconcile;
 mod safety;
 mod sandbox;
 mod snapshots;
+#[cfg(test)]
+mod tests;
 mod to_wire;
 mod transfer;
-mod warm;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use devbox_image::ImageStore;
-use devbox_runtime::cgroup::CgroupDriver;
-use devbox_runtime::launch::Launcher;
 use devbox_storage::{Pool, PoolInfo};
 use devbox_store::Store;
 
@@ -57,10 +58,8 @@ pub struct Engine {
     store: Store,
     pool: Pool,
     images: ImageStore,
-    cgroups: CgroupDriver,
-    launcher: Launcher,
+    backends: backends::Backends,
     locks: locks::LockTable,
-    warm: warm::WarmPool,
     measurer: measure::Measurer,
     policies: safety::PolicyCache,
     approval_events: tokio::sync::watch::Sender<u64>,
@@ -88,14 +87,24 @@ impl Engine {
     /// them on first use), then reconciles recorded state with the host. Must run inside a
     /// tokio runtime (running sandboxes get exit monitors).
     pub async fn open(cfg: EngineConfig) -> Result<Arc<Engine>> {
-        let engine = tokio::task::spawn_blocking(move || Self::open_blocking(cfg))
+        Self::open_with(cfg, backends::Backends::native).await
+    }
+
+    /// [`Engine::open`] with the backends `make` builds (tests: a fake one).
+    pub(crate) async fn open_with(
+        cfg: EngineConfig,
+        make: impl FnOnce(&EngineConfig) -> Result<backends::Backends> + Send + 'static,
+    ) -> Result<Arc<Engine>> {
+        let engine = tokio::task::spawn_blocking(move || Self::open_blocking(cfg, make))
             .await
             .map_err(|e| EngineError::internal("opening the engine", e))??;
         let e2 = engine.clone();
         tokio::task::spawn_blocking(move || e2.reconcile())
             .await
             .map_err(|e| EngineError::internal("reconcile", e))??;
-        engine.refill_warm();
+        for b in engine.backends.all() {
+            b.ready();
+        }
         // Retention and approval expiry, now and then every minute.
         let weak = Arc::downgrade(&engine);
         tokio::spawn(async move {
@@ -112,42 +121,31 @@ impl Engine {
         Ok(engine)
     }
 
-    fn open_blocking(cfg: EngineConfig) -> Result<Arc<Engine>> {
+    fn open_blocking(
+        cfg: EngineConfig,
+        make: impl FnOnce(&EngineConfig) -> Result<backends::Backends>,
+    ) -> Result<Arc<Engine>> {
         ensure_dir(&cfg.state_dir, 0o700)?;
         ensure_dir(&cfg.runtime_dir, 0o711)?;
         ensure_dir(&cfg.sandboxes_runtime_dir(), 0o711)?;
         let store = Store::open(&cfg.db_path())?;
         // Host uid ranges are claimed host-wide, so daemons of other state dirs never share them.
-        let registry = devbox_store::UidRegistry::new(
-            devbox_store::UidRegistry::default_path(),
-            &cfg.state_dir,
-        )?;
+        let registry = devbox_store::UidRegistry::new(cfg.uid_registry.clone(), &cfg.state_dir)?;
         for warning in store.use_uid_registry(registry)? {
             tracing::warn!("{warning}");
         }
         let pool = Pool::open(&cfg.pool, &cfg.pool_mountpoint)?;
         let images = ImageStore::new(pool.clone());
         images.ensure_host()?;
-        let cgroups = CgroupDriver::detect(&cfg.cgroup_parent)
-            .map_err(|e| EngineError::internal("cgroups", e))?;
-        let launcher = Launcher::new(cfg.init_binary.clone());
-        if !launcher.binary().is_file() {
-            return Err(EngineError::Internal(format!(
-                "sandbox-init not found at {}: install it next to the sandbox binary or set DEVBOX_INIT",
-                launcher.binary().display()
-            )));
-        }
-        let warm = warm::WarmPool::new(cfg.warm_launchers);
+        let backends = make(&cfg)?;
         let measurer = measure::Measurer::start(cfg.db_path());
         Ok(Arc::new(Engine {
             cfg,
             store,
             pool,
             images,
-            cgroups,
-            launcher,
+            backends,
             locks: locks::LockTable::default(),
-            warm,
             measurer,
             policies: safety::PolicyCache::default(),
             approval_events: tokio::sync::watch::channel(0).0,
@@ -167,11 +165,22 @@ impl Engine {
 
     /// Cgroup mode of the host ("v1", "v2" or "hybrid").
     pub fn cgroup_mode(&self) -> &'static str {
-        self.cgroups.mode()
+        self.backends.default().cgroup_mode()
     }
 
-    fn sandbox_runtime_dir(&self, id: &str) -> PathBuf {
-        self.cfg.sandboxes_runtime_dir().join(id)
+    /// Stops what the backends keep ready (warm launchers) at daemon shutdown.
+    pub fn shutdown(&self) {
+        for b in self.backends.all() {
+            b.shutdown();
+        }
+    }
+
+    /// A sandbox's backend, and the sandbox as it sees it.
+    fn backend_of(
+        &self,
+        rec: &devbox_store::SandboxRecord,
+    ) -> Result<(&Arc<dyn devbox_backend::Backend>, devbox_backend::Instance)> {
+        Ok((self.backends.of(rec)?, backends::instance(rec)))
     }
 
     fn sandbox_volume(&self, id: &str) -> PathBuf {

@@ -6,11 +6,9 @@
 //! it ends or the sandbox stops.
 
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use devbox_runtime::client::AgentConn;
-use devbox_runtime::protocol::{self, AttachedStdio, Reply, Request};
+use devbox_backend::{ExecSpec, Io};
 use devbox_safety::Verdict;
 use devbox_spec::SandboxManifest;
 use devbox_store::SandboxRecord;
@@ -80,35 +78,23 @@ impl Engine {
                 .append(true)
                 .open(&log_path)
                 .map_err(|e| EngineError::internal("main log", e))?;
-            let socket = self.sandbox_runtime_dir(&rec.id).join("agent.sock");
-            let conn = AgentConn::connect(&socket)
-                .and_then(|c| c.set_timeout(Some(Duration::from_secs(10))).map(|()| c))
-                .map_err(|e| EngineError::internal("connecting to the sandbox's agent", e))?;
-            let req = protocol::ExecRequest {
+            let err_log = log
+                .try_clone()
+                .map_err(|e| EngineError::internal("main log", e))?;
+            let (backend, inst) = self.backend_of(rec)?;
+            let spec = ExecSpec {
                 argv,
                 env,
                 cwd,
                 user,
                 tty: None,
-                stdio: AttachedStdio {
-                    stdin: false,
-                    stdout: true,
-                    stderr: true,
-                },
+                stdin: Io::Null,
+                stdout: Io::File(log.into()),
+                stderr: Io::File(err_log.into()),
+                start_timeout: Some(Duration::from_secs(10)),
             };
-            conn.send(&Request::Exec(req), &[log.as_raw_fd(), log.as_raw_fd()])
-                .map_err(|e| EngineError::internal("exec request", e))?;
-            // Closing the connection afterwards leaves the process running, untied.
-            match conn
-                .recv()
-                .map_err(|e| EngineError::internal("exec reply", e))?
-            {
-                (Reply::Started { pid }, _) => Ok(pid),
-                (Reply::Failed { kind, message }, _) => Err(crate::exec::failure(kind, message)),
-                (other, _) => Err(EngineError::Internal(format!(
-                    "unexpected agent reply {other:?}"
-                ))),
-            }
+            // Dropping the process's control leaves it running, untied.
+            Ok(backend.exec(&inst, spec)?.pid)
         })();
         let detail = serde_json::json!({"command": text, "pid": started.as_ref().ok()});
         self.audit_result("sandbox.main", Some(&rec.name), detail, &started);

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use devbox_runtime::cgroup::Usage;
+use devbox_backend::Usage;
 use devbox_spec::{ResolvedLimits, SandboxManifest};
 use devbox_store::SandboxState;
 use serde::{Deserialize, Serialize};

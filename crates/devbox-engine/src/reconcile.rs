@@ -21,13 +21,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use devbox_backend::host::process_start_time;
 use devbox_image::HOST_IMAGE;
-use devbox_runtime::container::process_start_time;
-use devbox_runtime::sys;
 use devbox_store::{SandboxRecord, SandboxState, SnapshotRecord, SnapshotState};
 
-use crate::sandbox::alive;
-use crate::warm::WARM_PREFIX;
 use crate::{Engine, EngineError, Result};
 
 /// The environment variable that marks the daemon and, by inheritance, every process it
@@ -50,9 +47,6 @@ pub fn is_own_mark(mark: &str) -> bool {
     mark.split(':').next() == Some(std::process::id().to_string().as_str())
 }
 
-/// How long a frozen sandbox may take to thaw.
-const THAW_TIMEOUT: Duration = Duration::from_secs(5);
-
 impl Engine {
     /// Finishes or undoes interrupted operations, marks sandboxes whose processes are gone
     /// as stopped, thaws and re-attaches exit monitors to running ones, reaps what a dead
@@ -60,10 +54,9 @@ impl Engine {
     /// areas that no record owns. Only a failure to read the database fails it.
     pub(crate) fn reconcile(self: &Arc<Self>) -> Result<()> {
         let records = self.store.sandboxes()?;
-        let owned_cgroups: HashSet<String> =
-            records.iter().filter_map(|r| r.cgroup.clone()).collect();
         self.reap_dead_daemon_helpers();
-        self.reap_warm_leftovers(&owned_cgroups);
+        // What the backends hold that no record owns (a dead daemon's warm launchers, say).
+        self.sweep_backends(&records);
 
         // Snapshots first: a snapshot whose copy exists is complete (btrfs snapshots are
         // atomic; a copy is only recorded ready after it finished), one without is dropped.
@@ -74,6 +67,7 @@ impl Engine {
             }
         }
         let mut known = HashSet::new();
+        let mut kept = Vec::new();
         for mut rec in records {
             let keep = match self.reconcile_sandbox(&mut rec) {
                 Ok(keep) => keep,
@@ -84,11 +78,10 @@ impl Engine {
             };
             if keep {
                 known.insert(rec.id.clone());
-                if let Some(cg) = &rec.cgroup {
-                    known.insert(cg.clone());
-                }
+                kept.push(rec);
             }
         }
+        self.sweep_backends(&kept);
         self.sweep_unowned(&known);
         Ok(())
     }
@@ -103,10 +96,14 @@ impl Engine {
                 if complete {
                     // A checkpoint of processes is complete once its metadata is written,
                     // which happens before the files are taken.
+                    let images = self.checkpoint_dir(&snap);
                     snap.processes = self
-                        .checkpoint_dir(&snap)
-                        .join(devbox_runtime::checkpoint::CheckpointMeta::FILE)
-                        .exists();
+                        .store
+                        .sandboxes()?
+                        .iter()
+                        .find(|r| r.id == snap.sandbox_id)
+                        .and_then(|r| self.backends.of(r).ok())
+                        .is_some_and(|b| b.checkpoint_complete(&images));
                     snap.state = SnapshotState::Ready;
                     self.store.update_snapshot(&snap)?;
                 } else {
@@ -157,7 +154,7 @@ impl Engine {
             }
             SandboxState::Running => {
                 if !self.adopt(rec) {
-                    let was_alive = alive(rec.init_pid, rec.init_start);
+                    let was_alive = self.alive(rec);
                     tracing::info!(sandbox = %rec.name, alive = was_alive, "it does not answer: stopping it");
                     self.halt(rec, Duration::ZERO)?;
                     rec.last_error = Some(if was_alive {
@@ -202,22 +199,17 @@ impl Engine {
         Ok(true)
     }
 
-    /// Thaws a sandbox's cgroup if any freezer holds it; returns whether one did.
+    /// Thaws a sandbox if a dead daemon left it frozen; returns whether it was.
     fn thaw_leftover(&self, rec: &SandboxRecord) -> Result<bool> {
-        let cg = self.cgroup_of(rec);
-        if !cg.exists() || !cg.is_frozen() {
-            return Ok(false);
-        }
-        cg.thaw_all(THAW_TIMEOUT).map_err(|e| {
-            EngineError::Internal(format!("its cgroup is frozen and did not thaw: {e}"))
-        })
+        let (backend, inst) = self.backend_of(rec)?;
+        Ok(backend.thaw_leftover(&inst)?)
     }
 
     /// Takes a running sandbox back if its init still runs and answers; watches it then.
     fn adopt(self: &Arc<Self>, rec: &SandboxRecord) -> bool {
-        let socket = self.sandbox_runtime_dir(&rec.id).join("agent.sock");
-        let responsive = alive(rec.init_pid, rec.init_start)
-            && devbox_runtime::client::ping(&socket, Duration::from_secs(2)).is_ok();
+        let responsive = self
+            .backend_of(rec)
+            .is_ok_and(|(b, inst)| b.ping(&inst, Duration::from_secs(2)));
         if responsive {
             self.watch(rec);
         }
@@ -272,23 +264,12 @@ impl Engine {
         }
     }
 
-    /// Kills warm launchers a dead daemon left (in `warm-*` cgroups no sandbox took) and
-    /// removes their cgroups.
-    fn reap_warm_leftovers(&self, owned: &HashSet<String>) {
-        for name in self.cgroups.existing() {
-            if !name.starts_with(WARM_PREFIX) || owned.contains(&name) {
-                continue;
-            }
-            let cg = self.cgroups.sandbox(&name);
-            let n = cg.pids().len();
-            let _ = cg.kill_all();
-            match cg.remove(Duration::from_secs(5)) {
-                Ok(()) => {
-                    tracing::info!(cgroup = %name, processes = n, "removed a warm launcher a dead daemon left")
-                }
-                Err(e) => {
-                    tracing::warn!(cgroup = %name, "removing a dead daemon's warm launcher: {e}")
-                }
+    /// Removes what the backends hold on the host that none of `owned` owns.
+    fn sweep_backends(&self, owned: &[SandboxRecord]) {
+        let owned: Vec<_> = owned.iter().map(crate::backends::instance).collect();
+        for b in self.backends.all() {
+            for orphan in b.orphans(&owned) {
+                b.remove_orphan(&orphan);
             }
         }
     }
@@ -300,7 +281,6 @@ impl Engine {
         let Ok(state_dir) = std::fs::canonicalize(&self.cfg.state_dir) else {
             return;
         };
-        let cgroup_prefix = format!("/{}/", self.cfg.cgroup_parent.trim_matches('/'));
         let me = std::process::id() as i32;
         let mut doomed = Vec::new();
         for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -324,17 +304,14 @@ impl Engine {
             if Path::new(dir) != state_dir {
                 continue;
             }
-            // Sandboxes' processes (and warm launchers) are dealt with by their cgroups.
-            let cgroups =
-                std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-            if cgroups.lines().any(|l| {
-                l.splitn(3, ':')
-                    .nth(2)
-                    .is_some_and(|p| p.starts_with(&cgroup_prefix))
-            }) {
+            // Sandboxes' processes (and warm launchers) are dealt with by their backends.
+            if self.backends.all().any(|b| b.owns_host_process(pid)) {
                 continue;
             }
-            let Ok(pidfd) = sys::pidfd_open(pid) else {
+            let Ok(pidfd) = rustix::process::pidfd_open(
+                rustix::process::Pid::from_raw(pid).unwrap_or(rustix::process::Pid::INIT),
+                rustix::process::PidfdFlags::empty(),
+            ) else {
                 continue;
             };
             // The pidfd is of the process read above only if it started at the same time.
@@ -350,7 +327,7 @@ impl Engine {
                 })
                 .unwrap_or_default();
             tracing::info!(pid, command = %cmd, "killing a process a dead daemon started");
-            let _ = sys::pidfd_send_signal(&pidfd, libc::SIGKILL);
+            let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
             doomed.push(pidfd);
         }
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -368,32 +345,15 @@ impl Engine {
     /// Removes cgroups, volumes, runtime directories, snapshot volumes, checkpoints and
     /// image volumes that no record owns (each failure is logged).
     fn sweep_unowned(&self, known: &HashSet<String>) {
-        for id in self.cgroups.existing() {
-            if !known.contains(&id) {
-                tracing::info!(cgroup = %id, "removing a cgroup no sandbox owns");
-                let cg = self.cgroups.sandbox(&id);
-                let _ = cg.kill_all();
-                if let Err(e) = cg.remove(Duration::from_secs(5)) {
-                    tracing::warn!(cgroup = %id, "removing a cgroup no sandbox owns: {e}");
-                }
-            }
-        }
-        for dir in [self.pool.sandboxes_dir(), self.cfg.sandboxes_runtime_dir()] {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
+        if let Ok(entries) = std::fs::read_dir(self.pool.sandboxes_dir()) {
             for e in entries.flatten() {
                 let id = e.file_name().to_string_lossy().to_string();
                 if known.contains(&id) {
                     continue;
                 }
                 tracing::info!(path = %e.path().display(), "removing what no sandbox owns");
-                if dir == self.pool.sandboxes_dir() {
-                    if let Err(err) = self.delete_volume_retrying(&e.path()) {
-                        tracing::warn!(path = %e.path().display(), "removing a volume no sandbox owns: {err}");
-                    }
-                } else {
-                    let _ = devbox_storage::tree::remove_tree(&e.path());
+                if let Err(err) = self.delete_volume_retrying(&e.path()) {
+                    tracing::warn!(path = %e.path().display(), "removing a volume no sandbox owns: {err}");
                 }
             }
         }
@@ -431,7 +391,6 @@ impl Engine {
                 }
             }
         }
-        let _ = std::fs::remove_dir_all(self.cfg.runtime_dir.join("trash"));
         self.images.clear_staging();
         let recorded: HashSet<String> = match self.store.images() {
             Ok(all) => all.into_iter().map(|i| i.id).collect(),

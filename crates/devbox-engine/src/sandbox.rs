@@ -1,17 +1,12 @@
 //! Sandbox lifecycle: create, start, stop, destroy, list, inspect, and exit monitoring.
 
-use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use devbox_backend::{BackendError, CheckpointSpec, HeldMounts, Interrupted, StartSpec};
 use devbox_image::HOST_IMAGE;
-use devbox_runtime::cgroup::{Limits, SandboxCgroup};
-use devbox_runtime::config::{BindMount, IdMap, LaunchConfig, RootfsPlan};
-use devbox_runtime::container::process_start_time;
-use devbox_runtime::sys;
 use devbox_spec::{Name, SandboxManifest};
 use devbox_store::{ID_RANGE, SandboxRecord, SandboxState, StoreError, now_ms};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::model::{CreateSandboxRequest, ProcessInfo, SandboxInfo, rfc3339};
 use crate::{Engine, EngineError, Result};
@@ -25,41 +20,14 @@ pub(crate) fn new_id() -> String {
     hex::encode(b)
 }
 
-/// Whether the process `pid` that started at `start` (clock ticks) still runs.
-pub(crate) fn alive(pid: Option<i32>, start: Option<u64>) -> bool {
-    match (pid, start) {
-        (Some(pid), Some(start)) => process_start_time(pid) == Some(start),
-        _ => false,
-    }
-}
-
-fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
-        let ms = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
-        match poll(&mut fds, ms) {
-            Ok(n) if n > 0 => {
-                reap(pidfd);
-                return true;
-            }
-            Ok(_) => return false,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => return false,
-        }
-    }
-}
-
-/// Collects an exited init if it became our child (the daemon is a subreaper).
-pub(crate) fn reap(pidfd: &OwnedFd) {
-    let _ = nix::sys::wait::waitid(
-        nix::sys::wait::Id::PIDFd(pidfd.as_fd()),
-        nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOHANG,
-    );
-}
-
 impl Engine {
+    /// Whether a sandbox's host process still runs.
+    pub(crate) fn alive(&self, rec: &SandboxRecord) -> bool {
+        self.backend_of(rec)
+            .map(|(b, inst)| b.alive(&inst))
+            .unwrap_or(false)
+    }
+
     /// Runs `op` on the blocking pool with sandbox `name`'s lock held and its record, then
     /// appends `action` with `detail` and the outcome to the audit log.
     pub(crate) async fn on_sandbox<T: Send + 'static>(
@@ -107,7 +75,8 @@ impl Engine {
             stopped_at: None,
             last_error: None,
             ephemeral,
-            cgroup: None,
+            backend: self.backends.default().kind().to_string(),
+            handle: None,
             head: None,
             origin,
             pending: None,
@@ -129,11 +98,6 @@ impl Engine {
         self.store
             .sandbox_by_name(name)?
             .ok_or_else(|| EngineError::sandbox_not_found(name))
-    }
-
-    pub(crate) fn cgroup_of(&self, rec: &SandboxRecord) -> SandboxCgroup {
-        self.cgroups
-            .sandbox(rec.cgroup.as_deref().unwrap_or(&rec.id))
     }
 
     /// Creates a sandbox (and starts it unless asked not to).
@@ -240,42 +204,15 @@ impl Engine {
         let _ = self.store.delete_sandbox(&rec.id);
     }
 
-    /// Kills whatever still runs in the sandbox's cgroup and removes it and the runtime dir.
+    /// Releases what the sandbox's backend holds for it (processes left over, cgroups,
+    /// runtime dir).
     pub(crate) fn release_runtime(&self, rec: &SandboxRecord) {
         let phases = crate::Phases::start("release");
-        let cg = self.cgroup_of(rec);
-        if cg.exists() {
-            if !cg.pids().is_empty() {
-                let _ = cg.kill_all();
-                phases.mark("killed stragglers");
-            }
-            if let Err(e) = cg.remove(Duration::from_secs(5)) {
-                tracing::warn!(sandbox = %rec.name, "removing cgroup: {e}");
-            }
-            phases.mark("cgroup removed");
+        match self.backend_of(rec) {
+            Ok((b, inst)) => b.remove(&inst),
+            Err(e) => tracing::warn!(sandbox = %rec.name, "releasing its runtime: {e}"),
         }
-        // The runtime dir holds only empty mount points and a dead socket: remove it off the
-        // caller's path (a restart's reconcile removes any a crash left).
-        // It is moved aside at once, so a new start of the same sandbox gets a fresh one.
-        let rt = self.sandbox_runtime_dir(&rec.id);
-        let trash = self.cfg.runtime_dir.join("trash");
-        let doomed = trash.join(new_id());
-        let moved = std::fs::create_dir_all(&trash).and_then(|_| std::fs::rename(&rt, &doomed));
-        match moved {
-            Ok(()) => {
-                let name = rec.name.clone();
-                std::thread::spawn(move || {
-                    if let Err(e) = std::fs::remove_dir_all(&doomed) {
-                        tracing::warn!(sandbox = %name, "removing runtime dir: {e}");
-                    }
-                });
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(sandbox = %rec.name, "moving runtime dir aside: {e}");
-                let _ = std::fs::remove_dir_all(&rt);
-            }
-        }
+        phases.mark("runtime released");
     }
 
     /// The host directories bound (read-only, at the same path) into a sandbox: those of the
@@ -297,129 +234,83 @@ impl Engine {
         self.launch_from(rec, manifest, None)
     }
 
-    /// [`Self::launch`], or, with `checkpoint` (CRIU images of this sandbox), a restore of the
-    /// processes they hold.
+    /// [`Self::launch`], or, with `checkpoint` (the directory of a checkpoint of this
+    /// sandbox's processes), a restore of the processes it holds.
     pub(crate) fn launch_from(
         self: &Arc<Self>,
         rec: &mut SandboxRecord,
         manifest: &SandboxManifest,
-        checkpoint: Option<(&std::path::Path, &std::path::Path)>,
+        checkpoint: Option<&std::path::Path>,
     ) -> Result<()> {
         let phases = crate::Phases::start("launch");
         let limits = manifest.spec.resolved_limits()?;
-        let rt = self.sandbox_runtime_dir(&rec.id);
-        crate::ensure_dir(&rt, 0o711)?;
-        let cg_limits = Limits {
-            memory_bytes: Some(limits.memory_bytes),
-            pids: Some(limits.pids),
-            cpu_millis: Some(limits.cpu_millis),
-        };
-        // The cgroup's name is recorded before anything runs in it, so that a restart knows
-        // whose it is.
-        // A restore starts its own launcher: a warm one stays for the next start.
-        let warm = match checkpoint {
-            None => self.take_warm(),
-            Some(_) => None,
-        };
-        rec.cgroup = Some(
-            warm.as_ref()
-                .map(|w| w.cgroup.clone())
-                .unwrap_or_else(|| rec.id.clone()),
-        );
-        if let Err(e) = self.store.update_sandbox(rec) {
-            if let Some(w) = warm {
-                self.discard_warm(w);
-            }
-            return Err(e.into());
-        }
-        let (cg, armed) = match warm {
-            Some(w) => (self.cgroups.sandbox(&w.cgroup), Some(w.launcher)),
-            None => (
-                self.cgroups
-                    .create(&rec.id, &cg_limits)
-                    .map_err(|e| EngineError::internal("cgroup", e))?,
-                None,
-            ),
-        };
-        if armed.is_some()
-            && let Err(e) = cg.apply(&cg_limits)
-        {
-            self.release_runtime(rec);
-            return Err(EngineError::internal("cgroup limits", e));
-        }
-        phases.mark("cgroups");
+        let backend = self.backends.of(rec)?.clone();
         let image = self.images.path(&rec.image_id);
         if !image.is_dir() {
-            self.release_runtime(rec);
             return Err(EngineError::Internal(format!(
                 "image {} of sandbox {} is missing from the pool",
                 rec.image_id, rec.name
             )));
         }
-        let binds = Self::host_binds(rec)
-            .into_iter()
-            .map(|p| BindMount {
-                source: p.clone(),
-                target: p,
-                readonly: true,
-                idmap: true,
-            })
-            .collect();
-        let cfg = LaunchConfig {
+        let spec = StartSpec {
             id: rec.id.clone(),
+            name: rec.name.clone(),
             hostname: manifest
                 .spec
                 .hostname
                 .clone()
                 .unwrap_or_else(|| rec.name.clone()),
-            idmap: IdMap {
-                host_base: rec.uid_base,
-                size: ID_RANGE,
+            uid_base: rec.uid_base,
+            uid_count: ID_RANGE,
+            layers: vec![image],
+            volume: self.sandbox_volume(&rec.id),
+            binds: Self::host_binds(rec),
+            limits: devbox_backend::Limits {
+                memory_bytes: limits.memory_bytes,
+                pids: limits.pids,
+                cpu_millis: limits.cpu_millis,
             },
-            rootfs: RootfsPlan {
-                layers: vec![image],
-                writable: self.sandbox_volume(&rec.id),
-                binds,
-            },
-            runtime_dir: rt.clone(),
-            agent_socket: rt.join("agent.sock"),
-            cgroups: cg.paths(),
-            seccomp: true,
         };
         phases.mark("config");
-        let launched = match (armed, checkpoint) {
-            (_, Some((criu, images))) => self
-                .launcher
-                .restore(&devbox_runtime::container::restore::RestoreConfig {
-                    launch: cfg,
-                    criu: criu.to_path_buf(),
-                    images: images.to_path_buf(),
-                    log: self.checkpoint_log(&rec.id, "restore"),
+        // The backend's handle is recorded before anything runs under it, so that a restart
+        // knows what is whose.
+        let store = &self.store;
+        let mut unrecorded = None;
+        let started = {
+            let mut record = |handle: &str| {
+                rec.handle = Some(handle.to_string());
+                store.update_sandbox(rec).map_err(|e| {
+                    unrecorded = Some(e);
+                    Interrupted
                 })
-                .map_err(|e| {
-                    EngineError::Checkpoint(format!(
-                        "restoring the processes of sandbox {}: {e}",
-                        rec.name
-                    ))
-                }),
-            (Some(a), None) => a
-                .launch(&cfg)
-                .map_err(|e| EngineError::Internal(format!("starting sandbox {}: {e}", rec.name))),
-            (None, None) => self
-                .launcher
-                .launch(&cfg)
-                .map_err(|e| EngineError::Internal(format!("starting sandbox {}: {e}", rec.name))),
-        };
-        let pid = match launched {
-            Ok(pid) => pid,
-            Err(e) => {
-                self.release_runtime(rec);
-                return Err(e);
+            };
+            match checkpoint {
+                Some(images) => {
+                    let ck = CheckpointSpec {
+                        images: images.to_path_buf(),
+                        log: self.checkpoint_log(&spec.id, "restore"),
+                        owner: spec.uid_base,
+                        binds: spec.binds.clone(),
+                        tool: None,
+                    };
+                    backend.restore(&spec, &ck, &mut record)
+                }
+                None => backend.start(&spec, &mut record),
             }
         };
-        phases.mark("sandbox-init");
-        rec.init_pid = Some(pid);
-        rec.init_start = process_start_time(pid);
+        let started = match started {
+            Ok(s) => s,
+            Err(BackendError::Interrupted) if unrecorded.is_some() => {
+                return Err(unrecorded.take().map(EngineError::from).unwrap_or_else(|| {
+                    EngineError::Internal("recording the sandbox's handle".into())
+                }));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        phases.mark("started");
+        rec.handle = Some(started.handle);
+        rec.init_pid = Some(started.process.pid);
+        rec.init_start = started.process.start;
         rec.state = SandboxState::Running;
         rec.started_at = Some(now_ms());
         rec.last_error = None;
@@ -441,23 +332,27 @@ impl Engine {
     /// Watches a running sandbox's init and records its unexpected exit.
     pub(crate) fn watch(self: &Arc<Self>, rec: &SandboxRecord) {
         let Some(pid) = rec.init_pid else { return };
-        let Ok(pidfd) = sys::pidfd_open(pid) else {
+        let Ok((backend, inst)) = self.backend_of(rec) else {
+            return;
+        };
+        let Some(fd) = backend.watch(&inst) else {
             return;
         };
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let engine = self.clone();
+        let backend = backend.clone();
         let (name, id) = (rec.name.clone(), rec.id.clone());
         handle.spawn(async move {
-            let Ok(afd) = crate::os::async_fd(pidfd, tokio::io::Interest::READABLE) else {
+            let Ok(afd) = crate::os::async_fd(fd, tokio::io::Interest::READABLE) else {
                 return;
             };
             if afd.readable().await.is_err() {
                 return;
             }
-            let pidfd = afd.into_inner();
-            reap(&pidfd);
+            let fd = afd.into_inner();
+            backend.reap(&fd);
             let _ = tokio::task::spawn_blocking(move || engine.on_init_exit(&name, &id, pid)).await;
         });
     }
@@ -529,8 +424,8 @@ impl Engine {
         self.halt_holding_mounts(rec, grace, false).map(drop)
     }
 
-    /// [`Self::halt`]; with `hold`, also returns a handle on the sandbox's mount namespace
-    /// taken before its processes died. While it is open, the sandbox's mounts outlive its
+    /// [`Self::halt`]; with `hold`, also returns a handle on the sandbox's mounts taken
+    /// before its processes died. While it is held, the sandbox's mounts outlive its
     /// processes: the halt does not wait for the kernel to unmount its root (which, after
     /// the sandbox touched many files, means evicting their inodes: 0.5 s for 100,000), and
     /// whoever drops the handle pays that instead, off the caller's path.
@@ -539,36 +434,11 @@ impl Engine {
         rec: &mut SandboxRecord,
         grace: Duration,
         hold: bool,
-    ) -> Result<Option<std::fs::File>> {
+    ) -> Result<Option<HeldMounts>> {
         let phases = crate::Phases::start("halt");
-        let mut held = None;
-        if alive(rec.init_pid, rec.init_start)
-            && let Some(pid) = rec.init_pid
-            && let Ok(pidfd) = sys::pidfd_open(pid)
-        {
-            if hold {
-                held = std::fs::File::open(format!("/proc/{pid}/ns/mnt")).ok();
-            }
-            let socket = self.sandbox_runtime_dir(&rec.id).join("agent.sock");
-            let asked =
-                grace > Duration::ZERO && devbox_runtime::client::shutdown(&socket, grace).is_ok();
-            let exited = asked && wait_exit(&pidfd, grace + Duration::from_secs(2));
-            if !exited {
-                // Killing the pid namespace's init kills everything in it; the cgroup is only
-                // swept afterwards for anything that escaped (release_runtime).
-                let _ = sys::pidfd_send_signal(&pidfd, libc::SIGKILL);
-                phases.mark("killed");
-                if !wait_exit(&pidfd, Duration::from_secs(10)) {
-                    return Err(EngineError::Internal(format!(
-                        "sandbox {} did not stop after SIGKILL",
-                        rec.name
-                    )));
-                }
-            }
-        }
-        phases.mark("processes");
-        self.release_runtime(rec);
-        phases.mark("runtime released");
+        let (backend, inst) = self.backend_of(rec)?;
+        let held = backend.stop(&inst, grace, hold)?;
+        phases.mark("stopped");
         rec.state = SandboxState::Stopped;
         rec.init_pid = None;
         rec.init_start = None;
@@ -597,7 +467,7 @@ impl Engine {
         let was = rec.state;
         rec.state = SandboxState::Destroying;
         self.store.update_sandbox(rec)?;
-        if was == SandboxState::Running || alive(rec.init_pid, rec.init_start) {
+        if was == SandboxState::Running || self.alive(rec) {
             self.halt(rec, grace)?;
             rec.state = SandboxState::Destroying;
             self.store.update_sandbox(rec)?;
@@ -670,23 +540,18 @@ impl Engine {
             }
         });
         let running = rec.state == SandboxState::Running;
-        let cg = self.cgroup_of(rec);
-        let processes = if detailed && running {
-            cg.pids()
-                .into_iter()
-                .map(|pid| {
-                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                    let command = cmd
-                        .split(|b| *b == 0)
-                        .filter(|s| !s.is_empty())
-                        .map(|s| String::from_utf8_lossy(s))
-                        .collect::<Vec<_>>()
-                        .join(" ");
-                    ProcessInfo { pid, command }
-                })
-                .collect()
+        let backend = if running {
+            self.backend_of(rec).ok()
         } else {
-            Vec::new()
+            None
+        };
+        let processes = match &backend {
+            Some((b, inst)) if detailed => b
+                .processes(inst)
+                .into_iter()
+                .map(|(pid, command)| ProcessInfo { pid, command })
+                .collect(),
+            _ => Vec::new(),
         };
         Ok(SandboxInfo {
             id: rec.id.clone(),
@@ -699,7 +564,7 @@ impl Engine {
             uid_base: rec.uid_base,
             init_pid: rec.init_pid,
             processes,
-            usage: if running { Some(cg.usage()) } else { None },
+            usage: backend.as_ref().map(|(b, inst)| b.usage(inst)),
             storage_bytes: if detailed {
                 Some(devbox_storage::disk_usage(
                     &self.sandbox_volume(&rec.id).join("upper"),

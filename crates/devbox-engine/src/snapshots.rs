@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use devbox_backend::{BackendError, CheckpointSpec, HeldMounts, Interrupted};
 use devbox_spec::{Name, SandboxManifest};
 use devbox_store::{
     SandboxRecord, SandboxState, SnapshotRecord, SnapshotState, StoreError, now_ms,
@@ -130,17 +131,35 @@ impl Engine {
             )));
         }
         let running = rec.state == SandboxState::Running;
-        let criu = if req.with_processes {
+        let (backend, inst) = self.backend_of(rec)?;
+        let caps = backend.capabilities();
+        if running && !caps.live_snapshot {
+            return Err(EngineError::WrongState(format!(
+                "sandbox {} runs on the {} backend, which cannot snapshot a running sandbox: stop it first",
+                rec.name,
+                backend.kind()
+            )));
+        }
+        let tool = if req.with_processes {
             if !running {
                 return Err(EngineError::InvalidRequest(format!(
                     "sandbox {} is stopped: --with-processes needs running processes (start it, or leave the flag out)",
                     rec.name
                 )));
             }
-            Some(
-                devbox_runtime::checkpoint::find_criu()
-                    .map_err(|e| EngineError::Checkpoint(format!("{e}; nothing was changed")))?,
-            )
+            if !caps.checkpoint {
+                return Err(EngineError::InvalidRequest(format!(
+                    "sandbox {} runs on the {} backend, which cannot checkpoint processes: leave out --with-processes",
+                    rec.name,
+                    backend.kind()
+                )));
+            }
+            Some(backend.checkpoint_ready().map_err(|e| match e {
+                BackendError::Checkpoint(m) => {
+                    EngineError::Checkpoint(format!("{m}; nothing was changed"))
+                }
+                other => other.into(),
+            })?)
         } else {
             None
         };
@@ -180,52 +199,44 @@ impl Engine {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| EngineError::internal("snapshot dir", e))?;
             }
-            let cg = self.cgroup_of(rec);
-            let socket = self.sandbox_runtime_dir(&rec.id).join("agent.sock");
-            // The agent lets go of everything outside the sandbox before CRIU looks.
-            let parked = match &criu {
-                Some(_) => Some(devbox_runtime::client::park(&socket).map_err(|e| {
-                    EngineError::Checkpoint(format!(
-                        "cannot checkpoint the processes of {}: {e}; nothing was changed",
-                        rec.name
-                    ))
-                })?),
-                None => None,
+            let volume = self.sandbox_volume(&rec.id);
+            let copy = || {
+                self.pool
+                    .snapshot(&volume, &dest, true)
+                    .map_err(EngineError::from)
             };
-            let result = (|| {
-                if running {
-                    cg.set_frozen(true, Duration::from_secs(5))
-                        .map_err(|e| EngineError::internal("freezing the sandbox", e))?;
-                }
+            match tool {
                 // Processes and files are taken in the same frozen instant.
-                let dumped = match (&criu, rec.init_pid) {
-                    (Some(criu), Some(pid)) => self.dump_processes(rec, criu, pid, &images, &cg),
-                    _ => Ok(()),
-                };
-                let copied = match dumped {
-                    Ok(()) => self
-                        .pool
-                        .snapshot(&self.sandbox_volume(&rec.id), &dest, true)
-                        .map_err(EngineError::from),
-                    Err(e) => Err(e),
-                };
-                if running && let Err(e) = cg.set_frozen(false, Duration::from_secs(5)) {
-                    tracing::error!(sandbox = %rec.name, "thawing after a snapshot: {e}");
+                Some(tool) => {
+                    let ck = CheckpointSpec {
+                        images: images.clone(),
+                        log: self.checkpoint_log(&rec.id, "dump"),
+                        owner: rec.uid_base,
+                        binds: Self::host_binds(rec),
+                        tool,
+                    };
+                    let mut copied = None;
+                    let r = backend.checkpoint(&inst, &ck, &mut || {
+                        copy().map_err(|e| {
+                            copied = Some(e);
+                            Interrupted
+                        })
+                    });
+                    match (r, copied) {
+                        (Err(BackendError::Interrupted), Some(e)) => Err(e),
+                        (r, _) => r.map_err(EngineError::from),
+                    }
                 }
-                copied
-            })();
-            if let Some(pair) = parked
-                && let Err(e) = devbox_runtime::client::resume(&pair, &socket)
-            {
-                // Without its listener nobody can reach the sandbox; dropping the pair makes
-                // the parked agent stop it, which the watcher then records.
-                tracing::error!(sandbox = %rec.name, "resuming the agent after a checkpoint: {e}");
-                return Err(EngineError::Checkpoint(format!(
-                    "the agent of {} did not resume after the checkpoint ({e}); the sandbox stops",
-                    rec.name
-                )));
+                None if running => {
+                    backend.freeze(&inst)?;
+                    let copied = copy();
+                    if let Err(e) = backend.thaw(&inst) {
+                        tracing::error!(sandbox = %rec.name, "thawing after a snapshot: {e}");
+                    }
+                    copied
+                }
+                None => copy(),
             }
-            result
         })();
         if let Err(e) = taken {
             let _ = self.pool.delete_volume(&dest);
@@ -233,7 +244,7 @@ impl Engine {
             let _ = self.store.delete_snapshot(&snap);
             return Err(e);
         }
-        snap.processes = criu.is_some();
+        snap.processes = req.with_processes;
         snap.state = SnapshotState::Ready;
         self.store.update_snapshot(&snap)?;
         rec.head = Some(snap.id.clone());
@@ -259,69 +270,6 @@ impl Engine {
             .join("checkpoints")
             .join(sandbox_id)
             .join(format!("last-{what}.log"))
-    }
-
-    /// Dumps a parked, frozen sandbox's processes into `images`, leaving them running.
-    /// A dump CRIU itself gives up on is tried once more after a thaw and a fresh freeze:
-    /// the cgroup v1 freezer does not always let go (once, under the parallel test load,
-    /// CRIU timed out waiting for a task the thaw had not reached).
-    fn dump_processes(
-        &self,
-        rec: &SandboxRecord,
-        criu: &Path,
-        pid: i32,
-        images: &Path,
-        cg: &devbox_runtime::cgroup::SandboxCgroup,
-    ) -> Result<()> {
-        let mut result = self.dump_once(rec, criu, pid, images, cg);
-        if let Err(devbox_runtime::checkpoint::CheckpointError::Criu { reason, .. }) = &result {
-            tracing::warn!(sandbox = %rec.name, "checkpoint failed, trying once more: {reason}");
-            let refrozen = cg
-                .set_frozen(false, Duration::from_secs(5))
-                .and_then(|()| cg.set_frozen(true, Duration::from_secs(5)));
-            if refrozen.is_ok() {
-                result = self.dump_once(rec, criu, pid, images, cg);
-            }
-        }
-        result.map_err(|e| {
-            EngineError::Checkpoint(format!(
-                "cannot checkpoint the processes of {}: {e}; nothing was changed",
-                rec.name
-            ))
-        })
-    }
-
-    fn dump_once(
-        &self,
-        rec: &SandboxRecord,
-        criu: &Path,
-        pid: i32,
-        images: &Path,
-        cg: &devbox_runtime::cgroup::SandboxCgroup,
-    ) -> std::result::Result<(), devbox_runtime::checkpoint::CheckpointError> {
-        let _ = std::fs::remove_dir_all(images);
-        // 0711: CRIU opens (possibly missing) images from a task inside the new user
-        // namespace before its id map is written; it must get ENOENT, not EACCES. The state
-        // dir above is root's alone.
-        crate::ensure_dir(images, 0o711).map_err(|e| {
-            devbox_runtime::checkpoint::CheckpointError::Io {
-                what: "making the images dir",
-                source: std::io::Error::other(e.to_string()),
-            }
-        })?;
-        let binds = Self::host_binds(rec);
-        devbox_runtime::checkpoint::dump(&devbox_runtime::checkpoint::DumpRequest {
-            criu: criu.to_path_buf(),
-            init_pid: pid,
-            images: images.to_path_buf(),
-            log: self.checkpoint_log(&rec.id, "dump"),
-            binds,
-            freezer: cg.freezer_dir(),
-            leave_running: true,
-            owner: rec.uid_base,
-            init_binary: self.cfg.init_binary.clone(),
-        })
-        .map(drop)
     }
 
     /// Measures a snapshot's size in the background.
@@ -468,7 +416,7 @@ impl Engine {
         self: &Arc<Self>,
         rec: &mut SandboxRecord,
         pending: &Pending,
-        held: Option<std::fs::File>,
+        held: Option<HeldMounts>,
         checkpoint: Option<PathBuf>,
     ) -> Result<()> {
         let Pending::Rollback {
@@ -535,9 +483,7 @@ impl Engine {
         }
         if let Some(images) = checkpoint {
             let manifest = Self::manifest_of(rec)?;
-            let restored = devbox_runtime::checkpoint::find_criu()
-                .map_err(|e| EngineError::Checkpoint(e.to_string()))
-                .and_then(|criu| self.launch_from(rec, &manifest, Some((&criu, &images))));
+            let restored = self.launch_from(rec, &manifest, Some(&images));
             if let Err(e) = restored {
                 // The files are rolled back; a fresh start keeps the sandbox usable.
                 let fresh = match self.launch(rec, &manifest) {

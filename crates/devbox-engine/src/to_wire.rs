@@ -19,7 +19,7 @@ pub(crate) fn sandbox_state(s: devbox_store::SandboxState) -> wire::SandboxState
 }
 
 /// A sandbox's resource use.
-pub(crate) fn usage(u: devbox_runtime::cgroup::Usage) -> wire::Usage {
+pub(crate) fn usage(u: devbox_backend::Usage) -> wire::Usage {
     wire::Usage {
         memory_bytes: u.memory_bytes,
         pids: u.pids,

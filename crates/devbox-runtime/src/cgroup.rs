@@ -23,16 +23,8 @@ pub struct Limits {
     pub cpu_millis: Option<u64>,
 }
 
-/// Resource use of one sandbox, as the kernel counts it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
-    /// Memory charged to the sandbox, in bytes.
-    pub memory_bytes: u64,
-    /// Processes and threads.
-    pub pids: u64,
-    /// CPU time consumed, in microseconds.
-    pub cpu_usec: u64,
-}
+/// Resource use of one sandbox, as the kernel counts it (the backend seam's type).
+pub use devbox_backend::Usage;
 
 /// Errors of cgroup operations.
 #[derive(Debug, thiserror::Error)]

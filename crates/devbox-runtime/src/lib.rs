@@ -11,6 +11,7 @@
 //! - [`cgroup`]: cgroup v1 and v2 hierarchies (limits, freeze, kill, stats).
 //! - [`checkpoint`]: checkpoints of a sandbox's processes with CRIU (restored by
 //!   [`container::restore`]).
+//! - [`native`]: all of it behind the engine's backend seam ([`devbox_backend::Backend`]).
 //! - [`sys`]: the OS boundary, where all `unsafe` lives.
 
 pub mod agent;
@@ -20,6 +21,7 @@ pub mod client;
 pub mod config;
 pub mod container;
 pub mod launch;
+pub mod native;
 pub mod protocol;
 pub mod sys;
 pub mod trace;

@@ -131,8 +131,11 @@ pub struct SandboxRecord {
     pub last_error: Option<String>,
     /// Destroy when its one exec ends (`sandbox run --rm`).
     pub ephemeral: bool,
-    /// Name of its cgroup (under the daemon's parent) while it runs.
-    pub cgroup: Option<String>,
+    /// The kind of backend that runs it (`native`, ...).
+    pub backend: String,
+    /// What its backend recorded to find what it made (the native backend: the cgroup's
+    /// name); opaque to everyone else.
+    pub handle: Option<String>,
     /// The snapshot the current state descends from (taken last, or rolled back to).
     pub head: Option<String>,
     /// The snapshot this sandbox was cloned from.
@@ -260,6 +263,9 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX execs_by_sandbox ON execs (sandbox, started_at);",
     // 5: retention's records in the audit chain are looked up by action.
     "CREATE INDEX audit_by_action ON audit (action, seq);",
+    // 6: sandboxes name their backend; the cgroup's name becomes the backend's opaque handle.
+    "ALTER TABLE sandboxes ADD COLUMN backend TEXT NOT NULL DEFAULT 'native';
+     ALTER TABLE sandboxes RENAME COLUMN cgroup TO handle;",
 ];
 
 /// First host uid handed to sandboxes; each gets [`ID_RANGE`] ids from there.
@@ -277,7 +283,7 @@ pub struct Store {
     uids: Mutex<Option<(UidRegistry, Vec<u32>)>>,
 }
 
-const SANDBOX_COLS: &str = "id, name, manifest, image_id, state, uid_base, init_pid, init_start, created_at, started_at, stopped_at, last_error, ephemeral, cgroup, head, origin, pending";
+const SANDBOX_COLS: &str = "id, name, manifest, image_id, state, uid_base, init_pid, init_start, created_at, started_at, stopped_at, last_error, ephemeral, handle, head, origin, pending, backend";
 
 fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<(SandboxRecord, String)> {
     let state: String = r.get(4)?;
@@ -296,10 +302,11 @@ fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<(SandboxRecord, String)> {
             stopped_at: r.get(10)?,
             last_error: r.get(11)?,
             ephemeral: r.get(12)?,
-            cgroup: r.get(13)?,
+            handle: r.get(13)?,
             head: r.get(14)?,
             origin: r.get(15)?,
             pending: r.get(16)?,
+            backend: r.get(17)?,
         },
         state,
     ))
@@ -453,7 +460,7 @@ impl Store {
             out.uid_base = UID_BASE_START + slot * ID_RANGE;
             out.state = SandboxState::Creating;
             tx.execute(
-                &format!("INSERT INTO sandboxes ({SANDBOX_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"),
+                &format!("INSERT INTO sandboxes ({SANDBOX_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"),
                 params![
                     out.id,
                     out.name,
@@ -468,10 +475,11 @@ impl Store {
                     out.stopped_at,
                     out.last_error,
                     out.ephemeral,
-                    out.cgroup,
+                    out.handle,
                     out.head,
                     out.origin,
-                    out.pending
+                    out.pending,
+                    out.backend
                 ],
             )
             .map_err(|e| if is_unique_violation(&e) { StoreError::Conflict(format!("a sandbox named {:?}", rec.name)) } else { e.into() })?;
@@ -484,7 +492,7 @@ impl Store {
     pub fn update_sandbox(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "UPDATE sandboxes SET state = ?2, init_pid = ?3, init_start = ?4, started_at = ?5, stopped_at = ?6, last_error = ?7, manifest = ?8, cgroup = ?9, head = ?10, origin = ?11, pending = ?12 WHERE id = ?1",
+                "UPDATE sandboxes SET state = ?2, init_pid = ?3, init_start = ?4, started_at = ?5, stopped_at = ?6, last_error = ?7, manifest = ?8, handle = ?9, head = ?10, origin = ?11, pending = ?12 WHERE id = ?1",
                 params![
                     rec.id,
                     rec.state.as_str(),
@@ -494,7 +502,7 @@ impl Store {
                     rec.stopped_at,
                     rec.last_error,
                     rec.manifest,
-                    rec.cgroup,
+                    rec.handle,
                     rec.head,
                     rec.origin,
                     rec.pending
@@ -617,11 +625,51 @@ mod tests {
             stopped_at: None,
             last_error: None,
             ephemeral: false,
-            cgroup: None,
+            backend: "native".into(),
+            handle: None,
             head: None,
             origin: None,
             pending: None,
         }
+    }
+
+    #[test]
+    fn sandboxes_of_older_databases_are_native_with_their_cgroup_as_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            for (i, sql) in MIGRATIONS[..5].iter().enumerate() {
+                c.execute_batch(&format!(
+                    "BEGIN; {sql}; PRAGMA user_version = {}; COMMIT;",
+                    i + 1
+                ))
+                .unwrap();
+            }
+            c.execute_batch(
+                "INSERT INTO sandboxes (id, name, manifest, image_id, state, uid_base, created_at, cgroup)
+                 VALUES ('i1', 'old', '{}', 'host', 'running', 1000000, 0, 'warm-abc'),
+                        ('i2', 'older', '{}', 'host', 'stopped', 1065536, 0, NULL);",
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let old = s.sandbox_by_name("old").unwrap().unwrap();
+        assert_eq!(old.backend, "native");
+        assert_eq!(old.handle.as_deref(), Some("warm-abc"));
+        let older = s.sandbox_by_name("older").unwrap().unwrap();
+        assert_eq!(older.backend, "native");
+        assert_eq!(older.handle, None);
+        let mut r = rec("new");
+        r.backend = "fake".into();
+        r.handle = Some("h".into());
+        let new = s.insert_sandbox(&r).unwrap();
+        let back = s.sandbox_by_name("new").unwrap().unwrap();
+        assert_eq!(
+            (back.backend.as_str(), back.handle.as_deref()),
+            ("fake", Some("h"))
+        );
+        assert_eq!(back.id, new.id);
     }
 
     #[test]

@@ -913,9 +913,15 @@ mod tests {
                 [&anchor],
             );
             assert!(!s.verify_audit(None).unwrap().ok);
-            s.with(
-                |c| Ok(c.execute_batch("DROP INDEX audit_by_action; PRAGMA user_version = 4;")?),
-            )
+            // The schema of version 4: without migrations 5 and 6.
+            s.with(|c| {
+                Ok(c.execute_batch(
+                    "DROP INDEX audit_by_action;
+                     ALTER TABLE sandboxes DROP COLUMN backend;
+                     ALTER TABLE sandboxes RENAME COLUMN handle TO cgroup;
+                     PRAGMA user_version = 4;",
+                )?)
+            })
             .unwrap();
         }
         let s = Store::open(&path).unwrap();

@@ -360,13 +360,7 @@ fn become_root() -> nix::Result<()> {
     Ok(())
 }
 
-/// Reads `/proc/<pid>/stat` field 22: the process's start time in clock ticks since boot.
-/// Together with the pid it names a process unambiguously across pid reuse.
-pub fn process_start_time(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_comm = &stat[stat.rfind(')')? + 2..];
-    after_comm.split(' ').nth(19)?.parse().ok()
-}
+pub use devbox_backend::host::process_start_time;
 
 #[cfg(test)]
 mod tests {
