@@ -446,21 +446,7 @@ fn copy_entry(
         FileType::Symlink => {
             let target = rustix::fs::readlinkat(src_dir, src_name, Vec::new()).map_err(err)?;
             rustix::fs::symlinkat(&target, dst_dir, dst_name).map_err(err)?;
-            rustix::fs::chownat(
-                dst_dir,
-                dst_name,
-                Some(rustix::fs::Uid::from_raw(st.st_uid)),
-                Some(rustix::fs::Gid::from_raw(st.st_gid)),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .map_err(err)?;
-            rustix::fs::utimensat(
-                dst_dir,
-                dst_name,
-                &timestamps(st),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .map_err(err)
+            own_and_time_at(dst_dir, dst_name, st)
         }
         FileType::CharacterDevice | FileType::Fifo | FileType::Socket => {
             // Whiteouts and fifos; a device a sandbox could not have made is never copied.
@@ -476,27 +462,26 @@ fn copy_entry(
                 0,
             )
             .map_err(err)?;
-            rustix::fs::chownat(
-                dst_dir,
-                dst_name,
-                Some(rustix::fs::Uid::from_raw(st.st_uid)),
-                Some(rustix::fs::Gid::from_raw(st.st_gid)),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .map_err(err)?;
-            rustix::fs::utimensat(
-                dst_dir,
-                dst_name,
-                &timestamps(st),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .map_err(err)
+            own_and_time_at(dst_dir, dst_name, st)
         }
         _ => {
             tracing::warn!(path = %rel.display(), "not copying a block device");
             Ok(())
         }
     }
+}
+
+/// Gives entry `name` of `dir` (a link or special file, not opened) the owner and times of `st`.
+fn own_and_time_at(dir: BorrowedFd<'_>, name: &CStr, st: &Stat) -> io::Result<()> {
+    rustix::fs::chownat(
+        dir,
+        name,
+        Some(rustix::fs::Uid::from_raw(st.st_uid)),
+        Some(rustix::fs::Gid::from_raw(st.st_gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(err)?;
+    rustix::fs::utimensat(dir, name, &timestamps(st), AtFlags::SYMLINK_NOFOLLOW).map_err(err)
 }
 
 /// Makes directory `name` in `dst_dir` like the open directory `src` (owner, mode, extended
