@@ -56,7 +56,7 @@ pub enum EngineError {
     },
     /// The command needs someone's approval before it runs.
     #[error("the command needs approval {}: {} (approve it with `sandbox approve {}`)", .0.id, .0.reasons.join("; "), .0.id)]
-    ApprovalRequired(Box<crate::safety::ApprovalInfo>),
+    ApprovalRequired(Box<crate::checks::ApprovalInfo>),
     /// Processes could not be checkpointed or restored (CRIU); says why.
     #[error("{0}")]
     Checkpoint(String),

@@ -442,7 +442,7 @@ impl Engine {
         let text = req
             .command
             .clone()
-            .unwrap_or_else(|| crate::safety::shell_join(&argv));
+            .unwrap_or_else(|| crate::checks::shell_join(&argv));
         let (rec, decision) = {
             let (name, t, a) = (name.to_string(), text.clone(), req.approval.clone());
             let request = serde_json::to_string(req).unwrap_or_default();
@@ -550,7 +550,7 @@ impl Engine {
             sandbox: rec.name.clone(),
             command: text.clone(),
             decision: decision.clone(),
-            actor: crate::safety::current_actor(),
+            actor: crate::caller::current_actor(),
             started_at: devbox_store::now_ms(),
             ended_at: None,
             exit_code: None,

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use devbox_wire::ApprovalState;
 
+use crate::checks::ApprovalInfo;
 use crate::model::{CreateSandboxRequest, ExecRequest, SandboxInfo};
-use crate::safety::ApprovalInfo;
 use crate::{ACTOR, Engine, EngineError, ExecSession, Result};
 
 /// How long an exec waits for its approval at most, in one wait (the approval's own expiry

@@ -15,7 +15,11 @@
 //! [`Engine::open`] reconciles records with the host (processes, cgroups, volumes, runtime
 //! directories), so a daemon killed at any point leaves nothing a restart cannot repair.
 
+mod approvals;
+mod audit;
 mod backends;
+mod caller;
+mod checks;
 mod config;
 mod error;
 mod exec;
@@ -27,7 +31,6 @@ mod measure;
 pub mod model;
 mod os;
 mod reconcile;
-mod safety;
 mod sandbox;
 mod snapshots;
 #[cfg(test)]
@@ -42,12 +45,13 @@ use devbox_image::ImageStore;
 use devbox_storage::{Pool, PoolInfo};
 use devbox_store::Store;
 
+pub use caller::{ACTOR, current_actor};
+pub use checks::{ApprovalInfo, PolicyInfo, shell_join};
 pub use config::EngineConfig;
 pub use error::EngineError;
 pub use exec::{ExecExit, ExecSession, Output, Pty};
 pub use flows::{ApprovalWait, Caller, OneShot};
 pub use reconcile::{DAEMON_MARK_ENV, daemon_mark, is_own_mark};
-pub use safety::{ACTOR, ApprovalInfo, PolicyInfo, current_actor, shell_join};
 
 /// Result of engine operations.
 pub type Result<T> = std::result::Result<T, EngineError>;
@@ -61,7 +65,7 @@ pub struct Engine {
     backends: backends::Backends,
     locks: locks::LockTable,
     measurer: measure::Measurer,
-    policies: safety::PolicyCache,
+    policies: checks::PolicyCache,
     approval_events: tokio::sync::watch::Sender<u64>,
     bookkeeping: exec::Bookkeeping,
 }
@@ -147,7 +151,7 @@ impl Engine {
             backends,
             locks: locks::LockTable::default(),
             measurer,
-            policies: safety::PolicyCache::default(),
+            policies: checks::PolicyCache::default(),
             approval_events: tokio::sync::watch::channel(0).0,
             bookkeeping: exec::Bookkeeping::default(),
         }))
@@ -198,8 +202,8 @@ impl Engine {
     ) -> tokio::task::JoinHandle<()> {
         let token = self.bookkeeping.begin(self);
         let me = self.clone();
-        let actor = safety::current_actor();
-        tokio::spawn(safety::ACTOR.scope(actor, async move {
+        let actor = caller::current_actor();
+        tokio::spawn(caller::ACTOR.scope(actor, async move {
             if let Some(h) = after {
                 let _ = h.await;
             }
@@ -215,8 +219,8 @@ impl Engine {
         f: impl FnOnce(Arc<Engine>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let me = self.clone();
-        let actor = safety::current_actor();
-        tokio::task::spawn_blocking(move || safety::with_actor(actor, || f(me)))
+        let actor = caller::current_actor();
+        tokio::task::spawn_blocking(move || caller::with_actor(actor, || f(me)))
             .await
             .map_err(|e| EngineError::internal("engine task", e))?
     }

@@ -23,7 +23,7 @@ fn main_command(manifest: &SandboxManifest) -> Option<(Vec<String>, String)> {
             vec!["/bin/sh".into(), "-c".into(), text.clone()],
             text.clone(),
         )),
-        argv => Some((argv.to_vec(), crate::safety::shell_join(argv))),
+        argv => Some((argv.to_vec(), crate::checks::shell_join(argv))),
     }
 }
 
