@@ -20,7 +20,7 @@ runs=${BENCH_RUNS:-60}
 idle=${BENCH_IDLE:-50}
 scripts/deps.sh bench
 cargo build --release --locked -q
-bin=$PWD/target/release
+bin=${CARGO_TARGET_DIR:-$PWD/target}/release
 
 work=$(mktemp -d /tmp/devbox-bench.XXXXXX)
 chmod 711 "$work"

@@ -15,8 +15,9 @@ state=${DEVBOX_STATE_DIR:-/var/lib/dev-box}
 scripts/deps.sh
 echo "building dev-box (release)..." >&2
 cargo build --release --locked
+out=${CARGO_TARGET_DIR:-target}/release
 install -d "$prefix/bin"
-install -m 0755 target/release/sandbox target/release/sandboxd target/release/sandbox-init "$prefix/bin/"
+install -m 0755 "$out/sandbox" "$out/sandboxd" "$out/sandbox-init" "$prefix/bin/"
 
 # Replace a daemon left by an earlier install; its sandboxes keep running.
 if [[ -s $state/daemon.lock ]]; then
