@@ -176,7 +176,36 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
 /// Runs a client command; returns the process exit code.
 pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
     let c = client(cli)?;
-    match &cli.command {
+    let cmd = &cli.command;
+    match cmd {
+        Command::Create { .. }
+        | Command::Exec { .. }
+        | Command::Run { .. }
+        | Command::Ls { .. }
+        | Command::Inspect { .. }
+        | Command::Start { .. }
+        | Command::Stop { .. }
+        | Command::Destroy { .. } => sandbox_command(&c, cmd).await,
+        Command::Snapshot(_)
+        | Command::Snapshots { .. }
+        | Command::Diff { .. }
+        | Command::Rollback { .. }
+        | Command::Clone { .. } => snapshot_command(&c, cmd).await,
+        Command::Check { .. }
+        | Command::Policy(_)
+        | Command::Approvals { .. }
+        | Command::Approve { .. }
+        | Command::Deny { .. } => check_command(&c, cmd).await,
+        Command::Audit(_) | Command::ExportLogs { .. } => audit_command(&c, cmd).await,
+        Command::Image(_) | Command::Pool(_) | Command::Daemon { .. } | Command::Api(_) => {
+            image_command(&c, cmd).await
+        }
+    }
+}
+
+/// The sandbox commands: create, exec, run, ls, inspect, start, stop, destroy.
+async fn sandbox_command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
+    match cmd {
         Command::Create {
             name,
             opts,
@@ -195,7 +224,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
             let stdin = stream::want_stdin(opts.interactive, opts.tty);
             let path = format!("/v1/sandboxes/{name}/exec/stream");
             let first = ClientMsg::Exec { exec: req, stdin };
-            return Ok(stream::run(&c, &path, first, opts.tty, stdin).await?);
+            return Ok(stream::run(c, &path, first, opts.tty, stdin).await?);
         }
         Command::Run {
             rm,
@@ -214,7 +243,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
                     exec: req,
                     stdin,
                 };
-                return Ok(stream::run(&c, "/v1/run/stream", first, *tty, stdin).await?);
+                return Ok(stream::run(c, "/v1/run/stream", first, *tty, stdin).await?);
             }
             let mut create = create;
             if create.name.is_none()
@@ -232,7 +261,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
             );
             let path = format!("/v1/sandboxes/{}/exec/stream", info.name);
             let first = ClientMsg::Exec { exec: req, stdin };
-            return Ok(stream::run(&c, &path, first, *tty, stdin).await?);
+            return Ok(stream::run(c, &path, first, *tty, stdin).await?);
         }
         Command::Ls { format, quiet } => {
             let list = c.list().await?;
@@ -286,6 +315,15 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
             }
             return Ok(if failed { 1 } else { 0 });
         }
+        // `run` sends only this group's commands here.
+        _ => unreachable_command()?,
+    }
+    Ok(0)
+}
+
+/// The snapshot commands: snapshot, snapshots, diff, rollback, clone.
+async fn snapshot_command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
+    match cmd {
         Command::Snapshot(args) => match &args.command {
             Some(SnapshotCommand::Rm {
                 name,
@@ -371,6 +409,15 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
                 .await?;
             println!("{}", info.name);
         }
+        // `run` sends only this group's commands here.
+        _ => unreachable_command()?,
+    }
+    Ok(0)
+}
+
+/// The check, policy and approval commands.
+async fn check_command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
+    match cmd {
         Command::Check {
             name,
             command,
@@ -379,7 +426,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
             let check = c.check(Some(name), command).await?;
             return print_check(&check, *format);
         }
-        Command::Policy(cmd) => return policy_command(&c, cmd).await,
+        Command::Policy(cmd) => return policy_command(c, cmd).await,
         Command::Approvals { all, format } => {
             let list = c.approvals(*all).await?;
             if *format == Format::Json {
@@ -416,6 +463,15 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
             let a = c.decide(id, false, reason.as_deref()).await?;
             eprintln!("denied {} ({} in {})", a.id, a.command, a.sandbox);
         }
+        // `run` sends only this group's commands here.
+        _ => unreachable_command()?,
+    }
+    Ok(0)
+}
+
+/// The audit and log commands.
+async fn audit_command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
+    match cmd {
         Command::Audit(args) => match &args.command {
             Some(AuditCommand::Verify { head, format }) => {
                 let v = c.verify_audit(head.as_deref()).await?;
@@ -486,6 +542,15 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
             let bytes = c.export_logs(name, output).await?;
             eprintln!("wrote {} ({})", output.display(), output::bytes(bytes));
         }
+        // `run` sends only this group's commands here.
+        _ => unreachable_command()?,
+    }
+    Ok(0)
+}
+
+/// The image and pool commands; daemon and api are handled before connecting.
+async fn image_command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
+    match cmd {
         Command::Image(ImageCommand::Import { path, name }) => {
             let abs = std::fs::canonicalize(path)
                 .with_context(|| format!("{} does not exist", path.display()))?;
@@ -555,6 +620,8 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
             }
         }
         Command::Daemon { .. } | Command::Api(_) => unreachable_command()?,
+        // `run` sends only this group's commands here.
+        _ => unreachable_command()?,
     }
     Ok(0)
 }

@@ -268,11 +268,27 @@ pub fn check(parsed: &Parsed) -> Vec<Finding> {
 }
 
 fn check_one(inv: &Invocation, all: &[Invocation], out: &mut Vec<Finding>) {
+    deletes(inv, all, out);
+    filesystems(inv, out);
+    writes_and_sockets(inv, out);
+    permissions(inv, out);
+    power_and_kernel(inv, out);
+    history_and_logs(inv, out);
+    credentials(inv, out);
+    reverse_shells(inv, out);
+    if let Some(code) = &inv.code {
+        code_checks(inv, code, out);
+    }
+    miners(inv, out);
+    code_execution(inv, all, out);
+}
+
+/// Deleting the root, home or system directories.
+fn deletes(inv: &Invocation, all: &[Invocation], out: &mut Vec<Finding>) {
     let p = inv.program.as_str();
     let args = &inv.args;
     let recursive = has_flag(args, 'r', "--recursive") || has_flag(args, 'R', "--recursive");
 
-    // Deleting the root, home or system directories.
     if p == "rm" {
         if args.iter().any(|a| a == "--no-preserve-root") {
             out.push(finding(
@@ -325,8 +341,13 @@ fn check_one(inv: &Invocation, all: &[Invocation], out: &mut Vec<Finding>) {
             "overwrites a disk",
         ));
     }
+}
 
-    // Filesystems and raw devices.
+/// Filesystems and raw devices.
+fn filesystems(inv: &Invocation, out: &mut Vec<Finding>) {
+    let p = inv.program.as_str();
+    let args = &inv.args;
+
     if p.starts_with("mkfs")
         || matches!(
             p,
@@ -364,6 +385,14 @@ fn check_one(inv: &Invocation, all: &[Invocation], out: &mut Vec<Finding>) {
             "dd writes to a raw disk device",
         ));
     }
+}
+
+/// Writes through redirections and tee: disks, network sockets, kernel settings, logs,
+/// system files.
+fn writes_and_sockets(inv: &Invocation, out: &mut Vec<Finding>) {
+    let p = inv.program.as_str();
+    let args = &inv.args;
+
     for target in writes(inv) {
         if is_raw_device(target) {
             out.push(finding(
@@ -439,8 +468,14 @@ fn check_one(inv: &Invocation, all: &[Invocation], out: &mut Vec<Finding>) {
             "tee writes a system account file",
         ));
     }
+}
 
-    // Permissions of the whole system.
+/// Permissions of the whole system.
+fn permissions(inv: &Invocation, out: &mut Vec<Finding>) {
+    let p = inv.program.as_str();
+    let args = &inv.args;
+    let recursive = has_flag(args, 'r', "--recursive") || has_flag(args, 'R', "--recursive");
+
     if matches!(p, "chmod" | "chown" | "chgrp") {
         let targets: Vec<&String> = operands(args).skip(1).collect();
         if targets.iter().any(|t| is_root_like(t))
@@ -478,8 +513,13 @@ fn check_one(inv: &Invocation, all: &[Invocation], out: &mut Vec<Finding>) {
             ));
         }
     }
+}
 
-    // Power and kernel.
+/// Power and kernel.
+fn power_and_kernel(inv: &Invocation, out: &mut Vec<Finding>) {
+    let p = inv.program.as_str();
+    let args = &inv.args;
+
     if matches!(p, "shutdown" | "reboot" | "halt" | "poweroff" | "kexec")
         || matches!(p, "init" | "telinit") && args.first().is_some_and(|a| a == "0" || a == "6")
         || p == "systemctl"
@@ -518,8 +558,13 @@ fn check_one(inv: &Invocation, all: &[Invocation], out: &mut Vec<Finding>) {
             "changes kernel parameters",
         ));
     }
+}
 
-    // History and logs.
+/// History and logs.
+fn history_and_logs(inv: &Invocation, out: &mut Vec<Finding>) {
+    let p = inv.program.as_str();
+    let args = &inv.args;
+
     if p == "history" && args.iter().any(|a| a == "-c" || a == "-w" || a == "-d") {
         out.push(finding(
             "logs.wipe",
@@ -558,8 +603,13 @@ fn check_one(inv: &Invocation, all: &[Invocation], out: &mut Vec<Finding>) {
     {
         out.push(finding("logs.wipe", Risk::High, inv, "deletes the journal"));
     }
+}
 
-    // Credentials.
+/// Credentials.
+fn credentials(inv: &Invocation, out: &mut Vec<Finding>) {
+    let p = inv.program.as_str();
+    let args = &inv.args;
+
     if !KEY_TOOLS.contains(&p) {
         let touched: Vec<&str> = args
             .iter()
@@ -580,8 +630,13 @@ fn check_one(inv: &Invocation, all: &[Invocation], out: &mut Vec<Finding>) {
             ));
         }
     }
+}
 
-    // Reverse shells.
+/// Reverse shells.
+fn reverse_shells(inv: &Invocation, out: &mut Vec<Finding>) {
+    let p = inv.program.as_str();
+    let args = &inv.args;
+
     if matches!(
         p,
         "nc" | "ncat" | "netcat" | "nc.traditional" | "nc.openbsd"
@@ -609,11 +664,13 @@ fn check_one(inv: &Invocation, all: &[Invocation], out: &mut Vec<Finding>) {
             "socat connects a program to the network",
         ));
     }
-    if let Some(code) = &inv.code {
-        code_checks(inv, code, out);
-    }
+}
 
-    // Miners.
+/// Miners.
+fn miners(inv: &Invocation, out: &mut Vec<Finding>) {
+    let p = inv.program.as_str();
+    let args = &inv.args;
+
     if MINERS.contains(&p)
         || args.iter().any(|a| {
             a.contains("stratum+tcp://")
@@ -628,8 +685,12 @@ fn check_one(inv: &Invocation, all: &[Invocation], out: &mut Vec<Finding>) {
             "runs a cryptocurrency miner",
         ));
     }
+}
 
-    // Shells fed downloaded or decoded code.
+/// Shells fed downloaded or decoded code, programs only known at run time, inline code.
+fn code_execution(inv: &Invocation, all: &[Invocation], out: &mut Vec<Finding>) {
+    let p = inv.program.as_str();
+
     let feeds_code = is_shell(p) || p == "eval" || p == "source" || p == ".";
     if feeds_code {
         let subs: Vec<&Invocation> = inv
