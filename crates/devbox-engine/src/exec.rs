@@ -14,11 +14,20 @@ use tokio::net::unix::pipe;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use devbox_store::ExecRecord;
+use devbox_store::{ExecRecord, SandboxRecord};
 
 use crate::model::ExecRequest;
 use crate::sandbox::new_id;
 use crate::{Engine, EngineError, Result};
+
+/// The ends of a started command the session takes: its terminal, or its pipes.
+struct StartedIo {
+    control: Arc<dyn ProcessControl>,
+    tty: Option<OwnedFd>,
+    stdin: Option<OwnedFd>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+}
 
 /// How a command ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -443,26 +452,7 @@ impl Engine {
             .command
             .clone()
             .unwrap_or_else(|| crate::checks::shell_join(&argv));
-        let (rec, decision) = {
-            let (name, t, a) = (name.to_string(), text.clone(), req.approval.clone());
-            let request = serde_json::to_string(req).unwrap_or_default();
-            self.blocking(move |e| {
-                let rec = e.record(&name)?;
-                if !rec.state.can_exec() {
-                    return Err(EngineError::WrongState(format!(
-                        "sandbox {} is {}: start it with `sandbox start {}`",
-                        rec.name,
-                        serde_json::to_string(&rec.state)
-                            .unwrap_or_default()
-                            .trim_matches('"'),
-                        rec.name
-                    )));
-                }
-                let decision = e.check_exec(&rec, &t, &request, a.as_deref())?;
-                Ok((rec, decision))
-            })
-            .await?
-        };
+        let (rec, decision) = self.record_and_check(name, req, &text).await?;
         let manifest = Self::manifest_of(&rec)?;
         let (backend, inst) = self.backend_of(&rec)?;
         if req.tty.is_some() && !backend.capabilities().pty {
@@ -473,47 +463,7 @@ impl Engine {
             )));
         }
         let backend = backend.clone();
-        // Auto-snapshots (the spec's rollback.autoSnapshot) and guards of
-        // --rollback-on-failure are taken before the command runs.
-        let auto = manifest.spec.rollback.auto_snapshot;
-        let guard = if auto || req.rollback_on_failure {
-            let keep = manifest
-                .spec
-                .rollback
-                .keep
-                .unwrap_or(crate::snapshots::DEFAULT_KEEP);
-            let max_age = manifest
-                .spec
-                .rollback
-                .max_age_seconds()
-                .map_err(EngineError::InvalidSpec)?;
-            let mut r = rec.clone();
-            let snap = self
-                .blocking(move |e| {
-                    let snap =
-                        e.snapshot_locked(&mut r, crate::model::SnapshotRequest::default(), true);
-                    let why = if auto {
-                        "automatic snapshot before an exec (rollback.autoSnapshot)"
-                    } else {
-                        "guard before an exec (--rollback-on-failure)"
-                    };
-                    e.audit_result(
-                        "snapshot.create",
-                        Some(&r.name),
-                        serde_json::json!({"snapshot": {"name": snap.as_ref().ok().map(|s| s.name.clone())}, "because": why}),
-                        &snap,
-                    );
-                    let snap = snap?;
-                    if let Err(err) = e.prune_auto(&r, keep.max(1), max_age) {
-                        tracing::warn!(sandbox = %r.name, "pruning automatic snapshots: {err}");
-                    }
-                    Ok(snap)
-                })
-                .await?;
-            req.rollback_on_failure.then_some(snap.id)
-        } else {
-            None
-        };
+        let guard = self.snapshot_before_exec(&rec, &manifest, req).await?;
         let (env, cwd, user) = self.process_context(
             &rec,
             &manifest,
@@ -541,6 +491,13 @@ impl Engine {
             .await
             .map_err(|e| EngineError::internal("exec task", e))??;
         let control = started.control.clone();
+        let started_io = StartedIo {
+            control,
+            tty: started.tty,
+            stdin: started.stdin,
+            stdout: started.stdout,
+            stderr: started.stderr,
+        };
         let conn = crate::os::async_ready(crate::os::Ready(started.control))
             .map_err(|e| EngineError::internal("exec", e))?;
         let pid = started.pid;
@@ -579,12 +536,105 @@ impl Engine {
             out_bytes: Arc::new(AtomicU64::new(0)),
             err_bytes: Arc::new(AtomicU64::new(0)),
         };
-        let out_log = self.exec_log_path(&rec.name, &exec_id, "stdout");
-        let err_log = self.exec_log_path(&rec.name, &exec_id, "stderr");
+        self.connect_session_io(&mut session, &rec.name, &exec_id, started_io, tty.is_some())?;
+        Ok(session)
+    }
+
+    /// The sandbox's record, refused unless it can run a command, and the command checks'
+    /// decision, in one trip to the blocking pool.
+    async fn record_and_check(
+        self: &Arc<Self>,
+        name: &str,
+        req: &ExecRequest,
+        text: &str,
+    ) -> Result<(SandboxRecord, String)> {
+        let (name, t, a) = (name.to_string(), text.to_string(), req.approval.clone());
+        let request = serde_json::to_string(req).unwrap_or_default();
+        self.blocking(move |e| {
+            let rec = e.record(&name)?;
+            if !rec.state.can_exec() {
+                return Err(EngineError::WrongState(format!(
+                    "sandbox {} is {}: start it with `sandbox start {}`",
+                    rec.name,
+                    serde_json::to_string(&rec.state)
+                        .unwrap_or_default()
+                        .trim_matches('"'),
+                    rec.name
+                )));
+            }
+            let decision = e.check_exec(&rec, &t, &request, a.as_deref())?;
+            Ok((rec, decision))
+        })
+        .await
+    }
+
+    /// The snapshot taken before a command runs: automatic (the spec's
+    /// rollback.autoSnapshot) or the guard of --rollback-on-failure, whose id is returned.
+    async fn snapshot_before_exec(
+        self: &Arc<Self>,
+        rec: &SandboxRecord,
+        manifest: &devbox_spec::SandboxManifest,
+        req: &ExecRequest,
+    ) -> Result<Option<String>> {
+        // Auto-snapshots (the spec's rollback.autoSnapshot) and guards of
+        // --rollback-on-failure are taken before the command runs.
+        let auto = manifest.spec.rollback.auto_snapshot;
+        Ok(if auto || req.rollback_on_failure {
+            let keep = manifest
+                .spec
+                .rollback
+                .keep
+                .unwrap_or(crate::snapshots::DEFAULT_KEEP);
+            let max_age = manifest
+                .spec
+                .rollback
+                .max_age_seconds()
+                .map_err(EngineError::InvalidSpec)?;
+            let mut r = rec.clone();
+            let snap = self
+                .blocking(move |e| {
+                    let snap =
+                        e.snapshot_locked(&mut r, crate::model::SnapshotRequest::default(), true);
+                    let why = if auto {
+                        "automatic snapshot before an exec (rollback.autoSnapshot)"
+                    } else {
+                        "guard before an exec (--rollback-on-failure)"
+                    };
+                    e.audit_result(
+                        "snapshot.create",
+                        Some(&r.name),
+                        serde_json::json!({"snapshot": {"name": snap.as_ref().ok().map(|s| s.name.clone())}, "because": why}),
+                        &snap,
+                    );
+                    let snap = snap?;
+                    if let Err(err) = e.prune_auto(&r, keep.max(1), max_age) {
+                        tracing::warn!(sandbox = %r.name, "pruning automatic snapshots: {err}");
+                    }
+                    Ok(snap)
+                })
+                .await?;
+            req.rollback_on_failure.then_some(snap.id)
+        } else {
+            None
+        })
+    }
+
+    /// Hands the started command's terminal or pipes to the session, each output teed to the
+    /// exec's log file.
+    fn connect_session_io(
+        &self,
+        session: &mut ExecSession,
+        sandbox: &str,
+        exec_id: &str,
+        io: StartedIo,
+        want_tty: bool,
+    ) -> Result<()> {
+        let out_log = self.exec_log_path(sandbox, exec_id, "stdout");
+        let err_log = self.exec_log_path(sandbox, exec_id, "stderr");
         let io_err = |e: io::Error| EngineError::internal("exec pipes", e);
-        if let Some(master) = started.tty {
+        if let Some(master) = io.tty {
             let pty = Arc::new(
-                Pty::new(master, control).map_err(|e| EngineError::internal("terminal", e))?,
+                Pty::new(master, io.control).map_err(|e| EngineError::internal("terminal", e))?,
             );
             session.stdout = Some(tee(
                 PtyReader(pty.clone()),
@@ -592,21 +642,21 @@ impl Engine {
                 session.out_bytes.clone(),
             ));
             session.tty = Some(pty);
-        } else if tty.is_some() {
+        } else if want_tty {
             return Err(EngineError::Internal("the agent sent no terminal".into()));
         } else {
-            if let Some(w) = started.stdin {
+            if let Some(w) = io.stdin {
                 session.stdin = Some(pipe::Sender::from_owned_fd(w).map_err(io_err)?);
             }
-            if let Some(r) = started.stdout {
+            if let Some(r) = io.stdout {
                 let rx = pipe::Receiver::from_owned_fd(r).map_err(io_err)?;
                 session.stdout = Some(tee(rx, out_log, session.out_bytes.clone()));
             }
-            if let Some(r) = started.stderr {
+            if let Some(r) = io.stderr {
                 let rx = pipe::Receiver::from_owned_fd(r).map_err(io_err)?;
                 session.stderr = Some(tee(rx, err_log, session.err_bytes.clone()));
             }
         }
-        Ok(session)
+        Ok(())
     }
 }
