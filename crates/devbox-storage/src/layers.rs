@@ -196,6 +196,7 @@ pub fn diff(image: &Path, from_upper: &Path, to_upper: &Path) -> io::Result<Vec<
     let image_root = tree::open_root(image).ok();
     // Image lookups, with directories known to be absent remembered: their children are too.
     let absent = std::cell::RefCell::new(std::collections::HashSet::<PathBuf>::new());
+    let last_parent = std::cell::RefCell::new(None::<(PathBuf, std::os::fd::OwnedFd)>);
     let image_look = |rel: &Path| -> Option<Seen> {
         if rel.parent().is_some_and(|p| absent.borrow().contains(p)) {
             absent.borrow_mut().insert(rel.to_path_buf());
@@ -203,12 +204,19 @@ pub fn diff(image: &Path, from_upper: &Path, to_upper: &Path) -> io::Result<Vec<
         }
         // An image comes from an archive: its links (`var/run -> /run`) are never followed.
         // A path below a link is not an entry of the image's tree.
+        // Paths come sorted, so siblings follow each other: the last parent stays open.
         let seen = image_root.as_ref().and_then(|root| {
             let name = std::ffi::CString::new(rel.file_name()?.as_bytes()).ok()?;
             let parent = rel.parent().unwrap_or(Path::new(""));
-            let dir = tree::open_dir(std::os::fd::AsFd::as_fd(root), parent).ok()?;
-            let st = tree::stat_at(std::os::fd::AsFd::as_fd(&dir), &name).ok()??;
-            Some(Seen::of_stat(std::os::fd::AsFd::as_fd(&dir), &name, &st))
+            let mut last = last_parent.borrow_mut();
+            if last.as_ref().is_none_or(|(p, _)| p != parent) {
+                let dir = tree::open_dir(std::os::fd::AsFd::as_fd(root), parent).ok();
+                *last = dir.map(|d| (parent.to_path_buf(), d));
+            }
+            let (_, dir) = last.as_ref()?;
+            let dir = std::os::fd::AsFd::as_fd(dir);
+            let st = tree::stat_at(dir, &name).ok()??;
+            Some(Seen::of_stat(dir, &name, &st))
         });
         if seen.is_none() {
             absent.borrow_mut().insert(rel.to_path_buf());
