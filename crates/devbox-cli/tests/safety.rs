@@ -514,16 +514,14 @@ fn audit_chain_detects_tampering() {
     let target = records[1]["seq"].as_i64().expect("seq");
     env.stop_daemon();
     let db = env.state.join("state.db");
-    {
-        let conn = rusqlite::Connection::open(&db).expect("open db");
-        let n = conn
-            .execute(
-                "UPDATE audit SET detail = replace(detail, 'echo one', 'echo 1ne') WHERE seq = ?1",
-                [target],
-            )
-            .expect("tamper");
-        assert_eq!(n, 1);
-    }
+    let done = common::sqlite(
+        &db,
+        &[(
+            "UPDATE audit SET detail = replace(detail, 'echo one', 'echo 1ne') WHERE seq = ?1",
+            serde_json::json!([target]),
+        )],
+    );
+    assert_eq!(done[0].changed, 1);
     env.start_daemon();
     let out = env.sb(&["audit", "verify", "--format", "json"]);
     assert_eq!(code(&out), 1);
@@ -539,23 +537,24 @@ fn audit_chain_detects_tampering() {
 
     // Restore it, then delete a later record: the gap is found.
     env.stop_daemon();
-    {
-        let conn = rusqlite::Connection::open(&db).expect("open db");
-        conn.execute(
+    common::sqlite(
+        &db,
+        &[(
             "UPDATE audit SET detail = replace(detail, 'echo 1ne', 'echo one') WHERE seq = ?1",
-            [target],
-        )
-        .expect("restore");
-    }
+            serde_json::json!([target]),
+        )],
+    );
     env.start_daemon();
     assert!(env.ok(&["audit", "verify"]).starts_with("ok:"));
     let removed = records[3]["seq"].as_i64().expect("seq");
     env.stop_daemon();
-    {
-        let conn = rusqlite::Connection::open(&db).expect("open db");
-        conn.execute("DELETE FROM audit WHERE seq = ?1", [removed])
-            .expect("delete");
-    }
+    common::sqlite(
+        &db,
+        &[(
+            "DELETE FROM audit WHERE seq = ?1",
+            serde_json::json!([removed]),
+        )],
+    );
     env.start_daemon();
     let out = env.sb(&["audit", "verify", "--format", "json"]);
     assert_eq!(code(&out), 1);
@@ -581,17 +580,17 @@ fn retention_prunes_old_records_and_logs() {
 
     // Age everything by 40 days, then restart with a 30-day retention.
     env.stop_daemon();
-    {
-        let conn = rusqlite::Connection::open(env.state.join("state.db")).expect("db");
-        let d40 = 40 * 86_400_000i64;
-        conn.execute("UPDATE audit SET time = time - ?1", [d40])
-            .expect("age audit");
-        conn.execute(
-            "UPDATE execs SET started_at = started_at - ?1, ended_at = ended_at - ?1",
-            [d40],
-        )
-        .expect("age execs");
-    }
+    let d40 = serde_json::json!([40 * 86_400_000i64]);
+    common::sqlite(
+        &env.state.join("state.db"),
+        &[
+            ("UPDATE audit SET time = time - ?1", d40.clone()),
+            (
+                "UPDATE execs SET started_at = started_at - ?1, ended_at = ended_at - ?1",
+                d40,
+            ),
+        ],
+    );
     env.restart_with_env("DEVBOX_RETENTION_DAYS", "30");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

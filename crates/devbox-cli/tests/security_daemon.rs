@@ -257,19 +257,21 @@ fn broken_sandboxes_do_not_stop_the_daemon() {
         }
     }
     // A state no daemon knows, and an image that is not there.
-    {
-        let db = rusqlite::Connection::open(env.state.join("state.db")).unwrap();
-        db.execute(
-            "UPDATE sandboxes SET state = 'exploded' WHERE name = 'garbage'",
-            [],
-        )
-        .unwrap();
-        db.execute(
-            "UPDATE sandboxes SET image_id = ?1 WHERE name = 'noimg'",
-            ["0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"],
-        )
-        .unwrap();
-    }
+    common::sqlite(
+        &env.state.join("state.db"),
+        &[
+            (
+                "UPDATE sandboxes SET state = 'exploded' WHERE name = 'garbage'",
+                serde_json::json!([]),
+            ),
+            (
+                "UPDATE sandboxes SET image_id = ?1 WHERE name = 'noimg'",
+                serde_json::json!([
+                    "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+                ]),
+            ),
+        ],
+    );
     // Its agent's socket removed: it runs, but nothing can reach it.
     std::fs::remove_file(
         env.runtime
@@ -520,69 +522,78 @@ type Row = (
 );
 
 fn rows(db: &Path) -> (Vec<Row>, Option<String>) {
-    let c = rusqlite::Connection::open(db).unwrap();
-    let mut st = c
-        .prepare("SELECT seq, time, actor, action, sandbox, detail, prev_hash, hash FROM audit ORDER BY seq")
-        .unwrap();
-    let rows = st
-        .query_map([], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-                r.get(7)?,
-            ))
+    let out = common::sqlite(
+        db,
+        &[
+            (
+                "SELECT seq, time, actor, action, sandbox, detail, prev_hash, hash FROM audit ORDER BY seq",
+                serde_json::json!([]),
+            ),
+            (
+                "SELECT value FROM meta WHERE key = 'audit_anchor'",
+                serde_json::json!([]),
+            ),
+        ],
+    );
+    let s = |v: &serde_json::Value| v.as_str().expect("text").to_string();
+    let rows = out[0]
+        .rows
+        .iter()
+        .map(|r| {
+            (
+                r[0].as_i64().expect("seq"),
+                r[1].as_i64().expect("time"),
+                s(&r[2]),
+                s(&r[3]),
+                r[4].as_str().map(str::to_string),
+                s(&r[5]),
+                s(&r[6]),
+                s(&r[7]),
+            )
         })
-        .unwrap()
-        .collect::<Result<Vec<Row>, _>>()
-        .unwrap();
-    let anchor = c
-        .query_row(
-            "SELECT value FROM meta WHERE key = 'audit_anchor'",
-            [],
-            |r| r.get(0),
-        )
-        .ok();
+        .collect();
+    let anchor = out[1].rows.first().map(|r| s(&r[0]));
     (rows, anchor)
 }
 
 fn put_rows(db: &Path, rows: &[Row], anchor: Option<&str>) {
-    let c = rusqlite::Connection::open(db).unwrap();
-    c.execute("DELETE FROM audit", []).unwrap();
+    let mut statements = vec![("DELETE FROM audit", serde_json::json!([]))];
     for r in rows {
-        c.execute(
+        statements.push((
             "INSERT INTO audit (seq, time, actor, action, sandbox, detail, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            rusqlite::params![r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7],
-        )
-        .unwrap();
+            serde_json::json!([r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7]),
+        ));
     }
-    c.execute("DELETE FROM meta WHERE key = 'audit_anchor'", [])
-        .unwrap();
+    statements.push((
+        "DELETE FROM meta WHERE key = 'audit_anchor'",
+        serde_json::json!([]),
+    ));
     if let Some(a) = anchor {
-        c.execute(
+        statements.push((
             "INSERT INTO meta (key, value) VALUES ('audit_anchor', ?1)",
-            [a],
-        )
-        .unwrap();
+            serde_json::json!([a]),
+        ));
     }
+    common::sqlite(db, &statements);
 }
 
 /// Deletes the records up to `cut` and points the anchor at the last one deleted, the way
 /// the old retention did.
 fn cut_and_reanchor(db: &Path, all: &[Row], cut: i64) {
-    let c = rusqlite::Connection::open(db).unwrap();
-    c.execute("DELETE FROM audit WHERE seq <= ?1", [cut])
-        .unwrap();
     let hash = &all.iter().find(|r| r.0 == cut).unwrap().7;
-    c.execute(
-        "INSERT INTO meta (key, value) VALUES ('audit_anchor', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        [hash],
-    )
-    .unwrap();
+    common::sqlite(
+        db,
+        &[
+            (
+                "DELETE FROM audit WHERE seq <= ?1",
+                serde_json::json!([cut]),
+            ),
+            (
+                "INSERT INTO meta (key, value) VALUES ('audit_anchor', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                serde_json::json!([hash]),
+            ),
+        ],
+    );
 }
 
 fn http(env: &TestEnv, path: &str) -> (u16, serde_json::Value) {
@@ -640,14 +651,13 @@ fn an_audit_log_cut_at_its_start_does_not_verify() {
     // A real retention: the records up to K age out; the chain says so and verifies.
     let k = 20i64;
     let kept_head = all.iter().find(|r| r.0 == k).unwrap().7.clone();
-    {
-        let c = rusqlite::Connection::open(&db).unwrap();
-        c.execute(
+    common::sqlite(
+        &db,
+        &[(
             "UPDATE audit SET time = time - ?1 WHERE seq <= ?2",
-            [40 * 86_400_000i64, k],
-        )
-        .unwrap();
-    }
+            serde_json::json!([40 * 86_400_000i64, k]),
+        )],
+    );
     env.restart_with_env("DEVBOX_RETENTION_DAYS", "30");
     wait_for("retention", || {
         let records: serde_json::Value =
@@ -769,11 +779,13 @@ fn a_kept_head_shows_a_rewritten_or_cut_log() {
     // the kept head shows the cut.
     env.stop_daemon();
     let db = env.state.join("state.db");
-    {
-        let c = rusqlite::Connection::open(&db).unwrap();
-        c.execute("DELETE FROM audit WHERE seq >= ?1", [head_seq])
-            .unwrap();
-    }
+    common::sqlite(
+        &db,
+        &[(
+            "DELETE FROM audit WHERE seq >= ?1",
+            serde_json::json!([head_seq]),
+        )],
+    );
     env.start_daemon();
     assert_eq!(
         verify(&env, &[]).0,
@@ -786,39 +798,23 @@ fn a_kept_head_shows_a_rewritten_or_cut_log() {
     // The whole chain rewritten consistently (hashes recomputed): only the head shows it.
     env.stop_daemon();
     {
-        let c = rusqlite::Connection::open(&db).unwrap();
-        let mut st = c
-            .prepare("SELECT seq, time, actor, action, sandbox, detail FROM audit ORDER BY seq")
-            .unwrap();
-        let recs: Vec<(i64, i64, String, String, Option<String>, String)> = st
-            .query_map([], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            })
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let (recs, _) = rows(&db);
         let mut prev = "0".repeat(64);
-        for (seq, time, actor, action, sandbox, detail) in recs {
+        let mut statements = Vec::new();
+        for (seq, time, actor, action, sandbox, detail, _, _) in recs {
             let detail = detail.replace("echo one", "echo 1ne");
             let d: serde_json::Value = serde_json::from_str(&detail).unwrap();
             let canonical =
                 serde_json::json!([seq, time, actor, action, sandbox, d, prev]).to_string();
             use sha2::Digest;
             let hash = hex::encode(sha2::Sha256::digest(canonical.as_bytes()));
-            c.execute(
+            statements.push((
                 "UPDATE audit SET detail = ?2, prev_hash = ?3, hash = ?4 WHERE seq = ?1",
-                rusqlite::params![seq, d.to_string(), prev, hash],
-            )
-            .unwrap();
+                serde_json::json!([seq, d.to_string(), prev, hash]),
+            ));
             prev = hash;
         }
+        common::sqlite(&db, &statements);
     }
     env.start_daemon();
     assert_eq!(

@@ -433,3 +433,57 @@ pub fn rng() -> impl FnMut(u64) -> u64 {
         (seed >> 33) % n
     }
 }
+
+/// What one SQL statement did: rows changed, and the rows it returned.
+pub struct SqlResult {
+    pub changed: i64,
+    pub rows: Vec<Vec<serde_json::Value>>,
+}
+
+/// Runs `statements` (SQL text and its `?N` parameters) in one transaction on the SQLite
+/// database `db`, through Python's sqlite3: the tests tamper with the daemon's stopped
+/// database, and the CLI crate does not link SQLite, not even in its tests.
+pub fn sqlite(db: &Path, statements: &[(&str, serde_json::Value)]) -> Vec<SqlResult> {
+    const SCRIPT: &str = r#"
+import json, sqlite3, sys
+job = json.load(sys.stdin)
+conn = sqlite3.connect(job["db"])
+out = []
+for sql, params in job["statements"]:
+    cur = conn.execute(sql, params)
+    rows = cur.fetchall()
+    out.append({"changed": cur.rowcount, "rows": [list(r) for r in rows]})
+conn.commit()
+json.dump(out, sys.stdout)
+"#;
+    let job = serde_json::json!({
+        "db": db.to_str().expect("utf-8 path"),
+        "statements": statements.iter().map(|(s, p)| serde_json::json!([s, p])).collect::<Vec<_>>(),
+    });
+    let mut child = Command::new("python3")
+        .args(["-c", SCRIPT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 (scripts/deps.sh installs it)");
+    serde_json::to_writer(child.stdin.take().expect("stdin"), &job).expect("write job");
+    let out = child.wait_with_output().expect("python3");
+    assert!(
+        out.status.success(),
+        "sqlite statements failed: {statements:?}"
+    );
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+    v.into_iter()
+        .map(|r| SqlResult {
+            changed: r["changed"].as_i64().unwrap_or(-1),
+            rows: r["rows"]
+                .as_array()
+                .map(|rows| {
+                    rows.iter()
+                        .map(|row| row.as_array().cloned().unwrap_or_default())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+        .collect()
+}
