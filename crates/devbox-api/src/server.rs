@@ -44,7 +44,7 @@ pub fn status_of(e: &EngineError) -> StatusCode {
         EngineError::ExecFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
         EngineError::Checkpoint(_) => StatusCode::UNPROCESSABLE_ENTITY,
         EngineError::PoolFull(_) => StatusCode::INSUFFICIENT_STORAGE,
-        EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        EngineError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 

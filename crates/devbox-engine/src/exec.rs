@@ -358,7 +358,7 @@ impl ExecSession {
                 let snap = e
                     .store
                     .snapshot(&guard)?
-                    .ok_or_else(|| EngineError::Internal("the guard snapshot is gone".into()))?;
+                    .ok_or_else(|| EngineError::invariant("the guard snapshot is gone"))?;
                 let r = e.rollback_locked(&caller, &mut rec, &snap, &[]);
                 e.audit_result(
                     &caller,
@@ -659,7 +659,7 @@ impl Engine {
             ));
             session.tty = Some(pty);
         } else if want_tty {
-            return Err(EngineError::Internal("the agent sent no terminal".into()));
+            return Err(EngineError::invariant("the agent sent no terminal"));
         } else {
             if let Some(w) = io.stdin {
                 session.stdin = Some(pipe::Sender::from_owned_fd(w).map_err(io_err)?);

@@ -49,7 +49,7 @@ use devbox_store::Store;
 pub use caller::Caller;
 pub use checks::{ApprovalInfo, PolicyInfo, shell_join};
 pub use config::EngineConfig;
-pub use error::EngineError;
+pub use error::{EngineError, InternalSource};
 pub use exec::{ExecExit, ExecSession, Output, Pty};
 pub use flows::{ApprovalWait, OneShot};
 pub use reconcile::{DAEMON_MARK_ENV, daemon_mark, is_own_mark};
@@ -82,9 +82,9 @@ impl std::fmt::Debug for Engine {
 fn ensure_dir(path: &std::path::Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(path)
-        .map_err(|e| EngineError::internal(&format!("create {}", path.display()), e))?;
+        .map_err(|e| EngineError::internal(format!("create {}", path.display()), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| EngineError::internal(&format!("chmod {}", path.display()), e))
+        .map_err(|e| EngineError::internal(format!("chmod {}", path.display()), e))
 }
 
 impl Engine {

@@ -191,9 +191,10 @@ impl Engine {
                     if rec.pending.is_some()
                         && let Err(e) = self.finish_pending(&Caller::system(RECONCILER), rec)
                     {
-                        return Err(EngineError::Internal(format!(
-                            "an interrupted operation could not be finished: {e}"
-                        )));
+                        return Err(EngineError::internal(
+                            "an interrupted operation could not be finished",
+                            Box::new(e),
+                        ));
                     }
                     self.check_files(rec)?;
                     tracing::info!(sandbox = %rec.name, "a broken sandbox is stopped now");
@@ -225,7 +226,7 @@ impl Engine {
     fn check_files(&self, rec: &mut SandboxRecord) -> Result<()> {
         let vol = self.sandbox_volume(&rec.id);
         if !vol.join("upper").is_dir() {
-            return Err(EngineError::Internal(format!(
+            return Err(EngineError::invariant(format!(
                 "its writable volume {} is missing: its files are gone (destroy it)",
                 vol.display()
             )));

@@ -259,7 +259,7 @@ impl Engine {
         let backend = self.backends.of(rec)?.clone();
         let image = self.images.path(&rec.image_id);
         if !image.is_dir() {
-            return Err(EngineError::Internal(format!(
+            return Err(EngineError::invariant(format!(
                 "image {} of sandbox {} is missing from the pool",
                 rec.image_id, rec.name
             )));
@@ -313,9 +313,10 @@ impl Engine {
         let started = match started {
             Ok(s) => s,
             Err(BackendError::Interrupted) if unrecorded.is_some() => {
-                return Err(unrecorded.take().map(EngineError::from).unwrap_or_else(|| {
-                    EngineError::Internal("recording the sandbox's handle".into())
-                }));
+                return Err(unrecorded
+                    .take()
+                    .map(EngineError::from)
+                    .unwrap_or_else(|| EngineError::invariant("recording the sandbox's handle")));
             }
             Err(e) => return Err(e.into()),
         };

@@ -27,7 +27,7 @@ use crate::model::{
     CloneRequest, DiffResult, RollbackRequest, SandboxInfo, SnapshotInfo, SnapshotRequest, rfc3339,
 };
 use crate::sandbox::new_id;
-use crate::{Caller, Engine, EngineError, Result};
+use crate::{Caller, Engine, EngineError, InternalSource, Result};
 
 /// An operation under way on a sandbox, recorded before it starts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -451,10 +451,13 @@ impl Engine {
             _ => {
                 rec.pending = None;
                 self.store.update_sandbox(rec)?;
-                return Err(EngineError::Internal(format!(
-                    "the rollback of {} did not complete; nothing changed",
-                    rec.name
-                )));
+                return Err(EngineError::internal(
+                    "",
+                    InternalSource::Incomplete(format!(
+                        "the rollback of {} did not complete; nothing changed",
+                        rec.name
+                    )),
+                ));
             }
         }
         if !selective && self.store.snapshot(to)?.is_some() {
@@ -532,7 +535,10 @@ impl Engine {
         tracing::info!(sandbox = %rec.name, "finishing an interrupted {text}");
         match self.finish_rollback(caller, rec, &pending, None, None) {
             Ok(()) => Ok(()),
-            Err(EngineError::Internal(msg)) if msg.contains("did not complete") => {
+            Err(EngineError::Internal {
+                source: InternalSource::Incomplete(_),
+                ..
+            }) => {
                 let _ = self.pool.delete_volume(&self.new_path(rec));
                 Ok(())
             }

@@ -650,3 +650,26 @@ impl Engine {
         &self.cfg.state_dir
     }
 }
+
+// --- errors ---
+
+#[test]
+fn internal_errors_keep_their_typed_cause_and_their_message() {
+    let e = EngineError::internal("export", std::io::Error::from_raw_os_error(libc::ENOSPC));
+    assert_eq!(e.code(), "internal");
+    assert!(e.to_string().starts_with("export: No space left"), "{e}");
+    let cause = std::error::Error::source(&e).expect("a source");
+    match cause.downcast_ref::<crate::InternalSource>() {
+        Some(crate::InternalSource::Io(io)) => assert_eq!(io.raw_os_error(), Some(libc::ENOSPC)),
+        other => panic!("expected an io cause, got {other:?}"),
+    }
+    let e: EngineError = devbox_backend::BackendError::Other("the host said no".into()).into();
+    assert_eq!(e.to_string(), "the host said no");
+    assert!(matches!(
+        e,
+        EngineError::Internal {
+            source: crate::InternalSource::Backend(_),
+            ..
+        }
+    ));
+}

@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 
 use crate::model::{SandboxInfo, rfc3339};
 use crate::sandbox::new_id;
-use crate::{Caller, Engine, EngineError, Result};
+use crate::{Caller, Engine, EngineError, InternalSource, Result};
 
 /// The archive format's name.
 pub const SNAPSHOT_FORMAT: &str = "dev-box.snapshot/v1";
@@ -279,9 +279,10 @@ impl Engine {
                 if let Err(err) = written {
                     let _ = std::fs::remove_file(&out_path);
                     return Err(match err {
-                        EngineError::Internal(m) if m.contains("No space left") => {
-                            e.pool.full().into()
-                        }
+                        EngineError::Internal {
+                            source: InternalSource::Io(io),
+                            ..
+                        } if devbox_storage::Pool::is_full_error(&io) => e.pool.full().into(),
                         other => other,
                     });
                 }
