@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::{Extension, Path as UrlPath, Query, State};
 use axum::response::{IntoResponse, Response};
-use devbox_engine::{Engine, EngineError};
+use devbox_engine::{Caller, Engine, EngineError};
 use devbox_wire::query::{AuditQuery, VerifyQuery};
 use devbox_wire::{AuditRecord, AuditVerification};
 
@@ -54,9 +54,10 @@ pub(crate) async fn verify(
 
 pub(crate) async fn export_logs(
     State(e): State<AppState>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<Response> {
-    let path = e.export_logs(&name).await?;
+    let path = e.export_logs(&caller, &name).await?;
     let file = tokio::fs::File::open(&path)
         .await
         .map_err(|err| ApiError(EngineError::internal("export", err)));

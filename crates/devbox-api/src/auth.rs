@@ -46,7 +46,7 @@ fn user_name(uid: u32) -> String {
 
 /// Names the caller of every request (the peer's user, and whom it says it acts for in
 /// `X-Devbox-Actor`), and refuses peers that are not root. Handlers find the
-/// [`Caller`] in the request's extensions; what they ask of the engine runs as it.
+/// [`Caller`] in the request's extensions and pass it to the engine.
 pub async fn caller_layer(
     State(engine): State<AppState>,
     mut req: Request,
@@ -75,8 +75,8 @@ pub async fn caller_layer(
         && u != 0
     {
         let path = req.uri().path().to_string();
-        caller
-            .run(engine.audit_auth_failure(&path, &format!("uid {u} is not root")))
+        engine
+            .audit_auth_failure(&caller, &path, &format!("uid {u} is not root"))
             .await;
         let body = ErrorBody {
             error: ErrorDetail {
@@ -87,6 +87,6 @@ pub async fn caller_layer(
         };
         return (StatusCode::FORBIDDEN, Json(body)).into_response();
     }
-    req.extensions_mut().insert(caller.clone());
-    caller.run(next.run(req)).await
+    req.extensions_mut().insert(caller);
+    next.run(req).await
 }

@@ -4,9 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::{Extension, Path as UrlPath, Query, State};
 use axum::http::StatusCode;
-use devbox_engine::{Engine, EngineError};
+use devbox_engine::{Caller, Engine, EngineError};
 use devbox_wire::query::{ApprovalsQuery, ScopeQuery, WaitQuery};
 use devbox_wire::{ApprovalInfo, Check, CheckRequest, DenyRequest, PolicyInfo, PolicyRequest};
 
@@ -17,10 +17,11 @@ type ApiResult<T> = Result<T, ApiError>;
 
 pub(crate) async fn check(
     State(e): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Body(req): Body<CheckRequest>,
 ) -> ApiResult<Json<Check>> {
     Ok(Json(
-        e.check_command(req.sandbox, req.command, req.policy)
+        e.check_command(&caller, req.sandbox, req.command, req.policy)
             .await?,
     ))
 }
@@ -34,18 +35,22 @@ pub(crate) async fn list_policies(
 
 pub(crate) async fn put_policy(
     State(e): State<AppState>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
     Body(req): Body<PolicyRequest>,
 ) -> ApiResult<Json<PolicyInfo>> {
-    Ok(Json(e.add_policy(name, req.sandbox, req.rego).await?))
+    Ok(Json(
+        e.add_policy(&caller, name, req.sandbox, req.rego).await?,
+    ))
 }
 
 pub(crate) async fn delete_policy(
     State(e): State<AppState>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
     Query(q): Query<ScopeQuery>,
 ) -> ApiResult<StatusCode> {
-    e.remove_policy(name, q.sandbox).await?;
+    e.remove_policy(&caller, name, q.sandbox).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -72,13 +77,15 @@ pub(crate) async fn get_approval(
 
 pub(crate) async fn approve(
     State(e): State<AppState>,
+    Extension(caller): Extension<Caller>,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<Json<ApprovalInfo>> {
-    Ok(Json(e.decide(&id, true, None).await?))
+    Ok(Json(e.decide(&caller, &id, true, None).await?))
 }
 
 pub(crate) async fn deny(
     State(e): State<AppState>,
+    Extension(caller): Extension<Caller>,
     UrlPath(id): UrlPath<String>,
     body: bytes::Bytes,
 ) -> ApiResult<Json<ApprovalInfo>> {
@@ -91,5 +98,5 @@ pub(crate) async fn deny(
             )))
         })?
     };
-    Ok(Json(e.decide(&id, false, req.reason).await?))
+    Ok(Json(e.decide(&caller, &id, false, req.reason).await?))
 }

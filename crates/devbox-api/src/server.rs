@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::{Extension, Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use devbox_engine::{Engine, EngineError};
+use devbox_engine::{Caller, Engine, EngineError};
 use devbox_wire::query::{DeleteSnapshotQuery, DestroyQuery, DiffQuery, ImportSnapshotQuery};
 use devbox_wire::{
     CloneRequest, CreateSandboxRequest, DiffResult, ErrorBody, ErrorDetail, ExecRequest,
@@ -44,7 +44,7 @@ pub fn status_of(e: &EngineError) -> StatusCode {
         EngineError::ExecFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
         EngineError::Checkpoint(_) => StatusCode::UNPROCESSABLE_ENTITY,
         EngineError::PoolFull(_) => StatusCode::INSUFFICIENT_STORAGE,
-        EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        EngineError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -175,9 +175,13 @@ async fn list_sandboxes(State(e): State<AppState>) -> ApiResult<Json<Vec<Sandbox
 
 async fn create_sandbox(
     State(e): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Body(req): Body<CreateSandboxRequest>,
 ) -> ApiResult<(StatusCode, Json<SandboxInfo>)> {
-    Ok((StatusCode::CREATED, Json(e.create(req).await?.into())))
+    Ok((
+        StatusCode::CREATED,
+        Json(e.create(&caller, req).await?.into()),
+    ))
 }
 
 async fn inspect_sandbox(
@@ -189,22 +193,25 @@ async fn inspect_sandbox(
 
 async fn destroy_sandbox(
     State(e): State<AppState>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
     Query(q): Query<DestroyQuery>,
 ) -> ApiResult<StatusCode> {
-    e.destroy(&name, q.force).await?;
+    e.destroy(&caller, &name, q.force).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn start_sandbox(
     State(e): State<AppState>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<Json<SandboxInfo>> {
-    Ok(Json(e.start(&name).await?.into()))
+    Ok(Json(e.start(&caller, &name).await?.into()))
 }
 
 async fn stop_sandbox(
     State(e): State<AppState>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
     body: bytes::Bytes,
 ) -> ApiResult<Json<SandboxInfo>> {
@@ -228,7 +235,7 @@ async fn stop_sandbox(
         Some(g) => Some(Duration::from_secs_f64(g)),
         None => None,
     };
-    Ok(Json(e.stop(&name, grace).await?.into()))
+    Ok(Json(e.stop(&caller, &name, grace).await?.into()))
 }
 
 /// Most output a non-streaming exec keeps per stream.
@@ -236,6 +243,7 @@ pub const MAX_CAPTURE: usize = 16 << 20;
 
 async fn exec(
     State(e): State<AppState>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
     Body(req): Body<ExecRequest>,
 ) -> ApiResult<Json<ExecResult>> {
@@ -246,7 +254,7 @@ async fn exec(
         .into());
     }
     let begun = Instant::now();
-    let mut session = e.exec(&name, &req, req.stdin.is_some()).await?;
+    let mut session = e.exec(&caller, &name, &req, req.stdin.is_some()).await?;
     if let (Some(mut w), Some(input)) = (session.stdin.take(), req.stdin.clone()) {
         tokio::spawn(async move {
             let _ = tokio::io::AsyncWriteExt::write_all(&mut w, input.as_bytes()).await;
@@ -309,38 +317,46 @@ async fn list_snapshots(
 
 async fn take_snapshot(
     State(e): State<AppState>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
     body: bytes::Bytes,
 ) -> ApiResult<(StatusCode, Json<SnapshotInfo>)> {
     let req: SnapshotRequest = optional_body(&body)?;
-    Ok((StatusCode::CREATED, Json(e.snapshot(&name, req).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(e.snapshot(&caller, &name, req).await?),
+    ))
 }
 
 async fn delete_snapshot(
     State(e): State<AppState>,
+    Extension(caller): Extension<Caller>,
     UrlPath((name, snapshot)): UrlPath<(String, String)>,
     Query(q): Query<DeleteSnapshotQuery>,
 ) -> ApiResult<StatusCode> {
-    e.delete_snapshot(&name, &snapshot, q.force).await?;
+    e.delete_snapshot(&caller, &name, &snapshot, q.force)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn rollback(
     State(e): State<AppState>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
     Body(req): Body<RollbackRequest>,
 ) -> ApiResult<Json<SandboxInfo>> {
-    Ok(Json(e.rollback(&name, req).await?.into()))
+    Ok(Json(e.rollback(&caller, &name, req).await?.into()))
 }
 
 async fn clone_sandbox(
     State(e): State<AppState>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
     Body(req): Body<CloneRequest>,
 ) -> ApiResult<(StatusCode, Json<SandboxInfo>)> {
     Ok((
         StatusCode::CREATED,
-        Json(e.clone_sandbox(&name, req).await?.into()),
+        Json(e.clone_sandbox(&caller, &name, req).await?.into()),
     ))
 }
 
@@ -354,9 +370,10 @@ async fn diff(
 
 async fn export_snapshot(
     State(e): State<AppState>,
+    Extension(caller): Extension<Caller>,
     UrlPath((name, snapshot)): UrlPath<(String, String)>,
 ) -> ApiResult<Response> {
-    let path = e.export_snapshot(&name, &snapshot).await?;
+    let path = e.export_snapshot(&caller, &name, &snapshot).await?;
     let file = tokio::fs::File::open(&path)
         .await
         .map_err(|err| ApiError(EngineError::internal("export", err)));
@@ -373,6 +390,7 @@ async fn export_snapshot(
 
 async fn import_snapshot(
     State(e): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(q): Query<ImportSnapshotQuery>,
     body: axum::body::Body,
 ) -> ApiResult<(StatusCode, Json<SandboxInfo>)> {
@@ -390,7 +408,10 @@ async fn import_snapshot(
     }
     .await;
     let result = match received {
-        Ok(()) => e.import_snapshot(path.clone(), q.name, q.start).await,
+        Ok(()) => {
+            e.import_snapshot(&caller, path.clone(), q.name, q.start)
+                .await
+        }
         Err(err) if err.raw_os_error() == Some(28) => Err(EngineError::PoolFull(format!(
             "receiving the archive: {err}"
         ))),
@@ -417,16 +438,21 @@ async fn list_images(State(e): State<AppState>) -> ApiResult<Json<Vec<ImageInfo>
 
 async fn import_image(
     State(e): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Body(req): Body<ImportImageRequest>,
 ) -> ApiResult<(StatusCode, Json<ImageInfo>)> {
-    Ok((StatusCode::CREATED, Json(e.import_image(req).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(e.import_image(&caller, req).await?),
+    ))
 }
 
 async fn remove_image(
     State(e): State<AppState>,
+    Extension(caller): Extension<Caller>,
     UrlPath(reference): UrlPath<String>,
 ) -> ApiResult<StatusCode> {
-    e.remove_image(&reference).await?;
+    e.remove_image(&caller, &reference).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -42,7 +42,6 @@ pub(crate) async fn exec_stream(
     UrlPath(name): UrlPath<String>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    // The upgraded connection runs in a task of its own: it runs as the caller there too.
     ws.on_upgrade(move |mut socket| async move {
         let Some(ClientMsg::Exec { exec, stdin }) = first(&mut socket).await else {
             let e = EngineError::InvalidRequest(
@@ -60,11 +59,7 @@ pub(crate) async fn exec_stream(
             .exec_approved(&caller, &name, exec, stdin, &mut WsWait(&mut socket))
             .await;
         match started {
-            Ok(session) => {
-                caller
-                    .run(pump(&engine, socket, &name, session, mode))
-                    .await
-            }
+            Ok(session) => pump(&engine, socket, &name, session, mode).await,
             Err(e) => {
                 let _ = socket.send(error_msg(&e)).await;
             }
@@ -103,9 +98,7 @@ pub(crate) async fn run_stream(
             let mut socket = socket;
             let end = match run.exec(exec, stdin, &mut WsWait(&mut socket)).await {
                 Ok(session) => {
-                    let pumped =
-                        pump_until_exit(&engine, socket, run.name(), session, OnDisconnect::Kill);
-                    caller.run(pumped).await
+                    pump_until_exit(&engine, socket, run.name(), session, OnDisconnect::Kill).await
                 }
                 Err(e) => {
                     let _ = socket.send(error_msg(&e)).await;

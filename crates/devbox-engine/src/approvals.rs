@@ -7,8 +7,10 @@ use std::time::Duration;
 use devbox_store::{ApprovalState, now_ms};
 pub use devbox_wire::ApprovalInfo;
 
-use crate::caller::{current_actor, with_actor};
-use crate::{Engine, EngineError, Result};
+use crate::{Caller, Engine, EngineError, Result};
+
+/// Who expires approvals nobody decided in time.
+const EXPIRY: &str = "timeout";
 
 impl Engine {
     /// Approvals (pending ones only, unless `all`).
@@ -50,31 +52,32 @@ impl Engine {
                     &a.id,
                     ApprovalState::Pending,
                     ApprovalState::Expired,
-                    Some("timeout"),
+                    Some(EXPIRY),
                     None,
                 )?
             {
-                with_actor("timeout".into(), || {
-                    self.audit(
-                        "approval.expire",
-                        Some(&a.sandbox),
-                        serde_json::json!({"approval": a.id, "command": a.command}),
-                    )
-                });
+                self.audit(
+                    &Caller::system(EXPIRY),
+                    "approval.expire",
+                    Some(&a.sandbox),
+                    serde_json::json!({"approval": a.id, "command": a.command}),
+                );
                 self.approval_changed();
             }
         }
         Ok(())
     }
 
-    /// Approves or denies a pending approval; records who did.
+    /// Approves or denies a pending approval; records who did (`caller`).
     pub async fn decide(
         self: &Arc<Self>,
+        caller: &Caller,
         id: &str,
         approve: bool,
         reason: Option<String>,
     ) -> Result<ApprovalInfo> {
         let id = id.to_string();
+        let caller = caller.clone();
         self.blocking(move |e| {
             e.expire_approvals()?;
             let a = e
@@ -90,12 +93,11 @@ impl Engine {
             } else {
                 ApprovalState::Denied
             };
-            let who = current_actor();
             if !e.store.decide_approval(
                 &id,
                 ApprovalState::Pending,
                 to,
-                Some(&who),
+                Some(caller.name()),
                 reason.as_deref(),
             )? {
                 return Err(EngineError::WrongState(format!(
@@ -106,6 +108,7 @@ impl Engine {
                 )));
             }
             e.audit(
+                &caller,
                 if approve {
                     "approval.approve"
                 } else {
@@ -125,12 +128,14 @@ impl Engine {
 
     /// Withdraws a pending approval whose requester left (an exec stream that closed): it can
     /// no longer be approved into running something nobody waits for.
-    pub async fn withdraw_approval(self: &Arc<Self>, id: &str) -> Result<()> {
+    pub async fn withdraw_approval(self: &Arc<Self>, caller: &Caller, id: &str) -> Result<()> {
         let id = id.to_string();
+        let caller = caller.clone();
         self.blocking(move |e| {
             if e.store.decide_approval(&id, ApprovalState::Pending, ApprovalState::Withdrawn, None, Some("the requester left"))? {
                 let a = e.store.approval(&id)?;
                 e.audit(
+                    &caller,
                     "approval.withdraw",
                     a.as_ref().map(|a| a.sandbox.as_str()),
                     serde_json::json!({"approval": id, "command": a.as_ref().map(|a| a.command.as_str())}),

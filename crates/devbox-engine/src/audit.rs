@@ -5,16 +5,21 @@ use std::sync::Arc;
 
 use devbox_store::now_ms;
 
-use crate::caller::current_actor;
-use crate::{Engine, EngineError, Result};
+use crate::{Caller, Engine, EngineError, Result};
 
 impl Engine {
-    /// Appends an audit record (failures are logged, not raised: an operation is not undone
-    /// because its record could not be written).
-    pub(crate) fn audit(&self, action: &str, sandbox: Option<&str>, detail: serde_json::Value) {
+    /// Appends an audit record of `caller` (failures are logged, not raised: an operation is
+    /// not undone because its record could not be written).
+    pub(crate) fn audit(
+        &self,
+        caller: &Caller,
+        action: &str,
+        sandbox: Option<&str>,
+        detail: serde_json::Value,
+    ) {
         if let Err(e) = self
             .store
-            .append_audit(&current_actor(), action, sandbox, &detail)
+            .append_audit(caller.name(), action, sandbox, &detail)
         {
             tracing::error!(action, "writing the audit log: {e}");
         }
@@ -23,6 +28,7 @@ impl Engine {
     /// Audits an operation with its outcome (`ok` or the error's code and message).
     pub(crate) fn audit_result<T>(
         &self,
+        caller: &Caller,
         action: &str,
         sandbox: Option<&str>,
         mut detail: serde_json::Value,
@@ -38,15 +44,17 @@ impl Engine {
                 detail["error"] = e.to_string().into();
             }
         }
-        self.audit(action, sandbox, detail);
+        self.audit(caller, action, sandbox, detail);
     }
 
     /// Records a refused request (not root, bad token).
-    pub async fn audit_auth_failure(self: &Arc<Self>, path: &str, why: &str) {
+    pub async fn audit_auth_failure(self: &Arc<Self>, caller: &Caller, path: &str, why: &str) {
         let (path, why) = (path.to_string(), why.to_string());
+        let caller = caller.clone();
         let _ = self
             .blocking(move |e| {
                 e.audit(
+                    &caller,
                     "auth.failure",
                     None,
                     serde_json::json!({"path": path, "reason": why}),
@@ -135,9 +143,14 @@ impl Engine {
 
     /// Packs a sandbox's exec logs, exec records and audit records into a `.tar.gz` in the
     /// pool's scratch area; returns its path (the caller streams and removes it).
-    pub async fn export_logs(self: &Arc<Self>, name: &str) -> Result<std::path::PathBuf> {
+    pub async fn export_logs(
+        self: &Arc<Self>,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<std::path::PathBuf> {
         self.bookkeeping.settled().await;
         let name = name.to_string();
+        let caller = caller.clone();
         self.blocking(move |e| {
             let rec = e.store.sandbox_by_name(&name)?;
             let execs: Vec<_> = e
@@ -215,6 +228,7 @@ impl Engine {
                 return Err(EngineError::internal("packing logs", err));
             }
             e.audit(
+                &caller,
                 "logs.export",
                 Some(&name),
                 serde_json::json!({"execs": execs.len()}),

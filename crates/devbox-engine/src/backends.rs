@@ -57,7 +57,7 @@ impl Backends {
     /// The backend of a sandbox.
     pub(crate) fn of(&self, rec: &SandboxRecord) -> Result<&Arc<dyn Backend>> {
         self.by_kind.get(rec.backend.as_str()).ok_or_else(|| {
-            EngineError::Internal(format!(
+            EngineError::invariant(format!(
                 "sandbox {} runs on the {:?} backend, which this daemon does not have",
                 rec.name, rec.backend
             ))

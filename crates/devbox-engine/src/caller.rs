@@ -1,30 +1,36 @@
-//! Who asks: the caller of the current request, task or engine thread, recorded in audit
-//! records and approvals (`root`, or `root for NAME`; `local` when unknown).
+//! Who asks: the [`Caller`] every engine method that records something takes. Its name is
+//! what audit records, approvals and exec records carry (`root`, or `root for NAME`); the
+//! engine's own work runs as a named system caller ([`Caller::system`]).
 
-use std::cell::RefCell;
-
-tokio::task_local! {
-    /// Who the current request comes from (set by the API per request).
-    pub static ACTOR: String;
+/// Who calls the engine: the name its audit records, approvals and exec records carry
+/// (`root`, `root for alice`, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    name: String,
 }
 
-thread_local! {
-    static THREAD_ACTOR: RefCell<Option<String>> = const { RefCell::new(None) };
-}
+impl Caller {
+    /// A caller of this name.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into() }
+    }
 
-/// The actor of the current request, task or engine thread (`local` when unknown).
-pub fn current_actor() -> String {
-    ACTOR
-        .try_with(|a| a.clone())
-        .ok()
-        .or_else(|| THREAD_ACTOR.with(|t| t.borrow().clone()))
-        .unwrap_or_else(|| "local".into())
-}
+    /// The caller of a local user (`user`), acting for someone it names (`root for alice`).
+    pub fn on_behalf(user: &str, of: Option<&str>) -> Self {
+        match of {
+            Some(who) if !who.is_empty() => Self::new(format!("{user} for {who}")),
+            _ => Self::new(user),
+        }
+    }
 
-/// Runs `f` with `actor` as the current actor of this thread.
-pub(crate) fn with_actor<T>(actor: String, f: impl FnOnce() -> T) -> T {
-    THREAD_ACTOR.with(|t| *t.borrow_mut() = Some(actor));
-    let out = f();
-    THREAD_ACTOR.with(|t| *t.borrow_mut() = None);
-    out
+    /// The engine itself, doing background work named `what` (`timeout`: approvals that
+    /// expired; `local`: start-up reconciliation).
+    pub fn system(what: &'static str) -> Self {
+        Self::new(what)
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
 }

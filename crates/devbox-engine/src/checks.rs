@@ -12,10 +12,9 @@ use devbox_safety::{Check, CheckContext, PolicySet, PolicySource, Verdict};
 use devbox_store::{ApprovalRecord, ApprovalState, PolicyRecord, SandboxRecord, now_ms};
 pub use devbox_wire::{ApprovalInfo, PolicyInfo};
 
-use crate::caller::current_actor;
 use crate::model::rfc3339;
 use crate::sandbox::new_id;
-use crate::{Engine, EngineError, Result};
+use crate::{Caller, Engine, EngineError, Result};
 
 /// Compiled policy sets by scope, rebuilt when policies change.
 #[derive(Default)]
@@ -43,9 +42,10 @@ pub fn shell_join(argv: &[String]) -> String {
 
 impl Engine {
     /// Checks a command without running it (`sandbox check`); with `candidate`, as if that
-    /// policy were installed (`sandbox policy test`).
+    /// policy were installed (`sandbox policy test`). Policies see who asks (`caller`).
     pub async fn check_command(
         self: &Arc<Self>,
+        caller: &Caller,
         sandbox: Option<String>,
         text: String,
         candidate: Option<devbox_wire::CandidatePolicy>,
@@ -54,12 +54,13 @@ impl Engine {
             name: p.name,
             rego: p.rego,
         });
+        let caller = caller.clone();
         self.blocking(move |e| {
             let rec = match &sandbox {
                 Some(n) => Some(e.record(n)?),
                 None => None,
             };
-            e.check_for(rec.as_ref(), &text, candidate.as_ref())
+            e.check_for(&caller, rec.as_ref(), &text, candidate.as_ref())
                 .map(crate::to_wire::check)
         })
         .await
@@ -69,6 +70,7 @@ impl Engine {
     /// exactly this command. Errors: [`EngineError::Denied`], [`EngineError::ApprovalRequired`].
     pub(crate) fn check_exec(
         &self,
+        caller: &Caller,
         rec: &SandboxRecord,
         text: &str,
         request: &str,
@@ -106,11 +108,11 @@ impl Engine {
             }
             return Ok(format!("approved ({id})"));
         }
-        let check = self.check_for(Some(rec), text, None)?;
+        let check = self.check_for(caller, Some(rec), text, None)?;
         match check.decision {
             Verdict::Allow => Ok("allow".into()),
             Verdict::Deny => {
-                self.audit("exec.denied", Some(&rec.name), serde_json::json!({"command": text, "risk": check.risk, "reasons": check.reasons}));
+                self.audit(caller, "exec.denied", Some(&rec.name), serde_json::json!({"command": text, "risk": check.risk, "reasons": check.reasons}));
                 Err(EngineError::Denied {
                     reasons: check.reasons,
                 })
@@ -128,7 +130,7 @@ impl Engine {
                         .trim_matches('"')
                         .to_string(),
                     state: ApprovalState::Pending,
-                    requested_by: current_actor(),
+                    requested_by: caller.name().to_string(),
                     decided_by: None,
                     reason: None,
                     created_at: now_ms(),
@@ -137,6 +139,7 @@ impl Engine {
                 };
                 self.store.insert_approval(&a)?;
                 self.audit(
+                    caller,
                     "approval.request",
                     Some(&rec.name),
                     serde_json::json!({"approval": a.id, "command": text, "risk": a.risk, "reasons": a.reasons}),
@@ -150,6 +153,7 @@ impl Engine {
 
     pub(crate) fn check_for(
         &self,
+        caller: &Caller,
         rec: Option<&SandboxRecord>,
         text: &str,
         candidate: Option<&PolicySource>,
@@ -161,13 +165,13 @@ impl Engine {
                     sandbox: r.name.clone(),
                     labels: m.metadata.labels.clone(),
                     spec: serde_json::to_value(&m.spec).unwrap_or_default(),
-                    actor: current_actor(),
+                    actor: caller.name().to_string(),
                 };
                 (ctx, Some(r.name.as_str()))
             }
             None => (
                 CheckContext {
-                    actor: current_actor(),
+                    actor: caller.name().to_string(),
                     ..Default::default()
                 },
                 None,
@@ -268,10 +272,12 @@ impl Engine {
     /// together with the policies it joins.
     pub async fn add_policy(
         self: &Arc<Self>,
+        caller: &Caller,
         name: String,
         sandbox: Option<String>,
         rego: String,
     ) -> Result<PolicyInfo> {
+        let caller = caller.clone();
         self.blocking(move |e| {
             devbox_spec::Name::new(&name).map_err(|_| {
                 EngineError::InvalidRequest(format!("{name:?} is not a valid policy name: use lowercase letters, digits, '-', '_', '.'"))
@@ -286,7 +292,7 @@ impl Engine {
             let rec = PolicyRecord { name: name.clone(), sandbox: sandbox.clone(), rego, created_at: now_ms() };
             e.store.put_policy(&rec)?;
             e.policies.version.fetch_add(1, Ordering::SeqCst);
-            e.audit("policy.add", sandbox.as_deref(), serde_json::json!({"policy": name, "rego": rec.rego}));
+            e.audit(&caller, "policy.add", sandbox.as_deref(), serde_json::json!({"policy": name, "rego": rec.rego}));
             Ok(PolicyInfo { name, sandbox, rego: rec.rego, created_at: rfc3339(rec.created_at), builtin: false })
         })
         .await
@@ -295,9 +301,11 @@ impl Engine {
     /// Removes a policy.
     pub async fn remove_policy(
         self: &Arc<Self>,
+        caller: &Caller,
         name: String,
         sandbox: Option<String>,
     ) -> Result<()> {
+        let caller = caller.clone();
         self.blocking(move |e| {
             if !e.store.delete_policy(&name, sandbox.as_deref())? {
                 return Err(EngineError::NotFound {
@@ -308,6 +316,7 @@ impl Engine {
             }
             e.policies.version.fetch_add(1, Ordering::SeqCst);
             e.audit(
+                &caller,
                 "policy.remove",
                 sandbox.as_deref(),
                 serde_json::json!({"policy": name}),

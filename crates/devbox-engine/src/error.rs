@@ -1,5 +1,7 @@
 //! Errors of the engine: each says what went wrong and what to do, and has a stable code.
 
+use std::borrow::Cow;
+
 use devbox_spec::SpecError;
 
 /// An engine error.
@@ -60,9 +62,59 @@ pub enum EngineError {
     /// Processes could not be checkpointed or restored (CRIU); says why.
     #[error("{0}")]
     Checkpoint(String),
-    /// Something failed on the host.
+    /// Something failed on the host: what was being done, and the real error.
+    #[error("{}", internal_message(.context, .source))]
+    Internal {
+        /// What was being done (empty when the cause says it all).
+        context: Cow<'static, str>,
+        /// What failed.
+        #[source]
+        source: InternalSource,
+    },
+}
+
+/// The cause of an [`EngineError::Internal`], typed.
+#[derive(Debug, thiserror::Error)]
+pub enum InternalSource {
+    /// A file or system call failed.
     #[error("{0}")]
-    Internal(String),
+    Io(#[from] std::io::Error),
+    /// The state database failed.
+    #[error("{0}")]
+    Store(#[from] devbox_store::StoreError),
+    /// The backend failed.
+    #[error("{0}")]
+    Backend(#[from] devbox_backend::BackendError),
+    /// The storage pool failed.
+    #[error("{0}")]
+    Storage(#[from] devbox_storage::StorageError),
+    /// The image store failed.
+    #[error("{0}")]
+    Image(#[from] devbox_image::ImageError),
+    /// Stored or written JSON could not be read or made.
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    /// A task of the engine panicked or was cancelled.
+    #[error("{0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// A step of the engine failed (finishing an interrupted operation, say).
+    #[error("{0}")]
+    Engine(#[from] Box<EngineError>),
+    /// An operation a crash interrupted had not got far enough to be finished: nothing of
+    /// it was done (reconcile drops what it left).
+    #[error("{0}")]
+    Incomplete(String),
+    /// Something the engine keeps true was not (a missing file, an answer missing a part).
+    #[error("{0}")]
+    Invariant(Cow<'static, str>),
+}
+
+fn internal_message(context: &str, source: &InternalSource) -> String {
+    if context.is_empty() {
+        source.to_string()
+    } else {
+        format!("{context}: {source}")
+    }
 }
 
 impl EngineError {
@@ -80,7 +132,7 @@ impl EngineError {
             Self::Denied { .. } => "denied",
             Self::ApprovalRequired(_) => "approval_required",
             Self::Checkpoint(_) => "checkpoint_failed",
-            Self::Internal(_) => "internal",
+            Self::Internal { .. } => "internal",
         }
     }
 
@@ -100,9 +152,20 @@ impl EngineError {
         }
     }
 
-    /// An internal error with what was being done.
-    pub fn internal(context: &str, e: impl std::fmt::Display) -> Self {
-        Self::Internal(format!("{context}: {e}"))
+    /// An internal error: what was being done, and the error that stopped it.
+    pub fn internal(
+        context: impl Into<Cow<'static, str>>,
+        source: impl Into<InternalSource>,
+    ) -> Self {
+        Self::Internal {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    /// A broken invariant: something the engine keeps true was not (says what).
+    pub fn invariant(what: impl Into<Cow<'static, str>>) -> Self {
+        Self::internal("", InternalSource::Invariant(what.into()))
     }
 }
 
@@ -122,14 +185,11 @@ impl From<devbox_backend::BackendError> for EngineError {
                 kind: F::BadRequest,
                 message,
             } => Self::InvalidRequest(message),
-            B::Exec {
-                kind: F::Internal,
-                message,
-            } => Self::Internal(message),
+            e @ B::Exec {
+                kind: F::Internal, ..
+            } => Self::internal("", e),
             B::Exec { message, .. } => Self::ExecFailed(message),
-            other @ (B::Failed { .. } | B::Other(_) | B::Interrupted) => {
-                Self::Internal(other.to_string())
-            }
+            other @ (B::Failed { .. } | B::Other(_) | B::Interrupted) => Self::internal("", other),
         }
     }
 }

@@ -18,7 +18,7 @@ use devbox_store::{ExecRecord, SandboxRecord};
 
 use crate::model::ExecRequest;
 use crate::sandbox::new_id;
-use crate::{Engine, EngineError, Result};
+use crate::{Caller, Engine, EngineError, Result};
 
 /// The ends of a started command the session takes: its terminal, or its pipes.
 struct StartedIo {
@@ -254,6 +254,8 @@ pub struct ExecSession {
     /// Snapshot taken before the command, to roll back to if it fails.
     guard: Option<String>,
     engine: Arc<Engine>,
+    /// Who started the command: its end and rollback are recorded as theirs.
+    caller: Caller,
     record: std::sync::Mutex<ExecRecord>,
     /// The exec record's insertion (in the background); its end is recorded after it.
     inserted: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -321,9 +323,11 @@ impl ExecSession {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+        let caller = self.caller.clone();
         self.engine.later(inserted, move |e| {
             e.store.finish_exec(&rec)?;
             e.audit(
+                &caller,
                 "exec",
                 Some(&rec.sandbox),
                 serde_json::json!({
@@ -336,7 +340,7 @@ impl ExecSession {
     }
 
     /// After the command ended: rolls the sandbox back if it failed under
-    /// `rollback_on_failure`. Returns the snapshot's name when it did.
+    /// `rollback_on_failure`, as the exec's caller. Returns the snapshot's name when it did.
     pub async fn settle(&self, engine: &Arc<Engine>, exit: &ExecExit) -> Result<Option<String>> {
         let Some(guard) = self.guard.clone() else {
             return Ok(None);
@@ -345,6 +349,7 @@ impl ExecSession {
             return Ok(None);
         }
         let name = self.sandbox.clone();
+        let caller = self.caller.clone();
         engine
             .blocking(move |e| {
                 let lock = e.locks.get(&name);
@@ -353,9 +358,10 @@ impl ExecSession {
                 let snap = e
                     .store
                     .snapshot(&guard)?
-                    .ok_or_else(|| EngineError::Internal("the guard snapshot is gone".into()))?;
-                let r = e.rollback_locked(&mut rec, &snap, &[]);
+                    .ok_or_else(|| EngineError::invariant("the guard snapshot is gone"))?;
+                let r = e.rollback_locked(&caller, &mut rec, &snap, &[]);
                 e.audit_result(
+                    &caller,
                     "sandbox.rollback",
                     Some(&name),
                     serde_json::json!({"rollback": {"to": snap.name, "paths": []}, "because": "the command failed (--rollback-on-failure)"}),
@@ -436,9 +442,11 @@ impl Engine {
     }
 
     /// Starts a command in a running sandbox. With `want_stdin`, the session's `stdin` is
-    /// connected; otherwise the command reads from /dev/null.
+    /// connected; otherwise the command reads from /dev/null. Checked, recorded and audited
+    /// as `caller`'s.
     pub async fn exec(
         self: &Arc<Self>,
+        caller: &Caller,
         name: &str,
         req: &ExecRequest,
         want_stdin: bool,
@@ -452,7 +460,7 @@ impl Engine {
             .command
             .clone()
             .unwrap_or_else(|| crate::checks::shell_join(&argv));
-        let (rec, decision) = self.record_and_check(name, req, &text).await?;
+        let (rec, decision) = self.record_and_check(caller, name, req, &text).await?;
         let manifest = Self::manifest_of(&rec)?;
         let (backend, inst) = self.backend_of(&rec)?;
         if req.tty.is_some() && !backend.capabilities().pty {
@@ -463,7 +471,9 @@ impl Engine {
             )));
         }
         let backend = backend.clone();
-        let guard = self.snapshot_before_exec(&rec, &manifest, req).await?;
+        let guard = self
+            .snapshot_before_exec(caller, &rec, &manifest, req)
+            .await?;
         let (env, cwd, user) = self.process_context(
             &rec,
             &manifest,
@@ -507,7 +517,7 @@ impl Engine {
             sandbox: rec.name.clone(),
             command: text.clone(),
             decision: decision.clone(),
-            actor: crate::caller::current_actor(),
+            actor: caller.name().to_string(),
             started_at: devbox_store::now_ms(),
             ended_at: None,
             exit_code: None,
@@ -530,6 +540,7 @@ impl Engine {
             sandbox: rec.name.clone(),
             guard,
             engine: self.clone(),
+            caller: caller.clone(),
             record: std::sync::Mutex::new(record),
             inserted: std::sync::Mutex::new(Some(inserted)),
             started: std::time::Instant::now(),
@@ -544,12 +555,14 @@ impl Engine {
     /// decision, in one trip to the blocking pool.
     async fn record_and_check(
         self: &Arc<Self>,
+        caller: &Caller,
         name: &str,
         req: &ExecRequest,
         text: &str,
     ) -> Result<(SandboxRecord, String)> {
         let (name, t, a) = (name.to_string(), text.to_string(), req.approval.clone());
         let request = serde_json::to_string(req).unwrap_or_default();
+        let caller = caller.clone();
         self.blocking(move |e| {
             let rec = e.record(&name)?;
             if !rec.state.can_exec() {
@@ -562,7 +575,7 @@ impl Engine {
                     rec.name
                 )));
             }
-            let decision = e.check_exec(&rec, &t, &request, a.as_deref())?;
+            let decision = e.check_exec(&caller, &rec, &t, &request, a.as_deref())?;
             Ok((rec, decision))
         })
         .await
@@ -572,6 +585,7 @@ impl Engine {
     /// rollback.autoSnapshot) or the guard of --rollback-on-failure, whose id is returned.
     async fn snapshot_before_exec(
         self: &Arc<Self>,
+        caller: &Caller,
         rec: &SandboxRecord,
         manifest: &devbox_spec::SandboxManifest,
         req: &ExecRequest,
@@ -591,6 +605,7 @@ impl Engine {
                 .max_age_seconds()
                 .map_err(EngineError::InvalidSpec)?;
             let mut r = rec.clone();
+            let caller = caller.clone();
             let snap = self
                 .blocking(move |e| {
                     let snap =
@@ -601,13 +616,14 @@ impl Engine {
                         "guard before an exec (--rollback-on-failure)"
                     };
                     e.audit_result(
+                        &caller,
                         "snapshot.create",
                         Some(&r.name),
                         serde_json::json!({"snapshot": {"name": snap.as_ref().ok().map(|s| s.name.clone())}, "because": why}),
                         &snap,
                     );
                     let snap = snap?;
-                    if let Err(err) = e.prune_auto(&r, keep.max(1), max_age) {
+                    if let Err(err) = e.prune_auto(&caller, &r, keep.max(1), max_age) {
                         tracing::warn!(sandbox = %r.name, "pruning automatic snapshots: {err}");
                     }
                     Ok(snap)
@@ -643,7 +659,7 @@ impl Engine {
             ));
             session.tty = Some(pty);
         } else if want_tty {
-            return Err(EngineError::Internal("the agent sent no terminal".into()));
+            return Err(EngineError::invariant("the agent sent no terminal"));
         } else {
             if let Some(w) = io.stdin {
                 session.stdin = Some(pipe::Sender::from_owned_fd(w).map_err(io_err)?);

@@ -3,8 +3,7 @@
 //! approval ([`Engine::exec_approved`]), and a one-shot run ([`Engine::run_create`], then
 //! [`OneShot::exec`] and [`OneShot::destroy`]: `sandbox run --rm`).
 //!
-//! The caller is an explicit argument here. Inside the engine it travels as the task-local
-//! [`crate::ACTOR`], which these flows set around everything they do for the caller.
+//! The caller is an explicit argument here, as everywhere in the engine.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,43 +13,11 @@ use devbox_wire::ApprovalState;
 
 use crate::checks::ApprovalInfo;
 use crate::model::{CreateSandboxRequest, ExecRequest, SandboxInfo};
-use crate::{ACTOR, Engine, EngineError, ExecSession, Result};
+use crate::{Caller, Engine, EngineError, ExecSession, Result};
 
 /// How long an exec waits for its approval at most, in one wait (the approval's own expiry
 /// ends it sooner).
 const APPROVAL_WAIT: Duration = Duration::from_secs(3600);
-
-/// Who calls the engine: the name its audit records, approvals and exec records carry
-/// (`root`, `root for alice`, ...).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    name: String,
-}
-
-impl Caller {
-    /// A caller of this name.
-    pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into() }
-    }
-
-    /// The caller of a local user (`user`), acting for someone it names (`root for alice`).
-    pub fn on_behalf(user: &str, of: Option<&str>) -> Self {
-        match of {
-            Some(who) if !who.is_empty() => Self::new(format!("{user} for {who}")),
-            _ => Self::new(user),
-        }
-    }
-
-    /// Its name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Runs `f` as this caller: what the engine records while it runs names the caller.
-    pub async fn run<F: Future>(&self, f: F) -> F::Output {
-        ACTOR.scope(self.name.clone(), f).await
-    }
-}
 
 /// What a front end does while an exec waits for someone's approval.
 pub trait ApprovalWait: Send {
@@ -69,23 +36,11 @@ impl Engine {
         self: &Arc<Self>,
         caller: &Caller,
         name: &str,
-        exec: ExecRequest,
-        stdin: bool,
-        wait: &mut impl ApprovalWait,
-    ) -> Result<ExecSession> {
-        caller
-            .run(self.exec_approved_as_current(name, exec, stdin, wait))
-            .await
-    }
-
-    async fn exec_approved_as_current(
-        self: &Arc<Self>,
-        name: &str,
         mut exec: ExecRequest,
         stdin: bool,
         wait: &mut impl ApprovalWait,
     ) -> Result<ExecSession> {
-        let approval = match self.exec(name, &exec, stdin).await {
+        let approval = match self.exec(caller, name, &exec, stdin).await {
             Err(EngineError::ApprovalRequired(a)) => a,
             other => return other,
         };
@@ -97,7 +52,7 @@ impl Engine {
             let decided = tokio::select! {
                 d = self.wait_approval(&id, APPROVAL_WAIT) => d?,
                 () = wait.gone() => {
-                    let _ = self.withdraw_approval(&id).await;
+                    let _ = self.withdraw_approval(caller, &id).await;
                     return Err(EngineError::InvalidRequest("the client went away".into()));
                 }
             };
@@ -111,7 +66,7 @@ impl Engine {
             });
         }
         exec.approval = Some(id);
-        self.exec(name, &exec, stdin).await
+        self.exec(caller, name, &exec, stdin).await
     }
 
     /// The first step of a one-shot run: creates the sandbox (named `run-` and eight hex
@@ -131,7 +86,7 @@ impl Engine {
             sandbox.name = Some(format!("run-{}", random_suffix()));
         }
         sandbox.start = true;
-        let info = caller.run(self.create_with(sandbox, true)).await?;
+        let info = self.create_with(caller, sandbox, true).await?;
         Ok(OneShot {
             engine: self.clone(),
             caller: caller.clone(),
@@ -225,7 +180,7 @@ impl Drop for OneShot {
 }
 
 async fn destroy(engine: &Arc<Engine>, caller: &Caller, name: &str) {
-    if let Err(e) = caller.run(engine.destroy(name, true)).await {
+    if let Err(e) = engine.destroy(caller, name, true).await {
         tracing::warn!(sandbox = %name, "destroying a run sandbox: {e}");
     }
 }

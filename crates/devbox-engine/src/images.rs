@@ -8,7 +8,7 @@ use devbox_store::{ImageRecord, StoreError, now_ms};
 use devbox_wire::ImageConfig;
 
 use crate::model::{ImageInfo, ImportImageRequest, rfc3339};
-use crate::{Engine, EngineError, Result};
+use crate::{Caller, Engine, EngineError, Result};
 
 fn format_name(f: devbox_image::ImageFormat) -> String {
     serde_json::to_string(&f)
@@ -19,14 +19,18 @@ fn format_name(f: devbox_image::ImageFormat) -> String {
 
 impl Engine {
     /// Imports an image from a path on this host.
-    pub async fn import_image(self: &Arc<Self>, req: ImportImageRequest) -> Result<ImageInfo> {
+    pub async fn import_image(
+        self: &Arc<Self>,
+        caller: &Caller,
+        req: ImportImageRequest,
+    ) -> Result<ImageInfo> {
         let detail = serde_json::json!({"path": req.path, "name": req.name});
         let r = self.blocking(move |e| e.import_blocking(req)).await;
         let mut d = detail;
         if let Ok(i) = &r {
             d["id"] = i.id.clone().into();
         }
-        self.audit_result("image.import", None, d, &r);
+        self.audit_result(caller, "image.import", None, d, &r);
         r
     }
 
@@ -151,7 +155,7 @@ impl Engine {
     }
 
     /// Removes an image; refused while a sandbox uses it.
-    pub async fn remove_image(self: &Arc<Self>, reference: &str) -> Result<()> {
+    pub async fn remove_image(self: &Arc<Self>, caller: &Caller, reference: &str) -> Result<()> {
         let reference = reference.to_string();
         let audit_detail = serde_json::json!({"image": reference});
         let r = self
@@ -178,7 +182,7 @@ impl Engine {
                 Ok(())
             })
             .await;
-        self.audit_result("image.remove", None, audit_detail, &r);
+        self.audit_result(caller, "image.remove", None, audit_detail, &r);
         r
     }
 }

@@ -7,8 +7,9 @@
 //! ([`Engine::create`], [`Engine::start`], [`Engine::stop`], [`Engine::destroy`],
 //! [`Engine::list`], [`Engine::inspect`]), commands ([`Engine::exec`], an [`ExecSession`]),
 //! images and the pool. Flows that front ends share (an exec that waits for its approval, a
-//! one-shot run) and the explicit [`Caller`] are in `flows.rs`; requests and responses are the
-//! wire model's ([`devbox_wire`], re-exported in [`model`]), so front ends only translate.
+//! one-shot run) are in `flows.rs`; every method that records something takes who calls (a
+//! [`Caller`]); requests and responses are the wire model's ([`devbox_wire`], re-exported in
+//! [`model`]), so front ends only translate.
 //!
 //! Operations on one sandbox are serialised by a per-name lock; operations on different
 //! sandboxes run in parallel. Each lifecycle step is recorded before it acts, and
@@ -45,12 +46,12 @@ use devbox_image::ImageStore;
 use devbox_storage::{Pool, PoolInfo};
 use devbox_store::Store;
 
-pub use caller::{ACTOR, current_actor};
+pub use caller::Caller;
 pub use checks::{ApprovalInfo, PolicyInfo, shell_join};
 pub use config::EngineConfig;
-pub use error::EngineError;
+pub use error::{EngineError, InternalSource};
 pub use exec::{ExecExit, ExecSession, Output, Pty};
-pub use flows::{ApprovalWait, Caller, OneShot};
+pub use flows::{ApprovalWait, OneShot};
 pub use reconcile::{DAEMON_MARK_ENV, daemon_mark, is_own_mark};
 
 /// Result of engine operations.
@@ -81,9 +82,9 @@ impl std::fmt::Debug for Engine {
 fn ensure_dir(path: &std::path::Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(path)
-        .map_err(|e| EngineError::internal(&format!("create {}", path.display()), e))?;
+        .map_err(|e| EngineError::internal(format!("create {}", path.display()), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| EngineError::internal(&format!("chmod {}", path.display()), e))
+        .map_err(|e| EngineError::internal(format!("chmod {}", path.display()), e))
 }
 
 impl Engine {
@@ -191,9 +192,8 @@ impl Engine {
         self.pool.sandboxes_dir().join(id)
     }
 
-    /// Runs blocking engine work off the async threads.
     /// Runs `f` on the blocking pool later (after `after` ended, if given), off the caller's
-    /// path, as the current actor; the audit log's and exec logs' readers wait for it (see
+    /// path; the audit log's and exec logs' readers wait for it (see
     /// [`exec::Bookkeeping`]).
     fn later(
         self: &Arc<Self>,
@@ -202,8 +202,7 @@ impl Engine {
     ) -> tokio::task::JoinHandle<()> {
         let token = self.bookkeeping.begin(self);
         let me = self.clone();
-        let actor = caller::current_actor();
-        tokio::spawn(caller::ACTOR.scope(actor, async move {
+        tokio::spawn(async move {
             if let Some(h) = after {
                 let _ = h.await;
             }
@@ -211,16 +210,16 @@ impl Engine {
                 tracing::warn!("recording an exec: {e}");
             }
             drop(token);
-        }))
+        })
     }
 
+    /// Runs blocking engine work off the async threads.
     async fn blocking<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(Arc<Engine>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let me = self.clone();
-        let actor = caller::current_actor();
-        tokio::task::spawn_blocking(move || caller::with_actor(actor, || f(me)))
+        tokio::task::spawn_blocking(move || f(me))
             .await
             .map_err(|e| EngineError::internal("engine task", e))?
     }

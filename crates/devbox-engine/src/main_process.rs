@@ -13,7 +13,7 @@ use devbox_safety::Verdict;
 use devbox_spec::SandboxManifest;
 use devbox_store::SandboxRecord;
 
-use crate::{Engine, EngineError, Result};
+use crate::{Caller, Engine, EngineError, Result};
 
 /// The main process's argv and its text as checked and audited, if the spec has one.
 fn main_command(manifest: &SandboxManifest) -> Option<(Vec<String>, String)> {
@@ -38,11 +38,16 @@ impl Engine {
     }
 
     /// Refuses a main command that the checks would not allow outright.
-    pub(crate) fn check_main(&self, rec: &SandboxRecord, manifest: &SandboxManifest) -> Result<()> {
+    pub(crate) fn check_main(
+        &self,
+        caller: &Caller,
+        rec: &SandboxRecord,
+        manifest: &SandboxManifest,
+    ) -> Result<()> {
         let Some((_, text)) = main_command(manifest) else {
             return Ok(());
         };
-        let check = self.check_for(Some(rec), &text, None)?;
+        let check = self.check_for(caller, Some(rec), &text, None)?;
         match check.decision {
             Verdict::Allow => Ok(()),
             verdict => Err(EngineError::Denied {
@@ -59,6 +64,7 @@ impl Engine {
     /// Starts the spec's main process in the running sandbox; returns its pid in the sandbox.
     pub(crate) fn start_main(
         &self,
+        caller: &Caller,
         rec: &SandboxRecord,
         manifest: &SandboxManifest,
     ) -> Result<Option<i32>> {
@@ -66,7 +72,7 @@ impl Engine {
             return Ok(None);
         };
         let started = (|| {
-            self.check_main(rec, manifest)?;
+            self.check_main(caller, rec, manifest)?;
             let (env, cwd, user) =
                 self.process_context(rec, manifest, &BTreeMap::new(), None, None)?;
             let log_path = self.main_log_path(&rec.name);
@@ -97,7 +103,7 @@ impl Engine {
             Ok(backend.exec(&inst, spec)?.pid)
         })();
         let detail = serde_json::json!({"command": text, "pid": started.as_ref().ok()});
-        self.audit_result("sandbox.main", Some(&rec.name), detail, &started);
+        self.audit_result(caller, "sandbox.main", Some(&rec.name), detail, &started);
         started.map(Some)
     }
 }

@@ -25,7 +25,7 @@ use devbox_backend::host::process_start_time;
 use devbox_image::HOST_IMAGE;
 use devbox_store::{SandboxRecord, SandboxState, SnapshotRecord, SnapshotState};
 
-use crate::{Engine, EngineError, Result};
+use crate::{Caller, Engine, EngineError, Result};
 
 /// The environment variable that marks the daemon and, by inheritance, every process it
 /// starts: `<pid>:<nonce>:<state dir>`.
@@ -46,6 +46,10 @@ pub fn daemon_mark(state_dir: &Path) -> String {
 pub fn is_own_mark(mark: &str) -> bool {
     mark.split(':').next() == Some(std::process::id().to_string().as_str())
 }
+
+/// Who start-up reconciliation is in what it records (the main process of a sandbox whose
+/// interrupted rollback it finishes): `local`, the name such records have always carried.
+const RECONCILER: &str = "local";
 
 impl Engine {
     /// Finishes or undoes interrupted operations, marks sandboxes whose processes are gone
@@ -142,7 +146,7 @@ impl Engine {
                 if rec.state == SandboxState::Running {
                     self.halt(rec, Duration::ZERO)?;
                 }
-                if let Err(e) = self.finish_pending(rec) {
+                if let Err(e) = self.finish_pending(&Caller::system(RECONCILER), rec) {
                     tracing::error!(sandbox = %rec.name, "finishing an interrupted operation: {e}");
                     self.note_error(
                         rec,
@@ -185,11 +189,12 @@ impl Engine {
                     rec.last_error = Some(format!("stopped at daemon start after: {before}"));
                     self.store.update_sandbox(rec)?;
                     if rec.pending.is_some()
-                        && let Err(e) = self.finish_pending(rec)
+                        && let Err(e) = self.finish_pending(&Caller::system(RECONCILER), rec)
                     {
-                        return Err(EngineError::Internal(format!(
-                            "an interrupted operation could not be finished: {e}"
-                        )));
+                        return Err(EngineError::internal(
+                            "an interrupted operation could not be finished",
+                            Box::new(e),
+                        ));
                     }
                     self.check_files(rec)?;
                     tracing::info!(sandbox = %rec.name, "a broken sandbox is stopped now");
@@ -221,7 +226,7 @@ impl Engine {
     fn check_files(&self, rec: &mut SandboxRecord) -> Result<()> {
         let vol = self.sandbox_volume(&rec.id);
         if !vol.join("upper").is_dir() {
-            return Err(EngineError::Internal(format!(
+            return Err(EngineError::invariant(format!(
                 "its writable volume {} is missing: its files are gone (destroy it)",
                 vol.display()
             )));

@@ -9,7 +9,7 @@ use devbox_spec::{Name, SandboxManifest};
 use devbox_store::{ID_RANGE, SandboxRecord, SandboxState, StoreError, now_ms};
 
 use crate::model::{CreateSandboxRequest, ProcessInfo, SandboxInfo, rfc3339};
-use crate::{Engine, EngineError, Result};
+use crate::{Caller, Engine, EngineError, Result};
 
 /// A random id for a new sandbox.
 pub(crate) fn new_id() -> String {
@@ -29,24 +29,26 @@ impl Engine {
     }
 
     /// Runs `op` on the blocking pool with sandbox `name`'s lock held and its record, then
-    /// appends `action` with `detail` and the outcome to the audit log.
+    /// appends `action` with `detail` and the outcome to the audit log, as `caller`'s.
     pub(crate) async fn on_sandbox<T: Send + 'static>(
         self: &Arc<Self>,
+        caller: &Caller,
         name: &str,
         action: &str,
         detail: serde_json::Value,
-        op: impl FnOnce(&Arc<Engine>, &mut SandboxRecord) -> Result<T> + Send + 'static,
+        op: impl FnOnce(&Arc<Engine>, &Caller, &mut SandboxRecord) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let key = name.to_string();
+        let who = caller.clone();
         let r = self
             .blocking(move |e| {
                 let lock = e.locks.get(&key);
                 let _guard = lock.blocking_lock();
                 let mut rec = e.record(&key)?;
-                op(&e, &mut rec)
+                op(&e, &who, &mut rec)
             })
             .await;
-        self.audit_result(action, Some(name), detail, &r);
+        self.audit_result(caller, action, Some(name), detail, &r);
         r
     }
 
@@ -101,13 +103,18 @@ impl Engine {
     }
 
     /// Creates a sandbox (and starts it unless asked not to).
-    pub async fn create(self: &Arc<Self>, req: CreateSandboxRequest) -> Result<SandboxInfo> {
-        self.create_with(req, false).await
+    pub async fn create(
+        self: &Arc<Self>,
+        caller: &Caller,
+        req: CreateSandboxRequest,
+    ) -> Result<SandboxInfo> {
+        self.create_with(caller, req, false).await
     }
 
     /// Creates a sandbox; `ephemeral` ones are destroyed by their creator after one exec.
     pub async fn create_with(
         self: &Arc<Self>,
+        caller: &Caller,
         req: CreateSandboxRequest,
         ephemeral: bool,
     ) -> Result<SandboxInfo> {
@@ -116,15 +123,17 @@ impl Engine {
             .clone()
             .or_else(|| req.manifest.as_ref().and_then(|m| m.metadata.name.clone()));
         let detail = serde_json::json!({"manifest": req.manifest, "start": req.start, "ephemeral": ephemeral});
+        let who = caller.clone();
         let r = self
-            .blocking(move |e| e.create_blocking(req, ephemeral))
+            .blocking(move |e| e.create_blocking(&who, req, ephemeral))
             .await;
-        self.audit_result("sandbox.create", name.as_deref(), detail, &r);
+        self.audit_result(caller, "sandbox.create", name.as_deref(), detail, &r);
         r
     }
 
     fn create_blocking(
         self: &Arc<Self>,
+        caller: &Caller,
         req: CreateSandboxRequest,
         ephemeral: bool,
     ) -> Result<SandboxInfo> {
@@ -161,11 +170,11 @@ impl Engine {
         phases.mark("record");
         let made = (|| {
             // A main command the checks would not allow refuses the sandbox outright.
-            self.check_main(&rec, &manifest)?;
+            self.check_main(caller, &rec, &manifest)?;
             self.make_volume(&rec)?;
             phases.mark("volume");
             if req.start {
-                self.launch(&mut rec, &manifest)?;
+                self.launch(caller, &mut rec, &manifest)?;
             } else {
                 rec.state = SandboxState::Stopped;
                 self.store.update_sandbox(&rec)?;
@@ -225,19 +234,22 @@ impl Engine {
         }
     }
 
-    /// Starts the sandbox's init; on success the record says running.
+    /// Starts the sandbox's init; on success the record says running. Its main process
+    /// starts as `caller`'s.
     pub(crate) fn launch(
         self: &Arc<Self>,
+        caller: &Caller,
         rec: &mut SandboxRecord,
         manifest: &SandboxManifest,
     ) -> Result<()> {
-        self.launch_from(rec, manifest, None)
+        self.launch_from(caller, rec, manifest, None)
     }
 
     /// [`Self::launch`], or, with `checkpoint` (the directory of a checkpoint of this
     /// sandbox's processes), a restore of the processes it holds.
     pub(crate) fn launch_from(
         self: &Arc<Self>,
+        caller: &Caller,
         rec: &mut SandboxRecord,
         manifest: &SandboxManifest,
         checkpoint: Option<&std::path::Path>,
@@ -247,7 +259,7 @@ impl Engine {
         let backend = self.backends.of(rec)?.clone();
         let image = self.images.path(&rec.image_id);
         if !image.is_dir() {
-            return Err(EngineError::Internal(format!(
+            return Err(EngineError::invariant(format!(
                 "image {} of sandbox {} is missing from the pool",
                 rec.image_id, rec.name
             )));
@@ -301,9 +313,10 @@ impl Engine {
         let started = match started {
             Ok(s) => s,
             Err(BackendError::Interrupted) if unrecorded.is_some() => {
-                return Err(unrecorded.take().map(EngineError::from).unwrap_or_else(|| {
-                    EngineError::Internal("recording the sandbox's handle".into())
-                }));
+                return Err(unrecorded
+                    .take()
+                    .map(EngineError::from)
+                    .unwrap_or_else(|| EngineError::invariant("recording the sandbox's handle")));
             }
             Err(e) => return Err(e.into()),
         };
@@ -320,7 +333,7 @@ impl Engine {
         // A restore brought the main process back with the rest; otherwise it starts now.
         // Its failure is recorded, not fatal: the sandbox runs and can be fixed.
         if checkpoint.is_none()
-            && let Err(e) = self.start_main(rec, manifest)
+            && let Err(e) = self.start_main(caller, rec, manifest)
         {
             tracing::warn!(sandbox = %rec.name, "main process: {e}");
             rec.last_error = Some(format!("the main process did not start: {e}"));
@@ -377,8 +390,9 @@ impl Engine {
     }
 
     /// Starts a stopped sandbox.
-    pub async fn start(self: &Arc<Self>, name: &str) -> Result<SandboxInfo> {
-        self.on_sandbox(name, "sandbox.start", serde_json::json!({}), |e, rec| {
+    pub async fn start(self: &Arc<Self>, caller: &Caller, name: &str) -> Result<SandboxInfo> {
+        let detail = serde_json::json!({});
+        self.on_sandbox(caller, name, "sandbox.start", detail, |e, caller, rec| {
             match rec.state {
                 SandboxState::Running => return e.info(rec, false),
                 SandboxState::Broken => {
@@ -397,7 +411,7 @@ impl Engine {
                 _ => {}
             }
             let manifest = Self::manifest_of(rec)?;
-            e.launch(rec, &manifest)?;
+            e.launch(caller, rec, &manifest)?;
             e.info(rec, false)
         })
         .await
@@ -406,11 +420,12 @@ impl Engine {
     /// Stops a sandbox: SIGTERM to every process, SIGKILL after `grace` (default from config).
     pub async fn stop(
         self: &Arc<Self>,
+        caller: &Caller,
         name: &str,
         grace: Option<Duration>,
     ) -> Result<SandboxInfo> {
         let detail = serde_json::json!({"grace_ms": grace.map(|g| g.as_millis() as u64)});
-        self.on_sandbox(name, "sandbox.stop", detail, move |e, rec| {
+        self.on_sandbox(caller, name, "sandbox.stop", detail, move |e, _, rec| {
             if rec.state == SandboxState::Running {
                 e.halt(rec, grace.unwrap_or(e.cfg.stop_grace))?;
             }
@@ -449,9 +464,9 @@ impl Engine {
 
     /// Destroys a sandbox: stops it (without grace when `force`), then removes its processes,
     /// cgroups, runtime state, storage and record.
-    pub async fn destroy(self: &Arc<Self>, name: &str, force: bool) -> Result<()> {
+    pub async fn destroy(self: &Arc<Self>, caller: &Caller, name: &str, force: bool) -> Result<()> {
         let detail = serde_json::json!({"force": force});
-        self.on_sandbox(name, "sandbox.destroy", detail, move |e, rec| {
+        self.on_sandbox(caller, name, "sandbox.destroy", detail, move |e, _, rec| {
             let grace = if force {
                 Duration::ZERO
             } else {

@@ -27,7 +27,7 @@ use crate::model::{
     CloneRequest, DiffResult, RollbackRequest, SandboxInfo, SnapshotInfo, SnapshotRequest, rfc3339,
 };
 use crate::sandbox::new_id;
-use crate::{Engine, EngineError, Result};
+use crate::{Caller, Engine, EngineError, InternalSource, Result};
 
 /// An operation under way on a sandbox, recorded before it starts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,12 +106,13 @@ impl Engine {
     /// Takes a snapshot of a sandbox.
     pub async fn snapshot(
         self: &Arc<Self>,
+        caller: &Caller,
         name: &str,
         req: SnapshotRequest,
     ) -> Result<SnapshotInfo> {
         let detail =
             serde_json::json!({"snapshot": serde_json::to_value(&req).unwrap_or_default()});
-        self.on_sandbox(name, "snapshot.create", detail, |e, rec| {
+        self.on_sandbox(caller, name, "snapshot.create", detail, |e, _, rec| {
             let snap = e.snapshot_locked(rec, req, false)?;
             e.snapshot_info(rec, &snap, &e.store.snapshots_of(&rec.id)?)
         })
@@ -324,21 +325,29 @@ impl Engine {
     /// Rolls a sandbox back to a snapshot, in place (or only some of its paths).
     pub async fn rollback(
         self: &Arc<Self>,
+        caller: &Caller,
         name: &str,
         req: RollbackRequest,
     ) -> Result<SandboxInfo> {
         let detail =
             serde_json::json!({"rollback": serde_json::to_value(&req).unwrap_or_default()});
-        self.on_sandbox(name, "sandbox.rollback", detail, move |e, rec| {
-            let target = e.find_snapshot(rec, &req.to)?;
-            e.rollback_locked(rec, &target, &req.paths)?;
-            e.info(rec, false)
-        })
+        self.on_sandbox(
+            caller,
+            name,
+            "sandbox.rollback",
+            detail,
+            move |e, caller, rec| {
+                let target = e.find_snapshot(rec, &req.to)?;
+                e.rollback_locked(caller, rec, &target, &req.paths)?;
+                e.info(rec, false)
+            },
+        )
         .await
     }
 
     pub(crate) fn rollback_locked(
         self: &Arc<Self>,
+        caller: &Caller,
         rec: &mut SandboxRecord,
         target: &SnapshotRecord,
         paths: &[String],
@@ -405,15 +414,16 @@ impl Engine {
             None
         };
         let checkpoint = (target.processes && rels.is_empty()).then(|| self.checkpoint_dir(target));
-        self.finish_rollback(rec, &pending, held, checkpoint)
+        self.finish_rollback(caller, rec, &pending, held, checkpoint)
     }
 
     /// Swaps in the rollback's new volume and records the outcome; starts the sandbox again
-    /// if it ran. Safe to run again after a crash at any point.
+    /// if it ran (as `caller`). Safe to run again after a crash at any point.
     /// `held`: the old mount namespace (see [`Self::halt_holding_mounts`]), released before
     /// the old volume is deleted. `checkpoint`: the target's processes, restored running.
     fn finish_rollback(
         self: &Arc<Self>,
+        caller: &Caller,
         rec: &mut SandboxRecord,
         pending: &Pending,
         held: Option<HeldMounts>,
@@ -441,10 +451,13 @@ impl Engine {
             _ => {
                 rec.pending = None;
                 self.store.update_sandbox(rec)?;
-                return Err(EngineError::Internal(format!(
-                    "the rollback of {} did not complete; nothing changed",
-                    rec.name
-                )));
+                return Err(EngineError::internal(
+                    "",
+                    InternalSource::Incomplete(format!(
+                        "the rollback of {} did not complete; nothing changed",
+                        rec.name
+                    )),
+                ));
             }
         }
         if !selective && self.store.snapshot(to)?.is_some() {
@@ -483,10 +496,10 @@ impl Engine {
         }
         if let Some(images) = checkpoint {
             let manifest = Self::manifest_of(rec)?;
-            let restored = self.launch_from(rec, &manifest, Some(&images));
+            let restored = self.launch_from(caller, rec, &manifest, Some(&images));
             if let Err(e) = restored {
                 // The files are rolled back; a fresh start keeps the sandbox usable.
-                let fresh = match self.launch(rec, &manifest) {
+                let fresh = match self.launch(caller, rec, &manifest) {
                     Ok(()) => "it was started afresh".to_string(),
                     Err(e) => format!("starting it afresh failed too: {e}"),
                 };
@@ -497,13 +510,18 @@ impl Engine {
             }
         } else if *resume && rec.state != SandboxState::Running {
             let manifest = Self::manifest_of(rec)?;
-            self.launch(rec, &manifest)?;
+            self.launch(caller, rec, &manifest)?;
         }
         Ok(())
     }
 
-    /// Completes (or undoes) an operation a crash interrupted. Called at start-up.
-    pub(crate) fn finish_pending(self: &Arc<Self>, rec: &mut SandboxRecord) -> Result<()> {
+    /// Completes (or undoes) an operation a crash interrupted. Called at start-up, by
+    /// `caller`.
+    pub(crate) fn finish_pending(
+        self: &Arc<Self>,
+        caller: &Caller,
+        rec: &mut SandboxRecord,
+    ) -> Result<()> {
         let Some(text) = rec.pending.clone() else {
             return Ok(());
         };
@@ -515,9 +533,12 @@ impl Engine {
             }
         };
         tracing::info!(sandbox = %rec.name, "finishing an interrupted {text}");
-        match self.finish_rollback(rec, &pending, None, None) {
+        match self.finish_rollback(caller, rec, &pending, None, None) {
             Ok(()) => Ok(()),
-            Err(EngineError::Internal(msg)) if msg.contains("did not complete") => {
+            Err(EngineError::Internal {
+                source: InternalSource::Incomplete(_),
+                ..
+            }) => {
                 let _ = self.pool.delete_volume(&self.new_path(rec));
                 Ok(())
             }
@@ -528,12 +549,14 @@ impl Engine {
     /// Makes a new sandbox from a snapshot of another.
     pub async fn clone_sandbox(
         self: &Arc<Self>,
+        caller: &Caller,
         source: &str,
         req: CloneRequest,
     ) -> Result<SandboxInfo> {
         let source = source.to_string();
         let audit_name = source.to_string();
         let audit_req = serde_json::to_value(&req).unwrap_or_default();
+        let who = caller.clone();
         let r = self
             .blocking(move |e| {
                 let new_name = Name::new(&req.name)?;
@@ -559,7 +582,7 @@ impl Engine {
                     e.pool
                         .snapshot(&e.snapshot_path(&snap), &e.sandbox_volume(&rec.id), false)?;
                     if req.start {
-                        e.launch(&mut rec, &manifest)
+                        e.launch(&who, &mut rec, &manifest)
                     } else {
                         rec.state = SandboxState::Stopped;
                         Ok(e.store.update_sandbox(&rec)?)
@@ -573,6 +596,7 @@ impl Engine {
             })
             .await;
         self.audit_result(
+            caller,
             "sandbox.clone",
             Some(&audit_name),
             serde_json::json!({"clone": audit_req}),
@@ -584,13 +608,14 @@ impl Engine {
     /// Deletes a snapshot; refused while a sandbox cloned from it exists, unless `force`.
     pub async fn delete_snapshot(
         self: &Arc<Self>,
+        caller: &Caller,
         name: &str,
         snapshot: &str,
         force: bool,
     ) -> Result<()> {
         let snapshot = snapshot.to_string();
         let detail = serde_json::json!({"snapshot": snapshot, "force": force});
-        self.on_sandbox(name, "snapshot.delete", detail, move |e, rec| {
+        self.on_sandbox(caller, name, "snapshot.delete", detail, move |e, _, rec| {
             let snap = e.find_snapshot(rec, &snapshot)?;
             let clones = e.store.clones_of(&snap.id)?;
             if !clones.is_empty() && !force {
@@ -621,6 +646,7 @@ impl Engine {
     /// (default 20), or older than `rollback.maxAge`. The newest one always stays.
     pub(crate) fn prune_auto(
         &self,
+        caller: &Caller,
         rec: &SandboxRecord,
         keep: u32,
         max_age_seconds: Option<u64>,
@@ -644,6 +670,7 @@ impl Engine {
                 let name = snap.name.clone();
                 self.remove_snapshot(snap)?;
                 self.audit(
+                    caller,
                     "snapshot.delete",
                     Some(&rec.name),
                     serde_json::json!({"snapshot": name, "because": "retention of automatic snapshots"}),

@@ -13,7 +13,12 @@ use devbox_store::{SandboxState, SnapshotState};
 
 use crate::model::{CreateSandboxRequest, ExecRequest, RollbackRequest, SnapshotRequest};
 use crate::snapshots::Pending;
-use crate::{Engine, EngineConfig, EngineError};
+use crate::{Caller, Engine, EngineConfig, EngineError};
+
+/// Who the tests are to the engine.
+fn me() -> Caller {
+    Caller::new("tester")
+}
 
 struct Daemon {
     rt: tokio::runtime::Runtime,
@@ -93,11 +98,14 @@ impl Daemon {
         start: bool,
         manifest: Option<devbox_spec::SandboxManifest>,
     ) -> crate::model::SandboxInfo {
-        self.run(self.engine.create(CreateSandboxRequest {
-            name: Some(name.into()),
-            manifest,
-            start,
-        }))
+        self.run(self.engine.create(
+            &me(),
+            CreateSandboxRequest {
+                name: Some(name.into()),
+                manifest,
+                start,
+            },
+        ))
         .expect("create")
     }
 
@@ -114,7 +122,7 @@ impl Daemon {
 
     fn exec_req(&self, name: &str, req: ExecRequest) -> Result<(i32, String), EngineError> {
         self.run(async {
-            let mut s = self.engine.exec(name, &req, false).await?;
+            let mut s = self.engine.exec(&me(), name, &req, false).await?;
             let mut out = Vec::new();
             if let Some(o) = s.stdout.as_mut() {
                 while let Some(chunk) = o.recv().await {
@@ -129,6 +137,7 @@ impl Daemon {
 
     fn snapshot(&self, name: &str, snap: &str) -> crate::model::SnapshotInfo {
         self.run(self.engine.snapshot(
+            &me(),
             name,
             SnapshotRequest {
                 name: Some(snap.into()),
@@ -140,6 +149,7 @@ impl Daemon {
 
     fn rollback(&self, name: &str, to: &str) -> crate::model::SandboxInfo {
         self.run(self.engine.rollback(
+            &me(),
             name,
             RollbackRequest {
                 to: to.into(),
@@ -184,17 +194,17 @@ fn a_sandbox_lives_runs_commands_and_goes() {
     assert_eq!(inspected.processes.len(), 1);
     assert_eq!(inspected.usage.map(|u| u.pids), Some(1));
 
-    let stopped = d.run(d.engine.stop("a", None)).unwrap();
+    let stopped = d.run(d.engine.stop(&me(), "a", None)).unwrap();
     assert_eq!(stopped.state, SandboxState::Stopped);
     assert!(!host.fake.is_running(&info.id));
     let refused = d.exec("a", &["true"]).unwrap_err();
     assert_eq!(refused.code(), "wrong_state");
 
-    d.run(d.engine.start("a")).unwrap();
+    d.run(d.engine.start(&me(), "a")).unwrap();
     assert_eq!(d.state("a"), SandboxState::Running);
     let vol = host.volume(&d, "a");
     assert!(vol.is_dir());
-    d.run(d.engine.destroy("a", false)).unwrap();
+    d.run(d.engine.destroy(&me(), "a", false)).unwrap();
     assert!(d.engine.record("a").is_err());
     assert!(!host.fake.holds(&info.id));
     assert!(!vol.exists());
@@ -223,11 +233,14 @@ fn a_failed_start_leaves_nothing_behind() {
     let d = host.daemon();
     host.fake.fail_next("start", "no room at the inn");
     let e = d
-        .run(d.engine.create(CreateSandboxRequest {
-            name: Some("a".into()),
-            manifest: None,
-            start: true,
-        }))
+        .run(d.engine.create(
+            &me(),
+            CreateSandboxRequest {
+                name: Some("a".into()),
+                manifest: None,
+                start: true,
+            },
+        ))
         .unwrap_err();
     assert!(e.to_string().contains("no room at the inn"), "{e}");
     assert!(d.engine.record("a").is_err());
@@ -273,6 +286,7 @@ fn snapshots_form_a_tree_and_rollback_moves_the_head() {
 
     // Deleting a snapshot a clone came from is refused unless forced.
     d.run(d.engine.clone_sandbox(
+        &me(),
         "a",
         crate::model::CloneRequest {
             snapshot: "s2".into(),
@@ -283,10 +297,11 @@ fn snapshots_form_a_tree_and_rollback_moves_the_head() {
     .unwrap();
     assert_eq!(read(&host.volume(&d, "b"), "f").as_deref(), Some("two"));
     let refused = d
-        .run(d.engine.delete_snapshot("a", "s2", false))
+        .run(d.engine.delete_snapshot(&me(), "a", "s2", false))
         .unwrap_err();
     assert_eq!(refused.code(), "wrong_state");
-    d.run(d.engine.delete_snapshot("a", "s2", true)).unwrap();
+    d.run(d.engine.delete_snapshot(&me(), "a", "s2", true))
+        .unwrap();
     assert_eq!(d.run(d.engine.snapshots("a")).unwrap().len(), 2);
 }
 
@@ -298,6 +313,7 @@ fn a_snapshot_with_processes_is_restored_running() {
     d.exec("a", &["write", "/f", "one"]).unwrap();
     let snap = d
         .run(d.engine.snapshot(
+            &me(),
             "a",
             SnapshotRequest {
                 name: Some("p".into()),
@@ -320,6 +336,7 @@ fn a_snapshot_with_processes_is_restored_running() {
     std::fs::remove_dir_all(d.engine.state_dir_for_tests().join("checkpoints")).unwrap();
     let e = d
         .run(d.engine.rollback(
+            &me(),
             "a",
             RollbackRequest {
                 to: "p".into(),
@@ -354,14 +371,15 @@ fn what_a_backend_cannot_do_is_refused_before_anything_changes() {
     assert_eq!(tty.code(), "invalid_request");
     assert!(tty.to_string().contains("no terminals"), "{tty}");
     let live = d
-        .run(d.engine.snapshot("a", SnapshotRequest::default()))
+        .run(d.engine.snapshot(&me(), "a", SnapshotRequest::default()))
         .unwrap_err();
     assert_eq!(live.code(), "wrong_state");
-    d.run(d.engine.stop("a", None)).unwrap();
+    d.run(d.engine.stop(&me(), "a", None)).unwrap();
     d.snapshot("a", "cold");
-    d.run(d.engine.start("a")).unwrap();
+    d.run(d.engine.start(&me(), "a")).unwrap();
     let ck = d
         .run(d.engine.snapshot(
+            &me(),
             "a",
             SnapshotRequest {
                 with_processes: true,
@@ -422,6 +440,7 @@ fn approvals_gate_a_command_until_someone_decides() {
     d.create("a", true);
     d.run(
         d.engine.add_policy(
+            &me(),
             "gate".into(),
             None,
             r#"package devbox.gate
@@ -452,7 +471,8 @@ reasons contains "echo gated needs a human" if decision == "require_approval"
     let mut named = gated();
     named.approval = Some(approval.id.clone());
     assert!(d.exec_req("a", named.clone()).is_err());
-    d.run(d.engine.decide(&approval.id, true, None)).unwrap();
+    d.run(d.engine.decide(&me(), &approval.id, true, None))
+        .unwrap();
     assert_eq!(
         d.exec_req("a", named.clone()).unwrap(),
         (0, "gated\n".into())
@@ -465,13 +485,18 @@ reasons contains "echo gated needs a human" if decision == "require_approval"
         Err(EngineError::ApprovalRequired(a)) => a,
         other => panic!("expected an approval, got {other:?}"),
     };
-    d.run(d.engine.decide(&second.id, false, Some("no".into())))
+    d.run(d.engine.decide(&me(), &second.id, false, Some("no".into())))
         .unwrap();
     let mut named = gated();
     named.approval = Some(second.id.clone());
     assert!(d.exec_req("a", named).is_err());
     let log = d.run(d.engine.audit_log(None, None, 1000)).unwrap();
     assert!(log.iter().any(|r| r.action == "exec"));
+    // Each record names the caller the engine was given.
+    assert!(log.iter().all(|r| r.actor == "tester"), "{log:?}");
+    let decided = d.run(d.engine.approval(&approval.id)).unwrap();
+    assert_eq!(decided.requested_by, "tester");
+    assert_eq!(decided.decided_by.as_deref(), Some("tester"));
 }
 
 // --- reconcile: a daemon killed at each recorded step ---
@@ -624,4 +649,27 @@ impl Engine {
     fn state_dir_for_tests(&self) -> &Path {
         &self.cfg.state_dir
     }
+}
+
+// --- errors ---
+
+#[test]
+fn internal_errors_keep_their_typed_cause_and_their_message() {
+    let e = EngineError::internal("export", std::io::Error::from_raw_os_error(libc::ENOSPC));
+    assert_eq!(e.code(), "internal");
+    assert!(e.to_string().starts_with("export: No space left"), "{e}");
+    let cause = std::error::Error::source(&e).expect("a source");
+    match cause.downcast_ref::<crate::InternalSource>() {
+        Some(crate::InternalSource::Io(io)) => assert_eq!(io.raw_os_error(), Some(libc::ENOSPC)),
+        other => panic!("expected an io cause, got {other:?}"),
+    }
+    let e: EngineError = devbox_backend::BackendError::Other("the host said no".into()).into();
+    assert_eq!(e.to_string(), "the host said no");
+    assert!(matches!(
+        e,
+        EngineError::Internal {
+            source: crate::InternalSource::Backend(_),
+            ..
+        }
+    ));
 }

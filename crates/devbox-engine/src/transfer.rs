@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 
 use crate::model::{SandboxInfo, rfc3339};
 use crate::sandbox::new_id;
-use crate::{Engine, EngineError, Result};
+use crate::{Caller, Engine, EngineError, InternalSource, Result};
 
 /// The archive format's name.
 pub const SNAPSHOT_FORMAT: &str = "dev-box.snapshot/v1";
@@ -185,7 +185,12 @@ impl Engine {
 
     /// Writes a snapshot archive to a scratch file and returns its path; the caller streams
     /// and removes it.
-    pub async fn export_snapshot(self: &Arc<Self>, name: &str, snapshot: &str) -> Result<PathBuf> {
+    pub async fn export_snapshot(
+        self: &Arc<Self>,
+        caller: &Caller,
+        name: &str,
+        snapshot: &str,
+    ) -> Result<PathBuf> {
         let (name, snapshot) = (name.to_string(), snapshot.to_string());
         let audit_name = name.to_string();
         let audit_detail = serde_json::json!({"snapshot": snapshot});
@@ -274,16 +279,23 @@ impl Engine {
                 if let Err(err) = written {
                     let _ = std::fs::remove_file(&out_path);
                     return Err(match err {
-                        EngineError::Internal(m) if m.contains("No space left") => {
-                            e.pool.full().into()
-                        }
+                        EngineError::Internal {
+                            source: InternalSource::Io(io),
+                            ..
+                        } if devbox_storage::Pool::is_full_error(&io) => e.pool.full().into(),
                         other => other,
                     });
                 }
                 Ok(out_path)
             })
             .await;
-        self.audit_result("snapshot.export", Some(&audit_name), audit_detail, &r);
+        self.audit_result(
+            caller,
+            "snapshot.export",
+            Some(&audit_name),
+            audit_detail,
+            &r,
+        );
         r
     }
 
@@ -291,15 +303,18 @@ impl Engine {
     /// history). It is named `name`, or as in the archive.
     pub async fn import_snapshot(
         self: &Arc<Self>,
+        caller: &Caller,
         archive: PathBuf,
         name: Option<String>,
         start: bool,
     ) -> Result<SandboxInfo> {
         let detail = serde_json::json!({"name": name, "start": start});
+        let who = caller.clone();
         let r = self
-            .blocking(move |e| e.import_snapshot_blocking(&archive, name, start))
+            .blocking(move |e| e.import_snapshot_blocking(&who, &archive, name, start))
             .await;
         self.audit_result(
+            caller,
             "snapshot.import",
             r.as_ref().ok().map(|i| i.name.as_str()),
             detail,
@@ -310,6 +325,7 @@ impl Engine {
 
     fn import_snapshot_blocking(
         self: &Arc<Self>,
+        caller: &Caller,
         archive: &std::path::Path,
         name: Option<String>,
         start: bool,
@@ -427,7 +443,7 @@ impl Engine {
                 return Err(err);
             }
         };
-        let adopted = self.adopt_imported(&scratch, manifest, name, start);
+        let adopted = self.adopt_imported(caller, &scratch, manifest, name, start);
         if adopted.is_err() {
             let _ = self.pool.delete_volume(&scratch);
         }
@@ -455,6 +471,7 @@ impl Engine {
     /// Turns an extracted, verified layer into a sandbox with one snapshot.
     fn adopt_imported(
         self: &Arc<Self>,
+        caller: &Caller,
         volume: &std::path::Path,
         am: ArchiveManifest,
         name: Option<String>,
@@ -493,7 +510,7 @@ impl Engine {
             )?;
             debug_assert_eq!(snap.state, SnapshotState::Ready);
             if start {
-                self.launch(&mut rec, &manifest)?;
+                self.launch(caller, &mut rec, &manifest)?;
             }
             Ok(())
         })();
