@@ -143,6 +143,7 @@ impl Engine {
             }
         };
         manifest.validate()?;
+        self.check_disk_limit(&manifest)?;
         let image_ref = manifest.spec.image_ref().to_string();
         let image_id = if image_ref == HOST_IMAGE {
             self.images.ensure_host()?;
@@ -244,6 +245,7 @@ impl Engine {
     ) -> Result<()> {
         let phases = crate::Phases::start("launch");
         let limits = manifest.spec.resolved_limits()?;
+        self.apply_disk_limit(rec, &limits)?;
         let backend = self.backends.of(rec)?.clone();
         let image = self.images.path(&rec.image_id);
         if !image.is_dir() {
@@ -537,6 +539,8 @@ impl Engine {
                 memory_bytes: 0,
                 cpu_millis: 0,
                 pids: 0,
+                disk_bytes: None,
+                exec_timeout_ms: None,
             }
         });
         let running = rec.state == SandboxState::Running;
@@ -572,6 +576,7 @@ impl Engine {
             } else {
                 None
             },
+            disk: if detailed { self.disk_usage(rec) } else { None },
             created_at: rfc3339(rec.created_at),
             started_at: rec.started_at.map(rfc3339),
             stopped_at: rec.stopped_at.map(rfc3339),
