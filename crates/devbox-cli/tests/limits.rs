@@ -352,13 +352,13 @@ fn update_applies_live_and_bad_updates_change_nothing() {
     assert_eq!(pids_limit(&env, "dev"), "300");
 }
 
-/// Fills `path` in the sandbox with `mib` MiB; returns (exit code, stderr).
+/// Fills `path` in the sandbox with `mib` MiB; returns (exit code, dd's messages).
 fn fill(env: &TestEnv, name: &str, path: &str, mib: u32) -> (i32, String) {
-    let (code, _, err) = env.sh(
+    let (code, out, err) = env.sh(
         name,
-        &format!("dd if=/dev/urandom of={path} bs=1M count={mib} conv=fsync 2>&1 >/dev/null || {{ cat; exit 1; }}; sync"),
+        &format!("dd if=/dev/urandom of={path} bs=1M count={mib} conv=fsync 2>&1"),
     );
-    (code, err)
+    (code, out + &err)
 }
 
 fn disk(env: &TestEnv, name: &str) -> (u64, Option<u64>) {
@@ -423,7 +423,7 @@ fn disk_quota_holds_against_fillers_links_and_snapshots() {
     assert_ne!(code, 0, "wrote past the quota after a rollback");
     assert!(err.contains("Disk quota exceeded"), "{err}");
     // A clone gets the spec, and the quota with it.
-    env.ok(&["clone", "full", "--snapshot", "s1", "--name", "twin"]);
+    env.ok(&["clone", "full", "s1", "twin"]);
     assert_eq!(disk(&env, "twin").1, Some(64 << 20));
 
     // Live: more room at once; lowering below the current use is refused.
@@ -509,7 +509,10 @@ try:
             os._exit(0)
         n += 1
 except OSError as e:
-    print("fork failed after", n, os.strerror(e.errno))
+    print("fork failed after", n, os.strerror(e.errno), flush=True)
+while True:
+    try: os.wait()
+    except ChildProcessError: break
 '"#;
     let (_, out, err) = env.sh("bomb", forks);
     assert!(out.contains("fork failed after"), "{out} {err}");

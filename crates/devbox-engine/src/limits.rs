@@ -54,6 +54,34 @@ impl Engine {
             .map_err(|e| EngineError::internal("setting the disk quota", e))
     }
 
+    /// Room a start gives a volume beyond what it holds: the overlay recreates its work
+    /// directory at every mount, which fails (and the root turns read-only) on a volume at
+    /// its quota.
+    const START_ROOM: u64 = 8 << 20;
+
+    /// Before a start: the disk limit, or what the volume holds plus [`Self::START_ROOM`] if
+    /// that is more, so that the overlay mounts writable even on a full volume. The exact
+    /// limit follows once the sandbox runs ([`Self::apply_disk_limit`]); until then only
+    /// its init runs (or, for a restore, its restored processes: they may write up to
+    /// [`Self::START_ROOM`] past the quota in that instant).
+    pub(crate) fn prepare_disk_limit(&self, rec: &SandboxRecord, limits: &ResolvedLimits) -> Result<()> {
+        let Some(limit) = limits.disk_bytes else {
+            return self.apply_disk_limit(rec, limits);
+        };
+        if !self.pool.driver().capabilities().quotas {
+            return self.apply_disk_limit(rec, limits);
+        }
+        let used = self
+            .pool
+            .volume_quota(&self.sandbox_volume(&rec.id))
+            .map_or(0, |q| q.used_bytes);
+        let roomy = ResolvedLimits {
+            disk_bytes: Some(limit.max(used.saturating_add(Self::START_ROOM))),
+            ..*limits
+        };
+        self.apply_disk_limit(rec, &roomy)
+    }
+
     /// The writable layer as its quota counts it (none without a quota on a quota pool).
     pub(crate) fn disk_usage(&self, rec: &SandboxRecord) -> Option<DiskUsage> {
         let q = self.pool.volume_quota(&self.sandbox_volume(&rec.id))?;

@@ -245,7 +245,7 @@ impl Engine {
     ) -> Result<()> {
         let phases = crate::Phases::start("launch");
         let limits = manifest.spec.resolved_limits()?;
-        self.apply_disk_limit(rec, &limits)?;
+        self.prepare_disk_limit(rec, &limits)?;
         let backend = self.backends.of(rec)?.clone();
         let image = self.images.path(&rec.image_id);
         if !image.is_dir() {
@@ -309,6 +309,18 @@ impl Engine {
             }
             Err(e) => return Err(e.into()),
         };
+        if limits.disk_bytes.is_some()
+            && let Err(e) = self.apply_disk_limit(rec, &limits)
+        {
+            // Never running without its quota.
+            let inst = devbox_backend::Instance {
+                handle: Some(started.handle.clone()),
+                process: Some(started.process),
+                ..crate::backends::instance(rec)
+            };
+            let _ = backend.stop(&inst, Duration::ZERO, false);
+            return Err(e);
+        }
         phases.mark("started");
         rec.handle = Some(started.handle);
         rec.init_pid = Some(started.process.pid);
