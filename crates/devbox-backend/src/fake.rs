@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use crate::{
     Backend, BackendError, Capabilities, CheckpointSpec, ExecFailure, ExecSpec, HeldMounts,
-    HostProcess, Instance, Interrupted, Io, Limits, Process, ProcessControl, ProcessExit, Recorder, Result,
-    StartSpec, Started, Usage,
+    HostProcess, Instance, Interrupted, Io, Limits, Process, ProcessControl, ProcessExit, Recorder,
+    Result, StartSpec, Started, Usage,
 };
 
 /// The kind recorded for fake sandboxes.

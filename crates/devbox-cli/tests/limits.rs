@@ -115,7 +115,11 @@ fn pids_limit(env: &TestEnv, name: &str) -> String {
 
 fn cpu_limit(env: &TestEnv, name: &str) -> String {
     let quota = limit_file(env, name, ("cpu", "cpu.cfs_quota_us"), "cpu.max");
-    quota.split_whitespace().next().unwrap_or_default().to_string()
+    quota
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// The second sandbox and the host keep working: it runs a command and writes a file.
@@ -181,9 +185,17 @@ sleep 615
     // The sandbox itself runs on, and an exec without a timeout is untouched by all this.
     assert_eq!(env.sh("dev", "echo alive").1.trim(), "alive");
     // A process an exec without a timeout leaves in the background keeps running.
-    env.ok(&["exec", "dev", "setsid sleep 616 </dev/null >/dev/null 2>&1 &"]);
+    env.ok(&[
+        "exec",
+        "dev",
+        "setsid sleep 616 </dev/null >/dev/null 2>&1 &",
+    ]);
     std::thread::sleep(Duration::from_millis(300));
-    assert!(processes(&env, "dev").iter().any(|c| c.contains("sleep 616")));
+    assert!(
+        processes(&env, "dev")
+            .iter()
+            .any(|c| c.contains("sleep 616"))
+    );
 
     // REST: the result says timed_out, with exit code 124.
     let (status, v) = http(
@@ -204,7 +216,10 @@ sleep 615
         "/v1/sandboxes/dev/exec",
         r#"{"command":"exit 3","timeout":"30s"}"#,
     );
-    assert_eq!((v["exit_code"].clone(), v["timed_out"].clone()), (3.into(), false.into()));
+    assert_eq!(
+        (v["exit_code"].clone(), v["timed_out"].clone()),
+        (3.into(), false.into())
+    );
     // Bad timeouts are refused before anything runs.
     let err = env.fails(&["exec", "--timeout", "soon", "dev", "true"]);
     assert!(err.contains("invalid duration"), "{err}");
@@ -300,7 +315,10 @@ fn update_applies_live_and_bad_updates_change_nothing() {
     };
     let before = snapshot();
     let err = env.fails(&["update", "dev", "--memory", "lots", "--pids", "64"]);
-    assert!(err.contains("spec.limits.memory") && err.contains("invalid quantity"), "{err}");
+    assert!(
+        err.contains("spec.limits.memory") && err.contains("invalid quantity"),
+        "{err}"
+    );
     let err = env.fails(&["update", "dev", "--cpus", "0.001", "--memory", "300Mi"]);
     assert!(err.contains("spec.limits.cpu"), "{err}");
     let err = env.fails(&["update", "dev", "--pids", "1"]);
@@ -322,7 +340,11 @@ fn update_applies_live_and_bad_updates_change_nothing() {
         .spawn()
         .expect("spawn hog");
     let mut ready = [0u8; 5];
-    hog.stdout.as_mut().expect("stdout").read_exact(&mut ready).expect("hog ready");
+    hog.stdout
+        .as_mut()
+        .expect("stdout")
+        .read_exact(&mut ready)
+        .expect("hog ready");
     let err = env.fails(&["update", "dev", "--memory", "32Mi", "--cpus", "3"]);
     assert!(err.contains("below what sandbox dev uses now"), "{err}");
     // Pids below the processes it runs now.
@@ -336,12 +358,27 @@ fn update_applies_live_and_bad_updates_change_nothing() {
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["limits"]["pids"], 300);
     assert_eq!(pids_limit(&env, "dev"), "300");
-    let (status, v) = http(&env, "POST", "/v1/sandboxes/dev/limits", r#"{"cpu":"500m"}"#);
+    let (status, v) = http(
+        &env,
+        "POST",
+        "/v1/sandboxes/dev/limits",
+        r#"{"cpu":"500m"}"#,
+    );
     assert_eq!(status, 200, "{v}");
     assert_eq!(cpu_limit(&env, "dev"), "50000");
-    let (status, v) = http(&env, "PATCH", "/v1/sandboxes/dev/limits", r#"{"memroy":"1Gi"}"#);
+    let (status, v) = http(
+        &env,
+        "PATCH",
+        "/v1/sandboxes/dev/limits",
+        r#"{"memroy":"1Gi"}"#,
+    );
     assert_eq!(status, 400, "{v}");
-    let (status, _) = http(&env, "PATCH", "/v1/sandboxes/nope/limits", r#"{"pids":300}"#);
+    let (status, _) = http(
+        &env,
+        "PATCH",
+        "/v1/sandboxes/nope/limits",
+        r#"{"pids":300}"#,
+    );
     assert_eq!(status, 404);
 
     // A stopped sandbox: the spec changes; the next start applies it.
@@ -388,7 +425,11 @@ fn disk_quota_holds_against_fillers_links_and_snapshots() {
     assert!(err.contains("Disk quota exceeded"), "{err}");
     // The neighbour and the host are not affected.
     neighbour_works(&env, "free");
-    assert_eq!(fill(&env, "free", "/big", 100).0, 0, "the neighbour fills past 64Mi");
+    assert_eq!(
+        fill(&env, "free", "/big", 100).0,
+        0,
+        "the neighbour fills past 64Mi"
+    );
     let (used, limit) = disk(&env, "full");
     assert_eq!(limit, Some(64 << 20));
     assert!(used > 32 << 20 && used <= 70 << 20, "{used}");
@@ -432,7 +473,10 @@ fn disk_quota_holds_against_fillers_links_and_snapshots() {
     assert_eq!(disk(&env, "full").1, Some(256 << 20));
     assert_eq!(fill(&env, "full", "/grown", 100).0, 0);
     let err = env.fails(&["update", "full", "--disk", "16Mi"]);
-    assert!(err.contains("below what sandbox full's writable layer holds"), "{err}");
+    assert!(
+        err.contains("below what sandbox full's writable layer holds"),
+        "{err}"
+    );
     assert_eq!(disk(&env, "full").1, Some(256 << 20));
     env.ok(&["update", "full", "--disk", "none"]);
     assert_eq!(inspect(&env, "full")["disk"], serde_json::Value::Null);
@@ -486,7 +530,9 @@ fn bombs_and_spinners_stay_inside_their_limits() {
     assert_eq!(status, 200);
     assert_eq!(v["oom_killed"], true, "{v}");
     assert_eq!(v["timed_out"], false, "{v}");
-    let kills = inspect(&env, "bomb")["usage"]["oom_kills"].as_u64().unwrap_or(0);
+    let kills = inspect(&env, "bomb")["usage"]["oom_kills"]
+        .as_u64()
+        .unwrap_or(0);
     assert!(kills >= 2, "inspect shows {kills} OOM kills");
     // A plain SIGKILL is not an OOM kill.
     let (_, v) = http(
@@ -495,7 +541,10 @@ fn bombs_and_spinners_stay_inside_their_limits() {
         "/v1/sandboxes/bomb/exec",
         r#"{"command":"kill -9 $$"}"#,
     );
-    assert_eq!((v["exit_code"].clone(), v["oom_killed"].clone()), (137.into(), false.into()));
+    assert_eq!(
+        (v["exit_code"].clone(), v["oom_killed"].clone()),
+        (137.into(), false.into())
+    );
     neighbour_works(&env, "neighbour");
 
     // A fork bomb: forks fail inside (EAGAIN) at the pids limit.

@@ -40,12 +40,19 @@ impl Engine {
     /// Sets the sandbox's disk quota (or lifts a stale one) on its volume: before every
     /// start, because a rollback or a clone gives it a new volume, which carries the limit
     /// of the snapshot it came from.
-    pub(crate) fn apply_disk_limit(&self, rec: &SandboxRecord, limits: &ResolvedLimits) -> Result<()> {
+    pub(crate) fn apply_disk_limit(
+        &self,
+        rec: &SandboxRecord,
+        limits: &ResolvedLimits,
+    ) -> Result<()> {
         if !self.pool.driver().capabilities().quotas {
             return match limits.disk_bytes {
-                Some(_) => Err(self.check_disk_limit(&Self::manifest_of(rec)?).err().unwrap_or_else(
-                    || EngineError::InvalidRequest("this pool cannot limit disk use".into()),
-                )),
+                Some(_) => Err(self
+                    .check_disk_limit(&Self::manifest_of(rec)?)
+                    .err()
+                    .unwrap_or_else(|| {
+                        EngineError::InvalidRequest("this pool cannot limit disk use".into())
+                    })),
                 None => Ok(()),
             };
         }
@@ -64,7 +71,11 @@ impl Engine {
     /// limit follows once the sandbox runs ([`Self::apply_disk_limit`]); until then only
     /// its init runs (or, for a restore, its restored processes: they may write up to
     /// [`Self::START_ROOM`] past the quota in that instant).
-    pub(crate) fn prepare_disk_limit(&self, rec: &SandboxRecord, limits: &ResolvedLimits) -> Result<()> {
+    pub(crate) fn prepare_disk_limit(
+        &self,
+        rec: &SandboxRecord,
+        limits: &ResolvedLimits,
+    ) -> Result<()> {
         let Some(limit) = limits.disk_bytes else {
             return self.apply_disk_limit(rec, limits);
         };
@@ -129,8 +140,7 @@ impl Engine {
     ) -> Result<(SandboxInfo, ResolvedLimits, ResolvedLimits)> {
         if req.is_empty() {
             return Err(EngineError::InvalidRequest(
-                "nothing to change: give --memory, --cpus, --pids, --disk or --exec-timeout"
-                    .into(),
+                "nothing to change: give --memory, --cpus, --pids, --disk or --exec-timeout".into(),
             ));
         }
         let mut rec = self.record(name)?;

@@ -709,7 +709,9 @@ impl SandboxCgroup {
     pub fn remove(&self, timeout: Duration) -> Result<(), CgroupError> {
         let deadline = Instant::now() + timeout;
         let nested = self.dirs.iter().flat_map(|(_, d)| child_dirs(d));
-        let all: Vec<PathBuf> = nested.chain(self.dirs.iter().map(|(_, d)| d.clone())).collect();
+        let all: Vec<PathBuf> = nested
+            .chain(self.dirs.iter().map(|(_, d)| d.clone()))
+            .collect();
         for dir in &all {
             loop {
                 match fs::remove_dir(dir) {
@@ -830,5 +832,82 @@ mod tests {
         fs::write(v2.join("cgroup.freeze"), "1\n").unwrap();
         fs::write(v2.join("cgroup.events"), "populated 1\nfrozen 1\n").unwrap();
         assert!(cg.thaw_all(Duration::from_millis(10)).is_err());
+    }
+
+    #[test]
+    fn live_updates_oom_counts_and_exec_cgroups_on_a_v1_layout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mk = |name: &str, c: &[&str]| {
+            let mount = tmp.path().join(name);
+            fs::create_dir_all(&mount).unwrap();
+            Hierarchy {
+                mount,
+                v2: false,
+                controllers: c.iter().map(|s| s.to_string()).collect(),
+            }
+        };
+        let driver = CgroupDriver::from_hierarchies(
+            vec![
+                mk("memory", &["memory"]),
+                mk("pids", &["pids"]),
+                mk("cpu", &["cpu"]),
+                mk("freezer", &["freezer"]),
+            ],
+            "dev-box",
+        )
+        .unwrap();
+        let old = Limits {
+            memory_bytes: Some(256 << 20),
+            pids: Some(64),
+            cpu_millis: Some(1000),
+        };
+        let cg = driver.create("sb1", &old).unwrap();
+        let read = |p: &str| fs::read_to_string(tmp.path().join(p)).unwrap();
+        let new = Limits {
+            memory_bytes: Some(1 << 30),
+            pids: Some(2048),
+            cpu_millis: Some(2000),
+        };
+        cg.update(&old, &new).unwrap();
+        assert_eq!(
+            read("memory/dev-box/sb1/memory.limit_in_bytes"),
+            "1073741824"
+        );
+        assert_eq!(read("pids/dev-box/sb1/pids.max"), "2048");
+        assert_eq!(read("cpu/dev-box/sb1/cpu.cfs_quota_us"), "200000");
+        // A write that fails puts back what was written before it.
+        let pids = tmp.path().join("pids/dev-box/sb1/pids.max");
+        fs::remove_file(&pids).unwrap();
+        fs::create_dir(&pids).unwrap();
+        let newer = Limits {
+            memory_bytes: Some(512 << 20),
+            ..new
+        };
+        assert!(cg.update(&new, &newer).is_err());
+        assert_eq!(
+            read("memory/dev-box/sb1/memory.limit_in_bytes"),
+            "1073741824"
+        );
+        // OOM kills from v1's memory.oom_control.
+        fs::write(
+            tmp.path().join("memory/dev-box/sb1/memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
+        )
+        .unwrap();
+        assert_eq!(cg.oom_kills(), Some(3));
+        assert_eq!(cg.usage().oom_kills, 3);
+        // An exec's cgroup: in the freezer hierarchy only (the tracking one on v1).
+        let exec = cg.create_exec("exec-1").unwrap();
+        assert_eq!(
+            exec.paths(),
+            vec![tmp.path().join("freezer/dev-box/sb1/exec-1")]
+        );
+        fs::write(tmp.path().join("freezer/dev-box/sb1/cgroup.procs"), "10\n").unwrap();
+        fs::write(
+            tmp.path().join("freezer/dev-box/sb1/exec-1/cgroup.procs"),
+            "11\n12\n",
+        )
+        .unwrap();
+        assert_eq!(exec.pids(), vec![11, 12]);
     }
 }

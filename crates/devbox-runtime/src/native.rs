@@ -555,8 +555,7 @@ impl Drop for AgentProcess {
 /// The host pid of the sandbox's process `inner` (its pid in the sandbox), a child of its
 /// init `init` (host pid): found among init's children by the last entry of their `NSpid`.
 fn host_pid_of_child(init: i32, inner: i32) -> Option<i32> {
-    let children =
-        std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).ok()?;
+    let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).ok()?;
     children
         .split_whitespace()
         .filter_map(|c| c.parse::<i32>().ok())

@@ -511,7 +511,8 @@ impl SandboxSpec {
         };
         let exec_timeout_ms = match &self.limits.exec_timeout {
             Some(t) => Some(
-                parse_exec_timeout(t).map_err(|e| SpecError::field("spec.limits.execTimeout", e))?,
+                parse_exec_timeout(t)
+                    .map_err(|e| SpecError::field("spec.limits.execTimeout", e))?,
             ),
             None => None,
         };

@@ -59,9 +59,8 @@ pub fn parse_cpu_millis(s: &str) -> Result<u64, String> {
 /// `m`, `h` or `d`: `500ms`, `30s`, `1.5m`, `2h`. A bare number is seconds.
 pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let bad = || {
-        format!("invalid duration {s:?}: use a number with ms, s, m, h or d, such as 30s or 5m")
-    };
+    let bad =
+        || format!("invalid duration {s:?}: use a number with ms, s, m, h or d, such as 30s or 5m");
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
@@ -84,7 +83,7 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
 
 /// Formats milliseconds for people: `500ms`, `30s`, `5m`, `1h30m`.
 pub fn format_duration_ms(ms: u64) -> String {
-    if ms < 1000 || ms % 1000 != 0 {
+    if ms < 1000 || !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let s = ms / 1000;

@@ -44,7 +44,11 @@ pub struct LimitsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<String>,
     /// Default timeout of every exec: `"30s"`, `"5m"`.
-    #[serde(default, rename = "execTimeout", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "execTimeout",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub exec_timeout: Option<String>,
 }
 

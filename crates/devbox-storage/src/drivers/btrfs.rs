@@ -78,7 +78,10 @@ impl VolumeDriver for BtrfsDriver {
     /// without limits, so they do not count against the volume's.
     fn set_volume_limit(&self, path: &Path, bytes: Option<u64>) -> io::Result<()> {
         match ioctl::set_qgroup_limit(path, bytes) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) || e.raw_os_error() == Some(libc::ENOENT) => {
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENOTCONN)
+                    || e.raw_os_error() == Some(libc::ENOENT) =>
+            {
                 if bytes.is_none() {
                     // Qgroups off: there is no limit to clear.
                     return Ok(());
@@ -352,7 +355,9 @@ pub(crate) mod tests {
         let s = lb.mnt.join("s");
         d.snapshot_volume(&v, &s, true).unwrap();
         assert_eq!(d.volume_quota(&s).unwrap().limit_bytes, Some(32 << 20));
-        for f in ["a", "a-link", "a-clone0", "a-clone1", "a-clone2", "a-clone3"] {
+        for f in [
+            "a", "a-link", "a-clone0", "a-clone1", "a-clone2", "a-clone3",
+        ] {
             fs::remove_file(v.join(f)).unwrap();
         }
         rustix::fs::syncfs(fs::File::open(&v).unwrap()).unwrap();
