@@ -198,16 +198,24 @@ impl Engine {
                 )));
             }
         }
+        // What the layer holds: as its qgroup counts it, or (qgroups not on yet) the
+        // apparent sizes of its files.
+        let held = || {
+            let vol = self.sandbox_volume(&rec.id);
+            self.pool
+                .volume_quota(&vol)
+                .map_or_else(|| self.pool.volume_usage(&vol), |q| q.used_bytes)
+        };
         if let Some(disk) = new.disk_bytes
-            && let Some(q) = self.pool.volume_quota(&self.sandbox_volume(&rec.id))
-            && disk < q.used_bytes
+            && new.disk_bytes != old.disk_bytes
+            && disk < held()
         {
             return Err(EngineError::InvalidRequest(format!(
                 "disk {} is below what sandbox {}'s writable layer holds now ({}): every \
                  write would fail; delete files first, or give at least that",
                 format_bytes(disk),
                 rec.name,
-                format_bytes(q.used_bytes)
+                format_bytes(held())
             )));
         }
         let as_backend = |l: &ResolvedLimits| devbox_backend::Limits {
