@@ -423,6 +423,18 @@ fn disk_quota_holds_against_fillers_links_and_snapshots() {
     );
     assert_eq!(code, 0);
     assert!(err.contains("Disk quota exceeded"), "{err}");
+    let (used, limit) = disk(&env, "full");
+    assert_eq!(limit, Some(64 << 20));
+    assert!(used > 32 << 20 && used <= 70 << 20, "{used}");
+    // Deleting frees room at once; preallocating past the quota fails too; a sparse file
+    // takes no room.
+    let (_, out, err) = env.sh(
+        "full",
+        "rm /big && sync && fallocate -l 200M /prealloc; echo rc=$?; truncate -s 100G /sparse && echo sparse-ok",
+    );
+    assert!(err.contains("Disk quota exceeded"), "{out} {err}");
+    assert!(out.contains("sparse-ok"), "{out} {err}");
+    env.sh("full", "rm -f /prealloc /sparse");
     // The neighbour and the host are not affected.
     neighbour_works(&env, "free");
     assert_eq!(
@@ -430,9 +442,6 @@ fn disk_quota_holds_against_fillers_links_and_snapshots() {
         0,
         "the neighbour fills past 64Mi"
     );
-    let (used, limit) = disk(&env, "full");
-    assert_eq!(limit, Some(64 << 20));
-    assert!(used > 32 << 20 && used <= 70 << 20, "{used}");
 
     // Hard links and reflinks reference the same extents: no way past the quota.
     env.sh("full", "rm -f /big; sync");
