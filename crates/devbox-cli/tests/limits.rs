@@ -460,6 +460,14 @@ fn disk_quota_holds_against_fillers_links_and_snapshots() {
     assert_ne!(code, 0, "wrote past the quota");
     assert!(err.contains("Disk quota exceeded"), "{err}");
 
+    // A subvolume or snapshot made from inside would have a qgroup of its own, without a
+    // limit: the btrfs ioctls do not reach through the overlay.
+    let (_, out, err) = env.sh(
+        "full",
+        "btrfs subvolume create /work/sub; echo rc=$?; btrfs subvolume snapshot /work /work/snap; echo rc=$?",
+    );
+    assert_eq!(out.matches("rc=1").count(), 2, "{out} {err}");
+    assert!(err.contains("ERROR: not a btrfs filesystem"), "{err}");
     // Snapshots do not count against the quota: with the files deleted (they live on in
     // the snapshot), the sandbox has its room again.
     env.ok(&["snapshot", "full", "s1"]);
