@@ -910,4 +910,47 @@ mod tests {
         .unwrap();
         assert_eq!(exec.pids(), vec![11, 12]);
     }
+
+    #[test]
+    fn live_updates_and_exec_cgroups_on_a_v2_layout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mount = tmp.path().join("unified");
+        fs::create_dir_all(&mount).unwrap();
+        fs::write(mount.join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        let driver = CgroupDriver::from_hierarchies(
+            vec![Hierarchy {
+                mount: mount.clone(),
+                v2: true,
+                controllers: Vec::new(),
+            }],
+            "dev-box",
+        )
+        .unwrap();
+        let old = Limits {
+            memory_bytes: Some(256 << 20),
+            pids: Some(64),
+            cpu_millis: Some(1000),
+        };
+        let cg = driver.create("sb1", &old).unwrap();
+        let dir = mount.join("dev-box/sb1");
+        let new = Limits {
+            memory_bytes: Some(2 << 30),
+            pids: Some(2048),
+            cpu_millis: Some(500),
+        };
+        cg.update(&old, &new).unwrap();
+        let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap();
+        assert_eq!(read("memory.max"), "2147483648");
+        assert_eq!(read("pids.max"), "2048");
+        assert_eq!(read("cpu.max"), "50000 100000");
+        fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 9\noom 2\noom_kill 2\noom_group_kill 0\n",
+        )
+        .unwrap();
+        assert_eq!(cg.oom_kills(), Some(2));
+        // An exec's cgroup sits below the sandbox's in the unified tree.
+        let exec = cg.create_exec("exec-1").unwrap();
+        assert_eq!(exec.paths(), vec![dir.join("exec-1")]);
+    }
 }
