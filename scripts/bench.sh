@@ -97,6 +97,7 @@ hyperfine -N --warmup 5 --runs "$runs" --export-json "$work/start.json" \
 echo "== exec into a running sandbox ($runs runs each)"
 hyperfine -N --warmup 5 --runs "$runs" --export-json "$work/exec.json" \
   -n "dev-box (sandbox exec)" "$bin/sandbox exec bench-exec -- true" \
+  -n "dev-box (sandbox exec --timeout, own cgroup)" "$bin/sandbox exec --timeout 1h bench-exec -- true" \
   -n "podman exec" "${podman[*]} exec bench-exec true" \
   >/dev/null
 

@@ -16,7 +16,7 @@ use devbox_wire::query::{DeleteSnapshotQuery, DestroyQuery, DiffQuery, ImportSna
 use devbox_wire::{
     CloneRequest, CreateSandboxRequest, DiffResult, ErrorBody, ErrorDetail, ExecRequest,
     ExecResult, ImageInfo, ImportImageRequest, PoolInfo, RollbackRequest, SandboxInfo,
-    SnapshotInfo, SnapshotRequest, StopRequest, VersionInfo,
+    SnapshotInfo, SnapshotRequest, StopRequest, UpdateLimitsRequest, VersionInfo,
 };
 
 use crate::ws;
@@ -104,6 +104,10 @@ pub fn router(engine: Arc<Engine>) -> Router {
         )
         .route("/v1/sandboxes/{name}/start", post(start_sandbox))
         .route("/v1/sandboxes/{name}/stop", post(stop_sandbox))
+        .route(
+            "/v1/sandboxes/{name}/limits",
+            axum::routing::patch(update_limits).post(update_limits),
+        )
         .route("/v1/sandboxes/{name}/exec", post(exec))
         .route("/v1/sandboxes/{name}/exec/stream", get(ws::exec_stream))
         .route("/v1/run/stream", get(ws::run_stream))
@@ -238,6 +242,15 @@ async fn stop_sandbox(
     Ok(Json(e.stop(&caller, &name, grace).await?.into()))
 }
 
+async fn update_limits(
+    State(e): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(name): UrlPath<String>,
+    Body(req): Body<UpdateLimitsRequest>,
+) -> ApiResult<Json<SandboxInfo>> {
+    Ok(Json(e.update_limits(&caller, &name, req).await?.into()))
+}
+
 /// Most output a non-streaming exec keeps per stream.
 pub const MAX_CAPTURE: usize = 16 << 20;
 
@@ -276,6 +289,8 @@ async fn exec(
         truncated: out.1 || err.1,
         duration_ms: begun.elapsed().as_millis() as u64,
         rolled_back_to,
+        timed_out: exit.timed_out,
+        oom_killed: exit.oom_killed,
     }))
 }
 

@@ -278,6 +278,8 @@ async fn pump_until_exit(
                 code: x.code,
                 signal: x.signal,
                 rolled_back_to,
+                timed_out: x.timed_out,
+                oom_killed: x.oom_killed,
             }),
             Err(e) => error_msg(&e),
         },

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use crate::{
     Backend, BackendError, Capabilities, CheckpointSpec, ExecFailure, ExecSpec, HeldMounts,
-    HostProcess, Instance, Interrupted, Io, Process, ProcessControl, ProcessExit, Recorder, Result,
-    StartSpec, Started, Usage,
+    HostProcess, Instance, Interrupted, Io, Limits, Process, ProcessControl, ProcessExit, Recorder,
+    Result, StartSpec, Started, Usage,
 };
 
 /// The kind recorded for fake sandboxes.
@@ -88,7 +88,7 @@ impl FakeBackend {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Makes the next `op` (`start`, `restore`, `stop`, `exec`, `freeze`, `checkpoint`)
+    /// Makes the next `op` (`start`, `restore`, `stop`, `exec`, `freeze`, `checkpoint`, `update`)
     /// fail with `message`.
     pub fn fail_next(&self, op: &str, message: &str) {
         self.lock()
@@ -556,6 +556,22 @@ impl Backend for FakeBackend {
             pids: u64::from(self.alive(inst)),
             ..Usage::default()
         }
+    }
+
+    fn oom_kills(&self, inst: &Instance) -> Option<u64> {
+        self.alive(inst).then_some(0)
+    }
+
+    fn update_limits(&self, inst: &Instance, _old: &Limits, new: &Limits) -> Result<()> {
+        self.failure("update")?;
+        if !self.alive(inst) {
+            return Err(BackendError::Other(format!("{} does not run", inst.name)));
+        }
+        self.lock().calls.push(format!(
+            "update {} memory={} pids={} cpu={}",
+            inst.id, new.memory_bytes, new.pids, new.cpu_millis
+        ));
+        Ok(())
     }
 
     fn processes(&self, inst: &Instance) -> Vec<(i32, String)> {

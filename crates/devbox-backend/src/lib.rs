@@ -52,6 +52,9 @@ pub struct Usage {
     pub pids: u64,
     /// CPU time consumed, in microseconds.
     pub cpu_usec: u64,
+    /// Processes the kernel's OOM killer killed in it since it started.
+    #[serde(default)]
+    pub oom_kills: u64,
 }
 
 /// Resource limits of one sandbox.
@@ -242,6 +245,10 @@ pub struct ExecSpec {
     pub stderr: Io,
     /// How long to wait for the command to start (none: as long as it takes).
     pub start_timeout: Option<Duration>,
+    /// Track every process the command starts, also those that leave its process group or
+    /// session, so that [`ProcessControl::kill_tree`] reaches them all (the native backend:
+    /// a cgroup of the exec's own, which costs a cgroup move per exec).
+    pub track_tree: bool,
 }
 
 /// How a command ended.
@@ -270,6 +277,11 @@ pub trait ProcessControl: Send + Sync + std::fmt::Debug {
     fn signal(&self, signal: i32) -> io::Result<()>;
     /// Resizes its terminal.
     fn resize(&self, rows: u16, cols: u16) -> io::Result<()>;
+    /// Kills the command and every process it started (with [`ExecSpec::track_tree`]: also
+    /// those that left its process group or session). The default signals the command only.
+    fn kill_tree(&self) -> io::Result<()> {
+        self.signal(9)
+    }
 }
 
 /// A started command: its pid inside the sandbox, the caller's ends of its streams, and its
@@ -385,6 +397,21 @@ pub trait Backend: Send + Sync {
 
     /// Resource use of a running sandbox.
     fn usage(&self, inst: &Instance) -> Usage;
+
+    /// Processes the OOM killer killed in a running sandbox so far (none if the backend
+    /// cannot tell). Cheaper than [`Backend::usage`]: read around every exec.
+    fn oom_kills(&self, _inst: &Instance) -> Option<u64> {
+        None
+    }
+
+    /// Changes a running sandbox's limits in place, without a restart: all of them, or none
+    /// (a failure puts back what it changed). The default refuses.
+    fn update_limits(&self, _inst: &Instance, _old: &Limits, _new: &Limits) -> Result<()> {
+        Err(BackendError::Unsupported(format!(
+            "the {} backend cannot change a running sandbox's limits: stop it, update, start it",
+            self.kind()
+        )))
+    }
 
     /// Its processes: host pid and command line.
     fn processes(&self, inst: &Instance) -> Vec<(i32, String)>;

@@ -80,6 +80,13 @@ pub struct SandboxOpts {
     /// Most processes and threads. Default 1024.
     #[arg(long, value_name = "N")]
     pub pids: Option<u64>,
+    /// Disk quota of the writable layer (e.g. 10Gi; btrfs pools only). Default: none.
+    #[arg(long, value_name = "SIZE")]
+    pub disk: Option<String>,
+    /// Default timeout of every exec (e.g. 30s, 5m): the command and everything it started
+    /// are killed then, exit code 124. Default: none.
+    #[arg(long, value_name = "DURATION")]
+    pub exec_timeout: Option<String>,
     /// Environment for every command (repeatable).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
@@ -125,6 +132,10 @@ pub struct ExecOpts {
     /// Take a snapshot first; roll back to it if the command exits non-zero.
     #[arg(long)]
     pub rollback_on_failure: bool,
+    /// Kill the command and everything it started (also daemonized children) after this
+    /// long (e.g. 30s, 5m, 500ms); exits 124 then. Default: the sandbox's execTimeout.
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
 }
 
 /// Commands.
@@ -189,6 +200,29 @@ pub enum Command {
     Inspect {
         /// The sandbox.
         name: String,
+    },
+    /// Change a sandbox's limits; a running sandbox gets them at once, without a restart.
+    ///
+    /// Nothing changes unless every value can be applied: memory, pids and disk are not
+    /// lowered below what the sandbox uses now. `none` lifts the disk quota or exec timeout.
+    Update {
+        /// The sandbox.
+        name: String,
+        /// Memory limit (e.g. 2Gi).
+        #[arg(long, value_name = "SIZE")]
+        memory: Option<String>,
+        /// CPU limit in CPUs (e.g. 2, 0.5, 500m).
+        #[arg(long, value_name = "CPUS")]
+        cpus: Option<String>,
+        /// Most processes and threads.
+        #[arg(long, value_name = "N")]
+        pids: Option<u64>,
+        /// Disk quota of the writable layer (e.g. 20Gi, or none; btrfs pools only).
+        #[arg(long, value_name = "SIZE")]
+        disk: Option<String>,
+        /// Default exec timeout (e.g. 5m, or none).
+        #[arg(long, value_name = "DURATION")]
+        exec_timeout: Option<String>,
     },
     /// Start a stopped sandbox.
     Start {

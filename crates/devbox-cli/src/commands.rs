@@ -100,6 +100,12 @@ pub fn create_request(
     if let Some(v) = opts.pids {
         s.limits.pids = Some(v);
     }
+    if let Some(v) = &opts.disk {
+        s.limits.disk = Some(v.clone());
+    }
+    if let Some(v) = &opts.exec_timeout {
+        s.limits.exec_timeout = Some(v.clone());
+    }
     for (k, v) in key_values(&opts.env, "environment variable")? {
         s.env.insert(k, v);
     }
@@ -165,6 +171,10 @@ fn exec_request(
 fn exec_opts_request(command: &[String], o: &ExecOpts) -> anyhow::Result<ExecRequest> {
     let mut req = exec_request(command, &o.env, o.workdir.clone(), o.user.clone(), o.tty)?;
     req.rollback_on_failure = o.rollback_on_failure;
+    if let Some(t) = &o.timeout {
+        devbox_spec::parse_exec_timeout(t).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
+        req.timeout = Some(t.clone());
+    }
     Ok(req)
 }
 
@@ -183,6 +193,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
         | Command::Run { .. }
         | Command::Ls { .. }
         | Command::Inspect { .. }
+        | Command::Update { .. }
         | Command::Start { .. }
         | Command::Stop { .. }
         | Command::Destroy { .. } => sandbox_command(&c, cmd).await,
@@ -203,7 +214,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
     }
 }
 
-/// The sandbox commands: create, exec, run, ls, inspect, start, stop, destroy.
+/// The sandbox commands: create, exec, run, ls, inspect, update, start, stop, destroy.
 async fn sandbox_command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
     match cmd {
         Command::Create {
@@ -299,6 +310,27 @@ async fn sandbox_command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
             }
         }
         Command::Inspect { name } => print_json(&c.inspect(name).await?)?,
+        Command::Update {
+            name,
+            memory,
+            cpus,
+            pids,
+            disk,
+            exec_timeout,
+        } => {
+            let req = devbox_wire::UpdateLimitsRequest {
+                memory: memory.clone(),
+                cpu: cpus.clone(),
+                pids: *pids,
+                disk: disk.clone(),
+                exec_timeout: exec_timeout.clone(),
+            };
+            if req.is_empty() {
+                bail!("nothing to change: give --memory, --cpus, --pids, --disk or --exec-timeout");
+            }
+            let info = c.update_limits(name, &req).await?;
+            println!("{}: {}", info.name, output::limits(&info.limits));
+        }
         Command::Start { name } => {
             c.start(name).await?;
         }

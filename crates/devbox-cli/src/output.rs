@@ -56,3 +56,24 @@ pub fn time_ms(ms: i64) -> String {
     let t = SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
 }
+
+/// A sandbox's limits on one line: `memory 2.0 GiB, cpu 2, pids 2048, disk 20.0 GiB, exec
+/// timeout 5m` (disk and exec timeout only when set).
+pub fn limits(l: &devbox_spec::ResolvedLimits) -> String {
+    let mut s = format!(
+        "memory {}, cpu {}, pids {}",
+        bytes(l.memory_bytes),
+        l.cpu_millis as f64 / 1000.0,
+        l.pids
+    );
+    if let Some(d) = l.disk_bytes {
+        s.push_str(&format!(", disk {}", bytes(d)));
+    }
+    if let Some(t) = l.exec_timeout_ms {
+        s.push_str(&format!(
+            ", exec timeout {}",
+            devbox_spec::quantity::format_duration_ms(t)
+        ));
+    }
+    s
+}

@@ -210,8 +210,22 @@ async fn pump(
                 Ok(ServerMsg::Exit {
                     code,
                     rolled_back_to,
+                    timed_out,
+                    oom_killed,
                     ..
                 }) => {
+                    if timed_out {
+                        let _ = writeln!(
+                            err,
+                            "sandbox: the command timed out: it and every process it started were killed (exit 124)"
+                        );
+                    }
+                    if oom_killed {
+                        let _ = writeln!(
+                            err,
+                            "sandbox: the command was killed by the kernel's out-of-memory killer: the sandbox reached its memory limit (raise it with `sandbox update NAME --memory SIZE`)"
+                        );
+                    }
                     if let Some(snap) = rolled_back_to {
                         let _ = writeln!(
                             err,

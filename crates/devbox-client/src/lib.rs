@@ -11,7 +11,7 @@ use devbox_wire::{
     ApprovalInfo, AuditRecord, AuditVerification, Check, CloneRequest, CreateSandboxRequest,
     DiffResult, ErrorBody, ExecRequest, ExecResult, ImageInfo, ImportImageRequest, PolicyInfo,
     PoolInfo, RollbackRequest, SandboxInfo, SnapshotInfo, SnapshotRequest, StopRequest,
-    VersionInfo,
+    UpdateLimitsRequest, VersionInfo,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
@@ -187,6 +187,20 @@ impl Client {
     pub async fn inspect(&self, name: &str) -> Result<SandboxInfo, ClientError> {
         self.json(Method::GET, &format!("/v1/sandboxes/{}", enc(name)), None)
             .await
+    }
+
+    /// Changes a sandbox's limits (live, for a running one).
+    pub async fn update_limits(
+        &self,
+        name: &str,
+        req: &UpdateLimitsRequest,
+    ) -> Result<SandboxInfo, ClientError> {
+        self.json(
+            Method::PATCH,
+            &format!("/v1/sandboxes/{}/limits", enc(name)),
+            Self::body(req),
+        )
+        .await
     }
 
     /// Starts a sandbox.

@@ -36,6 +36,19 @@ pub struct ExecExit {
     pub code: i32,
     /// The signal that killed it.
     pub signal: Option<i32>,
+    /// Its timeout ended it: it and everything it started were killed; `code` is 124.
+    #[serde(default)]
+    pub timed_out: bool,
+    /// The kernel's OOM killer killed it (the sandbox reached its memory limit).
+    #[serde(default)]
+    pub oom_killed: bool,
+}
+
+/// What tells an OOM kill of an exec: the sandbox's OOM kill count when it started.
+struct OomProbe {
+    backend: Arc<dyn devbox_backend::Backend>,
+    inst: devbox_backend::Instance,
+    before: u64,
 }
 
 /// A terminal's master side, readable and writable asynchronously.
@@ -262,6 +275,10 @@ pub struct ExecSession {
     started: std::time::Instant,
     out_bytes: Arc<AtomicU64>,
     err_bytes: Arc<AtomicU64>,
+    /// When the exec's timeout kills it.
+    deadline: Option<tokio::time::Instant>,
+    timed_out: std::sync::atomic::AtomicBool,
+    oom: Option<OomProbe>,
 }
 
 impl std::fmt::Debug for ExecSession {
@@ -274,19 +291,42 @@ impl std::fmt::Debug for ExecSession {
 }
 
 impl ExecSession {
-    /// Waits for the command to end.
+    /// Waits for the command to end. At its deadline (an exec timeout), the command and
+    /// everything it started are killed, and it ends with code 124 and `timed_out`.
     pub async fn wait(&self) -> Result<ExecExit> {
         loop {
-            let mut guard = self
-                .conn
-                .readable()
-                .await
-                .map_err(|e| EngineError::internal("exec", e))?;
+            let readable = self.conn.readable();
+            let deadline = self
+                .deadline
+                .filter(|_| !self.timed_out.load(Ordering::SeqCst));
+            let ready = match deadline {
+                Some(at) => tokio::select! {
+                    r = readable => Some(r),
+                    () = tokio::time::sleep_until(at) => None,
+                },
+                None => Some(readable.await),
+            };
+            let Some(ready) = ready else {
+                self.timed_out.store(true, Ordering::SeqCst);
+                let control = self.conn.get_ref().0.clone();
+                let killed = tokio::task::spawn_blocking(move || control.kill_tree())
+                    .await
+                    .map_err(|e| EngineError::internal("exec timeout", e))?;
+                if let Err(e) = killed {
+                    tracing::warn!(sandbox = %self.sandbox, "killing a timed-out exec: {e}");
+                }
+                continue;
+            };
+            let mut guard = ready.map_err(|e| EngineError::internal("exec", e))?;
             match guard.try_io(|c| c.get_ref().0.try_wait()) {
                 Ok(Ok(Some(ended))) => {
+                    let timed_out = self.timed_out.load(Ordering::SeqCst);
+                    let oom_killed = !timed_out && self.oom_killed(ended.code, ended.signal).await;
                     let exit = ExecExit {
-                        code: ended.code,
+                        code: if timed_out { 124 } else { ended.code },
                         signal: ended.signal,
+                        timed_out,
+                        oom_killed,
                     };
                     self.finish(Some(&exit), ended.cpu_usec, ended.max_rss_kib);
                     return Ok(exit);
@@ -301,6 +341,23 @@ impl ExecSession {
                 Err(_would_block) => continue,
             }
         }
+    }
+
+    /// Whether the OOM killer ended a command that ended with `code` and `signal`.
+    async fn oom_killed(&self, code: i32, signal: Option<i32>) -> bool {
+        let Some(probe) = &self.oom else {
+            return false;
+        };
+        if !crate::limits::oom_killed(code, signal, probe.before, probe.before + 1) {
+            return false;
+        }
+        let (backend, inst) = (probe.backend.clone(), probe.inst.clone());
+        let after = tokio::task::spawn_blocking(move || backend.oom_kills(&inst))
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(probe.before);
+        crate::limits::oom_killed(code, signal, probe.before, after)
     }
 
     /// Records how the command ended, in the exec record and the audit log (in the
@@ -318,6 +375,7 @@ impl ExecSession {
         rec.stdout_bytes = self.out_bytes.load(Ordering::Relaxed);
         rec.stderr_bytes = self.err_bytes.load(Ordering::Relaxed);
         let duration_ms = self.started.elapsed().as_millis() as u64;
+        let (timed_out, oom_killed) = exit.map_or((false, false), |x| (x.timed_out, x.oom_killed));
         let inserted = self
             .inserted
             .lock()
@@ -333,6 +391,7 @@ impl ExecSession {
                 serde_json::json!({
                     "exec": rec.id, "command": rec.command, "decision": rec.decision, "exit_code": rec.exit_code,
                     "duration_ms": duration_ms, "cpu_usec": rec.cpu_usec, "max_rss_kib": rec.max_rss_kib,
+                    "timed_out": timed_out, "oom_killed": oom_killed,
                 }),
             );
             Ok(())
@@ -482,6 +541,7 @@ impl Engine {
             req.user.clone(),
         )?;
         let tty = req.tty.map(|t| (t.rows, t.cols));
+        let timeout = crate::limits::exec_timeout(req.timeout.as_deref(), &manifest)?;
         let spec = ExecSpec {
             argv,
             env,
@@ -496,10 +556,20 @@ impl Engine {
             stdout: Io::Pipe,
             stderr: Io::Pipe,
             start_timeout: None,
+            track_tree: timeout.is_some(),
         };
-        let started = tokio::task::spawn_blocking(move || backend.exec(&inst, spec))
-            .await
-            .map_err(|e| EngineError::internal("exec task", e))??;
+        let (started, oom) = tokio::task::spawn_blocking(move || {
+            let before = backend.oom_kills(&inst);
+            let started = backend.exec(&inst, spec)?;
+            let oom = before.map(|before| OomProbe {
+                backend,
+                inst,
+                before,
+            });
+            Ok::<_, devbox_backend::BackendError>((started, oom))
+        })
+        .await
+        .map_err(|e| EngineError::internal("exec task", e))??;
         let control = started.control.clone();
         let started_io = StartedIo {
             control,
@@ -546,6 +616,9 @@ impl Engine {
             started: std::time::Instant::now(),
             out_bytes: Arc::new(AtomicU64::new(0)),
             err_bytes: Arc::new(AtomicU64::new(0)),
+            deadline: timeout.map(|t| tokio::time::Instant::now() + t),
+            timed_out: std::sync::atomic::AtomicBool::new(false),
+            oom,
         };
         self.connect_session_io(&mut session, &rec.name, &exec_id, started_io, tty.is_some())?;
         Ok(session)

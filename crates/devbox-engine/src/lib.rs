@@ -26,6 +26,7 @@ mod error;
 mod exec;
 mod flows;
 mod images;
+mod limits;
 mod locks;
 mod main_process;
 mod measure;

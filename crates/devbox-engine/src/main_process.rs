@@ -98,6 +98,7 @@ impl Engine {
                 stdout: Io::File(log.into()),
                 stderr: Io::File(err_log.into()),
                 start_timeout: Some(Duration::from_secs(10)),
+                track_tree: false,
             };
             // Dropping the process's control leaves it running, untied.
             Ok(backend.exec(&inst, spec)?.pid)

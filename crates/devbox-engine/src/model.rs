@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 pub use devbox_wire::{
     CloneRequest, CreateSandboxRequest, ExecRequest, ExecResult, ImageInfo, ImportImageRequest,
     ProcessInfo, RollbackRequest, SnapshotInfo, SnapshotRequest, StopRequest, TtySize,
+    UpdateLimitsRequest,
 };
 
 /// Formats milliseconds since the epoch as RFC 3339.
@@ -49,6 +50,8 @@ pub struct SandboxInfo {
     pub usage: Option<Usage>,
     /// Bytes in the sandbox's writable layer (inspect only).
     pub storage_bytes: Option<u64>,
+    /// The writable layer as its disk quota counts it (inspect only, with a quota).
+    pub disk: Option<devbox_wire::DiskUsage>,
     /// Created (RFC 3339).
     pub created_at: String,
     /// Last started.
@@ -85,6 +88,7 @@ impl From<SandboxInfo> for devbox_wire::SandboxInfo {
             processes: s.processes,
             usage: s.usage.map(crate::to_wire::usage),
             storage_bytes: s.storage_bytes,
+            disk: s.disk,
             created_at: s.created_at,
             started_at: s.started_at,
             stopped_at: s.stopped_at,

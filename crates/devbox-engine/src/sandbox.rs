@@ -152,6 +152,7 @@ impl Engine {
             }
         };
         manifest.validate()?;
+        self.check_disk_limit(&manifest)?;
         let image_ref = manifest.spec.image_ref().to_string();
         let image_id = if image_ref == HOST_IMAGE {
             self.images.ensure_host()?;
@@ -256,6 +257,7 @@ impl Engine {
     ) -> Result<()> {
         let phases = crate::Phases::start("launch");
         let limits = manifest.spec.resolved_limits()?;
+        self.prepare_disk_limit(rec, &limits)?;
         let backend = self.backends.of(rec)?.clone();
         let image = self.images.path(&rec.image_id);
         if !image.is_dir() {
@@ -320,6 +322,18 @@ impl Engine {
             }
             Err(e) => return Err(e.into()),
         };
+        if limits.disk_bytes.is_some()
+            && let Err(e) = self.apply_disk_limit(rec, &limits)
+        {
+            // Never running without its quota.
+            let inst = devbox_backend::Instance {
+                handle: Some(started.handle.clone()),
+                process: Some(started.process),
+                ..crate::backends::instance(rec)
+            };
+            let _ = backend.stop(&inst, Duration::ZERO, false);
+            return Err(e);
+        }
         phases.mark("started");
         rec.handle = Some(started.handle);
         rec.init_pid = Some(started.process.pid);
@@ -552,6 +566,8 @@ impl Engine {
                 memory_bytes: 0,
                 cpu_millis: 0,
                 pids: 0,
+                disk_bytes: None,
+                exec_timeout_ms: None,
             }
         });
         let running = rec.state == SandboxState::Running;
@@ -587,6 +603,7 @@ impl Engine {
             } else {
                 None
             },
+            disk: if detailed { self.disk_usage(rec) } else { None },
             created_at: rfc3339(rec.created_at),
             started_at: rec.started_at.map(rfc3339),
             stopped_at: rec.stopped_at.map(rfc3339),

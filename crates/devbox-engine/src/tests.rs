@@ -673,3 +673,133 @@ fn internal_errors_keep_their_typed_cause_and_their_message() {
         }
     ));
 }
+
+#[test]
+fn limits_change_live_through_the_backend_and_bad_ones_change_nothing() {
+    let host = Host::new();
+    let d = host.daemon();
+    let info = d.create("a", true);
+    let update =
+        |req: devbox_wire::UpdateLimitsRequest| d.run(d.engine.update_limits(&me(), "a", req));
+    let changed = update(devbox_wire::UpdateLimitsRequest {
+        memory: Some("2Gi".into()),
+        cpu: Some("2".into()),
+        pids: Some(2048),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(changed.limits.memory_bytes, 2 << 30);
+    assert!(
+        host.fake.calls().contains(&format!(
+            "update {} memory={} pids=2048 cpu=2000",
+            info.id,
+            2u64 << 30
+        )),
+        "{:?}",
+        host.fake.calls()
+    );
+    let spec = |d: &Daemon| d.engine.record("a").unwrap().manifest;
+    let before = spec(&d);
+    // Invalid, out of range, empty, or refused by the backend: nothing changes.
+    for (req, code) in [
+        (
+            devbox_wire::UpdateLimitsRequest {
+                memory: Some("lots".into()),
+                ..Default::default()
+            },
+            "invalid_spec",
+        ),
+        (
+            devbox_wire::UpdateLimitsRequest {
+                pids: Some(1),
+                cpu: Some("3".into()),
+                ..Default::default()
+            },
+            "invalid_spec",
+        ),
+        (
+            devbox_wire::UpdateLimitsRequest::default(),
+            "invalid_request",
+        ),
+        (
+            // The copy-driver pool of these tests cannot hold a quota.
+            devbox_wire::UpdateLimitsRequest {
+                disk: Some("1Gi".into()),
+                cpu: Some("3".into()),
+                ..Default::default()
+            },
+            "invalid_request",
+        ),
+    ] {
+        let e = update(req).unwrap_err();
+        assert_eq!(e.code(), code, "{e}");
+        assert_eq!(spec(&d), before);
+    }
+    host.fake.fail_next("update", "the cgroup said no");
+    let e = update(devbox_wire::UpdateLimitsRequest {
+        pids: Some(100),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("the cgroup said no"), "{e}");
+    assert_eq!(spec(&d), before);
+    // A stopped sandbox: only the spec changes; the backend is not asked.
+    d.run(d.engine.stop(&me(), "a", None)).unwrap();
+    let calls = host.fake.calls().len();
+    update(devbox_wire::UpdateLimitsRequest {
+        exec_timeout: Some("5m".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(host.fake.calls().len(), calls);
+    assert!(
+        d.engine
+            .record("a")
+            .unwrap()
+            .manifest
+            .contains("\"execTimeout\":\"5m\"")
+    );
+}
+
+#[test]
+fn an_exec_past_its_timeout_is_killed_and_says_so() {
+    let host = Host::new();
+    let d = host.daemon();
+    d.create("a", true);
+    let run = |timeout: Option<&str>, argv: &[&str]| {
+        d.run(async {
+            let req = ExecRequest {
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                timeout: timeout.map(str::to_string),
+                ..Default::default()
+            };
+            let s = d.engine.exec(&me(), "a", &req, false).await?;
+            s.wait().await
+        })
+    };
+    let exit = run(Some("200ms"), &["sleep"]).unwrap();
+    assert_eq!(
+        (exit.code, exit.timed_out, exit.oom_killed),
+        (124, true, false)
+    );
+    let exit = run(Some("10s"), &["exit", "3"]).unwrap();
+    assert_eq!((exit.code, exit.timed_out), (3, false));
+    let e = run(Some("soon"), &["true"]).unwrap_err();
+    assert_eq!(e.code(), "invalid_request", "{e}");
+    // The spec's default applies when the exec names none.
+    let m = devbox_spec::SandboxManifest::parse(
+        "apiVersion: sandbox.io/v1\nkind: Sandbox\nspec:\n  limits: {execTimeout: 100ms}\n",
+    )
+    .unwrap();
+    d.create_with("b", true, Some(m));
+    let exit = d
+        .run(async {
+            let req = ExecRequest {
+                argv: vec!["sleep".into()],
+                ..Default::default()
+            };
+            d.engine.exec(&me(), "b", &req, false).await?.wait().await
+        })
+        .unwrap();
+    assert!(exit.timed_out && exit.code == 124, "{exit:?}");
+}

@@ -24,6 +24,7 @@ pub(crate) fn usage(u: devbox_backend::Usage) -> wire::Usage {
         memory_bytes: u.memory_bytes,
         pids: u.pids,
         cpu_usec: u.cpu_usec,
+        oom_kills: u.oom_kills,
     }
 }
 

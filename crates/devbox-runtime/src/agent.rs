@@ -26,6 +26,17 @@ struct Conn {
     child: Option<i32>,
     /// Terminal master kept for resizing.
     master: Option<OwnedFd>,
+    /// The started process, held before it runs its program ([`ExecRequest::hold`]).
+    held: Option<Held>,
+    /// What it was asked to run (for the messages of a held start that fails).
+    exec: Option<ExecRequest>,
+}
+
+/// A forked exec child that has not run its program yet: its report pipe (see
+/// [`confirm`]), and, while held, the pipe whose byte (or end) lets it go on.
+struct Held {
+    report: OwnedFd,
+    release: Option<OwnedFd>,
 }
 
 /// Runs the agent loop until shutdown; returns the exit code of pid 1.
@@ -131,6 +142,8 @@ pub fn serve(mut listener: OwnedFd) -> i32 {
                     fd,
                     child: None,
                     master: None,
+                    held: None,
+                    exec: None,
                 });
             }
         }
@@ -240,15 +253,44 @@ fn wait_for_resume(pair: OwnedFd, sigfd: &SignalFd) -> OwnedFd {
 
 fn handle(conn: &mut Conn, req: Request, fds: Vec<OwnedFd>) {
     let reply = match req {
-        Request::Exec(exec) if conn.child.is_none() => match start(&exec, fds) {
-            Ok((pid, master)) => {
-                conn.child = Some(pid);
-                let raw: Vec<RawFd> = master.iter().map(|m| m.as_raw_fd()).collect();
-                let _ = protocol::send(conn.fd.as_fd(), &Reply::Started { pid }, &raw);
-                conn.master = master;
-                return;
+        Request::Exec(exec) if conn.child.is_none() => {
+            let started = start(&exec, fds).and_then(|(pid, master, held)| {
+                if exec.hold {
+                    return Ok((pid, master, Some(held)));
+                }
+                confirm(&exec, pid, held.report).map(|()| (pid, master, None))
+            });
+            match started {
+                Ok((pid, master, held)) => {
+                    conn.child = Some(pid);
+                    conn.held = held;
+                    let raw: Vec<RawFd> = master.iter().map(|m| m.as_raw_fd()).collect();
+                    let _ = protocol::send(conn.fd.as_fd(), &Reply::Started { pid }, &raw);
+                    conn.master = master;
+                    conn.exec = Some(exec);
+                    return;
+                }
+                Err((kind, message)) => Reply::Failed { kind, message },
             }
-            Err((kind, message)) => Reply::Failed { kind, message },
+        }
+        Request::Release => match (conn.held.take(), conn.child, conn.exec.take()) {
+            (Some(mut held), Some(pid), Some(exec)) => {
+                if let Some(release) = held.release.take() {
+                    let _ = nix::unistd::write(&release, &[1]);
+                }
+                match confirm(&exec, pid, held.report) {
+                    Ok(()) => Reply::Ok,
+                    Err((kind, message)) => {
+                        conn.child = None;
+                        conn.master = None;
+                        Reply::Failed { kind, message }
+                    }
+                }
+            }
+            _ => Reply::Failed {
+                kind: FailureKind::BadRequest,
+                message: "no held process".into(),
+            },
         },
         Request::Exec(_) => Reply::Failed {
             kind: FailureKind::BadRequest,
@@ -312,6 +354,8 @@ fn reap(conns: &mut [Conn]) {
         if let Some(c) = conns.iter_mut().find(|c| c.child == Some(r.pid)) {
             c.child = None;
             c.master = None;
+            c.held = None;
+            c.exec = None;
             let reply = Reply::Exited {
                 code: r.code,
                 signal: r.signal,
@@ -332,10 +376,12 @@ enum ChildStep {
     Exec = 4,
 }
 
+/// Forks the child of exec request `req` (held before anything if asked); [`confirm`]
+/// then says whether it runs its program.
 fn start(
     req: &ExecRequest,
     fds: Vec<OwnedFd>,
-) -> Result<(i32, Option<OwnedFd>), (FailureKind, String)> {
+) -> Result<(i32, Option<OwnedFd>, Held), (FailureKind, String)> {
     if req.argv.is_empty() || req.argv[0].is_empty() {
         return Err((FailureKind::BadRequest, "empty command".into()));
     }
@@ -386,9 +432,25 @@ fn start(
 
     let (err_r, err_w) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| (FailureKind::Internal, e.to_string()))?;
+    let (release_r, release_w) = if req.hold {
+        let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+            .map_err(|e| (FailureKind::Internal, e.to_string()))?;
+        (Some(r), Some(w))
+    } else {
+        (None, None)
+    };
     let pid = sys::fork().map_err(|e| (FailureKind::Internal, format!("fork: {e}")))?;
     if pid == 0 {
         drop(err_r);
+        drop(release_w);
+        if let Some(r) = release_r {
+            // Held: nothing runs until the daemon has moved us into our cgroup and says so.
+            // Its end closing instead (it gave up) ends us here.
+            let mut go = [0u8; 1];
+            if read_full(r.as_fd(), &mut go) != 1 {
+                sys::exit_now(125);
+            }
+        }
         let (step, err) = child(req, &env, &creds, fds, slave_path.as_deref());
         let mut report = [0u8; 8];
         report[..4].copy_from_slice(&(step as u32).to_le_bytes());
@@ -403,11 +465,25 @@ fn start(
         );
     }
     drop(err_w);
+    drop(release_r);
     drop(fds);
+    Ok((
+        pid,
+        master,
+        Held {
+            report: err_r,
+            release: release_w,
+        },
+    ))
+}
+
+/// Waits until forked child `pid` has executed its program (its report pipe closes) or
+/// failed to (it reports the step and errno, and is reaped).
+fn confirm(req: &ExecRequest, pid: i32, err_r: OwnedFd) -> Result<(), (FailureKind, String)> {
     let mut report = [0u8; 8];
     let n = read_full(err_r.as_fd(), &mut report);
     if n < 8 {
-        return Ok((pid, master));
+        return Ok(());
     }
     let _ = waitpid(Pid::from_raw(pid), None);
     let step = u32::from_le_bytes(report[..4].try_into().unwrap_or_default());

@@ -255,6 +255,18 @@ fn ensure_dir(dir: &Path) -> Result<(), CgroupError> {
     }
 }
 
+/// The cgroup directories directly below `dir` (execs' own cgroups).
+fn child_dirs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect()
+}
+
 fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
     fs::write(path, value).map_err(io_err(path))
 }
@@ -399,11 +411,120 @@ impl SandboxCgroup {
             .or_else(|| self.find("pids").map(|(_, d)| d))
             .or_else(|| self.dirs.first().map(|(_, d)| d));
         let Some(dir) = dir else { return Vec::new() };
-        fs::read_to_string(dir.join("cgroup.procs"))
+        let mut out: Vec<i32> = fs::read_to_string(dir.join("cgroup.procs"))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| l.trim().parse().ok())
-            .collect()
+            .collect();
+        // Execs' own cgroups below (one level: nothing inside can make more).
+        for sub in child_dirs(dir) {
+            out.extend(
+                fs::read_to_string(sub.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| l.trim().parse::<i32>().ok()),
+            );
+        }
+        out
+    }
+
+    /// Processes the OOM killer killed in the sandbox: `oom_kill` of v2's `memory.events`
+    /// (counted for the whole subtree) or of v1's `memory.oom_control`. None without a
+    /// memory controller.
+    pub fn oom_kills(&self) -> Option<u64> {
+        let (h, dir) = self.find("memory")?;
+        let file = dir.join(if h.v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        });
+        let text = fs::read_to_string(file).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+            .or(Some(0))
+    }
+
+    /// Changes memory, pids and CPU limits of a sandbox that runs, from `old` to `new`;
+    /// on a failure what was changed is put back (best effort) and the error returned.
+    pub fn update(&self, old: &Limits, new: &Limits) -> Result<(), CgroupError> {
+        let r = self.write_limits(old, new);
+        if r.is_err() {
+            // Back to the old values, in the order that works from wherever it stopped.
+            let _ = self.write_limits(new, old);
+            let _ = self.write_limits(old, old);
+        }
+        r
+    }
+
+    fn write_limits(&self, old: &Limits, new: &Limits) -> Result<(), CgroupError> {
+        if let Some((h, dir)) = self.find("memory")
+            && let Some(mem) = new.memory_bytes
+        {
+            if h.v2 {
+                write(&dir.join("memory.max"), &mem.to_string())?;
+            } else {
+                // v1 wants memory+swap >= memory at every step: raise memsw first, lower it
+                // last.
+                let memsw = dir.join("memory.memsw.limit_in_bytes");
+                let raising = old.memory_bytes.is_none_or(|o| mem >= o);
+                if raising && memsw.exists() {
+                    write(&memsw, &mem.to_string())?;
+                }
+                write(&dir.join("memory.limit_in_bytes"), &mem.to_string())?;
+                if !raising && memsw.exists() {
+                    write(&memsw, &mem.to_string())?;
+                }
+            }
+        }
+        if let Some((_, dir)) = self.find("pids")
+            && let Some(p) = new.pids
+        {
+            write(&dir.join("pids.max"), &p.to_string())?;
+        }
+        if let Some((h, dir)) = self.find("cpu")
+            && let Some(m) = new.cpu_millis
+        {
+            let period = 100_000u64;
+            let quota = (m * period / 1000).max(1000);
+            if h.v2 {
+                write(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
+            } else {
+                write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The hierarchy that tracks an exec's processes: the unified (v2) one, where
+    /// `cgroup.kill` ends them all at once, else the v1 freezer (freeze, kill, thaw), else
+    /// v1 pids.
+    fn tracking(&self) -> Option<&(Hierarchy, PathBuf)> {
+        self.dirs
+            .iter()
+            .find(|(h, _)| h.v2)
+            .or_else(|| self.dirs.iter().find(|(h, _)| h.has("freezer")))
+            .or_else(|| self.dirs.iter().find(|(h, _)| h.has("pids")))
+    }
+
+    /// Makes a cgroup for one exec below the sandbox's, in the tracking hierarchy only
+    /// (limits stay the sandbox's: no controller is enabled below it). Everything the exec
+    /// starts is born in it, and nothing in the sandbox can move out of it: the cgroup
+    /// files belong to the host's root, which is no one inside.
+    pub fn create_exec(&self, name: &str) -> Result<SandboxCgroup, CgroupError> {
+        let (h, dir) = self.tracking().ok_or(CgroupError::NoHierarchy)?;
+        let child = dir.join(name);
+        ensure_dir(&child)?;
+        Ok(SandboxCgroup {
+            dirs: vec![(h.clone(), child)],
+        })
+    }
+
+    /// Moves host process `pid` into this cgroup (every hierarchy it has).
+    pub fn join(&self, pid: i32) -> Result<(), CgroupError> {
+        for (_, dir) in &self.dirs {
+            write(&dir.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
     }
 
     /// Current resource use.
@@ -425,6 +546,7 @@ impl SandboxCgroup {
         if let Some((_, dir)) = self.find("pids") {
             u.pids = read_u64(dir.join("pids.current"));
         }
+        u.oom_kills = self.oom_kills().unwrap_or(0);
         if let Some((h, dir)) = self.find(if self.find("cpuacct").is_some() {
             "cpuacct"
         } else {
@@ -586,7 +708,11 @@ impl SandboxCgroup {
     /// Removes the directories once empty, retrying while the kernel still tears processes down.
     pub fn remove(&self, timeout: Duration) -> Result<(), CgroupError> {
         let deadline = Instant::now() + timeout;
-        for (_, dir) in &self.dirs {
+        let nested = self.dirs.iter().flat_map(|(_, d)| child_dirs(d));
+        let all: Vec<PathBuf> = nested
+            .chain(self.dirs.iter().map(|(_, d)| d.clone()))
+            .collect();
+        for dir in &all {
             loop {
                 match fs::remove_dir(dir) {
                     Ok(()) => break,
@@ -706,5 +832,125 @@ mod tests {
         fs::write(v2.join("cgroup.freeze"), "1\n").unwrap();
         fs::write(v2.join("cgroup.events"), "populated 1\nfrozen 1\n").unwrap();
         assert!(cg.thaw_all(Duration::from_millis(10)).is_err());
+    }
+
+    #[test]
+    fn live_updates_oom_counts_and_exec_cgroups_on_a_v1_layout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mk = |name: &str, c: &[&str]| {
+            let mount = tmp.path().join(name);
+            fs::create_dir_all(&mount).unwrap();
+            Hierarchy {
+                mount,
+                v2: false,
+                controllers: c.iter().map(|s| s.to_string()).collect(),
+            }
+        };
+        let driver = CgroupDriver::from_hierarchies(
+            vec![
+                mk("memory", &["memory"]),
+                mk("pids", &["pids"]),
+                mk("cpu", &["cpu"]),
+                mk("freezer", &["freezer"]),
+            ],
+            "dev-box",
+        )
+        .unwrap();
+        let old = Limits {
+            memory_bytes: Some(256 << 20),
+            pids: Some(64),
+            cpu_millis: Some(1000),
+        };
+        let cg = driver.create("sb1", &old).unwrap();
+        let read = |p: &str| fs::read_to_string(tmp.path().join(p)).unwrap();
+        let new = Limits {
+            memory_bytes: Some(1 << 30),
+            pids: Some(2048),
+            cpu_millis: Some(2000),
+        };
+        cg.update(&old, &new).unwrap();
+        assert_eq!(
+            read("memory/dev-box/sb1/memory.limit_in_bytes"),
+            "1073741824"
+        );
+        assert_eq!(read("pids/dev-box/sb1/pids.max"), "2048");
+        assert_eq!(read("cpu/dev-box/sb1/cpu.cfs_quota_us"), "200000");
+        // A write that fails puts back what was written before it.
+        let pids = tmp.path().join("pids/dev-box/sb1/pids.max");
+        fs::remove_file(&pids).unwrap();
+        fs::create_dir(&pids).unwrap();
+        let newer = Limits {
+            memory_bytes: Some(512 << 20),
+            ..new
+        };
+        assert!(cg.update(&new, &newer).is_err());
+        assert_eq!(
+            read("memory/dev-box/sb1/memory.limit_in_bytes"),
+            "1073741824"
+        );
+        // OOM kills from v1's memory.oom_control.
+        fs::write(
+            tmp.path().join("memory/dev-box/sb1/memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
+        )
+        .unwrap();
+        assert_eq!(cg.oom_kills(), Some(3));
+        assert_eq!(cg.usage().oom_kills, 3);
+        // An exec's cgroup: in the freezer hierarchy only (the tracking one on v1).
+        let exec = cg.create_exec("exec-1").unwrap();
+        assert_eq!(
+            exec.paths(),
+            vec![tmp.path().join("freezer/dev-box/sb1/exec-1")]
+        );
+        fs::write(tmp.path().join("freezer/dev-box/sb1/cgroup.procs"), "10\n").unwrap();
+        fs::write(
+            tmp.path().join("freezer/dev-box/sb1/exec-1/cgroup.procs"),
+            "11\n12\n",
+        )
+        .unwrap();
+        assert_eq!(exec.pids(), vec![11, 12]);
+    }
+
+    #[test]
+    fn live_updates_and_exec_cgroups_on_a_v2_layout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mount = tmp.path().join("unified");
+        fs::create_dir_all(&mount).unwrap();
+        fs::write(mount.join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        let driver = CgroupDriver::from_hierarchies(
+            vec![Hierarchy {
+                mount: mount.clone(),
+                v2: true,
+                controllers: Vec::new(),
+            }],
+            "dev-box",
+        )
+        .unwrap();
+        let old = Limits {
+            memory_bytes: Some(256 << 20),
+            pids: Some(64),
+            cpu_millis: Some(1000),
+        };
+        let cg = driver.create("sb1", &old).unwrap();
+        let dir = mount.join("dev-box/sb1");
+        let new = Limits {
+            memory_bytes: Some(2 << 30),
+            pids: Some(2048),
+            cpu_millis: Some(500),
+        };
+        cg.update(&old, &new).unwrap();
+        let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap();
+        assert_eq!(read("memory.max"), "2147483648");
+        assert_eq!(read("pids.max"), "2048");
+        assert_eq!(read("cpu.max"), "50000 100000");
+        fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 9\noom 2\noom_kill 2\noom_group_kill 0\n",
+        )
+        .unwrap();
+        assert_eq!(cg.oom_kills(), Some(2));
+        // An exec's cgroup sits below the sandbox's in the unified tree.
+        let exec = cg.create_exec("exec-1").unwrap();
+        assert_eq!(exec.paths(), vec![dir.join("exec-1")]);
     }
 }

@@ -416,6 +416,56 @@ impl NativeBackend {
     }
 
     /// Dumps a parked, frozen sandbox's processes, leaving them running. A dump CRIU itself
+    /// Moves a held exec child (`inner`, its pid in the sandbox) into a new cgroup of its
+    /// own below the sandbox's and lets it run. On failure the child is let go of unstarted
+    /// (the agent's end of the hold closes with the connection: it exits) and the cgroup
+    /// removed.
+    fn track(&self, inst: &Instance, conn: &AgentConn, inner: i32) -> Result<SandboxCgroup> {
+        let init = inst
+            .process
+            .ok_or_else(|| BackendError::Other(format!("sandbox {} does not run", inst.name)))?;
+        let host = host_pid_of_child(init.pid, inner).ok_or_else(|| {
+            BackendError::Other(format!(
+                "the exec's process (pid {inner} in sandbox {}) is gone before it started",
+                inst.name
+            ))
+        })?;
+        let cg = self
+            .cgroup(inst)
+            .create_exec(&format!("exec-{}", new_id()))
+            .map_err(|e| BackendError::failed("the exec's cgroup", e))?;
+        let released = cg
+            .join(host)
+            .map_err(|e| BackendError::failed("moving the exec into its cgroup", e))
+            .and_then(|()| {
+                conn.send(&Request::Release, &[])
+                    .map_err(|e| BackendError::failed("releasing the exec", e))?;
+                loop {
+                    match conn.recv() {
+                        Ok((Reply::Ok, _)) => return Ok(()),
+                        Ok((Reply::Failed { kind, message }, _)) => {
+                            return Err(exec_failure(kind, message));
+                        }
+                        Ok((Reply::Exited { .. }, _)) => {
+                            return Err(BackendError::Other(
+                                "the command was killed before it started".into(),
+                            ));
+                        }
+                        Ok(_) => continue,
+                        Err(e) => return Err(BackendError::failed("releasing the exec", e)),
+                    }
+                }
+            });
+        match released {
+            Ok(()) => Ok(cg),
+            Err(e) => {
+                let _ = cg.kill_all();
+                let _ = cg.remove(Duration::from_secs(1));
+                Err(e)
+            }
+        }
+    }
+
     /// gives up on is tried once more after a thaw and a fresh freeze: the cgroup v1 freezer
     /// does not always let go (once, under the parallel test load, CRIU timed out waiting
     /// for a task the thaw had not reached).
@@ -482,6 +532,44 @@ struct AgentProcess {
     conn: OwnedFd,
     /// A second handle on the terminal's master, for resizing.
     tty: Option<OwnedFd>,
+    /// The exec's own cgroup ([`ExecSpec::track_tree`]): everything it started.
+    tree: Option<SandboxCgroup>,
+}
+
+impl AgentProcess {
+    /// Removes the exec's cgroup if nothing runs in it any more (processes it left running
+    /// keep it until the sandbox stops, which removes it with the sandbox's).
+    fn tidy(&self) {
+        if let Some(cg) = &self.tree {
+            let _ = cg.remove(Duration::ZERO);
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.tidy();
+    }
+}
+
+/// The host pid of the sandbox's process `inner` (its pid in the sandbox), a child of its
+/// init `init` (host pid): found among init's children by the last entry of their `NSpid`.
+fn host_pid_of_child(init: i32, inner: i32) -> Option<i32> {
+    let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).ok()?;
+    children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<i32>().ok())
+        .find(|c| {
+            std::fs::read_to_string(format!("/proc/{c}/status"))
+                .ok()
+                .and_then(|st| {
+                    st.lines()
+                        .find_map(|l| l.strip_prefix("NSpid:"))
+                        .and_then(|ids| ids.split_whitespace().last())
+                        .and_then(|last| last.parse::<i32>().ok())
+                })
+                == Some(inner)
+        })
 }
 
 impl ProcessControl for AgentProcess {
@@ -516,6 +604,13 @@ impl ProcessControl for AgentProcess {
 
     fn signal(&self, signal: i32) -> io::Result<()> {
         protocol::send(self.conn.as_fd(), &Request::Signal { signal }, &[])
+    }
+
+    fn kill_tree(&self) -> io::Result<()> {
+        match &self.tree {
+            Some(cg) => cg.kill_all().map_err(io::Error::other),
+            None => self.signal(libc::SIGKILL),
+        }
     }
 
     fn resize(&self, rows: u16, cols: u16) -> io::Result<()> {
@@ -661,6 +756,7 @@ impl Backend for NativeBackend {
             user: spec.user,
             tty,
             stdio,
+            hold: spec.track_tree,
         };
         let raw: Vec<_> = send.iter().map(|f| f.as_raw_fd()).collect();
         conn.send(&Request::Exec(request), &raw)
@@ -677,6 +773,11 @@ impl Backend for NativeBackend {
                     "unexpected agent reply {other:?}"
                 )));
             }
+        };
+        let tree = if spec.track_tree {
+            Some(self.track(inst, &conn, pid)?)
+        } else {
+            None
         };
         let conn = conn.into_fd();
         set_nonblocking(&conn).map_err(|e| BackendError::failed("fcntl", e))?;
@@ -702,7 +803,11 @@ impl Backend for NativeBackend {
             stdout,
             stderr,
             tty: master,
-            control: Arc::new(AgentProcess { conn, tty: resize }),
+            control: Arc::new(AgentProcess {
+                conn,
+                tty: resize,
+                tree,
+            }),
         })
     }
 
@@ -785,6 +890,32 @@ impl Backend for NativeBackend {
 
     fn usage(&self, inst: &Instance) -> Usage {
         self.cgroup(inst).usage()
+    }
+
+    fn oom_kills(&self, inst: &Instance) -> Option<u64> {
+        self.cgroup(inst).oom_kills()
+    }
+
+    fn update_limits(
+        &self,
+        inst: &Instance,
+        old: &devbox_backend::Limits,
+        new: &devbox_backend::Limits,
+    ) -> Result<()> {
+        let cg = self.cgroup(inst);
+        if !cg.exists() {
+            return Err(BackendError::Other(format!(
+                "sandbox {} has no cgroup: is it running?",
+                inst.name
+            )));
+        }
+        let as_cgroup = |l: &devbox_backend::Limits| Limits {
+            memory_bytes: Some(l.memory_bytes),
+            pids: Some(l.pids),
+            cpu_millis: Some(l.cpu_millis),
+        };
+        cg.update(&as_cgroup(old), &as_cgroup(new))
+            .map_err(|e| BackendError::failed("changing the sandbox's cgroup limits", e))
     }
 
     fn processes(&self, inst: &Instance) -> Vec<(i32, String)> {

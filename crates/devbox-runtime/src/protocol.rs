@@ -57,6 +57,11 @@ pub struct ExecRequest {
     pub tty: Option<WinSize>,
     /// Which stdio fds are attached (ignored with a tty).
     pub stdio: AttachedStdio,
+    /// Hold the new process before it runs anything until [`Request::Release`] (the daemon
+    /// moves it into a cgroup of its own meanwhile); [`Reply::Started`] then comes before
+    /// the program is executed, and the answer to the release says whether it was.
+    #[serde(default)]
+    pub hold: bool,
 }
 
 /// A message from the daemon to the agent.
@@ -72,6 +77,9 @@ pub enum Request {
     },
     /// Resize this connection's terminal.
     Resize(WinSize),
+    /// Let this connection's held process ([`ExecRequest::hold`]) go on and run its
+    /// program; answered with [`Reply::Ok`] once it does, or [`Reply::Failed`].
+    Release,
     /// Liveness check.
     Ping,
     /// Get ready for a checkpoint of the sandbox's processes (CRIU): the agent answers

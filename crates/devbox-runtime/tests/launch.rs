@@ -138,6 +138,7 @@ fn exec(sb: &Sandbox, argv: &[&str], user: Option<&str>) -> (i32, String, String
             stdout: true,
             stderr: true,
         },
+        hold: false,
     };
     conn.send(&Request::Exec(req), &[out_w.as_raw_fd(), err_w.as_raw_fd()])
         .unwrap();

@@ -149,6 +149,18 @@ pub struct LimitsSpec {
     /// Most processes and threads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u64>,
+    /// Most bytes the sandbox's writable layer may hold: `"10Gi"` (a btrfs qgroup limit;
+    /// only on btrfs pools). Unset: no limit but the pool's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    /// Default timeout of every exec: `"30s"`, `"5m"`, `"1h"` (an exec's own `--timeout`
+    /// wins). Unset: execs run as long as they like.
+    #[serde(
+        default,
+        rename = "execTimeout",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub exec_timeout: Option<String>,
 }
 
 /// Snapshot behaviour.
@@ -284,6 +296,15 @@ pub const MAX_CPU_MILLIS: u64 = 1024 * 1000;
 pub const MIN_PIDS: u64 = 2;
 /// Most processes: the kernel's own ceiling on pids (`PID_MAX_LIMIT`, 4194304).
 pub const MAX_PIDS: u64 = 4 << 20;
+/// Least disk quota: 16Mi (a smaller writable layer cannot even hold the overlay's metadata
+/// and a shell's history reliably).
+pub const MIN_DISK: u64 = 16 << 20;
+/// Most disk quota: 1Pi.
+pub const MAX_DISK: u64 = 1 << 50;
+/// Least exec timeout: 1 ms.
+pub const MIN_EXEC_TIMEOUT_MS: u64 = 1;
+/// Most exec timeout: 30 days.
+pub const MAX_EXEC_TIMEOUT_MS: u64 = 30 * 86_400_000;
 
 /// Limits in numbers, after parsing and defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -294,6 +315,12 @@ pub struct ResolvedLimits {
     pub cpu_millis: u64,
     /// Process limit.
     pub pids: u64,
+    /// Bytes the writable layer may hold (none: no quota).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
+    /// Default exec timeout in milliseconds (none: no timeout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_timeout_ms: Option<u64>,
 }
 
 impl SandboxManifest {
@@ -478,10 +505,23 @@ impl SandboxSpec {
                 format!("{pids} is more than a sandbox may have: give 2 to {MAX_PIDS}"),
             ));
         }
+        let disk_bytes = match &self.limits.disk {
+            Some(d) => Some(parse_disk(d).map_err(|e| SpecError::field("spec.limits.disk", e))?),
+            None => None,
+        };
+        let exec_timeout_ms = match &self.limits.exec_timeout {
+            Some(t) => Some(
+                parse_exec_timeout(t)
+                    .map_err(|e| SpecError::field("spec.limits.execTimeout", e))?,
+            ),
+            None => None,
+        };
         Ok(ResolvedLimits {
             memory_bytes,
             cpu_millis,
             pids,
+            disk_bytes,
+            exec_timeout_ms,
         })
     }
 
@@ -489,6 +529,26 @@ impl SandboxSpec {
     pub fn image_ref(&self) -> &str {
         self.image.as_deref().unwrap_or("host")
     }
+}
+
+/// A disk quota in bytes, in range ([`MIN_DISK`] to [`MAX_DISK`]).
+pub fn parse_disk(text: &str) -> Result<u64, String> {
+    let bytes = quantity::parse_bytes(text)?;
+    if !(MIN_DISK..=MAX_DISK).contains(&bytes) {
+        return Err(format!(
+            "{text} is out of range: give 16Mi to 1Pi (or leave it out for no quota)"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// An exec timeout in milliseconds, in range (1ms to 30 days).
+pub fn parse_exec_timeout(text: &str) -> Result<u64, String> {
+    let ms = quantity::parse_duration_ms(text)?;
+    if !(MIN_EXEC_TIMEOUT_MS..=MAX_EXEC_TIMEOUT_MS).contains(&ms) {
+        return Err(format!("{text} is out of range: give 1ms to 30d"));
+    }
+    Ok(ms)
 }
 
 fn first_line(s: &str) -> String {

@@ -55,6 +55,48 @@ pub fn parse_cpu_millis(s: &str) -> Result<u64, String> {
     Ok(millis)
 }
 
+/// Parses a duration into milliseconds: a number (fractions allowed) with a unit `ms`, `s`,
+/// `m`, `h` or `d`: `500ms`, `30s`, `1.5m`, `2h`. A bare number is seconds.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let bad =
+        || format!("invalid duration {s:?}: use a number with ms, s, m, h or d, such as 30s or 5m");
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: f64 = match unit {
+        "ms" => 1.0,
+        "" | "s" => 1000.0,
+        "m" => 60_000.0,
+        "h" => 3_600_000.0,
+        "d" => 86_400_000.0,
+        _ => return Err(bad()),
+    };
+    let v: f64 = num.parse().map_err(|_| bad())?;
+    let ms = v * mult;
+    if !ms.is_finite() || ms < 0.0 || ms > u64::MAX as f64 / 2.0 {
+        return Err(bad());
+    }
+    Ok(ms.round() as u64)
+}
+
+/// Formats milliseconds for people: `500ms`, `30s`, `5m`, `1h30m`.
+pub fn format_duration_ms(ms: u64) -> String {
+    if ms < 1000 || !ms.is_multiple_of(1000) {
+        return format!("{ms}ms");
+    }
+    let s = ms / 1000;
+    match (s / 3600, (s % 3600) / 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, m, 0) => format!("{m}m"),
+        (0, m, sec) => format!("{m}m{sec}s"),
+        (h, 0, 0) => format!("{h}h"),
+        (h, m, 0) => format!("{h}h{m}m"),
+        (h, m, sec) => format!("{h}h{m}m{sec}s"),
+    }
+}
+
 /// Formats bytes for people: `1.5 GiB`, `12.0 MiB`, `512 B`.
 pub fn format_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -74,6 +116,21 @@ pub fn format_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("500ms").unwrap(), 500);
+        assert_eq!(parse_duration_ms("30s").unwrap(), 30_000);
+        assert_eq!(parse_duration_ms("30").unwrap(), 30_000);
+        assert_eq!(parse_duration_ms("1.5m").unwrap(), 90_000);
+        assert_eq!(parse_duration_ms("2h").unwrap(), 7_200_000);
+        for bad in ["", "5x", "-1s", "s", "1e400s", "1..2s"] {
+            assert!(parse_duration_ms(bad).is_err(), "{bad}");
+        }
+        assert_eq!(format_duration_ms(90_000), "1m30s");
+        assert_eq!(format_duration_ms(1500), "1500ms");
+        assert_eq!(format_duration_ms(7_200_000), "2h");
+    }
 
     #[test]
     fn sizes() {

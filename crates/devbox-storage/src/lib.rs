@@ -15,5 +15,5 @@ pub mod layers;
 mod pool;
 pub mod tree;
 
-pub use drivers::{Capabilities, VolumeDriver};
+pub use drivers::{Capabilities, VolumeDriver, VolumeQuota};
 pub use pool::{Pool, PoolInfo, PoolSource, StorageError, default_loop_size, disk_usage};

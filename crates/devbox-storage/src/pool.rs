@@ -241,6 +241,23 @@ impl Pool {
             .map_err(|e| self.map_err("set read-only", path, e))
     }
 
+    /// Caps the bytes a volume may hold (`None`: lifts the cap); see
+    /// [`VolumeDriver::set_volume_limit`].
+    pub fn set_volume_limit(&self, path: &Path, bytes: Option<u64>) -> Result<(), StorageError> {
+        self.driver
+            .set_volume_limit(path, bytes)
+            .map_err(|source| StorageError::Io {
+                op: "set the volume's quota on",
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+
+    /// A volume's quota and what it counts (see [`VolumeDriver::volume_quota`]).
+    pub fn volume_quota(&self, path: &Path) -> Option<crate::VolumeQuota> {
+        self.driver.volume_quota(path)
+    }
+
     /// Bytes a volume's contents take (see [`VolumeDriver::volume_usage`]).
     pub fn volume_usage(&self, path: &Path) -> u64 {
         self.driver.volume_usage(path)

@@ -39,6 +39,52 @@ pub struct Usage {
     pub pids: u64,
     /// CPU time consumed, in microseconds.
     pub cpu_usec: u64,
+    /// Processes the kernel's OOM killer killed in it (its memory limit was reached).
+    #[serde(default)]
+    pub oom_kills: u64,
+}
+
+/// A sandbox's writable layer as its disk quota counts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DiskUsage {
+    /// Bytes the writable layer references (btrfs qgroup; as of the last commit, within
+    /// about 30 seconds).
+    pub used_bytes: u64,
+    /// The quota (`spec.limits.disk`), if one is set.
+    pub limit_bytes: Option<u64>,
+}
+
+/// Change a sandbox's limits (any subset); a running sandbox gets them at once, without a
+/// restart. Quantities as in the spec; `none` lifts the disk quota or the exec timeout.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UpdateLimitsRequest {
+    /// Memory: `"2Gi"`. Not below what the sandbox uses now.
+    #[serde(default)]
+    pub memory: Option<String>,
+    /// CPUs: `"2"`, `"500m"`.
+    #[serde(default)]
+    pub cpu: Option<String>,
+    /// Most processes and threads. Not below how many run now.
+    #[serde(default)]
+    pub pids: Option<u64>,
+    /// Disk quota of the writable layer: `"20Gi"`, or `none`. Not below what it holds now.
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// Default exec timeout: `"5m"`, or `none`.
+    #[serde(default)]
+    pub exec_timeout: Option<String>,
+}
+
+impl UpdateLimitsRequest {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.memory.is_none()
+            && self.cpu.is_none()
+            && self.pids.is_none()
+            && self.disk.is_none()
+            && self.exec_timeout.is_none()
+    }
 }
 
 /// How processes run by default in an image (from an OCI config).
@@ -190,6 +236,9 @@ pub struct SandboxInfo {
     pub usage: Option<Usage>,
     /// Bytes in the sandbox's writable layer (inspect only).
     pub storage_bytes: Option<u64>,
+    /// The writable layer as its disk quota counts it (inspect only, with a quota).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskUsage>,
     /// Created (RFC 3339).
     pub created_at: String,
     /// Last started.
@@ -239,6 +288,11 @@ pub struct ExecRequest {
     /// An approved approval for exactly this command (when the checks require one).
     #[serde(default)]
     pub approval: Option<String>,
+    /// Kill the command and everything it started after this long (`"30s"`, `"5m"`,
+    /// `"500ms"`); it then ends with exit code 124 and `timed_out`. Default: the spec's
+    /// `limits.execTimeout`, else none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
 }
 
 impl ExecRequest {
@@ -274,6 +328,12 @@ pub struct ExecResult {
     pub duration_ms: u64,
     /// The snapshot the sandbox was rolled back to after the command failed.
     pub rolled_back_to: Option<String>,
+    /// The timeout ended it: it and everything it started were killed (exit code 124).
+    #[serde(default)]
+    pub timed_out: bool,
+    /// The kernel's OOM killer killed it: the sandbox reached its memory limit.
+    #[serde(default)]
+    pub oom_killed: bool,
 }
 
 /// Import an image from a path on the daemon's host.

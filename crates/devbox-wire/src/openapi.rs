@@ -14,7 +14,7 @@ use crate::error::{ErrorBody, ErrorDetail};
 use crate::model::{
     CloneRequest, CreateSandboxRequest, DiffResult, ExecRequest, ExecResult, ImageInfo,
     ImportImageRequest, PoolInfo, RollbackRequest, SandboxInfo, SnapshotInfo, SnapshotRequest,
-    StopRequest, VersionInfo,
+    StopRequest, UpdateLimitsRequest, VersionInfo,
 };
 use crate::query::{
     ApprovalsQuery, AuditQuery, DeleteSnapshotQuery, DestroyQuery, DiffQuery, ImportSnapshotQuery,
@@ -39,6 +39,7 @@ Errors have the shape {\"error\": {\"code\", \"message\"}}."
         destroy_sandbox,
         start_sandbox,
         stop_sandbox,
+        update_limits,
         exec,
         list_snapshots,
         take_snapshot,
@@ -109,6 +110,12 @@ fn start_sandbox() {}
     responses((status = 200, body = SandboxInfo), (status = 404, body = ErrorBody)))]
 #[allow(dead_code)]
 fn stop_sandbox() {}
+
+#[utoipa::path(patch, path = "/v1/sandboxes/{name}/limits", tag = "crate::server", params(("name" = String, Path)), request_body = UpdateLimitsRequest,
+    description = "Changes a sandbox's limits; a running sandbox gets them at once, without a restart (its cgroup and disk quota). POST works too. Nothing changes unless all of them can: values out of range, and memory, pids or disk below what the sandbox uses now, are refused (400). Audited as sandbox.update with the old and new values.",
+    responses((status = 200, body = SandboxInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[allow(dead_code)]
+fn update_limits() {}
 
 #[utoipa::path(post, path = "/v1/sandboxes/{name}/exec", tag = "crate::server", params(("name" = String, Path)), request_body = ExecRequest,
     responses((status = 200, body = ExecResult), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]

@@ -40,6 +40,16 @@ pub struct LimitsSpec {
     /// Most processes and threads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u64>,
+    /// Most bytes the writable layer may hold: `"10Gi"` (btrfs pools only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    /// Default timeout of every exec: `"30s"`, `"5m"`.
+    #[serde(
+        default,
+        rename = "execTimeout",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub exec_timeout: Option<String>,
 }
 
 /// Snapshot behaviour.
@@ -135,6 +145,12 @@ pub struct ResolvedLimits {
     pub cpu_millis: u64,
     /// Process limit.
     pub pids: u64,
+    /// Bytes the writable layer may hold (absent: no quota).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
+    /// Default exec timeout in milliseconds (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_timeout_ms: Option<u64>,
 }
 
 #[cfg(test)]
@@ -174,7 +190,7 @@ mod tests {
         schema_fields(&doc, "ResolvedLimits", &mut fields);
         let manifest = devbox_spec::SandboxManifest::parse(
             "apiVersion: sandbox.io/v1\nkind: Sandbox\nmetadata: {name: a, labels: {k: v}}\n\
-             spec:\n  image: host\n  limits: {cpu: '1', memory: 1Gi, pids: 10}\n\
+             spec:\n  image: host\n  limits: {cpu: '1', memory: 1Gi, pids: 10, disk: 1Gi, execTimeout: 5m}\n\
              \x20 rollback: {enabled: true, autoSnapshot: true, keep: 3, maxAge: 1d}\n\
              \x20 network: none\n  env: {A: b}\n  workdir: /w\n  user: root\n\
              \x20 hostname: h\n  command: [sleep, '1']\n",

@@ -78,6 +78,12 @@ pub enum ServerMsg {
         /// The snapshot the sandbox was rolled back to because the command failed.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rolled_back_to: Option<String>,
+        /// The timeout ended it (exit code 124).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        timed_out: bool,
+        /// The OOM killer killed it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        oom_killed: bool,
     },
     /// The command waits for someone's approval (`sandbox approve ID`); the stream goes on
     /// once it is decided.

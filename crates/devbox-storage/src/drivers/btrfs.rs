@@ -16,7 +16,7 @@ use crate::pool::{StorageError, io_err};
 
 /// btrfs subvolumes and snapshots.
 #[derive(Debug, Clone)]
-pub struct BtrfsDriver(());
+pub struct BtrfsDriver(std::sync::Arc<std::sync::Mutex<()>>);
 
 impl BtrfsDriver {
     /// The driver for a pool in directory `dir`, which must be on a btrfs filesystem.
@@ -29,7 +29,7 @@ impl BtrfsDriver {
                         .into(),
             });
         }
-        Ok(Self(()))
+        Ok(Self(Default::default()))
     }
 }
 
@@ -44,6 +44,7 @@ impl VolumeDriver for BtrfsDriver {
             atomic_snapshots: true,
             reflinks: true,
             read_only_volumes: true,
+            quotas: true,
         }
     }
 
@@ -68,6 +69,37 @@ impl VolumeDriver for BtrfsDriver {
 
     fn set_read_only(&self, path: &Path, read_only: bool) -> io::Result<()> {
         ioctl::set_readonly(path, read_only)
+    }
+
+    /// A qgroup limit on the bytes the subvolume references (`max_rfer` of qgroup `0/<id>`).
+    /// Qgroups are turned on for the whole pool the first time a limit is set (a scan of
+    /// what the pool holds then: once). Extents the volume shares with its snapshots count
+    /// in full for it (they are what it references); snapshots have qgroups of their own,
+    /// without limits, so they do not count against the volume's.
+    fn set_volume_limit(&self, path: &Path, bytes: Option<u64>) -> io::Result<()> {
+        match ioctl::set_qgroup_limit(path, bytes) {
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENOTCONN)
+                    || e.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                if bytes.is_none() {
+                    // Qgroups off: there is no limit to clear.
+                    return Ok(());
+                }
+                let _one = self.0.lock().unwrap_or_else(|p| p.into_inner());
+                ioctl::enable_quota(path)?;
+                ioctl::set_qgroup_limit(path, bytes)
+            }
+            r => r,
+        }
+    }
+
+    fn volume_quota(&self, path: &Path) -> Option<super::VolumeQuota> {
+        let q = ioctl::qgroup_usage(path).ok().flatten()?;
+        Some(super::VolumeQuota {
+            used_bytes: q.referenced,
+            limit_bytes: q.max_referenced,
+        })
     }
 
     fn volume_usage(&self, path: &Path) -> u64 {
@@ -269,5 +301,91 @@ pub(crate) mod tests {
             used(&before),
             used(&after)
         );
+    }
+
+    /// Writes `len` bytes into `path` in 1 MiB steps and syncs; the error that stopped it.
+    fn fill(path: &Path, len: usize) -> io::Result<()> {
+        use std::io::Write;
+        let mut f = fs::File::create(path)?;
+        let chunk = vec![0x5au8; 1 << 20];
+        for _ in 0..len.div_ceil(1 << 20) {
+            f.write_all(&chunk)?;
+        }
+        f.sync_all()
+    }
+
+    #[test]
+    fn quotas_cap_a_volume_and_snapshots_do_not_count() {
+        let Some(lb) = LoopBtrfs::new() else { return };
+        let d = BtrfsDriver::open(&lb.mnt).unwrap();
+        assert!(d.capabilities().quotas);
+        let v = lb.mnt.join("v");
+        d.create_volume(&v).unwrap();
+        // Before any limit: no qgroups, nothing to show, clearing is a no-op.
+        assert_eq!(d.volume_quota(&v), None);
+        d.set_volume_limit(&v, None).unwrap();
+        d.set_volume_limit(&v, Some(32 << 20)).unwrap();
+        let q = d.volume_quota(&v).unwrap();
+        assert_eq!(q.limit_bytes, Some(32 << 20));
+        // Writing past the limit fails with EDQUOT; the pool has room to spare.
+        let e = fill(&v.join("big"), 64 << 20).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EDQUOT), "{e}");
+        fs::remove_file(v.join("big")).unwrap();
+        rustix::fs::syncfs(fs::File::open(&v).unwrap()).unwrap();
+        fill(&v.join("a"), 20 << 20).unwrap();
+        // Hard links and reflinks of a file reference its extents once: no more room used,
+        // and no way around the limit either.
+        fs::hard_link(v.join("a"), v.join("a-link")).unwrap();
+        for i in 0..4 {
+            let src = fs::File::open(v.join("a")).unwrap();
+            let dst = fs::File::create(v.join(format!("a-clone{i}"))).unwrap();
+            rustix::fs::ioctl_ficlone(&dst, &src).unwrap();
+        }
+        rustix::fs::syncfs(fs::File::open(&v).unwrap()).unwrap();
+        let used = d.volume_quota(&v).unwrap().used_bytes;
+        assert!(used < 24 << 20, "{used}");
+        let e = fill(&v.join("b"), 20 << 20).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EDQUOT), "{e}");
+        let _ = fs::remove_file(v.join("b"));
+        // A snapshot has a qgroup of its own; the kernel copies the volume's limit into it
+        // (harmless: a read-only snapshot never grows). The data it shares with the volume
+        // counts for each, so the snapshot takes nothing from the volume's room: once the
+        // volume's files are gone, their extents are the snapshot's alone and the volume
+        // has its whole limit again.
+        let s = lb.mnt.join("s");
+        d.snapshot_volume(&v, &s, true).unwrap();
+        assert_eq!(d.volume_quota(&s).unwrap().limit_bytes, Some(32 << 20));
+        for f in [
+            "a", "a-link", "a-clone0", "a-clone1", "a-clone2", "a-clone3",
+        ] {
+            fs::remove_file(v.join(f)).unwrap();
+        }
+        rustix::fs::syncfs(fs::File::open(&v).unwrap()).unwrap();
+        fill(&v.join("c"), 24 << 20).unwrap();
+        // A writable snapshot (a rollback's new volume) starts with the snapshot's copy of
+        // the limit; the engine sets the sandbox's current one before anything runs on it.
+        let w = lb.mnt.join("w");
+        d.snapshot_volume(&s, &w, false).unwrap();
+        assert_eq!(d.volume_quota(&w).unwrap().limit_bytes, Some(32 << 20));
+        d.set_volume_limit(&w, Some(64 << 20)).unwrap();
+        assert_eq!(d.volume_quota(&w).unwrap().limit_bytes, Some(64 << 20));
+        // Lifting the limit lets the volume grow again.
+        d.set_volume_limit(&v, None).unwrap();
+        assert_eq!(d.volume_quota(&v).unwrap().limit_bytes, None);
+        fill(&v.join("d"), 24 << 20).unwrap();
+        d.set_read_only(&s, false).unwrap();
+        for p in [&v, &s, &w] {
+            d.delete_volume(p).unwrap();
+        }
+    }
+
+    #[test]
+    fn copy_driver_refuses_quotas() {
+        let t = tempfile::tempdir().unwrap();
+        let d = super::super::CopyDriver::open(t.path());
+        assert!(!d.capabilities().quotas);
+        let e = d.set_volume_limit(t.path(), Some(1 << 30)).unwrap_err();
+        assert!(e.to_string().contains("btrfs"), "{e}");
+        assert_eq!(d.volume_quota(t.path()), None);
     }
 }

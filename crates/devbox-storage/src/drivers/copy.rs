@@ -53,6 +53,7 @@ impl VolumeDriver for CopyDriver {
             atomic_snapshots: false,
             reflinks: self.reflinks,
             read_only_volumes: false,
+            quotas: false,
         }
     }
 

@@ -36,6 +36,18 @@ pub struct Capabilities {
     /// [`VolumeDriver::set_read_only`] is enforced by the filesystem (otherwise it is a no-op
     /// and read-only volumes are read-only by convention only).
     pub read_only_volumes: bool,
+    /// [`VolumeDriver::set_volume_limit`] caps what a volume may hold, enforced by the
+    /// filesystem (writes beyond it fail with `EDQUOT`).
+    pub quotas: bool,
+}
+
+/// A volume's space as its quota counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeQuota {
+    /// Bytes the volume holds, as the quota counts them.
+    pub used_bytes: u64,
+    /// The limit, if one is set.
+    pub limit_bytes: Option<u64>,
 }
 
 /// A way of storing volumes in a pool.
@@ -68,6 +80,23 @@ pub trait VolumeDriver: fmt::Debug + Send + Sync {
     /// Bytes the volume's contents take (apparent sizes, hard links counted once, links never
     /// followed); 0 if it cannot be read.
     fn volume_usage(&self, path: &Path) -> u64;
+
+    /// Caps the bytes volume `path` may hold (`None`: no cap but the pool's size). Only for
+    /// drivers with [`Capabilities::quotas`]; the default refuses.
+    fn set_volume_limit(&self, _path: &Path, _bytes: Option<u64>) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "the {} storage driver cannot limit a volume's size: use a btrfs pool",
+                self.name()
+            ),
+        ))
+    }
+
+    /// What volume `path`'s quota counts (`None` without quotas).
+    fn volume_quota(&self, _path: &Path) -> Option<VolumeQuota> {
+        None
+    }
 
     /// Whether an error of this driver means the pool has no room left.
     fn is_full(&self, e: &io::Error) -> bool {
