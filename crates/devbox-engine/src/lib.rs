@@ -29,6 +29,7 @@ mod locks;
 mod main_process;
 mod measure;
 pub mod model;
+mod network;
 mod os;
 mod reconcile;
 mod sandbox;

@@ -78,12 +78,8 @@ impl Cidr {
     /// Whether `ip` lies in this network.
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => {
-                mask_v4(u32::from(a), self.prefix) == u32::from(n)
-            }
-            (IpAddr::V6(n), IpAddr::V6(a)) => {
-                mask_v6(u128::from(a), self.prefix) == u128::from(n)
-            }
+            (IpAddr::V4(n), IpAddr::V4(a)) => mask_v4(u32::from(a), self.prefix) == u32::from(n),
+            (IpAddr::V6(n), IpAddr::V6(a)) => mask_v6(u128::from(a), self.prefix) == u128::from(n),
             _ => false,
         }
     }
@@ -210,7 +206,9 @@ fn check_name(name: &str, whole: &str) -> Result<String, String> {
             return Err(bad("a label of a DNS name has at most 63 characters"));
         }
         if label.contains('*') {
-            return Err(bad("`*` may only stand alone as the first label, as in *.example.com"));
+            return Err(bad(
+                "`*` may only stand alone as the first label, as in *.example.com",
+            ));
         }
         if !label
             .bytes()
@@ -365,7 +363,10 @@ impl PortMap {
                 2 => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), t),
                 3 => {
                     let ip: IpAddr = parts[0].parse().map_err(|_| {
-                        format!("{text:?}: {:?} is not an IP address; {PORT_FORMS}", parts[0])
+                        format!(
+                            "{text:?}: {:?} is not an IP address; {PORT_FORMS}",
+                            parts[0]
+                        )
                     })?;
                     (ip, &t[parts[0].len() + 1..])
                 }
@@ -461,7 +462,10 @@ impl<'de> Deserialize<'de> for NetworkSpec {
                     ..Default::default()
                 })
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<NetworkSpec, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> Result<NetworkSpec, A::Error> {
                 NetworkSpec::deserialize(serde::de::value::MapAccessDeserializer::new(m))
             }
         }
@@ -630,23 +634,58 @@ mod tests {
         let back = crate::SandboxManifest::from_value(serde_json::to_value(&m).unwrap()).unwrap();
         assert_eq!(back, m);
         assert_eq!(spec("open").unwrap().spec.network.mode, NetworkMode::Open);
-        assert_eq!(spec("{ports: ['80:80']}").unwrap().spec.network.mode, NetworkMode::None);
+        assert_eq!(
+            spec("{ports: ['80:80']}").unwrap().spec.network.mode,
+            NetworkMode::None
+        );
     }
 
     #[test]
     fn bad_specs_name_the_field() {
         for (network, field, says) in [
             ("closed", "spec.network", "none, allow or open"),
-            ("{mode: allow, allow: ['10.0.0.1/8']}", "spec.network.allow[0]", "write 10.0.0.0/8"),
-            ("{mode: allow, allow: [a.com, 'b c']}", "spec.network.allow[1]", "one rule per"),
-            ("{mode: open, deny: ['x:y']}", "spec.network.deny[0]", "not a port"),
+            (
+                "{mode: allow, allow: ['10.0.0.1/8']}",
+                "spec.network.allow[0]",
+                "write 10.0.0.0/8",
+            ),
+            (
+                "{mode: allow, allow: [a.com, 'b c']}",
+                "spec.network.allow[1]",
+                "one rule per",
+            ),
+            (
+                "{mode: open, deny: ['x:y']}",
+                "spec.network.deny[0]",
+                "not a port",
+            ),
             ("{ports: ['80']}", "spec.network.ports[0]", "HOST:SANDBOX"),
-            ("{mode: none, allow: [pypi.org]}", "spec.network.allow", "--network allow"),
-            ("{allow: [pypi.org]}", "spec.network.allow", "--network allow"),
+            (
+                "{mode: none, allow: [pypi.org]}",
+                "spec.network.allow",
+                "--network allow",
+            ),
+            (
+                "{allow: [pypi.org]}",
+                "spec.network.allow",
+                "--network allow",
+            ),
             ("{deny: [pypi.org]}", "spec.network.deny", "--network"),
-            ("{mode: open, allow: [pypi.org]}", "spec.network.allow", "--network allow"),
-            ("{mode: allow, allowed: [pypi.org]}", "spec.network", "allowed"),
-            ("{ports: ['80:80', '127.0.0.1:80:81']}", "spec.network.ports[1]", "twice"),
+            (
+                "{mode: open, allow: [pypi.org]}",
+                "spec.network.allow",
+                "--network allow",
+            ),
+            (
+                "{mode: allow, allowed: [pypi.org]}",
+                "spec.network",
+                "allowed",
+            ),
+            (
+                "{ports: ['80:80', '127.0.0.1:80:81']}",
+                "spec.network.ports[1]",
+                "twice",
+            ),
         ] {
             let e = spec(network).unwrap_err().to_string();
             assert!(e.starts_with(field) && e.contains(says), "{network}: {e}");

@@ -75,7 +75,8 @@ mod tests {
         let s = Store::open_in_memory().unwrap();
         assert_eq!(s.network_rules("a").unwrap(), None);
         s.set_network_rules("a", Some("{\"allow\":[]}")).unwrap();
-        s.set_network_rules("a", Some("{\"allow\":[\"x.y\"]}")).unwrap();
+        s.set_network_rules("a", Some("{\"allow\":[\"x.y\"]}"))
+            .unwrap();
         assert_eq!(
             s.network_rules("a").unwrap().as_deref(),
             Some("{\"allow\":[\"x.y\"]}")
@@ -88,15 +89,28 @@ mod tests {
     fn blocked_attempts_by_sandbox() {
         let s = Store::open_in_memory().unwrap();
         for i in 0..5 {
-            s.append_audit("daemon", "network.blocked", Some("a"), &serde_json::json!({"i": i}))
-                .unwrap();
-        }
-        s.append_audit("daemon", "network.blocked", Some("b"), &serde_json::json!({}))
+            s.append_audit(
+                "daemon",
+                "network.blocked",
+                Some("a"),
+                &serde_json::json!({"i": i}),
+            )
             .unwrap();
+        }
+        s.append_audit(
+            "daemon",
+            "network.blocked",
+            Some("b"),
+            &serde_json::json!({}),
+        )
+        .unwrap();
         s.append_audit("root", "network.allow", Some("a"), &serde_json::json!({}))
             .unwrap();
         let got = s.audit_of_action("a", "network.blocked", 0, 3).unwrap();
-        let is: Vec<_> = got.iter().map(|r| r.detail["i"].as_i64().unwrap()).collect();
+        let is: Vec<_> = got
+            .iter()
+            .map(|r| r.detail["i"].as_i64().unwrap())
+            .collect();
         assert_eq!(is, [2, 3, 4]);
     }
 }

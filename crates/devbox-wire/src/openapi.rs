@@ -18,8 +18,8 @@ use crate::model::{
 };
 use crate::network::{BlockedAttempt, NetworkInfo, NetworkRulesRequest};
 use crate::query::{
-    ApprovalsQuery, AuditQuery, DeleteSnapshotQuery, DestroyQuery, DiffQuery, ImportSnapshotQuery, NetworkLogQuery,
-    ScopeQuery, VerifyQuery, WaitQuery,
+    ApprovalsQuery, AuditQuery, DeleteSnapshotQuery, DestroyQuery, DiffQuery, ImportSnapshotQuery,
+    NetworkLogQuery, ScopeQuery, VerifyQuery, WaitQuery,
 };
 use crate::stream::{ClientMsg, ServerMsg};
 
