@@ -3,10 +3,16 @@
 //! reset goes back to the spec's), their changes (audited as `network.allow`,
 //! `network.deny`, `network.reset`), what the policies' input says about the network, and
 //! the blocked attempts (audited as `network.blocked`, read back by `sandbox network log`).
+//!
+//! The data plane is `devbox-net` ([`Networks`]): a sandbox with a network (mode allow or
+//! open, or published ports) gets a namespace of its own made before it starts
+//! ([`Engine::attach_network`]) and removed when it stops; rule changes reach it live;
+//! reconcile re-attaches running sandboxes and removes what no running sandbox owns.
 
 use std::sync::Arc;
 
-use devbox_spec::{NetRule, NetworkMode, NetworkSpec};
+use devbox_net::Networks;
+use devbox_spec::{NetRule, NetTarget, NetworkMode, NetworkSpec};
 use devbox_store::SandboxRecord;
 use devbox_wire::{BlockedAttempt, NetworkCounters, NetworkInfo};
 use serde::{Deserialize, Serialize};
@@ -57,6 +63,101 @@ impl Change {
             Self::Allow => "network.allow",
             Self::Deny => "network.deny",
         }
+    }
+}
+
+/// The daemon's networks, or why there are none (the error a sandbox with a network gets).
+pub(crate) type NetHandle = std::result::Result<Arc<Networks>, String>;
+
+/// Opens the networks of the daemon (native backend only): `$DEVBOX_NET_SUBNET` (default:
+/// the first of devbox-net's candidates no route uses), `$DEVBOX_NET_DNS` (comma-separated
+/// `addr:port`; default: the host's resolvers), state under `<state dir>/net`.
+pub(crate) fn open_networks(cfg: &crate::EngineConfig, native: bool) -> NetHandle {
+    if !native {
+        return Err("this daemon's backend has no networks".into());
+    }
+    let subnet = match std::env::var("DEVBOX_NET_SUBNET")
+        .ok()
+        .filter(|s| !s.is_empty())
+    {
+        Some(s) => s.parse().map_err(|_| {
+            format!("DEVBOX_NET_SUBNET={s:?} is not an IPv4 network such as 10.213.0.0/16")
+        })?,
+        None => devbox_net::default_subnet().map_err(|e| e.to_string())?,
+    };
+    let upstream_dns = match std::env::var("DEVBOX_NET_DNS")
+        .ok()
+        .filter(|s| !s.is_empty())
+    {
+        Some(list) => list
+            .split(',')
+            .map(|a| {
+                let a = a.trim();
+                a.parse()
+                    .or_else(|_| a.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+                    .map_err(|_| {
+                        format!("DEVBOX_NET_DNS: {a:?} is not an address such as 10.0.0.2:53")
+                    })
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?,
+        None => devbox_net::system_resolvers(),
+    };
+    Networks::new(devbox_net::NetConfig {
+        subnet,
+        upstream_dns,
+        state_dir: cfg.state_dir.join("net"),
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// Whether a sandbox gets a network namespace of the daemon's (else an empty one of its own).
+pub(crate) fn has_network(net: &NetworkSpec) -> bool {
+    net.mode != NetworkMode::None || !net.ports.is_empty()
+}
+
+fn net_rule(r: &NetRule) -> Option<devbox_net::Rule> {
+    let target = match &r.target {
+        NetTarget::Name(n) => devbox_net::Target::Name(n.clone()),
+        NetTarget::Suffix(s) => devbox_net::Target::Suffix(s.clone()),
+        NetTarget::Net(c) => devbox_net::Target::Net(ipnet::IpNet::new(c.addr, c.prefix).ok()?),
+    };
+    Some(devbox_net::Rule {
+        target,
+        port: r.port,
+    })
+}
+
+/// The data plane's policy for the network in force.
+pub(crate) fn net_policy(net: &NetworkSpec) -> devbox_net::Policy {
+    devbox_net::Policy {
+        mode: match net.mode {
+            NetworkMode::None => devbox_net::Mode::None,
+            NetworkMode::Allow => devbox_net::Mode::Allow,
+            NetworkMode::Open => devbox_net::Mode::Open,
+        },
+        allow: net.allow.iter().filter_map(net_rule).collect(),
+        deny: net.deny.iter().filter_map(net_rule).collect(),
+    }
+}
+
+fn net_ports(net: &NetworkSpec) -> Vec<devbox_net::PortMap> {
+    net.ports
+        .iter()
+        .map(|p| devbox_net::PortMap {
+            bind: p.bind,
+            host_port: p.host_port,
+            sandbox_port: p.sandbox_port,
+        })
+        .collect()
+}
+
+fn net_error(name: &str, e: devbox_net::NetError) -> EngineError {
+    match e {
+        devbox_net::NetError::Invalid(m) => EngineError::InvalidRequest(m),
+        devbox_net::NetError::Port { .. } => {
+            EngineError::WrongState(format!("sandbox {name}: {e}: pick another host port"))
+        }
+        other => EngineError::Internal(format!("the network of sandbox {name}: {other}")),
     }
 }
 
@@ -131,6 +232,35 @@ pub(crate) fn apply_change(
     Ok(live)
 }
 
+trait WithStatus {
+    fn with_status(self, st: Option<devbox_net::NetStatus>) -> Self;
+}
+
+impl WithStatus for NetworkInfo {
+    fn with_status(mut self, st: Option<devbox_net::NetStatus>) -> Self {
+        let Some(st) = st else { return self };
+        self.attached = true;
+        self.address = st.address.map(|a| a.to_string());
+        self.counters = NetworkCounters {
+            dns_answered: st.counters.dns_answered,
+            dns_refused: st.counters.dns_refused,
+            conns_blocked: st.counters.conns_blocked,
+            bytes_out: st.counters.bytes_out,
+            bytes_in: st.counters.bytes_in,
+        };
+        self.allowed_now = st
+            .allowed_now
+            .into_iter()
+            .map(|(a, because, left)| devbox_wire::AllowedAddress {
+                address: a.to_string(),
+                because,
+                seconds_left: left,
+            })
+            .collect();
+        self
+    }
+}
+
 fn strings<T: ToString>(items: &[T]) -> Vec<String> {
     items.iter().map(ToString::to_string).collect()
 }
@@ -185,7 +315,16 @@ impl Engine {
             attached: false,
             counters: NetworkCounters::default(),
             allowed_now: Vec::new(),
-        })
+        }
+        .with_status(self.network_now(rec)))
+    }
+
+    /// What the data plane says of a running sandbox's network.
+    fn network_now(&self, rec: &SandboxRecord) -> Option<devbox_net::NetStatus> {
+        if rec.state != devbox_store::SandboxState::Running {
+            return None;
+        }
+        self.net.as_ref().ok()?.status(&rec.id).ok()
     }
 
     /// A sandbox's network: mode, rules in force, ports, address and counters.
@@ -338,9 +477,129 @@ impl Engine {
         }
     }
 
-    /// Applies the rules in force to a running sandbox's network (the data plane).
-    fn apply_network_rules(&self, _rec: &SandboxRecord) -> Result<()> {
+    /// The daemon's networks, or why a sandbox cannot have one here.
+    fn networks(&self, name: &str) -> Result<&Arc<Networks>> {
+        self.net.as_ref().map_err(|why| {
+            EngineError::WrongState(format!(
+                "sandbox {name} needs a network, and this daemon has none: {why}"
+            ))
+        })
+    }
+
+    /// Makes a starting sandbox's network (if it has one): its namespace, and for modes
+    /// allow and open its link, rules and resolver; its published ports. Returns the
+    /// namespace to join and the resolv.conf to write.
+    pub(crate) fn attach_network(
+        &self,
+        rec: &SandboxRecord,
+    ) -> Result<(Option<std::path::PathBuf>, Option<String>)> {
+        let net = self.network_in_force(rec)?;
+        if !has_network(&net) {
+            return Ok((None, None));
+        }
+        let att = self
+            .networks(&rec.name)?
+            .create(&rec.id, &net_policy(&net), &net_ports(&net))
+            .map_err(|e| net_error(&rec.name, e))?;
+        Ok((Some(att.netns.clone()), att.resolv_conf()))
+    }
+
+    /// Removes a sandbox's network (stopped, failed to start, destroyed); idempotent.
+    pub(crate) fn detach_network(&self, rec: &SandboxRecord) {
+        if let Ok(n) = &self.net
+            && let Err(e) = n.remove(&rec.id)
+        {
+            tracing::warn!(sandbox = %rec.name, "removing its network (reconcile retries): {e}");
+        }
+    }
+
+    /// At start-up: re-attaches the networks of running sandboxes (resolver, port proxies)
+    /// and removes every other network of this state dir.
+    pub(crate) fn reconcile_networks(&self, kept: &[SandboxRecord]) {
+        let Ok(n) = &self.net else { return };
+        let mut keep = Vec::new();
+        for rec in kept {
+            if rec.state != devbox_store::SandboxState::Running {
+                continue;
+            }
+            let net = match self.network_in_force(rec) {
+                Ok(net) if has_network(&net) => net,
+                _ => continue,
+            };
+            match n.create(&rec.id, &net_policy(&net), &net_ports(&net)) {
+                Ok(_) => keep.push(rec.id.clone()),
+                Err(e) => {
+                    tracing::error!(sandbox = %rec.name, "re-attaching its network: {e}")
+                }
+            }
+        }
+        match n.cleanup(&keep) {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!(
+                    count = removed.len(),
+                    "removed networks no running sandbox owns"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!("removing networks no sandbox owns: {e}"),
+        }
+    }
+
+    /// Moves blocked attempts from the data plane into the audit log, every second, while
+    /// the engine lives.
+    pub(crate) fn pump_blocked(self: &Arc<Self>) {
+        let Ok(n) = &self.net else { return };
+        let n = n.clone();
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                let Some(e) = weak.upgrade() else { return };
+                let n = n.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    let attempts = n
+                        .take_new_blocked()
+                        .into_iter()
+                        .map(|(id, b)| Blocked {
+                            sandbox_id: id,
+                            kind: match b.kind {
+                                devbox_net::BlockedKind::Dns => "dns",
+                                devbox_net::BlockedKind::Connect => "connect",
+                            },
+                            target: b.target,
+                        })
+                        .collect();
+                    e.record_blocked(attempts);
+                })
+                .await;
+            }
+        });
+    }
+
+    /// A checkpoint of processes (snapshot --with-processes) is refused for a sandbox whose
+    /// network namespace is the daemon's: CRIU would have to restore into it.
+    pub(crate) fn refuse_checkpoint_with_network(&self, rec: &SandboxRecord) -> Result<()> {
+        if has_network(&self.network_in_force(rec)?) {
+            return Err(EngineError::InvalidRequest(format!(
+                "sandbox {} has a network (mode allow or open, or published ports):                  --with-processes is not available for it yet; take the snapshot without it",
+                rec.name
+            )));
+        }
         Ok(())
+    }
+
+    /// Applies the rules in force to a running sandbox's network (the data plane).
+    fn apply_network_rules(&self, rec: &SandboxRecord) -> Result<()> {
+        if rec.state != devbox_store::SandboxState::Running {
+            return Ok(()); // applied at the next start
+        }
+        let net = self.network_in_force(rec)?;
+        if !has_network(&net) {
+            return Ok(());
+        }
+        self.networks(&rec.name)?
+            .set_policy(&rec.id, &net_policy(&net))
+            .map_err(|e| net_error(&rec.name, e))
     }
 }
 

@@ -147,6 +147,7 @@ impl Engine {
                     rec.name
                 )));
             }
+            self.refuse_checkpoint_with_network(rec)?;
             if !caps.checkpoint {
                 return Err(EngineError::InvalidRequest(format!(
                     "sandbox {} runs on the {} backend, which cannot checkpoint processes: leave out --with-processes",

@@ -634,8 +634,19 @@ fn network_rules_change_live_persist_and_follow_clones() {
         "apiVersion: sandbox.io/v1\nkind: Sandbox\nspec:\n  network: {mode: allow, allow: [pypi.org], ports: ['18080:80']}\n",
     )
     .expect("spec");
-    d.create_with("net", true, Some(manifest));
+    // The fake backend's daemon has no networks: a sandbox with one cannot start here (the
+    // CLI tests run them), but its rules are kept and changed all the same.
     let e = d.engine.clone();
+    let err = d
+        .run(e.create(CreateSandboxRequest {
+            name: Some("net".into()),
+            manifest: Some(manifest.clone()),
+            start: true,
+        }))
+        .unwrap_err();
+    assert!(err.to_string().contains("has none"), "{err}");
+    assert!(e.record("net").is_err(), "a failed create leaves no record");
+    d.create_with("net", false, Some(manifest));
     let n = d
         .run(e.network_allow("net", vec!["*.npmjs.org".into(), "10.1.2.0/24:443".into()]))
         .expect("allow");
