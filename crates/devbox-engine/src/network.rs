@@ -261,6 +261,30 @@ impl WithStatus for NetworkInfo {
     }
 }
 
+/// Longest target text recorded (a DNS name has at most 253 characters).
+const MAX_TARGET: usize = 300;
+
+/// A target as the sandbox sent it, made safe to store and print: control characters
+/// escaped, cut to [`MAX_TARGET`] characters.
+fn printable(target: &str) -> String {
+    let escaped: String = target
+        .chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect();
+    if escaped.chars().count() <= MAX_TARGET {
+        return escaped;
+    }
+    let mut out: String = escaped.chars().take(MAX_TARGET).collect();
+    out.push('…');
+    out
+}
+
 fn strings<T: ToString>(items: &[T]) -> Vec<String> {
     items.iter().map(ToString::to_string).collect()
 }
@@ -432,7 +456,8 @@ impl Engine {
         };
         // (sandbox id, kind, target) -> count, in the order first seen.
         let mut grouped: Vec<(Blocked, u64)> = Vec::new();
-        for a in attempts {
+        for mut a in attempts {
+            a.target = printable(&a.target);
             match grouped.iter_mut().find(|(g, _)| {
                 g.sandbox_id == a.sandbox_id && g.kind == a.kind && g.target == a.target
             }) {
@@ -647,6 +672,15 @@ mod tests {
         assert_eq!(l, LiveRules::default());
         let l = apply_change("d", &open, Change::Deny, &rules(&["10.0.0.0/8"])).unwrap();
         assert_eq!(l.deny, rules(&["a.b", "10.0.0.0/8"]));
+    }
+
+    #[test]
+    fn hostile_targets_are_made_printable() {
+        assert_eq!(printable("evil.test"), "evil.test");
+        assert_eq!(printable("a\x1b[2Jb\n"), "a\\u{1b}[2Jb\\n");
+        let long = printable(&"x".repeat(10_000));
+        assert_eq!(long.chars().count(), MAX_TARGET + 1);
+        assert_eq!(printable(&"y".repeat(MAX_TARGET)), "y".repeat(MAX_TARGET));
     }
 
     #[test]
