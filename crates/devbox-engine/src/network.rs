@@ -22,9 +22,8 @@ use crate::{Engine, EngineError, Result};
 
 /// The audit action of blocked attempts.
 pub(crate) const BLOCKED_ACTION: &str = "network.blocked";
-/// Most rules a sandbox may have (allow and deny together): beyond this, the rule set is a
-/// list of addresses that belongs in a CIDR.
-pub(crate) const MAX_RULES: usize = 1024;
+/// Most rules a sandbox may have (allow and deny together), live changes included.
+pub(crate) const MAX_RULES: usize = devbox_spec::network::MAX_RULES;
 /// Most blocked-attempt records per sandbox and round of bookkeeping; the rest are counted
 /// in one summary record.
 pub(crate) const MAX_BLOCKED_RECORDS: usize = 20;

@@ -416,6 +416,12 @@ impl<'de> Deserialize<'de> for PortMap {
     }
 }
 
+/// Most rules (allow and deny together) a sandbox may have: beyond this, a rule set is a
+/// list of addresses that belongs in a network (10.1.2.0/24) or a wildcard (*.example.com).
+pub const MAX_RULES: usize = 1024;
+/// Most published ports of a sandbox.
+pub const MAX_PORTS: usize = 256;
+
 /// `spec.network`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -498,6 +504,22 @@ impl NetworkSpec {
                 ));
             }
             _ => {}
+        }
+        if self.allow.len() + self.deny.len() > MAX_RULES {
+            return Err(SpecError::field(
+                "spec.network",
+                format!(
+                    "{} rules are more than a sandbox may have ({MAX_RULES}): join addresses \
+                     into networks (10.1.2.0/24) and names under wildcards (*.example.com)",
+                    self.allow.len() + self.deny.len()
+                ),
+            ));
+        }
+        if self.ports.len() > MAX_PORTS {
+            return Err(SpecError::field(
+                "spec.network.ports",
+                format!("a sandbox publishes at most {MAX_PORTS} ports"),
+            ));
         }
         for (i, p) in self.ports.iter().enumerate() {
             if let Some(j) = self.ports[..i].iter().position(|q| {
@@ -691,5 +713,10 @@ mod tests {
             assert!(e.starts_with(field) && e.contains(says), "{network}: {e}");
         }
         spec("{ports: ['127.0.0.1:80:80', '127.0.0.2:80:81', '[::1]:80:80']}").unwrap();
+        let many: Vec<String> = (0..=MAX_RULES).map(|i| format!("h{i}.test")).collect();
+        let e = spec(&format!("{{mode: allow, allow: [{}]}}", many.join(", ")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("spec.network:") && e.contains("1024"), "{e}");
     }
 }
