@@ -5,7 +5,7 @@
 # benchmark compares against. Idempotent: does nothing when everything is there.
 set -euo pipefail
 
-packages=(btrfs-progs util-linux busybox-static iproute2 ca-certificates python3 procps)
+packages=(btrfs-progs util-linux busybox-static iproute2 nftables ca-certificates python3 procps curl)
 if [[ "${1:-}" == "bench" ]]; then
   packages+=(runc bubblewrap podman hyperfine)
 fi

@@ -7,12 +7,13 @@
 //! - [`auth`]: the caller check: only root may call; who calls (and for whom) is the
 //!   engine's [`devbox_engine::Caller`].
 //! - [`checks`]: command checks, policies and approvals; [`audit`]: the audit log and exec
-//!   log export.
+//!   log export; [`network`]: a sandbox's network, its live changes and blocked attempts.
 //! - `ws`: streaming exec over WebSocket ([`devbox_wire::stream`] defines its messages).
 
 pub mod audit;
 pub mod auth;
 pub mod checks;
+pub mod network;
 pub mod server;
 mod ws;
 

@@ -127,6 +127,20 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/sandboxes/{name}/rollback", post(rollback))
         .route("/v1/sandboxes/{name}/clone", post(clone_sandbox))
         .route("/v1/sandboxes/{name}/diff", get(diff))
+        .route("/v1/sandboxes/{name}/network", get(crate::network::status))
+        .route(
+            "/v1/sandboxes/{name}/network/allow",
+            post(crate::network::allow),
+        )
+        .route(
+            "/v1/sandboxes/{name}/network/deny",
+            post(crate::network::deny),
+        )
+        .route(
+            "/v1/sandboxes/{name}/network/reset",
+            post(crate::network::reset),
+        )
+        .route("/v1/sandboxes/{name}/network/log", get(crate::network::log))
         .route("/v1/images", get(list_images))
         .route("/v1/images/import", post(import_image))
         .route(

@@ -112,6 +112,11 @@ pub struct StartSpec {
     pub binds: Vec<PathBuf>,
     /// Resource limits.
     pub limits: Limits,
+    /// A network namespace made for the sandbox (a bind-mounted nsfs file) to join; none: an
+    /// empty one of its own (loopback only).
+    pub netns: Option<PathBuf>,
+    /// What the sandbox's `/etc/resolv.conf` says (its network's resolver), if anything.
+    pub resolv_conf: Option<String>,
 }
 
 /// Where a checkpoint of a sandbox's processes lives.

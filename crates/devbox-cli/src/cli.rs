@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use devbox_spec::{NetRule, NetworkMode, PortMap};
 
 /// dev-box: isolated sandboxes that start in milliseconds.
 ///
@@ -109,6 +110,51 @@ pub struct SandboxOpts {
     /// after a rollback; its output goes to logs/NAME/main.log in the state dir.
     #[arg(long = "main", value_name = "TEXT")]
     pub main_command: Option<String>,
+    /// Network mode (default none: loopback only).
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub network: Option<NetMode>,
+    /// Allow egress to a name (pypi.org), a wildcard (*.npmjs.org), an address or network
+    /// (10.1.2.0/24, [2001:db8::/32]), optionally with a port (example.com:443,
+    /// 10.1.2.0/24:443); needs --network allow (repeatable).
+    #[arg(long = "allow", value_name = "RULE", value_parser = parse_rule)]
+    pub allow: Vec<NetRule>,
+    /// Deny egress (same forms as --allow; wins over allow rules); with --network allow or
+    /// open (repeatable).
+    #[arg(long = "deny", value_name = "RULE", value_parser = parse_rule)]
+    pub deny: Vec<NetRule>,
+    /// Publish a TCP port: connections to HOST (on ADDR, default every IPv4 address) on the
+    /// host reach port SANDBOX inside; any network mode (repeatable).
+    #[arg(short = 'p', long = "publish", value_name = "[ADDR:]HOST:SANDBOX", value_parser = parse_port_map)]
+    pub publish: Vec<PortMap>,
+}
+
+/// Network modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NetMode {
+    /// Loopback only (published ports still reach the sandbox).
+    None,
+    /// Egress only to what --allow lists; names resolve through the daemon's DNS.
+    Allow,
+    /// Egress anywhere but what --deny lists (and the host, and 169.254.0.0/16).
+    Open,
+}
+
+impl From<NetMode> for NetworkMode {
+    fn from(m: NetMode) -> Self {
+        match m {
+            NetMode::None => NetworkMode::None,
+            NetMode::Allow => NetworkMode::Allow,
+            NetMode::Open => NetworkMode::Open,
+        }
+    }
+}
+
+fn parse_rule(s: &str) -> Result<NetRule, String> {
+    NetRule::parse(s)
+}
+
+fn parse_port_map(s: &str) -> Result<PortMap, String> {
+    PortMap::parse(s)
 }
 
 /// How a command runs.
@@ -252,6 +298,9 @@ pub enum Command {
     /// A running sandbox is frozen for the instant of the snapshot. Without a name, the
     /// snapshot gets a time-ordered one (s-YYYYMMDD-HHMMSS-mmm).
     Snapshot(SnapshotArgs),
+    /// Show a sandbox's network (mode, rules, ports, address, counters), or change its
+    /// rules live (network allow / deny / reset), or show blocked attempts (network log).
+    Network(NetworkArgs),
     /// Show a sandbox's snapshots as a tree: parents, branches, sizes, times, labels.
     Snapshots {
         /// The sandbox.
@@ -389,6 +438,59 @@ pub struct SnapshotArgs {
     /// restores them running. Every exec must have ended (background processes are fine).
     #[arg(long)]
     pub with_processes: bool,
+}
+
+/// `sandbox network`: show a sandbox's network, or change it.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct NetworkArgs {
+    /// What to do, other than showing the network.
+    #[command(subcommand)]
+    pub command: Option<NetworkCommand>,
+    /// The sandbox.
+    #[arg(required = true)]
+    pub name: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+/// Live network changes and the log of blocked attempts.
+#[derive(Debug, Subcommand)]
+pub enum NetworkCommand {
+    /// Allow more egress now (from the next connection or DNS question); the change is kept
+    /// across restarts, snapshots and clones, and audited (network.allow).
+    Allow {
+        /// The sandbox.
+        name: String,
+        /// Rules: pypi.org, *.npmjs.org, 10.1.2.0/24, example.com:443, [2001:db8::/32].
+        #[arg(required = true, value_name = "RULE")]
+        rules: Vec<String>,
+    },
+    /// Deny egress now (deny rules win over allow rules); kept and audited like allow.
+    Deny {
+        /// The sandbox.
+        name: String,
+        /// Rules, as for allow.
+        #[arg(required = true, value_name = "RULE")]
+        rules: Vec<String>,
+    },
+    /// Drop the live changes: the spec's rules apply again (audited as network.reset).
+    Reset {
+        /// The sandbox.
+        name: String,
+    },
+    /// Show blocked attempts: names the DNS refused and connections refused, oldest first.
+    Log {
+        /// The sandbox.
+        name: String,
+        /// At most this many entries (the newest).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
 }
 
 /// Snapshot management.

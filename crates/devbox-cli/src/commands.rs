@@ -10,8 +10,8 @@ use devbox_wire::{
 };
 
 use crate::cli::{
-    AuditCommand, Cli, Command, ExecOpts, Format, ImageCommand, PolicyCommand, PoolCommand,
-    SandboxOpts, SnapshotCommand,
+    AuditCommand, Cli, Command, ExecOpts, Format, ImageCommand, NetworkArgs, NetworkCommand,
+    PolicyCommand, PoolCommand, SandboxOpts, SnapshotCommand,
 };
 use crate::{daemon, output, stream};
 
@@ -125,6 +125,12 @@ pub fn create_request(
     if let Some(v) = &opts.main_command {
         s.command = vec![v.clone()];
     }
+    if let Some(mode) = opts.network {
+        s.network.mode = mode.into();
+    }
+    s.network.allow.extend(opts.allow.iter().cloned());
+    s.network.deny.extend(opts.deny.iter().cloned());
+    s.network.ports.extend(opts.publish.iter().copied());
     for (k, v) in key_values(&opts.labels, "label")? {
         m.metadata.labels.insert(k, v);
     }
@@ -202,6 +208,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
         | Command::Diff { .. }
         | Command::Rollback { .. }
         | Command::Clone { .. } => snapshot_command(&c, cmd).await,
+        Command::Network(args) => network_command(&c, args).await,
         Command::Check { .. }
         | Command::Policy(_)
         | Command::Approvals { .. }
@@ -576,6 +583,95 @@ async fn audit_command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
         }
         // `run` sends only this group's commands here.
         _ => unreachable_command()?,
+    }
+    Ok(0)
+}
+
+/// `sandbox network`: show, change live, reset, log.
+async fn network_command(c: &Client, args: &NetworkArgs) -> anyhow::Result<i32> {
+    let (info, format) = match &args.command {
+        None => {
+            let name = args.name.as_deref().unwrap_or_default();
+            (c.network(name).await?, args.format)
+        }
+        Some(NetworkCommand::Allow { name, rules }) => {
+            (c.network_rules(name, true, rules).await?, Format::Table)
+        }
+        Some(NetworkCommand::Deny { name, rules }) => {
+            (c.network_rules(name, false, rules).await?, Format::Table)
+        }
+        Some(NetworkCommand::Reset { name }) => (c.network_reset(name).await?, Format::Table),
+        Some(NetworkCommand::Log {
+            name,
+            limit,
+            format,
+        }) => {
+            let log = c.network_log(name, Some(*limit)).await?;
+            if *format == Format::Json {
+                print_json(&log)?;
+            } else {
+                let rows: Vec<Vec<String>> = log
+                    .iter()
+                    .map(|b| {
+                        vec![
+                            b.time.clone(),
+                            b.kind.clone(),
+                            b.target.clone(),
+                            b.count.to_string(),
+                        ]
+                    })
+                    .collect();
+                output::table(&["TIME", "KIND", "TARGET", "COUNT"], &rows);
+            }
+            return Ok(0);
+        }
+    };
+    if format == Format::Json {
+        print_json(&info)?;
+        return Ok(0);
+    }
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(" ")
+        }
+    };
+    println!("sandbox:  {}", info.sandbox);
+    println!("mode:     {}", info.mode);
+    println!(
+        "allow:    {}{}",
+        list(&info.allow),
+        if info.changed {
+            "   (changed live; `sandbox network reset` goes back to the spec's)"
+        } else {
+            ""
+        }
+    );
+    println!("deny:     {}", list(&info.deny));
+    println!("ports:    {}", list(&info.ports));
+    println!(
+        "address:  {}",
+        info.address.as_deref().unwrap_or(if info.attached {
+            "- (loopback only)"
+        } else {
+            "- (not running)"
+        })
+    );
+    let k = &info.counters;
+    println!(
+        "counters: dns answered {}, dns refused {}, connections blocked {}, out {}, in {}",
+        k.dns_answered,
+        k.dns_refused,
+        k.conns_blocked,
+        output::bytes(k.bytes_out),
+        output::bytes(k.bytes_in)
+    );
+    for a in &info.allowed_now {
+        let left = a
+            .seconds_left
+            .map_or(String::new(), |s| format!(" for {s}s"));
+        println!("reachable: {} ({}){left}", a.address, a.because);
     }
     Ok(0)
 }

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use devbox_wire::stream::{ClientMsg, ServerMsg};
 use devbox_wire::{
-    ApprovalInfo, AuditRecord, AuditVerification, Check, CloneRequest, CreateSandboxRequest,
-    DiffResult, ErrorBody, ExecRequest, ExecResult, ImageInfo, ImportImageRequest, PolicyInfo,
-    PoolInfo, RollbackRequest, SandboxInfo, SnapshotInfo, SnapshotRequest, StopRequest,
-    UpdateLimitsRequest, VersionInfo,
+    ApprovalInfo, AuditRecord, AuditVerification, BlockedAttempt, Check, CloneRequest,
+    CreateSandboxRequest, DiffResult, ErrorBody, ExecRequest, ExecResult, ImageInfo,
+    ImportImageRequest, NetworkInfo, NetworkRulesRequest, PolicyInfo, PoolInfo, RollbackRequest,
+    SandboxInfo, SnapshotInfo, SnapshotRequest, StopRequest, UpdateLimitsRequest, VersionInfo,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
@@ -329,6 +329,57 @@ impl Client {
         }
         if let Some(t) = to {
             path.push_str(&format!("to={}", enc(t)));
+        }
+        self.json(Method::GET, &path, None).await
+    }
+
+    /// A sandbox's network: mode, rules in force, ports, address, counters.
+    pub async fn network(&self, name: &str) -> Result<NetworkInfo, ClientError> {
+        self.json(
+            Method::GET,
+            &format!("/v1/sandboxes/{}/network", enc(name)),
+            None,
+        )
+        .await
+    }
+
+    /// Allows (`allow: true`) or denies more egress, live.
+    pub async fn network_rules(
+        &self,
+        name: &str,
+        allow: bool,
+        rules: &[String],
+    ) -> Result<NetworkInfo, ClientError> {
+        let which = if allow { "allow" } else { "deny" };
+        self.json(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/network/{which}", enc(name)),
+            Self::body(&NetworkRulesRequest {
+                rules: rules.to_vec(),
+            }),
+        )
+        .await
+    }
+
+    /// Drops the live rule changes: the spec's rules apply again.
+    pub async fn network_reset(&self, name: &str) -> Result<NetworkInfo, ClientError> {
+        self.json(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/network/reset", enc(name)),
+            None,
+        )
+        .await
+    }
+
+    /// Blocked attempts, oldest first (the newest `limit`).
+    pub async fn network_log(
+        &self,
+        name: &str,
+        limit: Option<usize>,
+    ) -> Result<Vec<BlockedAttempt>, ClientError> {
+        let mut path = format!("/v1/sandboxes/{}/network/log", enc(name));
+        if let Some(l) = limit {
+            path.push_str(&format!("?limit={l}"));
         }
         self.json(Method::GET, &path, None).await
     }

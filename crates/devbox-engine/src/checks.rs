@@ -165,6 +165,7 @@ impl Engine {
                     sandbox: r.name.clone(),
                     labels: m.metadata.labels.clone(),
                     spec: serde_json::to_value(&m.spec).unwrap_or_default(),
+                    network: self.network_input(r),
                     actor: caller.name().to_string(),
                 };
                 (ctx, Some(r.name.as_str()))

@@ -94,6 +94,9 @@ pub enum InternalSource {
     /// Stored or written JSON could not be read or made.
     #[error("{0}")]
     Json(#[from] serde_json::Error),
+    /// The host's network plumbing for sandboxes failed.
+    #[error("{0}")]
+    Network(#[from] devbox_net::NetError),
     /// A task of the engine panicked or was cancelled.
     #[error("{0}")]
     Task(#[from] tokio::task::JoinError),

@@ -31,6 +31,7 @@ mod locks;
 mod main_process;
 mod measure;
 pub mod model;
+mod network;
 mod os;
 mod reconcile;
 mod sandbox;
@@ -70,6 +71,7 @@ pub struct Engine {
     policies: checks::PolicyCache,
     approval_events: tokio::sync::watch::Sender<u64>,
     bookkeeping: exec::Bookkeeping,
+    net: network::NetHandle,
 }
 
 impl std::fmt::Debug for Engine {
@@ -111,6 +113,7 @@ impl Engine {
         for b in engine.backends.all() {
             b.ready();
         }
+        engine.pump_blocked();
         // Retention and approval expiry, now and then every minute.
         let weak = Arc::downgrade(&engine);
         tokio::spawn(async move {
@@ -144,6 +147,10 @@ impl Engine {
         let images = ImageStore::new(pool.clone());
         images.ensure_host()?;
         let backends = make(&cfg)?;
+        let net = network::open_networks(&cfg, backends.default().kind() == "native");
+        if let Err(why) = &net {
+            tracing::warn!("sandboxes cannot have networks: {why}");
+        }
         let measurer = measure::Measurer::start(cfg.db_path());
         Ok(Arc::new(Engine {
             cfg,
@@ -156,6 +163,7 @@ impl Engine {
             policies: checks::PolicyCache::default(),
             approval_events: tokio::sync::watch::channel(0).0,
             bookkeeping: exec::Bookkeeping::default(),
+            net,
         }))
     }
 

@@ -86,6 +86,7 @@ impl Engine {
             }
         }
         self.sweep_backends(&kept);
+        self.reconcile_networks(&kept);
         self.sweep_unowned(&known);
         Ok(())
     }

@@ -222,6 +222,7 @@ impl Engine {
             Ok((b, inst)) => b.remove(&inst),
             Err(e) => tracing::warn!(sandbox = %rec.name, "releasing its runtime: {e}"),
         }
+        self.detach_network(rec);
         phases.mark("runtime released");
     }
 
@@ -266,7 +267,10 @@ impl Engine {
                 rec.image_id, rec.name
             )));
         }
+        let (netns, resolv_conf) = self.attach_network(rec)?;
         let spec = StartSpec {
+            netns,
+            resolv_conf,
             id: rec.id.clone(),
             name: rec.name.clone(),
             hostname: manifest
@@ -315,12 +319,16 @@ impl Engine {
         let started = match started {
             Ok(s) => s,
             Err(BackendError::Interrupted) if unrecorded.is_some() => {
+                self.detach_network(rec);
                 return Err(unrecorded
                     .take()
                     .map(EngineError::from)
                     .unwrap_or_else(|| EngineError::invariant("recording the sandbox's handle")));
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                self.detach_network(rec);
+                return Err(e.into());
+            }
         };
         if limits.disk_bytes.is_some()
             && let Err(e) = self.apply_disk_limit(rec, &limits)
@@ -467,6 +475,7 @@ impl Engine {
         let phases = crate::Phases::start("halt");
         let (backend, inst) = self.backend_of(rec)?;
         let held = backend.stop(&inst, grace, hold)?;
+        self.detach_network(rec);
         phases.mark("stopped");
         rec.state = SandboxState::Stopped;
         rec.init_pid = None;

@@ -148,6 +148,7 @@ impl Engine {
                     rec.name
                 )));
             }
+            self.refuse_checkpoint_with_network(rec)?;
             if !caps.checkpoint {
                 return Err(EngineError::InvalidRequest(format!(
                     "sandbox {} runs on the {} backend, which cannot checkpoint processes: leave out --with-processes",
@@ -569,6 +570,9 @@ impl Engine {
                     (src, snap, manifest)
                 };
                 manifest.metadata.name = Some(new_name.to_string());
+                // The clone keeps the network's mode and rules (live ones too, below) and
+                // gets an address of its own; the host ports stay the source's.
+                manifest.spec.network.ports.clear();
                 let lock = e.locks.get(new_name.as_str());
                 let _guard = lock.blocking_lock();
                 let mut rec = e.insert_creating(
@@ -579,6 +583,7 @@ impl Engine {
                     Some(snap.id.clone()),
                 )?;
                 let made = (|| {
+                    e.copy_network_rules(&src.id, &rec.id)?;
                     e.pool
                         .snapshot(&e.snapshot_path(&snap), &e.sandbox_volume(&rec.id), false)?;
                     if req.start {

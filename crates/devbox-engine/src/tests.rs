@@ -803,3 +803,156 @@ fn an_exec_past_its_timeout_is_killed_and_says_so() {
         .unwrap();
     assert!(exit.timed_out && exit.code == 124, "{exit:?}");
 }
+
+#[test]
+fn network_rules_change_live_persist_and_follow_clones() {
+    let host = Host::new();
+    let d = host.daemon();
+    let manifest = devbox_spec::SandboxManifest::parse(
+        "apiVersion: sandbox.io/v1\nkind: Sandbox\nspec:\n  network: {mode: allow, allow: [pypi.org], ports: ['18080:80']}\n",
+    )
+    .expect("spec");
+    // The fake backend's daemon has no networks: a sandbox with one cannot start here (the
+    // CLI tests run them), but its rules are kept and changed all the same.
+    let e = d.engine.clone();
+    let err = d
+        .run(e.create(
+            &me(),
+            CreateSandboxRequest {
+                name: Some("net".into()),
+                manifest: Some(manifest.clone()),
+                start: true,
+            },
+        ))
+        .unwrap_err();
+    assert!(err.to_string().contains("has none"), "{err}");
+    assert!(e.record("net").is_err(), "a failed create leaves no record");
+    d.create_with("net", false, Some(manifest));
+    let n = d
+        .run(e.network_allow(
+            &me(),
+            "net",
+            vec!["*.npmjs.org".into(), "10.1.2.0/24:443".into()],
+        ))
+        .expect("allow");
+    assert_eq!(n.allow, ["pypi.org", "*.npmjs.org", "10.1.2.0/24:443"]);
+    assert!(n.changed);
+    // A bad rule changes nothing.
+    let err = d
+        .run(e.network_deny(&me(), "net", vec!["ok.org".into(), "10.0.0.1/8".into()]))
+        .unwrap_err();
+    assert!(err.to_string().contains("10.0.0.0/8"), "{err}");
+    let n = d
+        .run(e.network_deny(&me(), "net", vec!["pypi.org".into()]))
+        .expect("deny");
+    assert_eq!(
+        (n.allow.len(), n.deny.clone()),
+        (2, vec!["pypi.org".to_string()])
+    );
+    // The policies see the rules in force.
+    let c = d
+        .run(e.check_command(
+            &me(),
+            Some("net".into()),
+            "curl https://pypi.org/".into(),
+            None,
+        ))
+        .expect("check");
+    assert!(
+        c.findings
+            .iter()
+            .any(|f| f.rule == "net.egress_not_allowed"),
+        "{c:?}"
+    );
+    let c = d
+        .run(e.check_command(
+            &me(),
+            Some("net".into()),
+            "curl https://x.npmjs.org/".into(),
+            None,
+        ))
+        .expect("check");
+    assert!(c.findings.is_empty(), "{c:?}");
+    // Audited with the rules.
+    let audit = e.store.audit(Some("net"), None, 100).expect("audit");
+    let actions: Vec<&str> = audit.iter().map(|r| r.action.as_str()).collect();
+    assert!(
+        actions.contains(&"network.allow") && actions.contains(&"network.deny"),
+        "{actions:?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|r| r.action == "network.deny" && r.detail["outcome"] != "ok")
+    );
+    // A clone keeps mode and rules (not the host ports).
+    d.snapshot("net", "s1");
+    d.run(e.clone_sandbox(
+        &me(),
+        "net",
+        crate::model::CloneRequest {
+            snapshot: "s1".into(),
+            name: "net2".into(),
+            start: false,
+        },
+    ))
+    .expect("clone");
+    let c2 = d.run(e.network_status("net2")).expect("status");
+    assert_eq!(
+        (c2.mode.as_str(), c2.allow.clone(), c2.deny.clone()),
+        ("allow", n.allow.clone(), n.deny.clone())
+    );
+    assert!(c2.ports.is_empty());
+    // Blocked attempts are audited, counted per target and bounded.
+    let id = e.record("net").expect("record").id;
+    let mut attempts = vec![
+        crate::network::Blocked {
+            sandbox_id: id.clone(),
+            kind: "dns",
+            target: "evil.com".into()
+        };
+        3
+    ];
+    for i in 0..50 {
+        attempts.push(crate::network::Blocked {
+            sandbox_id: id.clone(),
+            kind: "connect",
+            target: format!("10.9.0.{i}:443"),
+        });
+    }
+    e.record_blocked(attempts);
+    let log = d.run(e.network_log("net", None)).expect("log");
+    assert_eq!(
+        log.len(),
+        crate::network::MAX_BLOCKED_RECORDS + 1,
+        "{log:?}"
+    );
+    assert_eq!(
+        (log[0].kind.as_str(), log[0].target.as_str(), log[0].count),
+        ("dns", "evil.com", 3)
+    );
+    assert_eq!(log.last().map(|l| l.count), Some(31));
+    assert!(d.run(e.network_log("net2", None)).expect("log").is_empty());
+    // Kept across a daemon restart; reset goes back to the spec.
+    d.kill();
+    let d = host.daemon();
+    let e = d.engine.clone();
+    let n = d.run(e.network_status("net")).expect("status");
+    assert_eq!(n.deny, ["pypi.org"]);
+    let n = d.run(e.network_reset(&me(), "net")).expect("reset");
+    assert_eq!(
+        (n.allow.clone(), n.deny.is_empty(), n.changed),
+        (vec!["pypi.org".to_string()], true, false)
+    );
+    assert_eq!(n.ports, ["18080:80"]);
+    // Mode none has nothing to change.
+    d.create("plain", false);
+    let err = d
+        .run(e.network_allow(&me(), "plain", vec!["pypi.org".into()]))
+        .unwrap_err();
+    assert!(err.to_string().contains("--network allow"), "{err}");
+    for name in ["net2", "net", "plain"] {
+        d.run(e.destroy(&me(), name, true)).expect("destroy");
+    }
+    assert_eq!(e.store.network_rules(&id).expect("rules"), None);
+}

@@ -56,4 +56,13 @@ pub struct LaunchConfig {
     pub cgroups: Vec<PathBuf>,
     /// Apply the default seccomp filter (on unless explicitly turned off).
     pub seccomp: bool,
+    /// A network namespace made for the sandbox on the host (a bind-mounted nsfs file,
+    /// loopback up) to join instead of unsharing an empty one. It is owned by the host's
+    /// user namespace: the sandbox cannot change its links, addresses, routes or rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    /// Written to the sandbox's `/etc/resolv.conf` (from inside, as its root) at start: the
+    /// resolver of its network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolv_conf: Option<String>,
 }

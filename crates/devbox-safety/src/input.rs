@@ -2,7 +2,7 @@
 //!
 //! The shape is the JSON one (`serde_json::json!` over the same types, see the test below):
 //! `text`, `commands` (the [`Invocation`]s; left out when no policy reads them), `findings`, `risk`, `parse_errors`,
-//! `sandbox: {name, labels, spec}`, `actor: {name}`. Building it directly instead of through
+//! `sandbox: {name, labels, spec, network}`, `actor: {name}`. Building it directly instead of through
 //! `serde_json::Value` halves the time a check spends before the policies run.
 
 use std::collections::BTreeMap;
@@ -161,6 +161,7 @@ pub fn build(
     sandbox.insert(Value::from("name"), Value::from(ctx.sandbox.as_str()));
     sandbox.insert(Value::from("labels"), Value::from(labels));
     sandbox.insert(Value::from("spec"), policy::to_rego(&ctx.spec));
+    sandbox.insert(Value::from("network"), policy::to_rego(&ctx.network));
     let mut actor = BTreeMap::new();
     actor.insert(Value::from("name"), Value::from(ctx.actor.as_str()));
 
@@ -207,7 +208,7 @@ mod tests {
             "findings": findings,
             "risk": risk,
             "parse_errors": parsed.errors,
-            "sandbox": {"name": ctx.sandbox, "labels": ctx.labels, "spec": ctx.spec},
+            "sandbox": {"name": ctx.sandbox, "labels": ctx.labels, "spec": ctx.spec, "network": ctx.network},
             "actor": {"name": ctx.actor},
         })
     }
@@ -221,6 +222,7 @@ mod tests {
             actor: "root for alice".into(),
             labels: [("team".to_string(), "ml".to_string())].into(),
             spec: serde_json::json!({"image": "host", "limits": {"memory": 1024, "cpus": 1.5}, "env": null}),
+            network: serde_json::json!({"mode": "allow", "allow": ["pypi.org", "*.npmjs.org"], "deny": [], "ports": ["8080:3000"]}),
         };
         for text in [
             "ls -la",

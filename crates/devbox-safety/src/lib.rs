@@ -6,6 +6,7 @@
 //! (a variable set at run time, a script file's contents) is invisible to it.
 
 pub mod input;
+pub mod network;
 pub mod parse;
 pub mod policy;
 pub mod rules;
@@ -25,6 +26,11 @@ pub struct CheckContext {
     pub labels: std::collections::BTreeMap<String, String>,
     /// Its spec (JSON).
     pub spec: serde_json::Value,
+    /// Its network in force (JSON): `mode` (`none`, `allow`, `open`), `allow` and `deny`
+    /// (the rules with live changes, as text: `pypi.org`, `*.npmjs.org`, `10.0.0.0/8:443`),
+    /// `ports`.
+    #[serde(default)]
+    pub network: serde_json::Value,
     /// Who asks.
     pub actor: String,
 }
@@ -49,7 +55,8 @@ pub struct Check {
 /// Parses `text`, runs the rules and the policies.
 pub fn check(text: &str, ctx: &CheckContext, policies: &PolicySet) -> Check {
     let parsed = parse::parse(text);
-    let findings = rules::check(&parsed);
+    let mut findings = rules::check(&parsed);
+    findings.extend(network::check(&parsed, &ctx.network));
     let risk = findings.iter().map(|f| f.risk).max().unwrap_or(Risk::None);
     let (decision, verdicts) = if policies.builtin_only() {
         let v = policy::default_decision(&findings, &parsed.errors);

@@ -12,13 +12,17 @@
 //!   image: host
 //!   limits: {cpu: "2", memory: 4Gi, pids: 1024}
 //!   rollback: {enabled: true, autoSnapshot: true}
+//!   network: {mode: allow, allow: [pypi.org, "*.npmjs.org"], ports: ["8080:3000"]}
 //! ```
 //!
 //! [`SandboxManifest::parse`] reads YAML or JSON and reports the offending field of a bad spec
 //! (`spec.limits.memory: invalid quantity "4XB" ...`). [`Name`] validates sandbox names;
 //! [`quantity`] parses sizes and CPU amounts.
 
+pub mod network;
 pub mod quantity;
+
+pub use network::{Cidr, NetRule, NetTarget, NetworkMode, NetworkSpec, PortMap};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -47,7 +51,7 @@ pub enum SpecError {
 }
 
 impl SpecError {
-    fn field(field: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn field(field: &str, message: impl Into<String>) -> Self {
         Self::Field {
             field: field.to_string(),
             message: message.into(),
@@ -125,15 +129,6 @@ pub enum Isolation {
     Container,
     /// A virtual machine.
     Vm,
-}
-
-/// Network access of a sandbox.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NetworkMode {
-    /// Loopback only: the network is closed.
-    #[default]
-    None,
 }
 
 /// Resource limits (strings as in Kubernetes: `cpu: "1.5"` or `"500m"`, `memory: 2Gi`).
@@ -228,9 +223,10 @@ pub struct SandboxSpec {
     /// Snapshot behaviour.
     #[serde(default)]
     pub rollback: RollbackSpec,
-    /// Network access.
+    /// Network access: a mode (`none`, `allow`, `open`), egress rules and published ports
+    /// (see [`network`]).
     #[serde(default)]
-    pub network: NetworkMode,
+    pub network: NetworkSpec,
     /// Environment for every exec.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
@@ -403,6 +399,7 @@ impl SandboxSpec {
         }
         self.resolved_limits()?;
         self.rollback.max_age_seconds()?;
+        self.network.validate()?;
         if !self.command.is_empty() && self.command[0].trim().is_empty() {
             return Err(SpecError::field(
                 "spec.command",

@@ -12,6 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
+mod network;
 mod safety;
 mod snapshots;
 mod uids;
@@ -266,6 +267,11 @@ const MIGRATIONS: &[&str] = &[
     // 6: sandboxes name their backend; the cgroup's name becomes the backend's opaque handle.
     "ALTER TABLE sandboxes ADD COLUMN backend TEXT NOT NULL DEFAULT 'native';
      ALTER TABLE sandboxes RENAME COLUMN cgroup TO handle;",
+    // 7: live network rules (changed since create), apart from the spec's.
+    "CREATE TABLE IF NOT EXISTS network_rules (
+        sandbox_id TEXT PRIMARY KEY,
+        rules TEXT NOT NULL
+     );",
 ];
 
 /// First host uid handed to sandboxes; each gets [`ID_RANGE`] ids from there.
@@ -540,7 +546,10 @@ impl Store {
     /// Removes a sandbox's record.
     pub fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
         self.with(|c| {
-            c.execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM network_rules WHERE sandbox_id = ?1", [id])?;
+            tx.execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
+            tx.commit()?;
             Ok(())
         })
     }

@@ -232,7 +232,7 @@ fn finish_approval(row: (ApprovalRecord, String, String)) -> Result<ApprovalReco
     Ok(rec)
 }
 
-fn audit_row(r: &Row<'_>) -> rusqlite::Result<(AuditRecord, String)> {
+pub(crate) fn audit_row(r: &Row<'_>) -> rusqlite::Result<(AuditRecord, String)> {
     Ok((
         AuditRecord {
             seq: r.get(0)?,
@@ -311,7 +311,7 @@ fn prune_range(d: &serde_json::Value) -> Option<(i64, i64, String)> {
     ))
 }
 
-fn finish_audit(row: (AuditRecord, String)) -> AuditRecord {
+pub(crate) fn finish_audit(row: (AuditRecord, String)) -> AuditRecord {
     let (mut rec, detail) = row;
     // A record whose detail does not parse keeps it as text: verification then fails on it.
     rec.detail = serde_json::from_str(&detail).unwrap_or(serde_json::Value::String(detail));

@@ -1,6 +1,7 @@
 //! The wire model of the dev-box API: what travels between a client and the daemon.
 //!
 //! - [`model`]: requests and responses of sandboxes, execs, snapshots, images and the pool;
+//! - [`network`]: a sandbox's network, its live changes and blocked attempts;
 //! - [`checks`]: command checks, policies, approvals and the audit log;
 //! - [`error`]: the error body every failed request answers with;
 //! - [`stream`]: the messages of the exec WebSocket;
@@ -15,6 +16,7 @@
 pub mod checks;
 pub mod error;
 pub mod model;
+pub mod network;
 pub mod openapi;
 pub mod query;
 pub mod spec_schema;
@@ -23,3 +25,4 @@ pub mod stream;
 pub use checks::*;
 pub use error::{ErrorBody, ErrorDetail, RequestError};
 pub use model::*;
+pub use network::*;

@@ -16,9 +16,10 @@ use crate::model::{
     ImportImageRequest, PoolInfo, RollbackRequest, SandboxInfo, SnapshotInfo, SnapshotRequest,
     StopRequest, UpdateLimitsRequest, VersionInfo,
 };
+use crate::network::{BlockedAttempt, NetworkInfo, NetworkRulesRequest};
 use crate::query::{
     ApprovalsQuery, AuditQuery, DeleteSnapshotQuery, DestroyQuery, DiffQuery, ImportSnapshotQuery,
-    ScopeQuery, VerifyQuery, WaitQuery,
+    NetworkLogQuery, ScopeQuery, VerifyQuery, WaitQuery,
 };
 use crate::stream::{ClientMsg, ServerMsg};
 
@@ -49,6 +50,11 @@ Errors have the shape {\"error\": {\"code\", \"message\"}}."
         rollback,
         clone_sandbox,
         diff,
+        network,
+        network_allow,
+        network_deny,
+        network_reset,
+        network_log,
         exec_stream,
         run_stream,
         list_images,
@@ -164,6 +170,36 @@ fn clone_sandbox() {}
     responses((status = 200, body = DiffResult), (status = 404, body = ErrorBody)))]
 #[allow(dead_code)]
 fn diff() {}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/network", tag = "crate::network", params(("name" = String, Path)),
+    description = "Mode, rules in force, published ports, address and counters.",
+    responses((status = 200, body = NetworkInfo), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn network() {}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/network/allow", tag = "crate::network", params(("name" = String, Path)), request_body = NetworkRulesRequest,
+    description = "Allows more egress, live (from the next connection or DNS question); kept across restarts, snapshots and clones; audited as network.allow.",
+    responses((status = 200, body = NetworkInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[allow(dead_code)]
+fn network_allow() {}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/network/deny", tag = "crate::network", params(("name" = String, Path)), request_body = NetworkRulesRequest,
+    description = "Denies egress, live; kept like allow; audited as network.deny.",
+    responses((status = 200, body = NetworkInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[allow(dead_code)]
+fn network_deny() {}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{name}/network/reset", tag = "crate::network", params(("name" = String, Path)),
+    description = "Drops the live changes: the spec's rules apply again; audited as network.reset.",
+    responses((status = 200, body = NetworkInfo), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn network_reset() {}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/network/log", tag = "crate::network", params(("name" = String, Path), NetworkLogQuery),
+    description = "Blocked attempts (refused DNS names and connections), oldest first, from the audit log.",
+    responses((status = 200, body = Vec<BlockedAttempt>), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn network_log() {}
 
 #[utoipa::path(get, path = "/v1/sandboxes/{name}/exec/stream", tag = "crate::ws", params(("name" = String, Path)),
     description = "WebSocket: send {\"type\":\"exec\",\"exec\":ExecRequest,\"stdin\":bool}; receive started, output frames (first byte 1 stdout, 2 stderr), exit.",

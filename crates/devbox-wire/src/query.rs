@@ -89,6 +89,15 @@ pub struct AuditQuery {
     pub limit: Option<usize>,
 }
 
+/// Query of GET /v1/sandboxes/{name}/network/log.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct NetworkLogQuery {
+    /// Most entries (default 100), the newest.
+    #[param(nullable)]
+    pub limit: Option<usize>,
+}
+
 /// Query of GET /v1/audit/verify.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]

@@ -23,8 +23,41 @@ pub enum Isolation {
 #[derive(ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkMode {
-    /// Loopback only: the network is closed.
+    /// Loopback only: the network is closed (published ports still reach it).
     None,
+    /// Egress only to the allowed names, networks and ports.
+    Allow,
+    /// Egress anywhere but the denied names and networks.
+    Open,
+}
+
+/// `spec.network`: a bare mode (`none`, the older form) or the whole object.
+#[derive(ToSchema)]
+#[serde(untagged)]
+pub enum Network {
+    /// Just the mode.
+    Mode(NetworkMode),
+    /// Mode, rules and ports.
+    Spec(NetworkSpec),
+}
+
+/// Mode, egress rules and published ports.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// none (loopback only), allow (only what `allow` lists) or open (all but `deny`).
+    #[serde(default)]
+    pub mode: NetworkMode,
+    /// Egress allowed in mode `allow`: `pypi.org`, `*.npmjs.org`, `10.1.2.0/24`,
+    /// `10.1.2.0/24:443`, `example.com:443`, `[2001:db8::/32]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Egress refused (modes allow and open), also where an allow rule matches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+    /// Published TCP ports: `8080:3000`, `127.0.0.1:8080:3000`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
 }
 
 /// Resource limits (strings as in Kubernetes: `cpu: "1.5"` or `"500m"`, `memory: 2Gi`).
@@ -88,7 +121,7 @@ pub struct SandboxSpec {
     pub rollback: RollbackSpec,
     /// Network access.
     #[serde(default)]
-    pub network: NetworkMode,
+    pub network: Network,
     /// Environment for every exec.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
@@ -215,5 +248,27 @@ mod tests {
             assert_eq!(&actual, schema, "{name}: fields of the spec vs its schema");
         }
         assert_eq!(fields.len(), 6, "{fields:?}");
+    }
+
+    /// `spec.network`'s object form matches its mirror too.
+    #[test]
+    fn network_mirror_matches() {
+        let doc = serde_json::to_value(crate::openapi::document()).unwrap();
+        let mut fields = Vec::new();
+        schema_fields(&doc, "NetworkSpec", &mut fields);
+        let m = devbox_spec::SandboxManifest::parse(
+            "apiVersion: sandbox.io/v1\nkind: Sandbox\nspec:\n  network: {mode: allow, allow: [a.b], deny: [c.d], ports: ['1:2']}\n",
+        )
+        .unwrap();
+        let actual: BTreeSet<String> = serde_json::to_value(&m.spec.network)
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(fields, vec![("NetworkSpec".to_string(), actual)]);
+        let one_of = &doc["components"]["schemas"]["Network"]["oneOf"];
+        assert_eq!(one_of.as_array().map(Vec::len), Some(2), "{one_of}");
     }
 }

@@ -49,6 +49,9 @@ pub struct TestEnv {
     pub pool_spec: Option<String>,
     /// Extra environment of the daemon.
     pub daemon_env: Vec<(String, String)>,
+    /// A network namespace (a file, such as /run/netns/NAME) the daemon runs in (through
+    /// `nsenter --net`, nothing else of it changes); none: the test's own.
+    pub daemon_netns: Option<PathBuf>,
     daemon: Option<Child>,
 }
 
@@ -113,6 +116,7 @@ impl TestEnv {
             pool_spec: None,
             // A command that unexpectedly needs approval fails in a minute, not ten.
             daemon_env: vec![("DEVBOX_APPROVAL_TIMEOUT".into(), "60".into())],
+            daemon_netns: None,
             daemon: None,
         };
         if copy {
@@ -145,7 +149,16 @@ impl TestEnv {
             .append(true)
             .open(self.root.path().join("daemon.log"))
             .expect("log");
-        let mut cmd = Command::new(sandbox_bin());
+        let mut cmd = match &self.daemon_netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display()))
+                    .arg("--")
+                    .arg(sandbox_bin());
+                c
+            }
+            None => Command::new(sandbox_bin()),
+        };
         self.envs(&mut cmd);
         cmd.envs(self.daemon_env.iter().map(|(k, v)| (k, v)));
         cmd.arg("daemon")

@@ -37,7 +37,11 @@ fn setup(
     // Its own session: the launcher's lies outside the pid namespace, which a checkpoint can't hold.
     nix::unistd::setsid().stage("new session")?;
     nix::unistd::sethostname(&cfg.hostname).stage("set hostname")?;
-    sys::loopback_up().stage("bring up loopback")?;
+    // A network namespace of the daemon's has its loopback up already (and is not ours to
+    // change).
+    if cfg.netns.is_none() {
+        sys::loopback_up().stage("bring up loopback")?;
+    }
     let none = None::<&str>;
     nix::mount::mount(
         none,
@@ -51,6 +55,9 @@ fn setup(
     crate::trace::mark("root mounted");
     rootfs::finish_in_init()?;
     crate::trace::mark("proc, sys, dev, pivot, masks");
+    if let Some(text) = &cfg.resolv_conf {
+        write_resolv_conf(text).stage("write /etc/resolv.conf")?;
+    }
     sys::close_fds_from(3, &[listener.as_raw_fd(), ready.as_raw_fd()]);
     nix::sys::prctl::set_dumpable(false).stage("make init non-dumpable")?;
     security::drop_capabilities()?;
@@ -71,4 +78,15 @@ fn redirect_stdio_to_null() -> nix::Result<()> {
     nix::unistd::dup2_stdout(&null)?;
     nix::unistd::dup2_stderr(&null)?;
     Ok(())
+}
+
+/// Writes the sandbox's `/etc/resolv.conf`, from inside (after the pivot, as the sandbox's
+/// root, so a link there leads nowhere the sandbox could not write itself); a link is
+/// replaced by the file.
+fn write_resolv_conf(text: &str) -> std::io::Result<()> {
+    let path = std::path::Path::new("/etc/resolv.conf");
+    if std::fs::symlink_metadata(path).is_ok_and(|m| !m.is_file()) {
+        std::fs::remove_file(path)?;
+    }
+    std::fs::write(path, text)
 }

@@ -222,18 +222,25 @@ pub fn launch(cfg: &LaunchConfig, prepared: Option<Prepared>) -> Result<i32, Ste
     let (listener, userns) = stage(cfg)?;
 
     std::env::set_current_dir(&cfg.runtime_dir).stage("enter runtime dir")?;
+    // The sandbox's own network namespace, made by the daemon, joined while we are still
+    // host root (it belongs to the host's user namespace); else an empty one below.
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWCGROUP
+        | CloneFlags::CLONE_NEWPID;
+    match &cfg.netns {
+        Some(path) => {
+            let ns = fs::File::open(path).stage("open the sandbox's network namespace")?;
+            setns(ns.as_fd(), CloneFlags::CLONE_NEWNET)
+                .stage("join the sandbox's network namespace")?;
+        }
+        None => flags |= CloneFlags::CLONE_NEWNET,
+    }
     setns(userns.as_fd(), CloneFlags::CLONE_NEWUSER).stage("enter user namespace")?;
     drop(userns);
     become_root().stage("become root in the user namespace")?;
-    unshare(
-        CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWNET
-            | CloneFlags::CLONE_NEWCGROUP
-            | CloneFlags::CLONE_NEWPID,
-    )
-    .stage("unshare namespaces")?;
+    unshare(flags).stage("unshare namespaces")?;
     crate::trace::mark("namespaces");
 
     let (ready_r, ready_w) = socketpair(

@@ -1,0 +1,98 @@
+//! Published ports: a TCP listener in the daemon's network namespace per mapping; each
+//! accepted connection is joined to a connection to `127.0.0.1:<sandbox_port>` made from a
+//! thread inside the sandbox's namespace (so it works without a veth, in `none` mode too).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::{NetError, PortMap};
+
+/// Connections one mapping carries at once.
+const CONNS: usize = 1024;
+
+/// Binds every mapping (all or none) and starts their accept loops.
+pub(crate) fn start_all(
+    rt: &tokio::runtime::Handle,
+    netns: &Path,
+    ports: &[PortMap],
+) -> Result<Vec<tokio::task::AbortHandle>, NetError> {
+    let mut listeners = Vec::new();
+    for p in ports {
+        let err = |source| NetError::Port {
+            bind: p.bind,
+            port: p.host_port,
+            source,
+        };
+        let l = std::net::TcpListener::bind(SocketAddr::new(p.bind, p.host_port)).map_err(err)?;
+        l.set_nonblocking(true).map_err(err)?;
+        listeners.push((l, *p));
+    }
+    let _guard = rt.enter();
+    let mut tasks = Vec::new();
+    for (l, p) in listeners {
+        let l = tokio::net::TcpListener::from_std(l).map_err(|source| NetError::Port {
+            bind: p.bind,
+            port: p.host_port,
+            source,
+        })?;
+        let ns = netns.to_path_buf();
+        tasks.push(rt.spawn(accept_loop(l, ns, p.sandbox_port)).abort_handle());
+    }
+    Ok(tasks)
+}
+
+async fn accept_loop(l: tokio::net::TcpListener, netns: PathBuf, port: u16) {
+    let slots = Arc::new(Semaphore::new(CONNS));
+    // Connections are children of this task's JoinSet: aborting the loop ends them too.
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = l.accept() => {
+                let Ok((mut outside, _)) = accepted else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    continue;
+                };
+                let ns = netns.clone();
+                conns.spawn(async move {
+                    let _permit = permit;
+                    let Ok(Ok(inside)) = tokio::task::spawn_blocking(move || connect_inside(&ns, port)).await else {
+                        return;
+                    };
+                    let Ok(mut inside) = tokio::net::TcpStream::from_std(inside) else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut outside, &mut inside).await;
+                });
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+/// Connects to `127.0.0.1:port` inside the namespace at `netns` (from a thread of its own).
+fn connect_inside(netns: &Path, port: u16) -> Result<std::net::TcpStream, NetError> {
+    let ns = netns.to_path_buf();
+    crate::plumb::on_thread(move || {
+        crate::plumb::enter_netns(&ns)?;
+        let s = std::net::TcpStream::connect_timeout(
+            &SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
+            Duration::from_secs(5),
+        )
+        .map_err(|source| NetError::Os {
+            what: format!("connecting to port {port} in the sandbox"),
+            source,
+        })?;
+        s.set_nonblocking(true).map_err(|source| NetError::Os {
+            what: "socket".into(),
+            source,
+        })?;
+        Ok(s)
+    })
+}

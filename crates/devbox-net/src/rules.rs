@@ -1,0 +1,290 @@
+//! The nftables table of one sandbox (`inet dbx_<tag>_<index>`): its text, the policy chain
+//! rewritten live, the sets a resolver fills, and reading what was blocked.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+use ipnet::{IpNet, Ipv4Net};
+
+use crate::{Mode, Policy, Target};
+
+/// Addresses of one sandbox's link.
+#[derive(Debug, Clone)]
+pub(crate) struct Link {
+    /// Table name (family inet).
+    pub table: String,
+    /// Host-side veth.
+    pub veth: String,
+    /// The sandbox's address.
+    pub address: Ipv4Addr,
+    /// The host side's address (gateway and resolver).
+    pub gateway: Ipv4Addr,
+    /// The whole pool: sandboxes never reach each other.
+    pub pool: Ipv4Net,
+}
+
+/// Ranges nobody's sandbox reaches, in every mode: the metadata range, multicast, this host
+/// (loopback and unspecified: the host's own addresses are refused in the input hook).
+const ALWAYS_DENIED: &[&str] = &[
+    "0.0.0.0/8",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+];
+
+/// The table as created: sets, the fixed chains, and the policy chain for `policy`.
+pub(crate) fn table(link: &Link, policy: &Policy) -> String {
+    let Link {
+        table,
+        veth,
+        address,
+        gateway,
+        pool,
+    } = link;
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r#"table inet {table} {{
+  set dns4 {{ type ipv4_addr; flags timeout; }}
+  set dnsport4 {{ type ipv4_addr . inet_service; flags timeout; }}
+  set net4 {{ type ipv4_addr; flags interval; }}
+  set netport4 {{ type ipv4_addr . inet_service; flags interval; }}
+  set deny4 {{ type ipv4_addr; flags interval; }}
+  set denyport4 {{ type ipv4_addr . inet_service; flags interval; }}
+  set blocked {{ type ipv4_addr . inet_proto . inet_service; size 4096; flags dynamic,timeout; timeout 1d; counter; }}
+  counter blocked_total {{ }}
+  counter bytes_out {{ }}
+  counter bytes_in {{ }}
+  chain input {{
+    type filter hook input priority filter - 10; policy accept;
+    iifname "{veth}" jump to_host
+  }}
+  chain to_host {{
+    meta nfproto ipv6 drop
+    ip saddr != {address} drop
+    ct state established,related accept
+    ip daddr {gateway} udp dport 53 accept
+    ip daddr {gateway} tcp dport 53 accept
+    goto refuse
+  }}
+  chain forward {{
+    type filter hook forward priority filter - 10; policy accept;
+    iifname "{veth}" counter name bytes_out jump egress
+    oifname "{veth}" ct state established,related counter name bytes_in accept
+    oifname "{veth}" drop
+  }}
+  chain egress {{
+    meta nfproto ipv6 drop
+    ip saddr != {address} drop
+    ct state established,related accept
+    ip daddr @deny4 goto refuse
+    meta l4proto {{ tcp, udp }} ip daddr . th dport @denyport4 goto refuse
+    ip daddr {pool} goto refuse
+    ip daddr {{ {denied} }} goto refuse
+    jump allowed
+    goto refuse
+  }}
+  chain allowed {{
+  }}
+  chain refuse {{
+    meta l4proto {{ tcp, udp }} update @blocked {{ ip daddr . meta l4proto . th dport }}
+    counter name blocked_total
+    meta l4proto tcp reject with tcp reset
+    reject with icmpx admin-prohibited
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    ip saddr {address} oifname != "{veth}" masquerade
+  }}
+}}
+"#,
+        denied = ALWAYS_DENIED.join(", "),
+    );
+    s.push_str(&policy_update(table, policy));
+    s
+}
+
+/// Rewrites the policy chain and the CIDR sets (one transaction with the rest of a script).
+pub(crate) fn policy_update(table: &str, policy: &Policy) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "flush chain inet {table} allowed");
+    for set in ["net4", "netport4", "deny4", "denyport4"] {
+        let _ = writeln!(s, "flush set inet {table} {set}");
+    }
+    match policy.mode {
+        Mode::Open => {
+            let _ = writeln!(s, "add rule inet {table} allowed accept");
+        }
+        Mode::Allow | Mode::None => {
+            let _ = writeln!(s, "add rule inet {table} allowed ip daddr @dns4 accept");
+            let _ = writeln!(
+                s,
+                "add rule inet {table} allowed meta l4proto {{ tcp, udp }} ip daddr . th dport @dnsport4 accept"
+            );
+            let _ = writeln!(s, "add rule inet {table} allowed ip daddr @net4 accept");
+            let _ = writeln!(
+                s,
+                "add rule inet {table} allowed meta l4proto {{ tcp, udp }} ip daddr . th dport @netport4 accept"
+            );
+        }
+    }
+    if policy.mode == Mode::Allow {
+        let (any, ported) = nets(&policy.allow);
+        add_elements(&mut s, table, "net4", &any, &ported, "netport4");
+    }
+    let (any, ported) = nets(&policy.deny);
+    add_elements(&mut s, table, "deny4", &any, &ported, "denyport4");
+    s
+}
+
+fn add_elements(
+    s: &mut String,
+    table: &str,
+    set: &str,
+    any: &[Ipv4Net],
+    ported: &BTreeMap<u16, Vec<Ipv4Net>>,
+    port_set: &str,
+) {
+    if !any.is_empty() {
+        let items: Vec<String> = any.iter().map(|n| n.to_string()).collect();
+        let _ = writeln!(
+            s,
+            "add element inet {table} {set} {{ {} }}",
+            items.join(", ")
+        );
+    }
+    let mut items = Vec::new();
+    for (port, nets) in ported {
+        for n in nets {
+            // Covered by an any-port entry: the interval would overlap nothing it adds.
+            if any.iter().any(|a| a.contains(n)) {
+                continue;
+            }
+            items.push(format!("{n} . {port}"));
+        }
+    }
+    if !items.is_empty() {
+        let _ = writeln!(
+            s,
+            "add element inet {table} {port_set} {{ {} }}",
+            items.join(", ")
+        );
+    }
+}
+
+/// The IPv4 networks of `rules`: those for any port, and those per port, each aggregated so
+/// no two intervals of a set overlap.
+fn nets(rules: &[crate::Rule]) -> (Vec<Ipv4Net>, BTreeMap<u16, Vec<Ipv4Net>>) {
+    let mut any = Vec::new();
+    let mut ported: BTreeMap<u16, Vec<Ipv4Net>> = BTreeMap::new();
+    for r in rules {
+        if let Target::Net(IpNet::V4(n)) = &r.target {
+            match r.port {
+                None => any.push(n.trunc()),
+                Some(p) => ported.entry(p).or_default().push(n.trunc()),
+            }
+        }
+    }
+    let any = Ipv4Net::aggregate(&any);
+    for v in ported.values_mut() {
+        *v = Ipv4Net::aggregate(v);
+    }
+    (any, ported)
+}
+
+/// One blocked destination read from the table's `blocked` set: (address, protocol, port,
+/// packets).
+pub(crate) type BlockedEntry = (Ipv4Addr, String, u16, u64);
+
+/// Parses `nft -j list set inet T blocked`.
+pub(crate) fn parse_blocked(v: &serde_json::Value) -> Vec<BlockedEntry> {
+    let mut out = Vec::new();
+    let items = v.get("nftables").and_then(|x| x.as_array());
+    for item in items.into_iter().flatten() {
+        let Some(elems) = item
+            .get("set")
+            .and_then(|s| s.get("elem"))
+            .and_then(|e| e.as_array())
+        else {
+            continue;
+        };
+        for e in elems {
+            let e = e.get("elem").unwrap_or(e);
+            let Some(parts) = e
+                .get("val")
+                .and_then(|v| v.get("concat"))
+                .and_then(|c| c.as_array())
+            else {
+                continue;
+            };
+            let (Some(addr), Some(proto), Some(port)) = (
+                parts
+                    .first()
+                    .and_then(|a| a.as_str())
+                    .and_then(|a| a.parse().ok()),
+                parts.get(1).and_then(|p| p.as_str()),
+                parts
+                    .get(2)
+                    .and_then(|p| p.as_u64())
+                    .and_then(|p| u16::try_from(p).ok()),
+            ) else {
+                continue;
+            };
+            let packets = e
+                .get("counter")
+                .and_then(|c| c.get("packets"))
+                .and_then(|p| p.as_u64())
+                .unwrap_or(0);
+            out.push((addr, proto.to_string(), port, packets));
+        }
+    }
+    out
+}
+
+/// Reads a named counter's (packets, bytes) from `nft -j list counter`.
+pub(crate) fn parse_counter(v: &serde_json::Value) -> (u64, u64) {
+    let items = v.get("nftables").and_then(|x| x.as_array());
+    for item in items.into_iter().flatten() {
+        if let Some(c) = item.get("counter") {
+            let get = |k: &str| c.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+            return (get("packets"), get("bytes"));
+        }
+    }
+    (0, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Rule;
+
+    #[test]
+    fn overlapping_nets_are_merged() {
+        let rules = vec![
+            Rule {
+                target: Target::Net("10.0.0.0/8".parse().unwrap()),
+                port: None,
+            },
+            Rule {
+                target: Target::Net("10.1.0.0/16".parse().unwrap()),
+                port: None,
+            },
+            Rule {
+                target: Target::Net("192.0.2.7/24".parse().unwrap()),
+                port: Some(443),
+            },
+            Rule {
+                target: Target::Net("2001:db8::/32".parse().unwrap()),
+                port: None,
+            },
+        ];
+        let (any, ported) = nets(&rules);
+        assert_eq!(any, vec!["10.0.0.0/8".parse::<Ipv4Net>().unwrap()]);
+        assert_eq!(
+            ported.get(&443).unwrap(),
+            &vec!["192.0.2.0/24".parse::<Ipv4Net>().unwrap()]
+        );
+    }
+}
