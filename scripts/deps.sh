@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Installs the Debian packages dev-box needs: at run time (btrfs-progs, util-linux) and for
+# Installs the Debian packages dev-box needs: at run time (btrfs-progs, util-linux, iproute2 and
+# nftables for sandbox networks) and for
 # its tests (busybox-static for test images), and builds CRIU ≥ 4.1 for
 # snapshots with processes (scripts/criu/build.sh). `scripts/deps.sh bench` adds the peers the
 # benchmark compares against. Idempotent: does nothing when everything is there.
 set -euo pipefail
 
-packages=(btrfs-progs util-linux busybox-static iproute2 ca-certificates python3 procps)
+packages=(btrfs-progs util-linux busybox-static iproute2 nftables ca-certificates python3 procps)
 if [[ "${1:-}" == "bench" ]]; then
   packages+=(runc bubblewrap podman hyperfine)
 fi

@@ -109,6 +109,11 @@ pub struct StartSpec {
     pub binds: Vec<PathBuf>,
     /// Resource limits.
     pub limits: Limits,
+    /// A persisted network namespace to join (made by the engine's network layer); none: a
+    /// loopback-only namespace of the sandbox's own.
+    pub netns: Option<PathBuf>,
+    /// The sandbox's `/etc/resolv.conf`, when it has a resolver.
+    pub resolv_conf: Option<String>,
 }
 
 /// Where a checkpoint of a sandbox's processes lives.
@@ -125,6 +130,9 @@ pub struct CheckpointSpec {
     /// The tool [`Backend::checkpoint_ready`] found, if the backend uses one (else it
     /// looks for it itself).
     pub tool: Option<PathBuf>,
+    /// The persisted network namespace the sandbox joined (as in [`StartSpec::netns`]):
+    /// kept out of the checkpoint, joined again by a restore.
+    pub netns: Option<PathBuf>,
 }
 
 /// A started sandbox: what the engine records.

@@ -30,6 +30,8 @@ pub struct EngineConfig {
     pub approval_timeout: Duration,
     /// Days audit records and exec logs are kept (`$DEVBOX_RETENTION_DAYS`, default 30; 0: forever).
     pub retention_days: Option<u32>,
+    /// Sandbox networks (`crate::network::default_config`; none: loopback-only sandboxes).
+    pub network: Option<devbox_net::NetConfig>,
 }
 
 impl EngineConfig {
@@ -38,6 +40,7 @@ impl EngineConfig {
     /// `dir:PATH` for the copy driver).
     pub fn new(state_dir: PathBuf, runtime_dir: PathBuf, pool_size: Option<u64>) -> Self {
         let pool_mountpoint = state_dir.join("pool");
+        let network = crate::network::default_config(&state_dir);
         let pool = match std::env::var("DEVBOX_POOL").ok().filter(|s| !s.is_empty()) {
             Some(p) if p.starts_with("dir:") => PoolSource::Directory(PathBuf::from(&p[4..])),
             Some(p) => PoolSource::Btrfs(PathBuf::from(p)),
@@ -49,6 +52,7 @@ impl EngineConfig {
             },
         };
         Self {
+            network,
             state_dir,
             runtime_dir,
             pool,

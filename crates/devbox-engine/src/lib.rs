@@ -29,6 +29,7 @@ mod locks;
 mod main_process;
 mod measure;
 pub mod model;
+pub mod network;
 mod os;
 mod reconcile;
 mod sandbox;
@@ -68,6 +69,7 @@ pub struct Engine {
     policies: checks::PolicyCache,
     approval_events: tokio::sync::watch::Sender<u64>,
     bookkeeping: exec::Bookkeeping,
+    net: network::Net,
 }
 
 impl std::fmt::Debug for Engine {
@@ -143,6 +145,7 @@ impl Engine {
         images.ensure_host()?;
         let backends = make(&cfg)?;
         let measurer = measure::Measurer::start(cfg.db_path());
+        let net = network::Net::open(cfg.network.as_ref())?;
         Ok(Arc::new(Engine {
             cfg,
             store,
@@ -154,6 +157,7 @@ impl Engine {
             policies: checks::PolicyCache::default(),
             approval_events: tokio::sync::watch::channel(0).0,
             bookkeeping: exec::Bookkeeping::default(),
+            net,
         }))
     }
 

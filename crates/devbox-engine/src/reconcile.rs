@@ -83,6 +83,7 @@ impl Engine {
         }
         self.sweep_backends(&kept);
         self.sweep_unowned(&known);
+        self.net_reconcile(&kept);
         Ok(())
     }
 

@@ -200,6 +200,9 @@ impl Engine {
     /// Removes everything of a sandbox that failed to be created, and its record.
     pub(crate) fn discard(&self, rec: &SandboxRecord) {
         self.release_runtime(rec);
+        if let Err(e) = self.net_remove(&rec.id) {
+            tracing::warn!(sandbox = %rec.name, "removing its network: {e}");
+        }
         let _ = self.pool.delete_volume(&self.sandbox_volume(&rec.id));
         let _ = self.store.delete_sandbox(&rec.id);
     }
@@ -252,7 +255,11 @@ impl Engine {
                 rec.image_id, rec.name
             )));
         }
+        let (netns, resolv_conf) = self.net_attach(rec, &manifest.spec)?;
+        phases.mark("network");
         let spec = StartSpec {
+            netns,
+            resolv_conf,
             id: rec.id.clone(),
             name: rec.name.clone(),
             hostname: manifest
@@ -292,6 +299,7 @@ impl Engine {
                         owner: spec.uid_base,
                         binds: spec.binds.clone(),
                         tool: None,
+                        netns: spec.netns.clone(),
                     };
                     backend.restore(&spec, &ck, &mut record)
                 }
@@ -475,6 +483,8 @@ impl Engine {
             self.release_runtime(rec);
         }
         phases.mark("halted");
+        self.net_remove(&rec.id)?;
+        phases.mark("network");
         self.delete_volume_retrying(&self.sandbox_volume(&rec.id))?;
         phases.mark("volume");
         for snap in self.store.snapshots_of(&rec.id)? {

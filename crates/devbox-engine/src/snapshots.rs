@@ -214,6 +214,7 @@ impl Engine {
                         owner: rec.uid_base,
                         binds: Self::host_binds(rec),
                         tool,
+                        netns: self.net_netns(rec),
                     };
                     let mut copied = None;
                     let r = backend.checkpoint(&inst, &ck, &mut || {

@@ -44,6 +44,7 @@ impl Host {
         cfg.uid_registry = root.join("uids.json");
         cfg.warm_launchers = 0;
         cfg.retention_days = None;
+        cfg.network = None;
         cfg
     }
 

@@ -56,4 +56,11 @@ pub struct LaunchConfig {
     pub cgroups: Vec<PathBuf>,
     /// Apply the default seccomp filter (on unless explicitly turned off).
     pub seccomp: bool,
+    /// A persisted network namespace (owned by the host's user namespace, loopback up) that
+    /// the sandbox joins before entering its user namespace, instead of unsharing one.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    /// What init writes to the sandbox's `/etc/resolv.conf` (after pivoting into its root).
+    #[serde(default)]
+    pub resolv_conf: Option<String>,
 }

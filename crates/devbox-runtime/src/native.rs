@@ -379,6 +379,8 @@ impl NativeBackend {
             agent_socket: rt.join("agent.sock"),
             cgroups: cg.paths(),
             seccomp: true,
+            netns: spec.netns.clone(),
+            resolv_conf: spec.resolv_conf.clone(),
         };
         let started = |e| BackendError::Other(format!("starting sandbox {}: {e}", spec.name));
         let launched = match (armed, restore, criu) {
@@ -471,6 +473,7 @@ impl NativeBackend {
             leave_running: true,
             owner: spec.owner,
             init_binary: self.inner.cfg.init_binary.clone(),
+            netns: spec.netns.clone(),
         })
         .map(drop)
     }

@@ -112,6 +112,8 @@ fn start(name: &str) -> Sandbox {
         agent_socket: runtime.join("agent.sock"),
         cgroups: cgroup.paths(),
         seccomp: true,
+        netns: None,
+        resolv_conf: None,
     };
     let launcher = Launcher::new(env!("CARGO_BIN_EXE_sandbox-init"));
     let pid = launcher.launch(&cfg).expect("launch");

@@ -37,7 +37,10 @@ fn setup(
     // Its own session: the launcher's lies outside the pid namespace, which a checkpoint can't hold.
     nix::unistd::setsid().stage("new session")?;
     nix::unistd::sethostname(&cfg.hostname).stage("set hostname")?;
-    sys::loopback_up().stage("bring up loopback")?;
+    if cfg.netns.is_none() {
+        // A joined namespace's loopback is up already (and not init's to configure).
+        sys::loopback_up().stage("bring up loopback")?;
+    }
     let none = None::<&str>;
     nix::mount::mount(
         none,
@@ -50,6 +53,9 @@ fn setup(
     rootfs::mount_root(cfg)?;
     crate::trace::mark("root mounted");
     rootfs::finish_in_init()?;
+    if let Some(text) = &cfg.resolv_conf {
+        write_resolv_conf(text);
+    }
     crate::trace::mark("proc, sys, dev, pivot, masks");
     sys::close_fds_from(3, &[listener.as_raw_fd(), ready.as_raw_fd()]);
     nix::sys::prctl::set_dumpable(false).stage("make init non-dumpable")?;
@@ -61,6 +67,16 @@ fn setup(
 }
 
 /// Points fds 0-2 at the sandbox's /dev/null, releasing the launcher's pipes.
+/// Writes the sandbox's resolv.conf, inside its own root (after the pivot, so a link there
+/// leads only to the sandbox's own files). Best effort: a read-only or odd /etc keeps its own.
+fn write_resolv_conf(text: &str) {
+    let path = std::path::Path::new("/etc/resolv.conf");
+    if std::fs::symlink_metadata(path).is_ok_and(|m| !m.is_file()) {
+        let _ = std::fs::remove_file(path);
+    }
+    let _ = std::fs::write(path, text);
+}
+
 fn redirect_stdio_to_null() -> nix::Result<()> {
     let null = nix::fcntl::open(
         "/dev/null",
