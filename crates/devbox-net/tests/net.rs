@@ -316,14 +316,14 @@ fn a_hostile_sandbox_gets_nowhere() {
         let s = socket_bound(Ipv4Addr::new(198, 18, 9, 9));
         let to_world = s
             .connect_timeout(
-                &std::net::SocketAddr::from((BARE, 80)).into(),
+                &std::net::SocketAddr::from((BARE, 80)),
                 std::time::Duration::from_secs(1),
             )
             .is_ok();
         let s = socket_bound(Ipv4Addr::new(198, 18, 9, 9));
         let to_dns = s
             .connect_timeout(
-                &std::net::SocketAddr::from((gw, 53)).into(),
+                &std::net::SocketAddr::from((gw, 53)),
                 std::time::Duration::from_secs(1),
             )
             .is_ok();
@@ -472,4 +472,115 @@ fn crash_child(state: PathBuf) {
         nets.create(&format!("k{pid}x{i}"), &p, &ports).unwrap();
         println!("made {i}");
     }
+}
+
+/// Measurements for scripts/bench.sh (`--ignored bench_ --nocapture`, release build).
+#[test]
+#[ignore]
+fn bench_network() {
+    use std::time::{Duration, Instant};
+    let mut w = World::new();
+    let nets = w.networks();
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    // netns + veth + table + resolver, created and removed.
+    let n = nets.clone();
+    let (made, gone) = w.daemon(move || {
+        let (mut made, mut gone) = (Vec::new(), Vec::new());
+        for i in 0..50 {
+            let id = format!("b{i}");
+            let t = Instant::now();
+            n.create(&id, &allow(vec![name("allowed.test")]), &[])
+                .unwrap();
+            made.push(t.elapsed());
+            let t = Instant::now();
+            n.remove(&id).unwrap();
+            gone.push(t.elapsed());
+        }
+        (made, gone)
+    });
+    println!(
+        "bench net create (allow: netns+veth+nft+resolver) median {:?}",
+        median(made)
+    );
+    println!("bench net remove median {:?}", median(gone));
+    let n = nets.clone();
+    let made = w.daemon(move || {
+        let mut made = Vec::new();
+        for i in 0..50 {
+            let id = format!("n{i}");
+            let t = Instant::now();
+            n.create(&id, &Policy::default(), &[]).unwrap();
+            made.push(t.elapsed());
+            n.remove(&id).unwrap();
+        }
+        made
+    });
+    println!(
+        "bench net create (none: netns only) median {:?}",
+        median(made)
+    );
+
+    let n = nets.clone();
+    let policy = Policy {
+        mode: Mode::Open,
+        allow: vec![name("allowed.test")],
+        deny: vec![],
+    };
+    let att = w.daemon(move || n.create("bench", &policy, &[])).unwrap();
+    let (ns, gw) = (att.netns.clone(), att.dns.unwrap());
+    // DNS: a cached allowed name, answered from the daemon's resolver (client round trip).
+    resolve(&ns, gw, "allowed.test").unwrap();
+    let times = in_ns(&ns, move || {
+        let mut v = Vec::new();
+        // Under the resolver's rate limit (500/s, bursts of 1,000).
+        for _ in 0..800 {
+            let t = Instant::now();
+            resolve_here(gw, "allowed.test").unwrap();
+            v.push(t.elapsed());
+        }
+        v
+    });
+    println!(
+        "bench dns cached answer median {:?} (800 questions)",
+        median(times)
+    );
+
+    // TCP throughput into the world: from the sandbox (veth, rules, NAT, veth) vs from the
+    // daemon's namespace (veth).
+    let sink = in_ns(&w.inet, || {
+        std::net::TcpListener::bind((BARE, 5999)).unwrap()
+    });
+    std::thread::spawn(move || {
+        for s in sink.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut buf = vec![0u8; 1 << 16];
+                while std::io::Read::read(&mut s, &mut buf)
+                    .map(|n| n > 0)
+                    .unwrap_or(false)
+                {}
+            });
+        }
+    });
+    let send = || {
+        let mut s = std::net::TcpStream::connect((BARE, 5999)).unwrap();
+        let buf = vec![7u8; 1 << 16];
+        let total: u64 = 2 << 30;
+        let t = Instant::now();
+        let mut sent = 0;
+        while sent < total {
+            std::io::Write::write_all(&mut s, &buf).unwrap();
+            sent += buf.len() as u64;
+        }
+        sent as f64 / t.elapsed().as_secs_f64() / 1e9 * 8.0
+    };
+    let from_sandbox = in_ns(&ns, send);
+    let from_host = in_ns(&w.daemon, send);
+    println!(
+        "bench tcp sandbox->world {from_sandbox:.1} Gbit/s, host->world {from_host:.1} Gbit/s, ratio {:.0}%",
+        from_sandbox / from_host * 100.0
+    );
 }

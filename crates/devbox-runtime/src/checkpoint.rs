@@ -929,6 +929,7 @@ mod tests {
             pair_ino: 1,
             files,
             binds: vec![],
+            netns: false,
         };
         assert_eq!(
             open_external_files(&meta(vec![t.clone()]), &trusted)
