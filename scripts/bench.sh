@@ -8,6 +8,9 @@
 #              cp -a; diff between two snapshots 10,000 files apart (scripts/bench_snapshots.py)
 #   command checks: parse + rules + policies for commands up to 4 KB
 #                   (crates/devbox-safety/benches/validate.rs)
+#   networks: netns+veth+nft create/remove, a cached allowed name from the daemon's resolver,
+#             TCP throughput sandbox->world through veth, rules and NAT vs from the daemon's
+#             namespace (crates/devbox-net/tests/net.rs bench_network, in namespaces it makes)
 #
 # Prints medians and ratios and writes them to bench-results/. Needs root. Installs the peers
 # from Debian (scripts/deps.sh bench) and builds dev-box in release mode.
@@ -133,6 +136,10 @@ python3 scripts/bench_snapshots.py "$bin/sandbox" "${podman[*]}" "$work" "${BENC
 echo "== command checks (in-process: parse, rules, policies)"
 cargo bench -q -p devbox-safety --bench validate 2>/dev/null | grep '^|' > "$work/validate.md"
 
+echo "== networks (in test-made namespaces only)"
+cargo test -q --release -p devbox-net --test net -- --ignored bench_network --nocapture 2>/dev/null \
+  | grep '^bench' | sed 's/^bench /- /' > "$work/network.md"
+
 python3 - "$work" "$out" "$idle" "$before" "$after" "$rss_before" "$rss_after" "$running" "$last_ok" "$cgmem" "$pss" "$begin" "$end" <<'EOF'
 import json, sys, platform, datetime
 work, out, idle = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -166,6 +173,7 @@ lines += [
 ]
 lines.append(open(f"{work}/snapshots.md").read())
 lines += ["", "## Command checks (what a check adds to an exec, default policy)", "", open(f"{work}/validate.md").read()]
+lines += ["", "## Networks", "", open(f"{work}/network.md").read()]
 text = "\n".join(lines)
 print(text)
 open(f"{out}/results.md", "w").write(text + "\n")

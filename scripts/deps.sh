@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian packages dev-box needs: at run time (btrfs-progs, util-linux) and for
+# Installs the Debian packages dev-box needs: at run time (btrfs-progs, util-linux, iproute2 and
+# nftables for sandbox networks) and for
 # its tests (busybox-static for test images), and builds CRIU ≥ 4.1 for
 # snapshots with processes (scripts/criu/build.sh). `scripts/deps.sh bench` adds the peers the
 # benchmark compares against. Idempotent: does nothing when everything is there.

@@ -133,6 +133,9 @@ pub struct CheckpointSpec {
     /// The tool [`Backend::checkpoint_ready`] found, if the backend uses one (else it
     /// looks for it itself).
     pub tool: Option<PathBuf>,
+    /// The persisted network namespace the sandbox joined (as in [`StartSpec::netns`]):
+    /// kept out of the checkpoint, joined again by a restore.
+    pub netns: Option<PathBuf>,
 }
 
 /// A started sandbox: what the engine records.

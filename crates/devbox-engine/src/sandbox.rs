@@ -310,6 +310,7 @@ impl Engine {
                         owner: spec.uid_base,
                         binds: spec.binds.clone(),
                         tool: None,
+                        netns: spec.netns.clone(),
                     };
                     backend.restore(&spec, &ck, &mut record)
                 }

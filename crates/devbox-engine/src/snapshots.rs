@@ -216,6 +216,7 @@ impl Engine {
                         owner: rec.uid_base,
                         binds: Self::host_binds(rec),
                         tool,
+                        netns: None,
                     };
                     let mut copied = None;
                     let r = backend.checkpoint(&inst, &ck, &mut || {

@@ -294,3 +294,293 @@ fn assert_leftovers(w: &World, state: &std::path::Path, want: usize) {
         (want, want, want, want, want)
     );
 }
+
+#[test]
+fn a_hostile_sandbox_gets_nowhere() {
+    let mut w = World::new();
+    let nets = w.networks();
+    let n = nets.clone();
+    let att = w
+        .daemon(move || n.create("evil", &allow(vec![name("allowed.test")]), &[]))
+        .unwrap();
+    let (ns, gw) = (att.netns.clone(), att.dns.unwrap());
+    // Spoofed sources (root inside can add addresses here; a real sandbox cannot even do
+    // that, it has no CAP_NET_ADMIN in this namespace): dropped, to the world and to the host.
+    let status = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", ns.display()))
+        .args(["ip", "addr", "add", "198.18.9.9/32", "dev", "eth0"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let spoofed = in_ns(&ns, move || {
+        let s = socket_bound(Ipv4Addr::new(198, 18, 9, 9));
+        let to_world = s
+            .connect_timeout(
+                &std::net::SocketAddr::from((BARE, 80)),
+                std::time::Duration::from_secs(1),
+            )
+            .is_ok();
+        let s = socket_bound(Ipv4Addr::new(198, 18, 9, 9));
+        let to_dns = s
+            .connect_timeout(
+                &std::net::SocketAddr::from((gw, 53)),
+                std::time::Duration::from_secs(1),
+            )
+            .is_ok();
+        (to_world, to_dns)
+    });
+    assert_eq!(spoofed, (false, false));
+    // A flood of questions: the excess is dropped, the daemon keeps answering afterwards.
+    in_ns(&ns, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05other\x04test\x00\x00\x01\x00\x01";
+        for _ in 0..20_000 {
+            let _ = s.send_to(q, (gw, 53));
+        }
+        // Garbage too.
+        for i in 0..2_000u32 {
+            let _ = s.send_to(&i.to_le_bytes(), (gw, 53));
+        }
+    });
+    assert!(nets.dns_stats().dropped > 0);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(resolve(&ns, gw, "allowed.test").unwrap(), vec![ALLOWED]);
+    assert!(fetch(&ns, ALLOWED, 80).is_ok());
+    let n = nets.clone();
+    // The log stays bounded however much was refused.
+    assert!(w.daemon(move || n.blocked("evil")).unwrap().len() <= 1000);
+}
+
+fn socket_bound(src: Ipv4Addr) -> socket2_like::Socket {
+    socket2_like::Socket::bound(src)
+}
+
+/// A TCP socket bound to a source address before connecting (std cannot do that).
+mod socket2_like {
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::time::Duration;
+
+    pub struct Socket(std::os::fd::OwnedFd);
+
+    impl Socket {
+        pub fn bound(src: Ipv4Addr) -> Socket {
+            use nix::sys::socket::*;
+            let fd = socket(
+                AddressFamily::Inet,
+                SockType::Stream,
+                SockFlag::empty(),
+                None,
+            )
+            .unwrap();
+            setsockopt(&fd, sockopt::IpFreebind, &true).unwrap();
+            bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &SockaddrIn::from(std::net::SocketAddrV4::new(src, 0)),
+            )
+            .unwrap();
+            Socket(fd)
+        }
+
+        pub fn connect_timeout(&self, to: &SocketAddr, t: Duration) -> Result<(), ()> {
+            use nix::sys::socket::*;
+            let SocketAddr::V4(v4) = to else {
+                return Err(());
+            };
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&self.0);
+            setsockopt(
+                &self.0,
+                sockopt::SendTimeout,
+                &nix::sys::time::TimeVal::new(t.as_secs() as i64, 0),
+            )
+            .unwrap();
+            connect(fd, &SockaddrIn::from(*v4)).map_err(|_| ())
+        }
+    }
+}
+
+#[test]
+fn a_killed_daemon_leaves_nothing_cleanup_misses() {
+    if let Ok(dir) = std::env::var("DBX_NET_CRASH_CHILD") {
+        crash_child(PathBuf::from(dir));
+        return;
+    }
+    let mut w = World::new();
+    let state = w.state.path().to_path_buf();
+    for delay_ms in [0u64, 7, 23] {
+        let mut child = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", w.daemon.display()))
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "a_killed_daemon_leaves_nothing_cleanup_misses",
+                "--nocapture",
+            ])
+            .env("DBX_NET_CRASH_CHILD", &state)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+            if line.starts_with("made 3") {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::SIGKILL,
+        )
+        .unwrap();
+        child.wait().unwrap();
+    }
+    let nets = w.networks();
+    let n = nets.clone();
+    let removed = w.daemon(move || n.cleanup(&[])).unwrap();
+    assert!(removed.len() >= 4, "{removed:?}");
+    assert_leftovers(&w, &state, 0);
+}
+
+fn crash_child(state: PathBuf) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _g = rt.enter();
+    let nets = devbox_net::Networks::new(devbox_net::NetConfig {
+        subnet: "10.77.0.0/16".parse().unwrap(),
+        upstream_dns: vec![std::net::SocketAddr::from((UPSTREAM, 53))],
+        state_dir: state,
+    })
+    .unwrap();
+    let pid = std::process::id();
+    for i in 0.. {
+        let mode = if i % 3 == 0 { Mode::None } else { Mode::Allow };
+        let ports = if i % 3 == 0 {
+            vec![PortMap {
+                bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                host_port: 30000 + (i % 1000) as u16,
+                sandbox_port: 80,
+            }]
+        } else {
+            vec![]
+        };
+        let p = Policy {
+            mode,
+            allow: vec![name("allowed.test")],
+            deny: vec![],
+        };
+        nets.create(&format!("k{pid}x{i}"), &p, &ports).unwrap();
+        println!("made {i}");
+    }
+}
+
+/// Measurements for scripts/bench.sh (`--ignored bench_ --nocapture`, release build).
+#[test]
+#[ignore]
+fn bench_network() {
+    use std::time::{Duration, Instant};
+    let mut w = World::new();
+    let nets = w.networks();
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    // netns + veth + table + resolver, created and removed.
+    let n = nets.clone();
+    let (made, gone) = w.daemon(move || {
+        let (mut made, mut gone) = (Vec::new(), Vec::new());
+        for i in 0..50 {
+            let id = format!("b{i}");
+            let t = Instant::now();
+            n.create(&id, &allow(vec![name("allowed.test")]), &[])
+                .unwrap();
+            made.push(t.elapsed());
+            let t = Instant::now();
+            n.remove(&id).unwrap();
+            gone.push(t.elapsed());
+        }
+        (made, gone)
+    });
+    println!(
+        "bench net create (allow: netns+veth+nft+resolver) median {:?}",
+        median(made)
+    );
+    println!("bench net remove median {:?}", median(gone));
+    let n = nets.clone();
+    let made = w.daemon(move || {
+        let mut made = Vec::new();
+        for i in 0..50 {
+            let id = format!("n{i}");
+            let t = Instant::now();
+            n.create(&id, &Policy::default(), &[]).unwrap();
+            made.push(t.elapsed());
+            n.remove(&id).unwrap();
+        }
+        made
+    });
+    println!(
+        "bench net create (none: netns only) median {:?}",
+        median(made)
+    );
+
+    let n = nets.clone();
+    let policy = Policy {
+        mode: Mode::Open,
+        allow: vec![name("allowed.test")],
+        deny: vec![],
+    };
+    let att = w.daemon(move || n.create("bench", &policy, &[])).unwrap();
+    let (ns, gw) = (att.netns.clone(), att.dns.unwrap());
+    // DNS: a cached allowed name, answered from the daemon's resolver (client round trip).
+    resolve(&ns, gw, "allowed.test").unwrap();
+    let times = in_ns(&ns, move || {
+        let mut v = Vec::new();
+        // Under the resolver's rate limit (500/s, bursts of 1,000).
+        for _ in 0..800 {
+            let t = Instant::now();
+            resolve_here(gw, "allowed.test").unwrap();
+            v.push(t.elapsed());
+        }
+        v
+    });
+    println!(
+        "bench dns cached answer median {:?} (800 questions)",
+        median(times)
+    );
+
+    // TCP throughput into the world: from the sandbox (veth, rules, NAT, veth) vs from the
+    // daemon's namespace (veth).
+    let sink = in_ns(&w.inet, || {
+        std::net::TcpListener::bind((BARE, 5999)).unwrap()
+    });
+    std::thread::spawn(move || {
+        for s in sink.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut buf = vec![0u8; 1 << 16];
+                while std::io::Read::read(&mut s, &mut buf)
+                    .map(|n| n > 0)
+                    .unwrap_or(false)
+                {}
+            });
+        }
+    });
+    let send = || {
+        let mut s = std::net::TcpStream::connect((BARE, 5999)).unwrap();
+        let buf = vec![7u8; 1 << 16];
+        let total: u64 = 2 << 30;
+        let t = Instant::now();
+        let mut sent = 0;
+        while sent < total {
+            std::io::Write::write_all(&mut s, &buf).unwrap();
+            sent += buf.len() as u64;
+        }
+        sent as f64 / t.elapsed().as_secs_f64() / 1e9 * 8.0
+    };
+    let from_sandbox = in_ns(&ns, send);
+    let from_host = in_ns(&w.daemon, send);
+    println!(
+        "bench tcp sandbox->world {from_sandbox:.1} Gbit/s, host->world {from_host:.1} Gbit/s, ratio {:.0}%",
+        from_sandbox / from_host * 100.0
+    );
+}

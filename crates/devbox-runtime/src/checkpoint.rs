@@ -107,7 +107,14 @@ pub struct CheckpointMeta {
     pub files: Vec<ExternalFile>,
     /// Targets of the host bind mounts, in the order of the sandbox's bind list.
     pub binds: Vec<PathBuf>,
+    /// The sandbox's network namespace was a persisted one, left out of the images
+    /// (`--external net[ino]:netns`): a restore joins the sandbox's namespace again.
+    #[serde(default)]
+    pub netns: bool,
 }
+
+/// CRIU's key for the external network namespace.
+pub const NETNS_KEY: &str = "netns";
 
 impl CheckpointMeta {
     /// Name of the metadata file in an images directory.
@@ -196,6 +203,8 @@ pub struct DumpRequest {
     /// The sandbox-init binary the daemon runs: it and its libraries are the only host files
     /// init may map ([`trusted_host_files`]).
     pub init_binary: PathBuf,
+    /// The persisted network namespace the sandbox joined, if any: left out of the dump.
+    pub netns: Option<PathBuf>,
 }
 
 /// Dumps the parked sandbox's processes into `req.images` and writes `checkpoint.json`.
@@ -207,6 +216,25 @@ pub fn dump(req: &DumpRequest) -> Result<CheckpointMeta, CheckpointError> {
     let pair_ino = parked_socket(req.init_pid)?;
     let trusted = trusted_host_files(&req.init_binary)?;
     let files = mapped_host_files(req.init_pid, &trusted)?;
+    let netns_ino = match &req.netns {
+        None => None,
+        Some(path) => {
+            use std::os::unix::fs::MetadataExt;
+            let want = fs::metadata(path)
+                .map_err(io_err("reading the sandbox's network namespace"))?
+                .ino();
+            let has = fs::metadata(format!("/proc/{}/ns/net", req.init_pid))
+                .map_err(io_err("reading init's network namespace"))?
+                .ino();
+            if want != has {
+                return Err(CheckpointError::Unsupported(format!(
+                    "init is not in the sandbox's network namespace {}",
+                    path.display()
+                )));
+            }
+            Some(want)
+        }
+    };
     let mut cmd = Command::new(&req.criu);
     if let Some(path) = criu_tool_path() {
         cmd.env("PATH", path);
@@ -233,6 +261,9 @@ pub fn dump(req: &DumpRequest) -> Result<CheckpointMeta, CheckpointError> {
     for f in &files {
         cmd.arg("--external").arg(&f.key);
     }
+    if let Some(ino) = netns_ino {
+        cmd.arg("--external").arg(format!("net[{ino}]:{NETNS_KEY}"));
+    }
     for (i, target) in req.binds.iter().enumerate() {
         cmd.arg("--external")
             .arg(format!("mnt[{}]:bind{i}", target.display()));
@@ -248,6 +279,7 @@ pub fn dump(req: &DumpRequest) -> Result<CheckpointMeta, CheckpointError> {
         pair_ino,
         files,
         binds: req.binds.clone(),
+        netns: netns_ino.is_some(),
     };
     let text = serde_json::to_vec_pretty(&meta).map_err(|e| CheckpointError::Io {
         what: "writing checkpoint.json",
@@ -897,6 +929,7 @@ mod tests {
             pair_ino: 1,
             files,
             binds: vec![],
+            netns: false,
         };
         assert_eq!(
             open_external_files(&meta(vec![t.clone()]), &trusted)

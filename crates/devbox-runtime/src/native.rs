@@ -523,6 +523,7 @@ impl NativeBackend {
             leave_running: true,
             owner: spec.owner,
             init_binary: self.inner.cfg.init_binary.clone(),
+            netns: spec.netns.clone(),
         })
         .map(drop)
     }

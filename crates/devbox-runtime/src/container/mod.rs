@@ -189,6 +189,18 @@ fn join_cgroups(cgroups: &[std::path::PathBuf]) -> Result<(), StepError> {
     Ok(())
 }
 
+/// Opens the persisted network namespace the sandbox joins, if it has one (before the
+/// launcher's mount namespace changes).
+pub(crate) fn open_netns(cfg: &LaunchConfig) -> Result<Option<OwnedFd>, StepError> {
+    match &cfg.netns {
+        None => Ok(None),
+        Some(path) => {
+            let f = fs::File::open(path).stage("open network namespace")?;
+            Ok(Some(OwnedFd::from(f)))
+        }
+    }
+}
+
 /// The steps a launch and a restore share: a private mount namespace, the agent's listener
 /// on its host path, the user namespace, and the layers and binds staged as id-mapped mounts
 /// in the runtime dir. Returns the listener and the user namespace.
@@ -219,22 +231,19 @@ pub fn launch(cfg: &LaunchConfig, prepared: Option<Prepared>) -> Result<i32, Ste
         Some(p) => p,
         None => prepare(&cfg.cgroups)?,
     };
+    let netns = open_netns(cfg)?;
     let (listener, userns) = stage(cfg)?;
 
     std::env::set_current_dir(&cfg.runtime_dir).stage("enter runtime dir")?;
-    // The sandbox's own network namespace, made by the daemon, joined while we are still
-    // host root (it belongs to the host's user namespace); else an empty one below.
+    // The persisted network namespace is the host's user namespace's: joined while still
+    // host root, so nothing inside has CAP_NET_ADMIN over it.
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWCGROUP
         | CloneFlags::CLONE_NEWPID;
-    match &cfg.netns {
-        Some(path) => {
-            let ns = fs::File::open(path).stage("open the sandbox's network namespace")?;
-            setns(ns.as_fd(), CloneFlags::CLONE_NEWNET)
-                .stage("join the sandbox's network namespace")?;
-        }
+    match netns {
+        Some(ns) => setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).stage("join network namespace")?,
         None => flags |= CloneFlags::CLONE_NEWNET,
     }
     setns(userns.as_fd(), CloneFlags::CLONE_NEWUSER).stage("enter user namespace")?;

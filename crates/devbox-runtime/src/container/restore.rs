@@ -68,6 +68,24 @@ pub fn restore(rc: &RestoreConfig, prepared: Option<Prepared>) -> Result<i32, St
         })?;
     let files =
         checkpoint::open_external_files(&meta, &trusted).map_err(|e| step("open host files", e))?;
+    // A checkpoint of a sandbox in a persisted network namespace restores into that
+    // namespace again; one that had its own (older) namespace cannot join one now.
+    let netns = match (meta.netns, super::open_netns(cfg)?) {
+        (true, Some(ns)) => Some(ns),
+        (false, None) => None,
+        (true, None) => {
+            return Err(step(
+                "read checkpoint",
+                "the checkpoint expects the sandbox's network namespace, and none was given",
+            ));
+        }
+        (false, Some(_)) => {
+            return Err(step(
+                "read checkpoint",
+                "the checkpoint predates the sandbox's network namespace",
+            ));
+        }
+    };
     if prepared.is_none() {
         // CRIU forks the processes from here: they start in the sandbox's cgroups.
         nix::unistd::setsid().stage("new session")?;
@@ -120,9 +138,15 @@ pub fn restore(rc: &RestoreConfig, prepared: Option<Prepared>) -> Result<i32, St
         cmd.arg("--inherit-fd")
             .arg(format!("fd[{}]:{key}", fd.as_raw_fd()));
     }
+    if let Some(ns) = &netns {
+        sys::set_cloexec(ns, false).stage("pass the network namespace")?;
+        cmd.arg("--inherit-fd")
+            .arg(format!("fd[{}]:{}", ns.as_raw_fd(), checkpoint::NETNS_KEY));
+    }
     checkpoint::run_criu(cmd, &rc.log).map_err(|e| step("restore processes", e))?;
     drop(theirs);
     drop(files);
+    drop(netns);
     let pid: i32 = std::fs::read_to_string(cfg.runtime_dir.join("restore.pid"))
         .ok()
         .and_then(|t| t.trim().parse().ok())
