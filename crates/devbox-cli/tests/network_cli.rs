@@ -429,9 +429,7 @@ fn clones_keep_the_network_and_ports_are_published() {
     assert_ne!(a, b, "a clone has its own address");
     assert!(reach(&env, "copy", "other.test", 80).is_ok());
     assert!(reach(&env, "copy", &world::BARE.to_string(), 80).is_err());
-    // Processes cannot be checkpointed with a network (yet): said, nothing changes.
-    let err = env.fails(&["snapshot", "src", "s2", "--with-processes"]);
-    assert!(err.contains("--with-processes"), "{err}");
+    // Checkpoints of processes with a network: tests/checkpoint_network.rs.
 
     // Stopped, a sandbox has no network; started, it has one again.
     env.ok(&["stop", "copy"]);

@@ -612,16 +612,13 @@ impl Engine {
         });
     }
 
-    /// A checkpoint of processes (snapshot --with-processes) is refused for a sandbox whose
-    /// network namespace is the daemon's: CRIU would have to restore into it.
-    pub(crate) fn refuse_checkpoint_with_network(&self, rec: &SandboxRecord) -> Result<()> {
-        if has_network(&self.network_in_force(rec)?) {
-            return Err(EngineError::InvalidRequest(format!(
-                "sandbox {} has a network (mode allow or open, or published ports):                  --with-processes is not available for it yet; take the snapshot without it",
-                rec.name
-            )));
-        }
-        Ok(())
+    /// The persisted network namespace a running sandbox joined, if it has one: a
+    /// checkpoint of its processes keeps it out of the images (it belongs to the host's
+    /// user namespace and holds the daemon's plumbing), and a restore joins the sandbox's
+    /// namespace of that moment again.
+    pub(crate) fn netns_in_use(&self, rec: &SandboxRecord) -> Option<std::path::PathBuf> {
+        let n = self.net.as_ref().ok()?;
+        n.netns_of(&rec.id).ok().filter(|p| p.exists())
     }
 
     /// Applies the rules in force to a running sandbox's network (the data plane).

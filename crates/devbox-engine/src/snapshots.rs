@@ -148,7 +148,6 @@ impl Engine {
                     rec.name
                 )));
             }
-            self.refuse_checkpoint_with_network(rec)?;
             if !caps.checkpoint {
                 return Err(EngineError::InvalidRequest(format!(
                     "sandbox {} runs on the {} backend, which cannot checkpoint processes: leave out --with-processes",
@@ -216,7 +215,7 @@ impl Engine {
                         owner: rec.uid_base,
                         binds: Self::host_binds(rec),
                         tool,
-                        netns: None,
+                        netns: self.netns_in_use(rec),
                     };
                     let mut copied = None;
                     let r = backend.checkpoint(&inst, &ck, &mut || {

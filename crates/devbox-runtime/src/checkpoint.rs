@@ -116,6 +116,9 @@ pub struct CheckpointMeta {
 /// CRIU's key for the external network namespace.
 pub const NETNS_KEY: &str = "netns";
 
+/// CRIU's key for the /sys of a sandbox in a persisted network namespace (the host's, bound).
+pub const SYS_KEY: &str = "sys";
+
 impl CheckpointMeta {
     /// Name of the metadata file in an images directory.
     pub const FILE: &'static str = "checkpoint.json";
@@ -263,6 +266,13 @@ pub fn dump(req: &DumpRequest) -> Result<CheckpointMeta, CheckpointError> {
     }
     if let Some(ino) = netns_ino {
         cmd.arg("--external").arg(format!("net[{ino}]:{NETNS_KEY}"));
+        // Such a sandbox's /sys is the host's, bound (it cannot mount a sysfs there).
+        cmd.arg("--external").arg(format!("mnt[/sys]:{SYS_KEY}"));
+        // Its established TCP connections cannot come back: restoring one takes TCP_REPAIR,
+        // i.e. CAP_NET_ADMIN over the namespace, which the restored tasks (in the sandbox's
+        // user namespace) lack by design. They are dumped without their state and restored
+        // closed; listening sockets come back as they were.
+        cmd.arg("--tcp-close");
     }
     for (i, target) in req.binds.iter().enumerate() {
         cmd.arg("--external")

@@ -53,7 +53,11 @@ fn setup(
     .stage("make mounts private")?;
     rootfs::mount_root(cfg)?;
     crate::trace::mark("root mounted");
-    rootfs::finish_in_init()?;
+    let staged_sys = cfg
+        .netns
+        .as_ref()
+        .map(|_| cfg.runtime_dir.join(rootfs::STAGED_SYS));
+    rootfs::finish_in_init(staged_sys.as_deref())?;
     crate::trace::mark("proc, sys, dev, pivot, masks");
     if let Some(text) = &cfg.resolv_conf {
         write_resolv_conf(text).stage("write /etc/resolv.conf")?;

@@ -139,9 +139,21 @@ pub fn restore(rc: &RestoreConfig, prepared: Option<Prepared>) -> Result<i32, St
             .arg(format!("fd[{}]:{key}", fd.as_raw_fd()));
     }
     if let Some(ns) = &netns {
+        // The namespace belongs to the host's user namespace: the restored tasks, in the
+        // sandbox's new user namespace, could not setns() into it. CRIU runs inside it
+        // instead (joined here, as host root), so every task it forks is in it already
+        // (scripts/criu/external-netns.patch skips the then pointless setns).
+        setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).stage("join network namespace")?;
         sys::set_cloexec(ns, false).stage("pass the network namespace")?;
         cmd.arg("--inherit-fd")
             .arg(format!("fd[{}]:{}", ns.as_raw_fd(), checkpoint::NETNS_KEY));
+        cmd.arg("--external").arg(format!(
+            "mnt[{}]:{}",
+            checkpoint::SYS_KEY,
+            cfg.runtime_dir.join(rootfs::STAGED_SYS).display()
+        ));
+        // Dumped with --tcp-close (see checkpoint::dump): connections come back closed.
+        cmd.arg("--tcp-close");
     }
     checkpoint::run_criu(cmd, &rc.log).map_err(|e| step("restore processes", e))?;
     drop(theirs);

@@ -61,8 +61,27 @@ pub fn assemble(cfg: &LaunchConfig, userns: &OwnedFd) -> Result<(), StepError> {
         let tree = sys::detached_tree(&bind.source, true, ns, attrs).stage("prepare bind mount")?;
         sys::attach_tree(&tree, &target).stage("bind mount")?;
     }
+    if cfg.netns.is_some() {
+        // In a network namespace of the host's user namespace the sandbox cannot mount a
+        // sysfs of its own: it gets the host's /sys, without the mounts below it (a copy
+        // with children would be locked to them, and CRIU could not bind it again on a
+        // restore: it is passed to CRIU as an external mount, `sys`).
+        let target = rt.join(STAGED_SYS);
+        mkdir(&target).stage("runtime dir")?;
+        let attrs = TreeAttrs {
+            readonly: true,
+            nosuid: true,
+            nodev: true,
+        };
+        let tree = sys::detached_tree(Path::new("/sys"), false, None, attrs).stage("stage /sys")?;
+        sys::attach_tree(&tree, &target).stage("stage /sys")?;
+    }
     Ok(())
 }
+
+/// Where [`assemble`] stages the host's /sys (below the runtime dir) for a sandbox in a
+/// persisted network namespace.
+pub const STAGED_SYS: &str = "sys";
 
 /// Mounts the overlay root over the staged layers and the binds on top of it, then enters the
 /// root. Runs as pid 1 (root of the user namespace) with the runtime dir as working directory,
@@ -148,14 +167,26 @@ const READ_ONLY: &[&str] = &[
 
 /// Mounts /proc, /sys and /dev into the root (the current directory), pivots into it, and
 /// masks kernel paths. Runs as the sandbox's pid 1, root in its user namespace.
-pub fn finish_in_init() -> Result<(), StepError> {
+/// `staged_sys`: the host's /sys staged by [`assemble`] (a sandbox in a persisted network
+/// namespace, which cannot mount a sysfs of its own).
+pub fn finish_in_init(staged_sys: Option<&Path>) -> Result<(), StepError> {
     let none = None::<&str>;
     for dir in ["proc", "sys", "dev", "tmp", "work"] {
         mkdir(Path::new(dir)).stage("make mount point")?;
     }
     let nsx = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(Some("proc"), "proc", Some("proc"), nsx, none).stage("mount /proc")?;
-    if mount(
+    if let Some(staged) = staged_sys {
+        mount(Some(staged), "sys", none, MsFlags::MS_BIND, none).stage("bind /sys")?;
+        mount(
+            none,
+            "sys",
+            none,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nsx,
+            none,
+        )
+        .stage("read-only /sys")?;
+    } else if mount(
         Some("sysfs"),
         "sys",
         Some("sysfs"),
