@@ -436,6 +436,7 @@ pub struct SnapshotArgs {
     pub labels: Vec<String>,
     /// Also checkpoint the running processes (CRIU ≥ 4.1): a rollback to this snapshot
     /// restores them running. Every exec must have ended (background processes are fine).
+    /// In a sandbox with a network, established TCP connections come back closed.
     #[arg(long)]
     pub with_processes: bool,
 }

@@ -192,8 +192,16 @@ fn server_behind_a_port_and_an_allowlist_comes_back() {
     wait_port(&env, &w, port, "first");
 
     // Things change: the server goes away, files too.
-    env.ok(&["exec", "web", "pkill -f 'http[.]server'; echo second > /srv/index.html"]);
-    assert!(through_port(&w, port).map(|p| !p.contains("200")).unwrap_or(true));
+    env.ok(&[
+        "exec",
+        "web",
+        "pkill -f 'http[.]server'; echo second > /srv/index.html",
+    ]);
+    assert!(
+        through_port(&w, port)
+            .map(|p| !p.contains("200"))
+            .unwrap_or(true)
+    );
 
     rollback(&env, "web", "live");
     assert_eq!(pids_of(&env, "web", "http.server"), server, "same process");
