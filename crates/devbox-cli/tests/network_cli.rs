@@ -134,6 +134,15 @@ fn bad_network_settings_change_nothing() {
         "2001:db8::1",
     ]);
     assert!(err.contains("brackets"), "{err}");
+    let err = env.fails(&[
+        "create",
+        "a",
+        "--network",
+        "allow",
+        "--allow",
+        "[2001:db8::1]",
+    ]);
+    assert!(err.contains("no IPv6 yet"), "{err}");
     // A spec file: the field's path.
     let spec = env.root.path().join("bad.yaml");
     std::fs::write(
@@ -224,6 +233,9 @@ fn allowlist_live_changes_audit_log_and_policy() {
     // A bad rule changes nothing.
     let err = env.fails(&["network", "allow", "dev", "ok.test", "10.0.0.1/8"]);
     assert!(err.contains("10.0.0.0/8"), "{err}");
+    assert_eq!(net(&env, "dev")["allow"], n["allow"]);
+    let err = env.fails(&["network", "allow", "dev", "ok.test", "[2001:db8::/32]"]);
+    assert!(err.contains("no IPv6 yet"), "{err}");
     assert_eq!(net(&env, "dev")["allow"], n["allow"]);
 
     // Audited with the rules.

@@ -203,6 +203,13 @@ pub(crate) fn apply_change(
                 text()
             )));
         }
+        (_, Change::Allow) if rules.iter().any(NetRule::is_ipv6) => {
+            return Err(EngineError::InvalidRequest(format!(
+                "{}: {}",
+                text(),
+                devbox_spec::NO_IPV6
+            )));
+        }
         _ => {}
     }
     let mut live = LiveRules {

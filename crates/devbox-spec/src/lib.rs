@@ -22,7 +22,7 @@
 pub mod network;
 pub mod quantity;
 
-pub use network::{Cidr, NetRule, NetTarget, NetworkMode, NetworkSpec, PortMap};
+pub use network::{Cidr, NO_IPV6, NetRule, NetTarget, NetworkMode, NetworkSpec, PortMap};
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -223,7 +223,16 @@ fn check_name(name: &str, whole: &str) -> Result<String, String> {
     Ok(name)
 }
 
+/// Why an IPv6 rule cannot allow anything (sandboxes have IPv4 links only).
+pub const NO_IPV6: &str = "sandboxes have no IPv6 yet (their links carry IPv4 only), so an \
+IPv6 rule would allow nothing: allow an IPv4 address or network, or a name";
+
 impl NetRule {
+    /// The rule names IPv6 addresses.
+    pub fn is_ipv6(&self) -> bool {
+        matches!(&self.target, NetTarget::Net(c) if c.addr.is_ipv6())
+    }
+
     /// Parses a rule; the error says what is wrong and what to write instead.
     pub fn parse(text: &str) -> Result<Self, String> {
         let t = text.trim();
@@ -505,6 +514,12 @@ impl NetworkSpec {
             }
             _ => {}
         }
+        if let Some(i) = self.allow.iter().position(NetRule::is_ipv6) {
+            return Err(SpecError::field(
+                &format!("spec.network.allow[{i}]"),
+                format!("{}: {NO_IPV6}", self.allow[i]),
+            ));
+        }
         if self.allow.len() + self.deny.len() > MAX_RULES {
             return Err(SpecError::field(
                 "spec.network",
@@ -682,6 +697,11 @@ mod tests {
                 "not a port",
             ),
             ("{ports: ['80']}", "spec.network.ports[0]", "HOST:SANDBOX"),
+            (
+                "{mode: allow, allow: [a.com, '[2001:db8::/32]']}",
+                "spec.network.allow[1]",
+                "no IPv6 yet",
+            ),
             (
                 "{mode: none, allow: [pypi.org]}",
                 "spec.network.allow",
