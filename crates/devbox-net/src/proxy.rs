@@ -1,6 +1,11 @@
 //! Published ports: a TCP listener in the daemon's network namespace per mapping; each
 //! accepted connection is joined to a connection to `127.0.0.1:<sandbox_port>` made from a
 //! thread inside the sandbox's namespace (so it works without a veth, in `none` mode too).
+//!
+//! The sandbox decides how long a connection lives (its service may hold every connection
+//! open and never answer), so what they cost the daemon is bounded: [`CONNS`] at once per
+//! sandbox across all its published ports, and [`ALL_CONNS`] for the whole daemon (two
+//! descriptors each; fewer when its limit of open files is low); a connection beyond either is accepted and closed at once.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -11,8 +16,22 @@ use tokio::sync::Semaphore;
 
 use crate::{NetError, PortMap};
 
-/// Connections one mapping carries at once.
-const CONNS: usize = 1024;
+/// Connections one sandbox's published ports carry at once (all of them together).
+pub(crate) const CONNS: usize = 1024;
+/// Connections every sandbox's published ports carry at once, at most; less when the
+/// daemon's soft limit of open files is low: a quarter of it (two descriptors each, so half
+/// of the daemon's descriptors stay for everything else).
+pub(crate) const ALL_CONNS: usize = 4096;
+
+fn all_slots() -> &'static Semaphore {
+    static SLOTS: std::sync::OnceLock<Semaphore> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| {
+        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft)
+            .unwrap_or(1024);
+        Semaphore::new(ALL_CONNS.min(usize::try_from(soft / 4).unwrap_or(ALL_CONNS)))
+    })
+}
 
 /// Binds every mapping (all or none) and starts their accept loops.
 pub(crate) fn start_all(
@@ -33,6 +52,7 @@ pub(crate) fn start_all(
     }
     let _guard = rt.enter();
     let mut tasks = Vec::new();
+    let slots = Arc::new(Semaphore::new(CONNS));
     for (l, p) in listeners {
         let l = tokio::net::TcpListener::from_std(l).map_err(|source| NetError::Port {
             bind: p.bind,
@@ -40,13 +60,15 @@ pub(crate) fn start_all(
             source,
         })?;
         let ns = netns.to_path_buf();
-        tasks.push(rt.spawn(accept_loop(l, ns, p.sandbox_port)).abort_handle());
+        tasks.push(
+            rt.spawn(accept_loop(l, ns, p.sandbox_port, slots.clone()))
+                .abort_handle(),
+        );
     }
     Ok(tasks)
 }
 
-async fn accept_loop(l: tokio::net::TcpListener, netns: PathBuf, port: u16) {
-    let slots = Arc::new(Semaphore::new(CONNS));
+async fn accept_loop(l: tokio::net::TcpListener, netns: PathBuf, port: u16, slots: Arc<Semaphore>) {
     // Connections are children of this task's JoinSet: aborting the loop ends them too.
     let mut conns = tokio::task::JoinSet::new();
     loop {
@@ -59,9 +81,12 @@ async fn accept_loop(l: tokio::net::TcpListener, netns: PathBuf, port: u16) {
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
                     continue;
                 };
+                let Ok(all) = all_slots().try_acquire() else {
+                    continue;
+                };
                 let ns = netns.clone();
                 conns.spawn(async move {
-                    let _permit = permit;
+                    let _permits = (permit, all);
                     let Ok(Ok(inside)) = tokio::task::spawn_blocking(move || connect_inside(&ns, port)).await else {
                         return;
                     };
