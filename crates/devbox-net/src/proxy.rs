@@ -12,12 +12,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
 use crate::{NetError, PortMap};
 
 /// Connections one sandbox's published ports carry at once (all of them together).
 pub(crate) const CONNS: usize = 1024;
+/// How long a sandbox may stay silent on a connection whose client has finished sending.
+pub(crate) const LINGER: Duration = Duration::from_secs(10);
 /// Connections every sandbox's published ports carry at once, at most; less when the
 /// daemon's soft limit of open files is low: a quarter of it (two descriptors each, so half
 /// of the daemon's descriptors stay for everything else).
@@ -74,7 +77,7 @@ async fn accept_loop(l: tokio::net::TcpListener, netns: PathBuf, port: u16, slot
     loop {
         tokio::select! {
             accepted = l.accept() => {
-                let Ok((mut outside, _)) = accepted else {
+                let Ok((outside, _)) = accepted else {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
@@ -90,15 +93,58 @@ async fn accept_loop(l: tokio::net::TcpListener, netns: PathBuf, port: u16, slot
                     let Ok(Ok(inside)) = tokio::task::spawn_blocking(move || connect_inside(&ns, port)).await else {
                         return;
                     };
-                    let Ok(mut inside) = tokio::net::TcpStream::from_std(inside) else {
+                    let Ok(inside) = tokio::net::TcpStream::from_std(inside) else {
                         return;
                     };
-                    let _ = tokio::io::copy_bidirectional(&mut outside, &mut inside).await;
+                    join(outside, inside).await;
                 });
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
     }
+}
+
+/// Carries one connection both ways until both sides have closed it; except that once the
+/// client has finished sending, the sandbox may stay silent for at most [`LINGER`] at a time
+/// (it may answer for as long as it sends): a sandbox cannot keep a descriptor of the daemon
+/// for every client that left.
+async fn join(outside: tokio::net::TcpStream, inside: tokio::net::TcpStream) {
+    let (mut out_r, mut out_w) = outside.into_split();
+    let (mut in_r, mut in_w) = inside.into_split();
+    let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
+    let up = async move {
+        let _ = tokio::io::copy(&mut out_r, &mut in_w).await;
+        let _ = in_w.shutdown().await;
+        let _ = done_tx.send(true);
+    };
+    let down = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let client_done = *done_rx.borrow();
+            let read = if client_done {
+                match tokio::time::timeout(LINGER, in_r.read(&mut buf)).await {
+                    Ok(r) => r,
+                    Err(_) => break,
+                }
+            } else {
+                tokio::select! {
+                    r = in_r.read(&mut buf) => r,
+                    // Read again, now with the limit (a TCP read is cancel-safe).
+                    _ = done_rx.changed() => continue,
+                }
+            };
+            match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if out_w.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = out_w.shutdown().await;
+    };
+    tokio::join!(up, down);
 }
 
 /// Connects to `127.0.0.1:port` inside the namespace at `netns` (from a thread of its own).
