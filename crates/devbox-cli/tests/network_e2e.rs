@@ -636,6 +636,57 @@ fn published_port_connections_are_bounded_however_long_the_sandbox_holds_them() 
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // A service that never accepts (its queue full): clients wait on the proxy's connect
+    // into the sandbox, which holds no thread of the daemon meanwhile.
+    let stuck = "import socket, time\ns = socket.socket()\ns.bind((\"127.0.0.1\", 7001))\ns.listen(0)\ntime.sleep(1e6)\n";
+    env.ok(&[
+        "create",
+        "stuck",
+        "-p",
+        "127.0.0.1:18102:7001",
+        "--main",
+        &format!("exec python3 -c '{stuck}'"),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while env
+        .sh(
+            "stuck",
+            "timeout 1 bash -c 'exec 3<>/dev/tcp/127.0.0.1/7001'",
+        )
+        .0
+        != 0
+    {
+        assert!(Instant::now() < deadline, "service did not start");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let threads = || {
+        let pid = env.daemon_pid().expect("daemon");
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|n| n.trim().parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    let base_threads = threads();
+    let waiting: Vec<TcpStream> = world::in_ns(&w.daemon, || {
+        (0..300)
+            .filter_map(|_| TcpStream::connect(("127.0.0.1", 18102)).ok())
+            .collect()
+    });
+    assert!(waiting.len() >= 290, "{} clients", waiting.len());
+    let mut most = 0;
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_millis(200));
+        most = most.max(threads());
+    }
+    assert!(
+        most <= base_threads + 64,
+        "{most} daemon threads with 300 clients waiting ({base_threads} before)"
+    );
+    env.ok(&["ls"]);
+    drop(waiting);
+    env.ok(&["destroy", "stuck"]);
     // Destroyed, the sandbox gives every descriptor back.
     env.ok(&["destroy", "h"]);
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -1,6 +1,6 @@
 //! Published ports: a TCP listener in the daemon's network namespace per mapping; each
-//! accepted connection is joined to a connection to `127.0.0.1:<sandbox_port>` made from a
-//! thread inside the sandbox's namespace (so it works without a veth, in `none` mode too).
+//! accepted connection is joined to a connection to `127.0.0.1:<sandbox_port>` made with a
+//! socket of the sandbox's namespace (so it works without a veth, in `none` mode too).
 //!
 //! The sandbox decides how long a connection lives (its service may hold every connection
 //! open and never answer), so what they cost the daemon is bounded: [`CONNS`] at once per
@@ -19,6 +19,8 @@ use crate::{NetError, PortMap};
 
 /// Connections one sandbox's published ports carry at once (all of them together).
 pub(crate) const CONNS: usize = 1024;
+/// How long the connection into the sandbox may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a sandbox may stay silent on a connection whose client has finished sending.
 pub(crate) const LINGER: Duration = Duration::from_secs(10);
 /// Connections every sandbox's published ports carry at once, at most; less when the
@@ -90,10 +92,14 @@ async fn accept_loop(l: tokio::net::TcpListener, netns: PathBuf, port: u16, slot
                 let ns = netns.clone();
                 conns.spawn(async move {
                     let _permits = (permit, all);
-                    let Ok(Ok(inside)) = tokio::task::spawn_blocking(move || connect_inside(&ns, port)).await else {
+                    // Only the socket is made on a thread in the sandbox's namespace (a
+                    // short one: setns and socket); the connect is asynchronous, so a service
+                    // that never accepts holds no thread of the daemon.
+                    let Ok(socket) = socket_inside(&ns) else {
                         return;
                     };
-                    let Ok(inside) = tokio::net::TcpStream::from_std(inside) else {
+                    let to = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+                    let Ok(Ok(inside)) = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(to)).await else {
                         return;
                     };
                     join(outside, inside).await;
@@ -147,23 +153,14 @@ async fn join(outside: tokio::net::TcpStream, inside: tokio::net::TcpStream) {
     tokio::join!(up, down);
 }
 
-/// Connects to `127.0.0.1:port` inside the namespace at `netns` (from a thread of its own).
-fn connect_inside(netns: &Path, port: u16) -> Result<std::net::TcpStream, NetError> {
+/// A TCP socket of the sandbox's namespace at `netns` (made on a thread of its own there).
+fn socket_inside(netns: &Path) -> Result<tokio::net::TcpSocket, NetError> {
     let ns = netns.to_path_buf();
     crate::plumb::on_thread(move || {
         crate::plumb::enter_netns(&ns)?;
-        let s = std::net::TcpStream::connect_timeout(
-            &SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
-            Duration::from_secs(5),
-        )
-        .map_err(|source| NetError::Os {
-            what: format!("connecting to port {port} in the sandbox"),
+        tokio::net::TcpSocket::new_v4().map_err(|source| NetError::Os {
+            what: "making a socket in the sandbox".into(),
             source,
-        })?;
-        s.set_nonblocking(true).map_err(|source| NetError::Os {
-            what: "socket".into(),
-            source,
-        })?;
-        Ok(s)
+        })
     })
 }
