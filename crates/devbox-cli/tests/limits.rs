@@ -622,3 +622,58 @@ while True:
     // Everything above is the host's too: it can still run processes.
     assert!(Command::new("true").status().expect("host runs").success());
 }
+
+#[test]
+fn exec_timeout_holds_for_a_terminal_exec() {
+    require_root!();
+    let env = TestEnv::new();
+    env.allow_everything();
+    env.ok(&["create", "tty"]);
+    // With a terminal the command is a session leader with a controlling tty: its tree
+    // leaves the session and the terminal (setsid, nohup, a double fork), and is still
+    // killed when the time is up.
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let mut cmd = env.cmd();
+    let dup = || Stdio::from(std::fs::File::from(pty.slave.try_clone().unwrap()));
+    cmd.args([
+        "exec",
+        "-t",
+        "--timeout",
+        "2s",
+        "tty",
+        "setsid sleep 621 </dev/null >/dev/null 2>&1 & nohup sleep 622 >/dev/null 2>&1 & (setsid sh -c 'sleep 623 &' &) ; echo started; sleep 624",
+    ])
+    .stdin(dup())
+    .stdout(dup())
+    .stderr(dup());
+    let mut child = cmd.spawn().unwrap();
+    drop(pty.slave);
+    let mut master = std::fs::File::from(pty.master);
+    // Drain the terminal so the command never blocks on it.
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while matches!(master.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the timed exec did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(124));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<String> = processes(&env, "tty")
+            .into_iter()
+            .filter(|c| c.contains("sleep 62"))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left running: {left:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(env.sh("tty", "echo alive").1.trim(), "alive");
+}

@@ -395,7 +395,18 @@ impl Engine {
         change: Change,
         rules: Vec<String>,
     ) -> Result<NetworkInfo> {
-        let detail = serde_json::json!({"rules": rules});
+        // The caller's text, bounded: each rule cut as a blocked target is, and no more rules
+        // than a sandbox may have (the rest counted), so a huge request stays a small record.
+        let shown: Vec<String> = rules
+            .iter()
+            .take(MAX_RULES + 1)
+            .map(|r| printable(r))
+            .collect();
+        let detail = if rules.len() > shown.len() {
+            serde_json::json!({"rules": shown, "rules_not_shown": rules.len() - shown.len()})
+        } else {
+            serde_json::json!({"rules": shown})
+        };
         self.on_sandbox(caller, name, change.action(), detail, move |e, _, rec| {
             let parsed = parse_rules(&rules)?;
             let net = e.network_in_force(rec)?;

@@ -17,8 +17,8 @@
 //! - the DNS resolver ([`dns`]) listening on the gateway address.
 //!
 //! Published ports ([`proxy`]) are userspace TCP proxies: a listener in the daemon's
-//! namespace, the connection into the sandbox made from a thread inside its namespace (so
-//! they work in `none` mode too).
+//! namespace, the connection into the sandbox made with a socket of its namespace (so they
+//! work in `none` mode too), bounded per sandbox and per daemon.
 //!
 //! `<tag>` is derived from the state dir, so daemons with different state dirs in one
 //! network namespace never touch each other's links or tables.

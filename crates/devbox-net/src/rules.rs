@@ -35,6 +35,10 @@ const ALWAYS_DENIED: &[&str] = &[
 ];
 
 /// The table as created: sets, the fixed chains, and the policy chain for `policy`.
+///
+/// What enters the sandbox is filtered by a chain of a later priority than what leaves it,
+/// so a packet from one sandbox to another meets the sender's egress rules first (refused,
+/// counted and logged as the sender's blocked attempt) before the receiver's drop.
 pub(crate) fn table(link: &Link, policy: &Policy) -> String {
     let Link {
         table,
@@ -72,6 +76,9 @@ pub(crate) fn table(link: &Link, policy: &Policy) -> String {
   chain forward {{
     type filter hook forward priority filter - 10; policy accept;
     iifname "{veth}" counter name bytes_out jump egress
+  }}
+  chain forward_in {{
+    type filter hook forward priority filter - 5; policy accept;
     oifname "{veth}" ct state established,related counter name bytes_in accept
     oifname "{veth}" drop
   }}

@@ -239,6 +239,16 @@ impl NetRule {
         if t.is_empty() {
             return Err(format!("the rule is empty: {RULE_FORMS}"));
         }
+        // Longer than any rule can be (a name has at most 253 characters): refused before
+        // anything below quotes it, so no error (nor its audit record) grows with it.
+        if t.len() > MAX_RULE_LEN {
+            let head: String = t.chars().take(40).collect();
+            return Err(format!(
+                "the rule {head:?}... has {} characters: a rule has at most {MAX_RULE_LEN} \
+                 (a domain name at most 253)",
+                t.len()
+            ));
+        }
         if t.contains(char::is_whitespace) || t.contains('\0') {
             return Err(format!(
                 "{text:?} contains spaces: give one rule per --allow or --deny ({RULE_FORMS})"
@@ -428,6 +438,8 @@ impl<'de> Deserialize<'de> for PortMap {
 /// Most rules (allow and deny together) a sandbox may have: beyond this, a rule set is a
 /// list of addresses that belongs in a network (10.1.2.0/24) or a wildcard (*.example.com).
 pub const MAX_RULES: usize = 1024;
+/// Most characters of one rule's text (a name of 253 characters, `*.` and `:65535` fit).
+pub const MAX_RULE_LEN: usize = 300;
 /// Most published ports of a sandbox.
 pub const MAX_PORTS: usize = 256;
 
@@ -558,6 +570,15 @@ impl NetworkSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_rules_are_refused_with_a_short_error() {
+        let huge = format!("{}.test", "a".repeat(100_000));
+        let err = NetRule::parse(&huge).unwrap_err();
+        assert!(err.len() < 200 && err.contains("at most 300"), "{err}");
+        let longest = format!("*.{}:65535", "a".repeat(253));
+        assert!(longest.len() <= MAX_RULE_LEN);
+    }
 
     #[test]
     fn good_rules() {

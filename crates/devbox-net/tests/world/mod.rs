@@ -10,8 +10,8 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devbox_net::{NetConfig, Networks};
@@ -65,6 +65,8 @@ pub struct World {
     pub state: tempfile::TempDir,
     pub rt: Option<tokio::runtime::Runtime>,
     pub nets: Option<Arc<Networks>>,
+    /// The world DNS server's names (lowercase, with the trailing dot): tests add their own.
+    pub zone: Arc<Mutex<HashMap<String, Vec<RData>>>>,
 }
 
 impl World {
@@ -82,6 +84,7 @@ impl World {
             state: tempfile::tempdir().unwrap(),
             rt: None,
             nets: None,
+            zone: Arc::new(Mutex::new(zone())),
         };
         let veth = format!("{name}w");
         sh(&["ip", "-n", &inet, "link", "set", "lo", "up"]);
@@ -174,8 +177,17 @@ impl World {
         }
     }
 
+    /// Makes the world's DNS server answer `name` with these A records (TTL 60), as a
+    /// hostile name's own server would.
+    pub fn set_name(&self, name: &str, addrs: &[Ipv4Addr]) {
+        let key = format!("{}.", name.trim_end_matches('.').to_ascii_lowercase());
+        let data = addrs.iter().map(|a| RData::A(A(*a))).collect();
+        self.zone.lock().unwrap().insert(key, data);
+    }
+
     fn start_servers(&self) {
         let inet = self.inet.clone();
+        let zone = self.zone.clone();
         // Bound before this returns, so tests never race them.
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -191,7 +203,7 @@ impl World {
             for l in tcps {
                 std::thread::spawn(move || serve_tcp(l));
             }
-            serve_dns(dns);
+            serve_dns(dns, zone);
         });
         rx.recv().unwrap();
     }
@@ -266,8 +278,7 @@ fn zone() -> HashMap<String, Vec<RData>> {
     z
 }
 
-fn serve_dns(sock: UdpSocket) {
-    let zone = zone();
+fn serve_dns(sock: UdpSocket, zone: Arc<Mutex<HashMap<String, Vec<RData>>>>) {
     let mut buf = [0u8; 2048];
     loop {
         let Ok((n, from)) = sock.recv_from(&mut buf) else {
@@ -286,6 +297,7 @@ fn serve_dns(sock: UdpSocket) {
         };
         r.add_query(query.clone());
         let name = query.name().to_ascii().to_ascii_lowercase();
+        let zone = zone.lock().unwrap().clone();
         match zone.get(&name) {
             None => {
                 r.set_response_code(ResponseCode::NXDomain);
@@ -354,4 +366,19 @@ pub fn fetch_here(addr: Ipv4Addr, port: u16) -> Result<String, String> {
     let mut out = String::new();
     s.read_to_string(&mut out).map_err(|e| e.to_string())?;
     Ok(out)
+}
+
+/// Sends `GET /` (HTTP/1.0) to `addr:port` from the namespace `ns` and reads the answer.
+pub fn fetch_http(ns: &Path, addr: Ipv4Addr, port: u16) -> Result<String, String> {
+    in_ns(ns, move || {
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::from((addr, port)), Duration::from_secs(2))
+                .map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+        Ok(out)
+    })
 }

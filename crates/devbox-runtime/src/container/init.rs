@@ -85,12 +85,23 @@ fn redirect_stdio_to_null() -> nix::Result<()> {
 }
 
 /// Writes the sandbox's `/etc/resolv.conf`, from inside (after the pivot, as the sandbox's
-/// root, so a link there leads nowhere the sandbox could not write itself); a link is
-/// replaced by the file.
+/// root, so a link there leads nowhere the sandbox could not write itself); a link (or
+/// anything else but a file) is replaced by the file; a directory the sandbox made there is
+/// moved aside (`/etc/resolv.conf.moved-by-dev-box-<time>`), not deleted, so that it cannot
+/// keep the sandbox from starting.
 fn write_resolv_conf(text: &str) -> std::io::Result<()> {
     let path = std::path::Path::new("/etc/resolv.conf");
-    if std::fs::symlink_metadata(path).is_ok_and(|m| !m.is_file()) {
-        std::fs::remove_file(path)?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            let aside = format!("/etc/resolv.conf.moved-by-dev-box-{stamp}");
+            std::fs::rename(path, aside)?;
+        }
+        Ok(m) if !m.is_file() => std::fs::remove_file(path)?,
+        _ => {}
     }
     std::fs::write(path, text)
 }
