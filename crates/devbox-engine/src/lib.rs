@@ -72,6 +72,7 @@ pub struct Engine {
     approval_events: tokio::sync::watch::Sender<u64>,
     bookkeeping: exec::Bookkeeping,
     net: network::NetHandle,
+    blocked_budgets: network::BlockedBudgets,
 }
 
 impl std::fmt::Debug for Engine {
@@ -164,6 +165,7 @@ impl Engine {
             approval_events: tokio::sync::watch::channel(0).0,
             bookkeeping: exec::Bookkeeping::default(),
             net,
+            blocked_budgets: Default::default(),
         }))
     }
 

@@ -68,6 +68,50 @@ impl Change {
 /// The daemon's networks, or why there are none (the error a sandbox with a network gets).
 pub(crate) type NetHandle = std::result::Result<Arc<Networks>, String>;
 
+/// Audit records of blocked attempts a sandbox may still write: a burst of
+/// [`BLOCKED_BURST`], then one per [`BLOCKED_REFILL`]; what is over is summed into one
+/// record written when the budget allows. Bounds the log a hostile sandbox can make in total
+/// (at most 8,640 records a day after the burst), not only per round.
+#[derive(Default)]
+pub(crate) struct BlockedBudgets(std::sync::Mutex<std::collections::HashMap<String, Budget>>);
+
+/// Records a sandbox may write at once.
+pub(crate) const BLOCKED_BURST: f64 = 200.0;
+/// One more record per this long.
+pub(crate) const BLOCKED_REFILL: std::time::Duration = std::time::Duration::from_secs(10);
+
+pub(crate) struct Budget {
+    tokens: f64,
+    at: std::time::Instant,
+    /// Targets and attempts not recorded one by one yet.
+    held_targets: u64,
+    held_attempts: u64,
+}
+
+impl Budget {
+    fn new(now: std::time::Instant) -> Self {
+        Self {
+            tokens: BLOCKED_BURST,
+            at: now,
+            held_targets: 0,
+            held_attempts: 0,
+        }
+    }
+
+    /// Takes one record's worth, if there is one.
+    fn take(&mut self, now: std::time::Instant) -> bool {
+        let refill = now.duration_since(self.at).as_secs_f64() / BLOCKED_REFILL.as_secs_f64();
+        self.tokens = (self.tokens + refill).min(BLOCKED_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Opens the networks of the daemon (native backend only): `$DEVBOX_NET_SUBNET` (default:
 /// the first of devbox-net's candidates no route uses), `$DEVBOX_NET_DNS` (comma-separated
 /// `addr:port`; default: the host's resolvers), state under `<state dir>/net`.
@@ -472,8 +516,9 @@ impl Engine {
 
     /// Records blocked attempts (from the data plane) in the audit log as `network.blocked`
     /// with the name or address tried: attempts at the same target are counted in one
-    /// record, and beyond [`MAX_BLOCKED_RECORDS`] targets per sandbox in one round, the rest
-    /// in one summary, so that a sandbox trying many names cannot flood the log.
+    /// record; beyond [`MAX_BLOCKED_RECORDS`] targets per sandbox in one round, or beyond its
+    /// [`BlockedBudgets`], the rest are summed into one later record, so that a sandbox
+    /// trying many names cannot flood the log.
     pub(crate) fn record_blocked(&self, attempts: Vec<Blocked>) {
         if attempts.is_empty() {
             return;
@@ -496,16 +541,26 @@ impl Engine {
                 None => grouped.push((a, 1)),
             }
         }
-        let mut per_sandbox: std::collections::HashMap<&str, (usize, u64)> = Default::default();
-        let mut overflow: Vec<(&str, usize, u64)> = Vec::new();
+        let now = std::time::Instant::now();
+        let mut budgets = self
+            .blocked_budgets
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        budgets.retain(|id, _| names.contains_key(id));
+        let mut per_round: std::collections::HashMap<&str, usize> = Default::default();
         for (a, count) in &grouped {
             let Some(name) = names.get(&a.sandbox_id) else {
                 continue; // destroyed meanwhile
             };
-            let seen = per_sandbox.entry(&a.sandbox_id).or_default();
-            seen.0 += 1;
-            if seen.0 > MAX_BLOCKED_RECORDS {
-                seen.1 += count;
+            let seen = per_round.entry(&a.sandbox_id).or_default();
+            *seen += 1;
+            let budget = budgets
+                .entry(a.sandbox_id.clone())
+                .or_insert_with(|| Budget::new(now));
+            if *seen > MAX_BLOCKED_RECORDS || !budget.take(now) {
+                budget.held_targets += 1;
+                budget.held_attempts += count;
                 continue;
             }
             self.audit(
@@ -515,19 +570,24 @@ impl Engine {
                 serde_json::json!({"kind": a.kind, "target": a.target, "count": count}),
             );
         }
-        for (id, (targets, count)) in &per_sandbox {
-            if *targets > MAX_BLOCKED_RECORDS {
-                overflow.push((id, targets - MAX_BLOCKED_RECORDS, *count));
+        // What was held back, in one record per sandbox, when its budget allows.
+        for (id, budget) in budgets.iter_mut() {
+            if budget.held_targets == 0 || !budget.take(now) {
+                continue;
             }
-        }
-        for (id, targets, count) in overflow {
             let Some(name) = names.get(id) else { continue };
             self.audit(
                 &Caller::system(BLOCKED_ACTOR),
                 BLOCKED_ACTION,
                 Some(name),
-                serde_json::json!({"kind": "more", "target": format!("{targets} more targets"), "count": count}),
+                serde_json::json!({
+                    "kind": "more",
+                    "target": format!("{} more targets", budget.held_targets),
+                    "count": budget.held_attempts,
+                }),
             );
+            budget.held_targets = 0;
+            budget.held_attempts = 0;
         }
     }
 

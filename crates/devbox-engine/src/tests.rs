@@ -933,6 +933,31 @@ fn network_rules_change_live_persist_and_follow_clones() {
     );
     assert_eq!(log.last().map(|l| l.count), Some(31));
     assert!(d.run(e.network_log("net2", None)).expect("log").is_empty());
+    // Round after round of new targets: the sandbox's budget bounds the records in all, the
+    // rest is held for one summary later.
+    let before = d
+        .run(e.network_log("net", Some(100_000)))
+        .expect("log")
+        .len();
+    for round in 0..40 {
+        let attempts = (0..crate::network::MAX_BLOCKED_RECORDS)
+            .map(|i| crate::network::Blocked {
+                sandbox_id: id.clone(),
+                kind: "dns",
+                target: format!("n{round}-{i}.evil.com"),
+            })
+            .collect();
+        e.record_blocked(attempts);
+    }
+    let after = d
+        .run(e.network_log("net", Some(100_000)))
+        .expect("log")
+        .len();
+    assert!(
+        after - before <= crate::network::BLOCKED_BURST as usize,
+        "{} records for 800 targets",
+        after - before
+    );
     // Kept across a daemon restart; reset goes back to the spec.
     d.kill();
     let d = host.daemon();
