@@ -24,6 +24,7 @@
 //! network namespace never touch each other's links or tables.
 
 mod dns;
+mod netlink;
 mod plumb;
 mod proxy;
 mod rules;
@@ -33,7 +34,7 @@ use std::fs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::Ipv4Net;
@@ -336,6 +337,9 @@ pub struct Networks {
     sandboxes: Mutex<HashMap<String, Sandbox>>,
     new_blocked: Arc<Mutex<VecDeque<(String, Blocked)>>>,
     forwarding: Mutex<bool>,
+    /// Ids whose table, veth, namespace and record a background thread is removing.
+    removing: Mutex<std::collections::HashSet<String>>,
+    removed: Condvar,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -474,6 +478,8 @@ impl Networks {
             sandboxes: Mutex::new(HashMap::new()),
             new_blocked,
             forwarding: Mutex::new(false),
+            removing: Mutex::new(std::collections::HashSet::new()),
+            removed: Condvar::new(),
         }))
     }
 
@@ -559,52 +565,26 @@ impl Networks {
     }
 
     /// Makes the veth, addresses, routes and table of `index` (idempotent: an existing link
-    /// is reused after a restart).
+    /// is reused after a restart, its table's policy rewritten). Links, addresses and routes
+    /// by netlink; the table in one `nft -f` transaction (a table left under that name by
+    /// anything before, say a crash, is replaced in the same transaction, so a reused address
+    /// never meets stale rules).
     fn make_link(&self, netns: &Path, index: u32, policy: &Policy) -> Result<(), NetError> {
         let l = self.link(index);
         self.ensure_forwarding()?;
-        if !plumb::links().contains(&l.veth) {
-            plumb::ip_batch(&format!(
-                "link add {veth} type veth peer name eth0 netns {ns}\n",
-                veth = l.veth,
-                ns = netns.display()
-            ))?;
-            plumb::sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", l.veth), "1")?;
-            plumb::ip_batch(&format!(
-                "addr add {gw}/30 dev {veth}\nlink set {veth} up\n",
-                gw = l.gateway,
-                veth = l.veth
-            ))?;
-            let ns = netns.to_path_buf();
-            let (addr, gw) = (l.address, l.gateway);
-            plumb::on_thread(move || {
-                plumb::enter_netns(&ns)?;
-                plumb::sysctl("net/ipv6/conf/eth0/disable_ipv6", "1")?;
-                plumb::ip_batch(&format!(
-                    "addr add {addr}/30 dev eth0\nlink set eth0 up\nroute add default via {gw} dev eth0\n"
-                ))
-            })?;
-        }
-        let exists = plumb::inet_tables()?.contains(&l.table);
-        if exists {
+        let made = plumb::make_veth(netns, &l.veth, l.gateway, l.address)?;
+        if !made && plumb::has_table(&l.table)? {
             plumb::nft(&rules::policy_update(&l.table, policy))
         } else {
-            plumb::nft(&rules::table(&l, policy))
+            plumb::nft(&rules::fresh_table(&l, policy))
         }
     }
 
+    /// Deletes the table and the veth pair of `index` (netlink, no processes).
     fn remove_link(&self, index: u32) -> Result<(), NetError> {
         let l = self.link(index);
-        if plumb::inet_tables()
-            .map(|t| t.contains(&l.table))
-            .unwrap_or(false)
-        {
-            plumb::nft(&format!("delete table inet {}\n", l.table))?;
-        }
-        if plumb::links().contains(&l.veth) {
-            plumb::ip_batch(&format!("link del {}\n", l.veth))?;
-        }
-        Ok(())
+        plumb::delete_table(&l.table)?;
+        plumb::delete_link(&l.veth)
     }
 
     /// Makes the sandbox's persisted netns (loopback up), and for allow/open its veth,
@@ -619,6 +599,7 @@ impl Networks {
         valid_id(id)?;
         valid_policy(policy)?;
         valid_ports(ports)?;
+        self.wait_removed(id);
         let mut map = self.lock();
         if let Some(mut sb) = map.remove(id) {
             // Re-attach: stop what runs, then build again over what exists.
@@ -910,19 +891,72 @@ impl Networks {
     /// record. Idempotent.
     pub fn remove(&self, id: &str) -> Result<(), NetError> {
         valid_id(id)?;
-        let sb = self.lock().remove(id);
-        let index = match sb {
-            Some(mut sb) => {
-                sb.stop_tasks();
-                sb.index
-            }
-            None => None,
-        };
+        self.wait_removed(id);
+        let index = self.detach(id);
+        self.remove_parts(id, index)
+    }
+
+    /// Stops a sandbox's proxies and resolver (its host ports and resolver address are free
+    /// once this returns) and forgets it; returns the index of its link, if any.
+    fn detach(&self, id: &str) -> Option<u32> {
+        let index = self.lock().remove(id).and_then(|mut sb| {
+            sb.stop_tasks();
+            sb.index
+        });
         let recorded = fs::read(self.record_path(id))
             .ok()
             .and_then(|t| serde_json::from_slice::<Record>(&t).ok())
             .and_then(|r| r.index);
-        self.remove_parts(id, index.or(recorded))
+        index.or(recorded)
+    }
+
+    /// [`Networks::remove`] with the kernel's part off the caller's path: the proxies and
+    /// resolver stop before this returns; the table, veth pair, namespace and record go on
+    /// a thread of their own (the kernel waits for RCU grace periods to delete a table and a
+    /// veth: 10-40 ms). The record goes last, so until then its address is not given to
+    /// another sandbox, and after a crash in between [`Networks::cleanup`] finds and removes
+    /// the rest. [`Networks::create`] of the same id waits for it; so does
+    /// [`Networks::wait_removed`]. A failure is logged, and the record stays for cleanup.
+    pub fn remove_in_background(self: &Arc<Self>, id: &str) -> Result<(), NetError> {
+        valid_id(id)?;
+        self.wait_removed(id);
+        let index = self.detach(id);
+        self.removing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string());
+        let (me, owned) = (self.clone(), id.to_string());
+        // The thread starts in the caller's network namespace, where the links and tables are.
+        let spawned = std::thread::Builder::new()
+            .name("devbox-net-rm".into())
+            .spawn(move || {
+                if let Err(e) = me.remove_parts(&owned, index) {
+                    tracing::warn!(sandbox = %owned, "removing its network (cleanup retries): {e}");
+                }
+                me.done_removing(&owned);
+            });
+        if spawned.is_err() {
+            let done = self.remove_parts(id, index);
+            self.done_removing(id);
+            return done;
+        }
+        Ok(())
+    }
+
+    fn done_removing(&self, id: &str) {
+        self.removing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.removed.notify_all();
+    }
+
+    /// Waits until a background removal of `id` (if any) has finished.
+    pub fn wait_removed(&self, id: &str) {
+        let mut set = self.removing.lock().unwrap_or_else(|p| p.into_inner());
+        while set.contains(id) {
+            set = self.removed.wait(set).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     /// Removes the networks of every id not in `keep`: records, namespaces, links and
@@ -942,6 +976,22 @@ impl Networks {
             }
             self.remove(&r.id)?;
             removed.push(r.id.clone());
+        }
+        // Records a crash left half written (`<id>.tmp`, never renamed).
+        for e in fs::read_dir(self.cfg.state_dir.join("records"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let path = e.path();
+            if let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".tmp"))
+                && !keep_set.contains(id)
+            {
+                let _ = fs::remove_file(&path);
+            }
         }
         // Namespace files without a record (a crash between the two).
         let dir = self.cfg.state_dir.join("netns");
@@ -974,7 +1024,7 @@ impl Networks {
                 && let Ok(i) = u32::from_str_radix(rest, 16)
                 && !kept_index.contains(&i)
             {
-                plumb::ip_batch(&format!("link del {link}\n"))?;
+                plumb::delete_link(&link)?;
             }
         }
         let tprefix = format!("dbx_{}_", self.tag);
@@ -984,7 +1034,7 @@ impl Networks {
                     && let Ok(i) = rest.parse::<u32>()
                     && !kept_index.contains(&i)
                 {
-                    plumb::nft(&format!("delete table inet {t}\n"))?;
+                    plumb::delete_table(&t)?;
                 }
             }
         }
