@@ -535,9 +535,22 @@ impl Engine {
         }
         let att = self
             .networks(&rec.name)?
-            .create(&rec.id, &net_policy(&net), &net_ports(&net))
+            .start_create(&rec.id, &net_policy(&net), &net_ports(&net))
             .map_err(|e| net_error(&rec.name, e))?;
         Ok((Some(att.netns.clone()), att.resolv_conf()))
+    }
+
+    /// Waits until the network [`Self::attach_network`] began is whole (its rules loaded
+    /// while the sandbox started; until then the sandbox's link is down). Called before the
+    /// sandbox counts as running and before its main process starts.
+    pub(crate) fn network_ready(&self, rec: &SandboxRecord) -> Result<()> {
+        match &self.net {
+            Ok(n) => match n.finish_create(&rec.id) {
+                Ok(()) | Err(devbox_net::NetError::NotFound(_)) => Ok(()),
+                Err(e) => Err(net_error(&rec.name, e)),
+            },
+            Err(_) => Ok(()),
+        }
     }
 
     /// Removes a sandbox's network (stopped, failed to start, destroyed); idempotent. Of a

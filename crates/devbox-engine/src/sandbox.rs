@@ -331,6 +331,17 @@ impl Engine {
                 return Err(e.into());
             }
         };
+        if let Err(e) = self.network_ready(rec) {
+            // Never running without its rules.
+            let inst = devbox_backend::Instance {
+                handle: Some(started.handle.clone()),
+                process: Some(started.process),
+                ..crate::backends::instance(rec)
+            };
+            let _ = backend.stop(&inst, Duration::ZERO, false);
+            self.detach_network(rec);
+            return Err(e);
+        }
         if limits.disk_bytes.is_some()
             && let Err(e) = self.apply_disk_limit(rec, &limits)
         {

@@ -306,8 +306,18 @@ pub(crate) struct Shared {
     pub seen: Mutex<HashMap<String, u64>>,
 }
 
+/// A link's rules being loaded (then the sandbox's end set up).
+type Pending = std::thread::JoinHandle<Result<(), NetError>>;
+
+fn join(p: Pending) -> Result<(), NetError> {
+    p.join()
+        .map_err(|_| NetError::Internal("the thread loading a sandbox's rules panicked".into()))?
+}
+
 struct Sandbox {
     index: Option<u32>,
+    /// Set until [`Networks::finish_create`].
+    pending: Option<Pending>,
     netns: PathBuf,
     shared: Arc<Shared>,
     ports: Vec<PortMap>,
@@ -316,9 +326,13 @@ struct Sandbox {
 }
 
 impl Sandbox {
+    /// Stops the proxies and the resolver, and waits for rules still being loaded.
     fn stop_tasks(&mut self) {
         for t in self.proxies.drain(..).chain(self.resolver.drain(..)) {
             t.abort();
+        }
+        if let Some(p) = self.pending.take() {
+            let _ = join(p);
         }
     }
 }
@@ -568,15 +582,37 @@ impl Networks {
     /// is reused after a restart, its table's policy rewritten). Links, addresses and routes
     /// by netlink; the table in one `nft -f` transaction (a table left under that name by
     /// anything before, say a crash, is replaced in the same transaction, so a reused address
-    /// never meets stale rules).
-    fn make_link(&self, netns: &Path, index: u32, policy: &Policy) -> Result<(), NetError> {
+    /// never meets stale rules). The sandbox's end of the link comes up only after its table
+    /// is in place: for a new link, both happen on a thread of their own, returned, so the
+    /// `nft` process runs while the sandbox starts ([`Networks::finish_create`] waits).
+    fn make_link(
+        &self,
+        netns: &Path,
+        index: u32,
+        policy: &Policy,
+    ) -> Result<Option<Pending>, NetError> {
         let l = self.link(index);
         self.ensure_forwarding()?;
-        let made = plumb::make_veth(netns, &l.veth, l.gateway, l.address)?;
+        let (made, inside) = plumb::make_veth(netns, &l.veth, l.gateway, l.address)?;
         if !made && plumb::has_table(&l.table)? {
-            plumb::nft(&rules::policy_update(&l.table, policy))
-        } else {
-            plumb::nft(&rules::fresh_table(&l, policy))
+            plumb::nft(&rules::policy_update(&l.table, policy))?;
+            return inside.bring_up().map(|()| None);
+        }
+        let script = rules::fresh_table(&l, policy);
+        let rules_then_up = move || {
+            plumb::nft(&script)?;
+            inside.bring_up()
+        };
+        // The thread starts in the caller's network namespace, where the table belongs.
+        match std::thread::Builder::new()
+            .name("devbox-net-mk".into())
+            .spawn(rules_then_up)
+        {
+            Ok(h) => Ok(Some(h)),
+            Err(source) => Err(NetError::Os {
+                what: "starting a thread for the sandbox's rules".into(),
+                source,
+            }),
         }
     }
 
@@ -591,6 +627,23 @@ impl Networks {
     /// address, routes, table and resolver; starts its port proxies. Idempotent for an
     /// existing id (re-attaches after a daemon restart, applying `policy` and `ports`).
     pub fn create(
+        &self,
+        id: &str,
+        policy: &Policy,
+        ports: &[PortMap],
+    ) -> Result<Attachment, NetError> {
+        let att = self.start_create(id, policy, ports)?;
+        if let Err(e) = self.finish_create(id) {
+            let _ = self.remove(id);
+            return Err(e);
+        }
+        Ok(att)
+    }
+
+    /// [`Networks::create`], returning before a new link's rules are loaded: the namespace
+    /// exists (join it), but the sandbox's end of its link stays down until they are. Call
+    /// [`Networks::finish_create`] before anything the sandbox runs may need the network.
+    pub fn start_create(
         &self,
         id: &str,
         policy: &Policy,
@@ -654,9 +707,10 @@ impl Networks {
         let netns = self.netns_path(id);
         plumb::make_netns(&netns)?;
         let link = index.map(|i| self.link(i));
-        if let Some(i) = index {
-            self.make_link(&netns, i, policy)?;
-        }
+        let pending = match index {
+            Some(i) => self.make_link(&netns, i, policy)?,
+            None => None,
+        };
         let shared = Arc::new(Shared {
             id: id.to_string(),
             table: link.as_ref().map(|l| l.table.clone()),
@@ -669,6 +723,7 @@ impl Networks {
         });
         let mut sb = Sandbox {
             index,
+            pending,
             netns: netns.clone(),
             shared: shared.clone(),
             ports: Vec::new(),
@@ -698,6 +753,19 @@ impl Networks {
             },
             sb,
         ))
+    }
+
+    /// Waits until the network [`Networks::start_create`] began is whole: rules loaded, the
+    /// sandbox's link up. Its error leaves the network in place (remove it).
+    pub fn finish_create(&self, id: &str) -> Result<(), NetError> {
+        valid_id(id)?;
+        let pending = self
+            .lock()
+            .get_mut(id)
+            .ok_or_else(|| NetError::NotFound(id.into()))?
+            .pending
+            .take();
+        pending.map(join).unwrap_or(Ok(()))
     }
 
     /// Changes a sandbox's policy live: the next connection (and name) is judged by it.

@@ -193,14 +193,14 @@ impl Rtnl {
         )])
     }
 
-    /// Gives link `index` the address `addr/prefix` and sets it up; with `gateway`, also a
-    /// default route through it (all in one exchange).
-    pub(crate) fn configure(
+    /// Gives link `index` the address `addr/prefix`, and with `up` sets it up (one
+    /// exchange).
+    pub(crate) fn address(
         &mut self,
         index: u32,
         addr: Ipv4Addr,
         prefix: u8,
-        gateway: Option<Ipv4Addr>,
+        up_too: bool,
     ) -> Result<(), NetError> {
         let mut a = AddressMessage::default();
         a.header.family = AddressFamily::Inet;
@@ -210,34 +210,40 @@ impl Rtnl {
             AddressAttribute::Local(addr.into()),
             AddressAttribute::Address(addr.into()),
         ];
-        let mut changes = vec![
-            (
-                RouteNetlinkMessage::NewAddress(a),
-                NLM_F_CREATE | NLM_F_EXCL,
-                Some(libc::EEXIST),
-                "adding an address",
-            ),
-            up(index),
+        let mut changes = vec![(
+            RouteNetlinkMessage::NewAddress(a),
+            NLM_F_CREATE | NLM_F_EXCL,
+            Some(libc::EEXIST),
+            "adding an address",
+        )];
+        if up_too {
+            changes.push(up(index));
+        }
+        self.apply(changes)
+    }
+
+    /// Sets link `index` up and adds a default route through `gateway` on it (one exchange;
+    /// an existing route is kept).
+    pub(crate) fn up_with_route(&mut self, index: u32, gateway: Ipv4Addr) -> Result<(), NetError> {
+        let mut r = RouteMessage::default();
+        r.header.address_family = AddressFamily::Inet;
+        r.header.table = RouteHeader::RT_TABLE_MAIN;
+        r.header.protocol = RouteProtocol::Boot;
+        r.header.scope = RouteScope::Universe;
+        r.header.kind = RouteType::Unicast;
+        r.attributes = vec![
+            RouteAttribute::Gateway(RouteAddress::Inet(gateway)),
+            RouteAttribute::Oif(index),
         ];
-        if let Some(gw) = gateway {
-            let mut r = RouteMessage::default();
-            r.header.address_family = AddressFamily::Inet;
-            r.header.table = RouteHeader::RT_TABLE_MAIN;
-            r.header.protocol = RouteProtocol::Boot;
-            r.header.scope = RouteScope::Universe;
-            r.header.kind = RouteType::Unicast;
-            r.attributes = vec![
-                RouteAttribute::Gateway(RouteAddress::Inet(gw)),
-                RouteAttribute::Oif(index),
-            ];
-            changes.push((
+        self.apply(vec![
+            up(index),
+            (
                 RouteNetlinkMessage::NewRoute(r),
                 NLM_F_CREATE | NLM_F_EXCL,
                 Some(libc::EEXIST),
                 "adding the default route",
-            ));
-        }
-        self.apply(changes)
+            ),
+        ])
     }
 
     /// Deletes the link named `name`; nothing when there is none.

@@ -184,16 +184,31 @@ fn run_with_input(mut cmd: Command, input: &str, what: &str) -> Result<String, N
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The sandbox's end of its veth pair, addressed but still down: nothing leaves the sandbox
+/// until [`Inside::bring_up`] (once its table is in place).
+pub(crate) struct Inside {
+    rtnl: netlink::Rtnl,
+    index: u32,
+    gateway: Ipv4Addr,
+}
+
+impl Inside {
+    /// Sets `eth0` up with its default route.
+    pub(crate) fn bring_up(mut self) -> Result<(), NetError> {
+        self.rtnl.up_with_route(self.index, self.gateway)
+    }
+}
+
 /// Makes the veth pair of a sandbox: `veth` in the calling thread's namespace with
-/// `gateway/30`, `eth0` in the namespace persisted at `netns` with `address/30` and a default
-/// route via the gateway; IPv6 off on both. Both ends come up. An existing pair is configured
-/// again (what exists already is kept). Returns whether the pair was made now.
+/// `gateway/30`, up; `eth0` in the namespace persisted at `netns` with `address/30`, down
+/// (see [`Inside`]); IPv6 off on both. An existing pair is configured again (what exists is
+/// kept). Returns whether the pair was made now.
 pub(crate) fn make_veth(
     netns: &Path,
     veth: &str,
     gateway: Ipv4Addr,
     address: Ipv4Addr,
-) -> Result<bool, NetError> {
+) -> Result<(bool, Inside), NetError> {
     let mut host = netlink::Rtnl::open()?;
     let made = match netlink::link_index(veth)? {
         Some(_) => false,
@@ -206,17 +221,23 @@ pub(crate) fn make_veth(
     sysctl(&format!("net/ipv6/conf/{veth}/disable_ipv6"), "1")?;
     let index = netlink::link_index(veth)?
         .ok_or_else(|| NetError::Internal(format!("the veth {veth} vanished while being made")))?;
-    host.configure(index, gateway, 30, None)?;
+    host.address(index, gateway, 30, true)?;
     let ns = netns.to_path_buf();
-    on_thread(move || {
+    let inside = on_thread(move || {
         enter_netns(&ns)?;
         sysctl("net/ipv6/conf/eth0/disable_ipv6", "1")?;
         let index = netlink::link_index("eth0")?.ok_or_else(|| {
             NetError::Internal(format!("no eth0 in the namespace {}", ns.display()))
         })?;
-        netlink::Rtnl::open()?.configure(index, address, 30, Some(gateway))
+        let mut rtnl = netlink::Rtnl::open()?;
+        rtnl.address(index, address, 30, false)?;
+        Ok(Inside {
+            rtnl,
+            index,
+            gateway,
+        })
     })?;
-    Ok(made)
+    Ok((made, inside))
 }
 
 /// Deletes a veth pair by its name in the calling thread's namespace; nothing when gone.
