@@ -285,7 +285,10 @@ fn background_removals_never_hand_out_an_address_still_in_use() {
         true
     });
     assert!(a_done);
-    assert!(fetch(&b.netns, BARE, 5001).is_err(), "bg-b got bg-a's open rules");
+    assert!(
+        fetch(&b.netns, BARE, 5001).is_err(),
+        "bg-b got bg-a's open rules"
+    );
     // Many at once, then a burst of creates: every address distinct, each its own rules.
     let n = nets.clone();
     let atts = w.daemon(move || {
@@ -367,7 +370,10 @@ fn a_reused_address_never_meets_a_stale_table() {
         .daemon(move || n.create("st-c", &allow(vec![]), &[]))
         .unwrap();
     assert_eq!(c.address, a.address);
-    assert!(fetch(&c.netns, BARE, 5001).is_err(), "the stale open table was used");
+    assert!(
+        fetch(&c.netns, BARE, 5001).is_err(),
+        "the stale open table was used"
+    );
     let n = nets.clone();
     w.daemon(move || n.remove("st-c")).unwrap();
     assert_leftovers(&w, &state, 0);
@@ -399,7 +405,10 @@ fn a_daemon_killed_during_background_removals_leaves_nothing() {
         loop {
             line.clear();
             let read = std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-            assert!(read > 0, "the child ended before it was killed (see its error above)");
+            assert!(
+                read > 0,
+                "the child ended before it was killed (see its error above)"
+            );
             if line.starts_with("removing 4") {
                 break;
             }
@@ -602,7 +611,10 @@ fn a_killed_daemon_leaves_nothing_cleanup_misses() {
         loop {
             line.clear();
             let read = std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-            assert!(read > 0, "the child ended before it was killed (see its error above)");
+            assert!(
+                read > 0,
+                "the child ended before it was killed (see its error above)"
+            );
             if line.starts_with("made 3") {
                 break;
             }
