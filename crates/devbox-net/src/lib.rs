@@ -594,14 +594,29 @@ impl Networks {
         let l = self.link(index);
         self.ensure_forwarding()?;
         let (made, inside) = plumb::make_veth(netns, &l.veth, l.gateway, l.address)?;
-        if !made && plumb::has_table(&l.table)? {
+        let exists = plumb::has_table(&l.table)?;
+        if !made && exists {
             plumb::nft(&rules::policy_update(&l.table, policy))?;
             return inside.bring_up().map(|()| None);
         }
-        let script = rules::fresh_table(&l, policy);
+        // Deleting a table in the transaction costs the kernel a few RCU grace periods (10 ms
+        // and more): only a table that is there (left by something before) is replaced.
+        let script = if exists {
+            rules::fresh_table(&l, policy)
+        } else {
+            rules::table(&l, policy)
+        };
         let rules_then_up = move || {
+            let t = Instant::now();
             plumb::nft(&script)?;
-            inside.bring_up()
+            let loaded = t.elapsed();
+            inside.bring_up()?;
+            tracing::debug!(
+                nft_us = loaded.as_micros() as u64,
+                up_us = (t.elapsed() - loaded).as_micros() as u64,
+                "a sandbox's rules loaded"
+            );
+            Ok(())
         };
         // The thread starts in the caller's network namespace, where the table belongs.
         match std::thread::Builder::new()
@@ -705,12 +720,19 @@ impl Networks {
         ports: &[PortMap],
     ) -> Result<(Attachment, Sandbox), NetError> {
         let netns = self.netns_path(id);
+        let t = Instant::now();
         plumb::make_netns(&netns)?;
+        let ns_made = t.elapsed();
         let link = index.map(|i| self.link(i));
         let pending = match index {
             Some(i) => self.make_link(&netns, i, policy)?,
             None => None,
         };
+        tracing::debug!(
+            netns_us = ns_made.as_micros() as u64,
+            link_us = (t.elapsed() - ns_made).as_micros() as u64,
+            "a sandbox's namespace and link made"
+        );
         let shared = Arc::new(Shared {
             id: id.to_string(),
             table: link.as_ref().map(|l| l.table.clone()),
