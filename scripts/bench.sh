@@ -2,6 +2,9 @@
 # Benchmarks dev-box against its peers, side by side, on the same busybox root filesystem:
 #
 #   start+run+destroy: `sandbox run --rm -- true`  vs  `podman run --rm`, `runc run`, `bwrap`
+#   the same with a network: `sandbox run --rm --network allow --allow example.test -- true`
+#              vs without one, vs `podman run --rm --network bridge` (podman's default
+#              bridge, netavark; the command is `true`, so no packet leaves the host)
 #   exec into a running sandbox: `sandbox exec`      vs  `podman exec`
 #   idle cost: host memory per idle sandbox (50 by default; BENCH_IDLE=500 for the scale test)
 #   snapshots: snapshot and rollback with 10 MB, 200 MB and 1 GB of changes  vs  podman commit,
@@ -14,7 +17,8 @@
 #
 # Prints medians and ratios and writes them to bench-results/. Needs root. Installs the peers
 # from Debian (scripts/deps.sh bench) and builds dev-box in release mode.
-# Usage (as root): scripts/bench.sh            (BENCH_RUNS=100 BENCH_IDLE=500 to change sizes)
+# Usage (as root): scripts/bench.sh            (BENCH_RUNS=100 BENCH_IDLE=500 to change sizes;
+#                                              BENCH_SKIP_SNAPSHOTS=1 leaves out the slow part)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $(id -u) == 0 ]] || { echo "scripts/bench.sh needs root" >&2; exit 1; }
@@ -97,6 +101,14 @@ hyperfine -N --warmup 5 --runs "$runs" --export-json "$work/start.json" \
   -n "bwrap" "bwrap --unshare-all --ro-bind $rootfs / --proc /proc --dev /dev /bin/true" \
   >/dev/null
 
+echo "== start, run \`true\`, destroy, with a network ($runs runs each)"
+hyperfine -N --warmup 5 --runs "$runs" --export-json "$work/start_net.json" \
+  -n "dev-box, no network (sandbox run --rm)" "$bin/sandbox run --rm --image bench-busybox -- true" \
+  -n "dev-box, --network allow --allow example.test" "$bin/sandbox run --rm --image bench-busybox --network allow --allow example.test -- true" \
+  -n "dev-box, --network open" "$bin/sandbox run --rm --image bench-busybox --network open -- true" \
+  -n "podman run --rm --network bridge" "${podman[*]} run --rm --network=bridge bench-busybox true" \
+  >/dev/null
+
 echo "== exec into a running sandbox ($runs runs each)"
 hyperfine -N --warmup 5 --runs "$runs" --export-json "$work/exec.json" \
   -n "dev-box (sandbox exec)" "$bin/sandbox exec bench-exec -- true" \
@@ -131,7 +143,11 @@ done
 for i in $(seq 1 "$idle"); do echo "idle-$i"; done | xargs -n 50 "$bin/sandbox" destroy --force
 
 echo "== snapshots (10 MB, 200 MB, 1 GB of changes)"
-python3 scripts/bench_snapshots.py "$bin/sandbox" "${podman[*]}" "$work" "${BENCH_SNAP_RUNS:-20}" > "$work/snapshots.md"
+if [[ -n ${BENCH_SKIP_SNAPSHOTS:-} ]]; then
+  echo "(snapshots skipped: BENCH_SKIP_SNAPSHOTS)" > "$work/snapshots.md"
+else
+  python3 scripts/bench_snapshots.py "$bin/sandbox" "${podman[*]}" "$work" "${BENCH_SNAP_RUNS:-20}" > "$work/snapshots.md"
+fi
 
 echo "== command checks (in-process: parse, rules, policies)"
 cargo bench -q -p devbox-safety --bench validate 2>/dev/null | grep '^|' > "$work/validate.md"
@@ -158,6 +174,13 @@ def table(path, title):
         lines.append(f"| {r['command']} | {r['median']*1000:.1f} ms | {r['mean']*1000:.1f} ± {r['stddev']*1000:.1f} ms | {r['min']*1000:.1f} ms | {r['median']/base:.1f}x |")
     lines.append("")
 table(f"{work}/start.json", "Start, run `true`, destroy")
+table(f"{work}/start_net.json", "Start, run `true`, destroy, with a network")
+rs = {r["command"]: r["median"] for r in json.load(open(f"{work}/start_net.json"))["results"]}
+none = rs["dev-box, no network (sandbox run --rm)"]
+allow = rs["dev-box, --network allow --allow example.test"]
+podman_net = rs["podman run --rm --network bridge"]
+lines += [f"- `--network allow` / no network: {allow / none:.2f}x (target: at most 1.5x)",
+          f"- podman with its bridge / dev-box `--network allow`: {podman_net / allow:.1f}x (target: at least 10x)", ""]
 table(f"{work}/exec.json", "Exec into a running sandbox")
 mib = 1 << 20
 lines += [

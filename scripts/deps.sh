@@ -8,7 +8,8 @@ set -euo pipefail
 
 packages=(btrfs-progs util-linux busybox-static iproute2 nftables ca-certificates python3 procps curl)
 if [[ "${1:-}" == "bench" ]]; then
-  packages+=(runc bubblewrap podman hyperfine)
+  # netavark and iptables: podman's default bridge network, for the network row.
+  packages+=(runc bubblewrap podman netavark iptables hyperfine)
 fi
 
 "$(dirname "$0")"/apt-install.sh "${packages[@]}"

@@ -180,7 +180,9 @@ impl Drop for OneShot {
 }
 
 async fn destroy(engine: &Arc<Engine>, caller: &Caller, name: &str) {
-    if let Err(e) = engine.destroy(caller, name, true).await {
+    // The network's kernel objects go in the background: the command is over and the
+    // sandbox's record is gone; reconcile removes what a killed daemon left of them.
+    if let Err(e) = engine.destroy_with(caller, name, true, false).await {
         tracing::warn!(sandbox = %name, "destroying a run sandbox: {e}");
     }
 }

@@ -613,17 +613,47 @@ impl Engine {
         }
         let att = self
             .networks(&rec.name)?
-            .create(&rec.id, &net_policy(&net), &net_ports(&net))
+            .start_create(&rec.id, &net_policy(&net), &net_ports(&net))
             .map_err(|e| net_error(&rec.name, e))?;
         Ok((Some(att.netns.clone()), att.resolv_conf()))
     }
 
-    /// Removes a sandbox's network (stopped, failed to start, destroyed); idempotent.
+    /// Waits until the network [`Self::attach_network`] began is whole (its rules loaded
+    /// while the sandbox started; until then the sandbox's link is down). Called before the
+    /// sandbox counts as running and before its main process starts.
+    pub(crate) fn network_ready(&self, rec: &SandboxRecord) -> Result<()> {
+        match &self.net {
+            Ok(n) => match n.finish_create(&rec.id) {
+                Ok(()) | Err(devbox_net::NetError::NotFound(_)) => Ok(()),
+                Err(e) => Err(net_error(&rec.name, e)),
+            },
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Removes a sandbox's network (stopped, failed to start, destroyed); idempotent. Of a
+    /// sandbox being destroyed, the proxies and resolver stop at once and the kernel's part
+    /// (table, veth, namespace: tens of ms of RCU grace periods) goes on in the background
+    /// ([`Networks::remove_in_background`]) while the rest of the sandbox is removed;
+    /// `destroy` waits for it at its end ([`Engine::network_removed`]), a one-shot run does
+    /// not. A daemon killed before it is done leaves the network's record, which reconcile
+    /// removes.
     pub(crate) fn detach_network(&self, rec: &SandboxRecord) {
-        if let Ok(n) = &self.net
-            && let Err(e) = n.remove(&rec.id)
-        {
+        let Ok(n) = &self.net else { return };
+        let removed = if rec.state == devbox_store::SandboxState::Destroying {
+            n.remove_in_background(&rec.id)
+        } else {
+            n.remove(&rec.id)
+        };
+        if let Err(e) = removed {
             tracing::warn!(sandbox = %rec.name, "removing its network (reconcile retries): {e}");
+        }
+    }
+
+    /// Waits until a background removal of the sandbox's network (if any) is done.
+    pub(crate) fn network_removed(&self, id: &str) {
+        if let Ok(n) = &self.net {
+            n.wait_removed(id);
         }
     }
 

@@ -331,6 +331,17 @@ impl Engine {
                 return Err(e.into());
             }
         };
+        if let Err(e) = self.network_ready(rec) {
+            // Never running without its rules.
+            let inst = devbox_backend::Instance {
+                handle: Some(started.handle.clone()),
+                process: Some(started.process),
+                ..crate::backends::instance(rec)
+            };
+            let _ = backend.stop(&inst, Duration::ZERO, false);
+            self.detach_network(rec);
+            return Err(e);
+        }
         if limits.disk_bytes.is_some()
             && let Err(e) = self.apply_disk_limit(rec, &limits)
         {
@@ -489,6 +500,18 @@ impl Engine {
     /// Destroys a sandbox: stops it (without grace when `force`), then removes its processes,
     /// cgroups, runtime state, storage and record.
     pub async fn destroy(self: &Arc<Self>, caller: &Caller, name: &str, force: bool) -> Result<()> {
+        self.destroy_with(caller, name, force, true).await
+    }
+
+    /// [`Self::destroy`]; without `wait_network`, it returns before the kernel has removed
+    /// the sandbox's network (a one-shot run: see [`Self::detach_network`]).
+    pub(crate) async fn destroy_with(
+        self: &Arc<Self>,
+        caller: &Caller,
+        name: &str,
+        force: bool,
+        wait_network: bool,
+    ) -> Result<()> {
         let detail = serde_json::json!({"force": force});
         self.on_sandbox(caller, name, "sandbox.destroy", detail, move |e, _, rec| {
             let grace = if force {
@@ -496,7 +519,11 @@ impl Engine {
             } else {
                 e.cfg.stop_grace
             };
-            e.destroy_locked(rec, grace)
+            e.destroy_locked(rec, grace)?;
+            if wait_network {
+                e.network_removed(&rec.id);
+            }
+            Ok(())
         })
         .await
     }

@@ -24,6 +24,7 @@
 //! network namespace never touch each other's links or tables.
 
 mod dns;
+mod netlink;
 mod plumb;
 mod proxy;
 mod rules;
@@ -33,7 +34,7 @@ use std::fs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::Ipv4Net;
@@ -305,8 +306,18 @@ pub(crate) struct Shared {
     pub seen: Mutex<HashMap<String, u64>>,
 }
 
+/// A link's rules being loaded (then the sandbox's end set up).
+type Pending = std::thread::JoinHandle<Result<(), NetError>>;
+
+fn join(p: Pending) -> Result<(), NetError> {
+    p.join()
+        .map_err(|_| NetError::Internal("the thread loading a sandbox's rules panicked".into()))?
+}
+
 struct Sandbox {
     index: Option<u32>,
+    /// Set until [`Networks::finish_create`].
+    pending: Option<Pending>,
     netns: PathBuf,
     shared: Arc<Shared>,
     ports: Vec<PortMap>,
@@ -315,9 +326,13 @@ struct Sandbox {
 }
 
 impl Sandbox {
+    /// Stops the proxies and the resolver, and waits for rules still being loaded.
     fn stop_tasks(&mut self) {
         for t in self.proxies.drain(..).chain(self.resolver.drain(..)) {
             t.abort();
+        }
+        if let Some(p) = self.pending.take() {
+            let _ = join(p);
         }
     }
 }
@@ -336,6 +351,9 @@ pub struct Networks {
     sandboxes: Mutex<HashMap<String, Sandbox>>,
     new_blocked: Arc<Mutex<VecDeque<(String, Blocked)>>>,
     forwarding: Mutex<bool>,
+    /// Ids whose table, veth, namespace and record a background thread is removing.
+    removing: Mutex<std::collections::HashSet<String>>,
+    removed: Condvar,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -474,6 +492,8 @@ impl Networks {
             sandboxes: Mutex::new(HashMap::new()),
             new_blocked,
             forwarding: Mutex::new(false),
+            removing: Mutex::new(std::collections::HashSet::new()),
+            removed: Condvar::new(),
         }))
     }
 
@@ -559,52 +579,63 @@ impl Networks {
     }
 
     /// Makes the veth, addresses, routes and table of `index` (idempotent: an existing link
-    /// is reused after a restart).
-    fn make_link(&self, netns: &Path, index: u32, policy: &Policy) -> Result<(), NetError> {
+    /// is reused after a restart, its table's policy rewritten). Links, addresses and routes
+    /// by netlink; the table in one `nft -f` transaction (a table left under that name by
+    /// anything before, say a crash, is replaced in the same transaction, so a reused address
+    /// never meets stale rules). The sandbox's end of the link comes up only after its table
+    /// is in place: for a new link, both happen on a thread of their own, returned, so the
+    /// `nft` process runs while the sandbox starts ([`Networks::finish_create`] waits).
+    fn make_link(
+        &self,
+        netns: &Path,
+        index: u32,
+        policy: &Policy,
+    ) -> Result<Option<Pending>, NetError> {
         let l = self.link(index);
         self.ensure_forwarding()?;
-        if !plumb::links().contains(&l.veth) {
-            plumb::ip_batch(&format!(
-                "link add {veth} type veth peer name eth0 netns {ns}\n",
-                veth = l.veth,
-                ns = netns.display()
-            ))?;
-            plumb::sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", l.veth), "1")?;
-            plumb::ip_batch(&format!(
-                "addr add {gw}/30 dev {veth}\nlink set {veth} up\n",
-                gw = l.gateway,
-                veth = l.veth
-            ))?;
-            let ns = netns.to_path_buf();
-            let (addr, gw) = (l.address, l.gateway);
-            plumb::on_thread(move || {
-                plumb::enter_netns(&ns)?;
-                plumb::sysctl("net/ipv6/conf/eth0/disable_ipv6", "1")?;
-                plumb::ip_batch(&format!(
-                    "addr add {addr}/30 dev eth0\nlink set eth0 up\nroute add default via {gw} dev eth0\n"
-                ))
-            })?;
+        let (made, inside) = plumb::make_veth(netns, &l.veth, l.gateway, l.address)?;
+        let exists = plumb::has_table(&l.table)?;
+        if !made && exists {
+            plumb::nft(&rules::policy_update(&l.table, policy))?;
+            return inside.bring_up().map(|()| None);
         }
-        let exists = plumb::inet_tables()?.contains(&l.table);
-        if exists {
-            plumb::nft(&rules::policy_update(&l.table, policy))
+        // Deleting a table in the transaction costs the kernel a few RCU grace periods (10 ms
+        // and more): only a table that is there (left by something before) is replaced.
+        let script = if exists {
+            rules::fresh_table(&l, policy)
         } else {
-            plumb::nft(&rules::table(&l, policy))
+            rules::table(&l, policy)
+        };
+        let rules_then_up = move || {
+            let t = Instant::now();
+            plumb::nft(&script)?;
+            let loaded = t.elapsed();
+            inside.bring_up()?;
+            tracing::debug!(
+                nft_us = loaded.as_micros() as u64,
+                up_us = (t.elapsed() - loaded).as_micros() as u64,
+                "a sandbox's rules loaded"
+            );
+            Ok(())
+        };
+        // The thread starts in the caller's network namespace, where the table belongs.
+        match std::thread::Builder::new()
+            .name("devbox-net-mk".into())
+            .spawn(rules_then_up)
+        {
+            Ok(h) => Ok(Some(h)),
+            Err(source) => Err(NetError::Os {
+                what: "starting a thread for the sandbox's rules".into(),
+                source,
+            }),
         }
     }
 
+    /// Deletes the table and the veth pair of `index` (netlink, no processes).
     fn remove_link(&self, index: u32) -> Result<(), NetError> {
         let l = self.link(index);
-        if plumb::inet_tables()
-            .map(|t| t.contains(&l.table))
-            .unwrap_or(false)
-        {
-            plumb::nft(&format!("delete table inet {}\n", l.table))?;
-        }
-        if plumb::links().contains(&l.veth) {
-            plumb::ip_batch(&format!("link del {}\n", l.veth))?;
-        }
-        Ok(())
+        plumb::delete_table(&l.table)?;
+        plumb::delete_link(&l.veth)
     }
 
     /// Makes the sandbox's persisted netns (loopback up), and for allow/open its veth,
@@ -616,9 +647,27 @@ impl Networks {
         policy: &Policy,
         ports: &[PortMap],
     ) -> Result<Attachment, NetError> {
+        let att = self.start_create(id, policy, ports)?;
+        if let Err(e) = self.finish_create(id) {
+            let _ = self.remove(id);
+            return Err(e);
+        }
+        Ok(att)
+    }
+
+    /// [`Networks::create`], returning before a new link's rules are loaded: the namespace
+    /// exists (join it), but the sandbox's end of its link stays down until they are. Call
+    /// [`Networks::finish_create`] before anything the sandbox runs may need the network.
+    pub fn start_create(
+        &self,
+        id: &str,
+        policy: &Policy,
+        ports: &[PortMap],
+    ) -> Result<Attachment, NetError> {
         valid_id(id)?;
         valid_policy(policy)?;
         valid_ports(ports)?;
+        self.wait_removed(id);
         let mut map = self.lock();
         if let Some(mut sb) = map.remove(id) {
             // Re-attach: stop what runs, then build again over what exists.
@@ -671,11 +720,19 @@ impl Networks {
         ports: &[PortMap],
     ) -> Result<(Attachment, Sandbox), NetError> {
         let netns = self.netns_path(id);
+        let t = Instant::now();
         plumb::make_netns(&netns)?;
+        let ns_made = t.elapsed();
         let link = index.map(|i| self.link(i));
-        if let Some(i) = index {
-            self.make_link(&netns, i, policy)?;
-        }
+        let pending = match index {
+            Some(i) => self.make_link(&netns, i, policy)?,
+            None => None,
+        };
+        tracing::debug!(
+            netns_us = ns_made.as_micros() as u64,
+            link_us = (t.elapsed() - ns_made).as_micros() as u64,
+            "a sandbox's namespace and link made"
+        );
         let shared = Arc::new(Shared {
             id: id.to_string(),
             table: link.as_ref().map(|l| l.table.clone()),
@@ -688,6 +745,7 @@ impl Networks {
         });
         let mut sb = Sandbox {
             index,
+            pending,
             netns: netns.clone(),
             shared: shared.clone(),
             ports: Vec::new(),
@@ -717,6 +775,19 @@ impl Networks {
             },
             sb,
         ))
+    }
+
+    /// Waits until the network [`Networks::start_create`] began is whole: rules loaded, the
+    /// sandbox's link up. Its error leaves the network in place (remove it).
+    pub fn finish_create(&self, id: &str) -> Result<(), NetError> {
+        valid_id(id)?;
+        let pending = self
+            .lock()
+            .get_mut(id)
+            .ok_or_else(|| NetError::NotFound(id.into()))?
+            .pending
+            .take();
+        pending.map(join).unwrap_or(Ok(()))
     }
 
     /// Changes a sandbox's policy live: the next connection (and name) is judged by it.
@@ -910,19 +981,72 @@ impl Networks {
     /// record. Idempotent.
     pub fn remove(&self, id: &str) -> Result<(), NetError> {
         valid_id(id)?;
-        let sb = self.lock().remove(id);
-        let index = match sb {
-            Some(mut sb) => {
-                sb.stop_tasks();
-                sb.index
-            }
-            None => None,
-        };
+        self.wait_removed(id);
+        let index = self.detach(id);
+        self.remove_parts(id, index)
+    }
+
+    /// Stops a sandbox's proxies and resolver (its host ports and resolver address are free
+    /// once this returns) and forgets it; returns the index of its link, if any.
+    fn detach(&self, id: &str) -> Option<u32> {
+        let index = self.lock().remove(id).and_then(|mut sb| {
+            sb.stop_tasks();
+            sb.index
+        });
         let recorded = fs::read(self.record_path(id))
             .ok()
             .and_then(|t| serde_json::from_slice::<Record>(&t).ok())
             .and_then(|r| r.index);
-        self.remove_parts(id, index.or(recorded))
+        index.or(recorded)
+    }
+
+    /// [`Networks::remove`] with the kernel's part off the caller's path: the proxies and
+    /// resolver stop before this returns; the table, veth pair, namespace and record go on
+    /// a thread of their own (the kernel waits for RCU grace periods to delete a table and a
+    /// veth: 10-40 ms). The record goes last, so until then its address is not given to
+    /// another sandbox, and after a crash in between [`Networks::cleanup`] finds and removes
+    /// the rest. [`Networks::create`] of the same id waits for it; so does
+    /// [`Networks::wait_removed`]. A failure is logged, and the record stays for cleanup.
+    pub fn remove_in_background(self: &Arc<Self>, id: &str) -> Result<(), NetError> {
+        valid_id(id)?;
+        self.wait_removed(id);
+        let index = self.detach(id);
+        self.removing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string());
+        let (me, owned) = (self.clone(), id.to_string());
+        // The thread starts in the caller's network namespace, where the links and tables are.
+        let spawned = std::thread::Builder::new()
+            .name("devbox-net-rm".into())
+            .spawn(move || {
+                if let Err(e) = me.remove_parts(&owned, index) {
+                    tracing::warn!(sandbox = %owned, "removing its network (cleanup retries): {e}");
+                }
+                me.done_removing(&owned);
+            });
+        if spawned.is_err() {
+            let done = self.remove_parts(id, index);
+            self.done_removing(id);
+            return done;
+        }
+        Ok(())
+    }
+
+    fn done_removing(&self, id: &str) {
+        self.removing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.removed.notify_all();
+    }
+
+    /// Waits until a background removal of `id` (if any) has finished.
+    pub fn wait_removed(&self, id: &str) {
+        let mut set = self.removing.lock().unwrap_or_else(|p| p.into_inner());
+        while set.contains(id) {
+            set = self.removed.wait(set).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     /// Removes the networks of every id not in `keep`: records, namespaces, links and
@@ -942,6 +1066,22 @@ impl Networks {
             }
             self.remove(&r.id)?;
             removed.push(r.id.clone());
+        }
+        // Records a crash left half written (`<id>.tmp`, never renamed).
+        for e in fs::read_dir(self.cfg.state_dir.join("records"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let path = e.path();
+            if let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".tmp"))
+                && !keep_set.contains(id)
+            {
+                let _ = fs::remove_file(&path);
+            }
         }
         // Namespace files without a record (a crash between the two).
         let dir = self.cfg.state_dir.join("netns");
@@ -974,7 +1114,7 @@ impl Networks {
                 && let Ok(i) = u32::from_str_radix(rest, 16)
                 && !kept_index.contains(&i)
             {
-                plumb::ip_batch(&format!("link del {link}\n"))?;
+                plumb::delete_link(&link)?;
             }
         }
         let tprefix = format!("dbx_{}_", self.tag);
@@ -984,7 +1124,7 @@ impl Networks {
                     && let Ok(i) = rest.parse::<u32>()
                     && !kept_index.contains(&i)
                 {
-                    plumb::nft(&format!("delete table inet {t}\n"))?;
+                    plumb::delete_table(&t)?;
                 }
             }
         }

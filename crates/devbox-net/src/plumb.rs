@@ -1,8 +1,10 @@
-//! The OS side: persisted network namespaces, `ip`, sysctls, the host's routes, `nft`.
+//! The OS side: persisted network namespaces, veth pairs and tables (netlink, in-process),
+//! sysctls, the host's routes, `nft` for rule sets.
 
 use std::fs;
 use std::io::Write;
 use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -12,6 +14,10 @@ use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 
 use crate::NetError;
+use crate::netlink;
+
+/// Loopback's link index, in every network namespace.
+const LOOPBACK: u32 = 1;
 
 /// `statfs` magic of nsfs: a bind-mounted namespace file.
 const NSFS_MAGIC: i64 = 0x6e73_6673;
@@ -78,7 +84,7 @@ pub(crate) fn make_netns(path: &Path) -> Result<(), NetError> {
         fs::write("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0").map_err(os(
             "setting ip_unprivileged_port_start in the sandbox's namespace",
         ))?;
-        ip_batch("link set lo up\n")?;
+        netlink::Rtnl::open()?.up(LOOPBACK)?;
         nix::mount::mount(
             Some("/proc/thread-self/ns/net"),
             &target,
@@ -178,11 +184,75 @@ fn run_with_input(mut cmd: Command, input: &str, what: &str) -> Result<String, N
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Runs `ip -batch -` with `script` in the calling thread's network namespace.
-pub(crate) fn ip_batch(script: &str) -> Result<(), NetError> {
-    let mut cmd = Command::new("ip");
-    cmd.args(["-batch", "-"]);
-    run_with_input(cmd, script, "ip").map(|_| ())
+/// The sandbox's end of its veth pair, addressed but still down: nothing leaves the sandbox
+/// until [`Inside::bring_up`] (once its table is in place).
+pub(crate) struct Inside {
+    rtnl: netlink::Rtnl,
+    index: u32,
+    gateway: Ipv4Addr,
+}
+
+impl Inside {
+    /// Sets `eth0` up with its default route.
+    pub(crate) fn bring_up(mut self) -> Result<(), NetError> {
+        self.rtnl.up_with_route(self.index, self.gateway)
+    }
+}
+
+/// Makes the veth pair of a sandbox: `veth` in the calling thread's namespace with
+/// `gateway/30`, up; `eth0` in the namespace persisted at `netns` with `address/30`, down
+/// (see [`Inside`]); IPv6 off on both. An existing pair is configured again (what exists is
+/// kept). Returns whether the pair was made now.
+pub(crate) fn make_veth(
+    netns: &Path,
+    veth: &str,
+    gateway: Ipv4Addr,
+    address: Ipv4Addr,
+) -> Result<(bool, Inside), NetError> {
+    let mut host = netlink::Rtnl::open()?;
+    let made = match netlink::link_index(veth)? {
+        Some(_) => false,
+        None => {
+            let ns = fs::File::open(netns).map_err(os(format!("opening {}", netns.display())))?;
+            host.add_veth(veth, "eth0", ns.as_raw_fd())?;
+            true
+        }
+    };
+    sysctl(&format!("net/ipv6/conf/{veth}/disable_ipv6"), "1")?;
+    let index = netlink::link_index(veth)?
+        .ok_or_else(|| NetError::Internal(format!("the veth {veth} vanished while being made")))?;
+    host.address(index, gateway, 30, true)?;
+    let ns = netns.to_path_buf();
+    let inside = on_thread(move || {
+        enter_netns(&ns)?;
+        sysctl("net/ipv6/conf/eth0/disable_ipv6", "1")?;
+        let index = netlink::link_index("eth0")?.ok_or_else(|| {
+            NetError::Internal(format!("no eth0 in the namespace {}", ns.display()))
+        })?;
+        let mut rtnl = netlink::Rtnl::open()?;
+        rtnl.address(index, address, 30, false)?;
+        Ok(Inside {
+            rtnl,
+            index,
+            gateway,
+        })
+    })?;
+    Ok((made, inside))
+}
+
+/// Deletes a veth pair by its name in the calling thread's namespace; nothing when gone.
+pub(crate) fn delete_link(name: &str) -> Result<(), NetError> {
+    netlink::Rtnl::open()?.delete_link(name)
+}
+
+/// Whether the table `inet <table>` exists in the calling thread's namespace.
+pub(crate) fn has_table(table: &str) -> Result<bool, NetError> {
+    netlink::Nft::open()?.has_table(table)
+}
+
+/// Deletes the table `inet <table>` (one transaction, no `nft` process); nothing when gone.
+pub(crate) fn delete_table(table: &str) -> Result<(), NetError> {
+    netlink::Nft::open()?.delete_table(table)
 }
 
 /// Runs `nft -f -` with `script` (one transaction).

@@ -113,6 +113,16 @@ pub(crate) fn table(link: &Link, policy: &Policy) -> String {
     s
 }
 
+/// [`table`], replacing a table of that name if one exists (in the same transaction: no
+/// moment without rules, nothing of the old one kept).
+pub(crate) fn fresh_table(link: &Link, policy: &Policy) -> String {
+    let t = &link.table;
+    format!(
+        "add table inet {t}\ndelete table inet {t}\n{}",
+        table(link, policy)
+    )
+}
+
 /// Rewrites the policy chain and the CIDR sets (one transaction with the rest of a script).
 pub(crate) fn policy_update(table: &str, policy: &Policy) -> String {
     let mut s = String::new();

@@ -260,6 +260,193 @@ fn create_and_remove_200_times_leaves_nothing() {
     assert_leftovers(&w, &state, 0);
 }
 
+#[test]
+fn background_removals_never_hand_out_an_address_still_in_use() {
+    let mut w = World::new();
+    let nets = w.networks();
+    let state: PathBuf = w.state.path().to_path_buf();
+    let open = Policy {
+        mode: Mode::Open,
+        allow: vec![],
+        deny: vec![],
+    };
+    let n = nets.clone();
+    let o = open.clone();
+    let (a, b) = w.daemon(move || {
+        let a = n.create("bg-a", &o, &[]).unwrap();
+        n.remove_in_background("bg-a").unwrap();
+        // Made while bg-a's removal may still run: never bg-a's address unless it is done.
+        let b = n.create("bg-b", &allow(vec![]), &[]).unwrap();
+        (a, b)
+    });
+    let n = nets.clone();
+    let a_done = w.daemon(move || {
+        n.wait_removed("bg-a");
+        true
+    });
+    assert!(a_done);
+    assert!(
+        fetch(&b.netns, BARE, 5001).is_err(),
+        "bg-b got bg-a's open rules"
+    );
+    // Many at once, then a burst of creates: every address distinct, each its own rules.
+    let n = nets.clone();
+    let atts = w.daemon(move || {
+        let mut out = Vec::new();
+        for i in 0..6 {
+            let id = format!("bg{i}");
+            n.create(&id, &open, &[]).unwrap();
+            n.remove_in_background(&id).unwrap();
+            out.push(n.create(&format!("fg{i}"), &allow(vec![]), &[]).unwrap());
+        }
+        out
+    });
+    let mut addrs: Vec<_> = atts.iter().map(|a| a.address).collect();
+    addrs.push(b.address);
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!(addrs.len(), 7, "{addrs:?}");
+    for att in &atts {
+        assert!(fetch(&att.netns, BARE, 5001).is_err());
+    }
+    let n = nets.clone();
+    w.daemon(move || {
+        for i in 0..6 {
+            n.remove_in_background(&format!("fg{i}")).unwrap();
+        }
+        n.remove("bg-b").unwrap();
+        for i in 0..6 {
+            n.wait_removed(&format!("bg{i}"));
+            n.wait_removed(&format!("fg{i}"));
+        }
+    });
+    assert_leftovers(&w, &state, 0);
+    let _ = a;
+}
+
+#[test]
+fn a_reused_address_never_meets_a_stale_table() {
+    let mut w = World::new();
+    let nets = w.networks();
+    let state: PathBuf = w.state.path().to_path_buf();
+    let open = Policy {
+        mode: Mode::Open,
+        allow: vec![],
+        deny: vec![],
+    };
+    let n = nets.clone();
+    let a = w.daemon(move || n.create("st-a", &open, &[])).unwrap();
+    assert!(fetch(&a.netns, BARE, 5001).is_ok());
+    // Something (an older build, a hand) left st-a's table behind but nothing else.
+    let n = nets.clone();
+    w.daemon(move || {
+        let out = std::process::Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+            .unwrap();
+        let tables = String::from_utf8_lossy(&out.stdout).into_owned();
+        let table = tables
+            .lines()
+            .find_map(|l| l.strip_prefix("table inet dbx_"))
+            .map(|t| format!("dbx_{t}"))
+            .unwrap();
+        let backup = std::process::Command::new("nft")
+            .args(["list", "table", "inet", &table])
+            .output()
+            .unwrap();
+        n.remove("st-a").unwrap();
+        let mut child = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), &backup.stdout).unwrap();
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success());
+    });
+    // The next sandbox gets the same address, and its own rules only.
+    let n = nets.clone();
+    let c = w
+        .daemon(move || n.create("st-c", &allow(vec![]), &[]))
+        .unwrap();
+    assert_eq!(c.address, a.address);
+    assert!(
+        fetch(&c.netns, BARE, 5001).is_err(),
+        "the stale open table was used"
+    );
+    let n = nets.clone();
+    w.daemon(move || n.remove("st-c")).unwrap();
+    assert_leftovers(&w, &state, 0);
+}
+
+#[test]
+fn a_daemon_killed_during_background_removals_leaves_nothing() {
+    if let Ok(dir) = std::env::var("DBX_NET_RM_CRASH_CHILD") {
+        removing_child(PathBuf::from(dir));
+        return;
+    }
+    let mut w = World::new();
+    let state = w.state.path().to_path_buf();
+    for delay_ms in [0u64, 3, 11, 29] {
+        let mut child = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", w.daemon.display()))
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "a_daemon_killed_during_background_removals_leaves_nothing",
+                "--nocapture",
+            ])
+            .env("DBX_NET_RM_CRASH_CHILD", &state)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let read = std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+            assert!(
+                read > 0,
+                "the child ended before it was killed (see its error above)"
+            );
+            if line.starts_with("removing 4") {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::SIGKILL,
+        )
+        .unwrap();
+        child.wait().unwrap();
+    }
+    let nets = w.networks();
+    let n = nets.clone();
+    w.daemon(move || n.cleanup(&[])).unwrap();
+    assert_leftovers(&w, &state, 0);
+}
+
+/// Makes networks and removes them in the background, without end, until killed.
+fn removing_child(state: PathBuf) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _g = rt.enter();
+    let nets = devbox_net::Networks::new(devbox_net::NetConfig {
+        subnet: "10.77.0.0/16".parse().unwrap(),
+        upstream_dns: vec![std::net::SocketAddr::from((UPSTREAM, 53))],
+        state_dir: state,
+    })
+    .unwrap();
+    let pid = std::process::id();
+    for i in 0.. {
+        let id = format!("r{pid}x{i}");
+        nets.create(&id, &allow(vec![name("allowed.test")]), &[])
+            .unwrap();
+        nets.remove_in_background(&id).unwrap();
+        println!("removing {i}");
+    }
+}
+
 /// Counts what a daemon's networks left in the daemon namespace and the state dir.
 fn assert_leftovers(w: &World, state: &std::path::Path, want: usize) {
     let state = state.to_path_buf();
@@ -423,7 +610,11 @@ fn a_killed_daemon_leaves_nothing_cleanup_misses() {
         let mut line = String::new();
         loop {
             line.clear();
-            std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+            let read = std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+            assert!(
+                read > 0,
+                "the child ended before it was killed (see its error above)"
+            );
             if line.starts_with("made 3") {
                 break;
             }
