@@ -30,12 +30,14 @@ mod limits;
 mod locks;
 mod main_process;
 mod measure;
+mod metrics;
 pub mod model;
 mod network;
 mod os;
 mod reconcile;
 mod sandbox;
 mod snapshots;
+mod stats;
 #[cfg(test)]
 mod tests;
 mod to_wire;
@@ -54,6 +56,7 @@ pub use config::EngineConfig;
 pub use error::{EngineError, InternalSource};
 pub use exec::{ExecExit, ExecSession, Output, Pty};
 pub use flows::{ApprovalWait, OneShot};
+pub use metrics::METRICS_CONTENT_TYPE;
 pub use reconcile::{DAEMON_MARK_ENV, daemon_mark, is_own_mark};
 
 /// Result of engine operations.
@@ -72,6 +75,8 @@ pub struct Engine {
     approval_events: tokio::sync::watch::Sender<u64>,
     bookkeeping: exec::Bookkeeping,
     net: network::NetHandle,
+    monitor: stats::Monitor,
+    metrics: metrics::Metrics,
 }
 
 impl std::fmt::Debug for Engine {
@@ -164,6 +169,8 @@ impl Engine {
             approval_events: tokio::sync::watch::channel(0).0,
             bookkeeping: exec::Bookkeeping::default(),
             net,
+            monitor: stats::Monitor::default(),
+            metrics: metrics::Metrics::default(),
         }))
     }
 
