@@ -422,3 +422,54 @@ fn metrics_scrape_parses_and_moves_after_operations() {
     assert!(value(&last, "devbox_approvals_pending", &[]).is_some());
     env.ok(&["destroy", "--force", "m"]);
 }
+
+#[path = "../../devbox-net/tests/world/mod.rs"]
+mod world;
+
+/// Network bytes: a sandbox with a link shows its veth's counts, and they grow with
+/// traffic. The daemon runs in a namespace of the test's world (devbox-net's test world):
+/// no packet leaves it.
+#[test]
+fn stats_count_network_bytes_of_a_linked_sandbox() {
+    require_root!();
+    let w = world::World::new();
+    w.check_routes();
+    let mut env = TestEnv::new();
+    env.stop_daemon();
+    env.daemon_netns = Some(w.daemon.clone());
+    env.daemon_env
+        .push(("DEVBOX_NET_DNS".into(), format!("{}:53", world::UPSTREAM)));
+    env.daemon_env
+        .push(("DEVBOX_NET_SUBNET".into(), "10.78.0.0/16".into()));
+    env.start_daemon();
+    env.allow_everything();
+    env.ok(&[
+        "create",
+        "n",
+        "--network",
+        "allow",
+        "--allow",
+        "allowed.test",
+    ]);
+    env.ok(&["create", "quiet"]);
+    let bytes = |name: &str| {
+        let s = &stats(&env, &[name])[0];
+        (s["net_rx_bytes"].as_u64(), s["net_tx_bytes"].as_u64())
+    };
+    let (rx0, tx0) = bytes("n");
+    let (rx0, tx0) = (rx0.expect("rx bytes"), tx0.expect("tx bytes"));
+    let (code, _, err) = env.sh(
+        "n",
+        "timeout 5 bash -c 'exec 3<>/dev/tcp/allowed.test/80; head -n1 <&3'",
+    );
+    assert_eq!(code, 0, "{err}");
+    let (rx1, tx1) = bytes("n");
+    assert!(
+        rx1.unwrap() > rx0 && tx1.unwrap() > tx0,
+        "{rx0}/{tx0} -> {rx1:?}/{tx1:?}"
+    );
+    // Mode none: no link, no counts.
+    assert_eq!(bytes("quiet"), (None, None));
+    env.ok(&["destroy", "--force", "n"]);
+    env.ok(&["destroy", "--force", "quiet"]);
+}

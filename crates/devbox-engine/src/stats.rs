@@ -7,7 +7,7 @@
 //! none for [`MAX_WINDOW`]) is sampled again after [`MIN_WINDOW`]: one shared wait for all
 //! of them, so a first call costs [`MIN_WINDOW`] more and repeated calls (`--watch`, a
 //! scraper) none. Everything else is read from cgroup files, a btrfs qgroup ioctl and the
-//! host veth's sysfs counters: no process per sandbox.
+//! host veths' counters (one read of /proc/self/net/dev): no process per sandbox.
 //!
 //! `ps`: the backend lists the sandbox's processes (host /proc, hostile text escaped); the
 //! engine ties each to a live exec it knows: its command, the exec's own cgroup, the
@@ -165,10 +165,14 @@ impl Engine {
         if running_only {
             recs.retain(|r| r.state == SandboxState::Running);
         }
+        let links = match &self.net {
+            Ok(net) => net.link_bytes(),
+            Err(_) => HashMap::new(),
+        };
         let mut rows = Vec::with_capacity(recs.len());
         let mut again = Vec::new();
         for rec in &recs {
-            let (row, sample) = self.measure(rec);
+            let (row, sample) = self.measure(rec, &links);
             if let Some(now) = sample {
                 match self.monitor.base(&cpu_key(rec), now) {
                     Some(base) => {
@@ -192,7 +196,7 @@ impl Engine {
             std::thread::sleep(MIN_WINDOW);
             for (i, first) in again {
                 let rec = &recs[i];
-                let (row, sample) = self.measure(rec);
+                let (row, sample) = self.measure(rec, &links);
                 if let Some(now) = sample {
                     self.monitor.base(&cpu_key(rec), now);
                     let (pct, ms) = percent(first, now);
@@ -213,7 +217,11 @@ impl Engine {
     }
 
     /// One sandbox's use now (no CPU % yet), and its CPU sample if it runs.
-    fn measure(&self, rec: &SandboxRecord) -> (SandboxStats, Option<CpuSample>) {
+    fn measure(
+        &self,
+        rec: &SandboxRecord,
+        links: &HashMap<String, (u64, u64)>,
+    ) -> (SandboxStats, Option<CpuSample>) {
         let limits = Self::manifest_of(rec)
             .ok()
             .and_then(|m| m.spec.resolved_limits().ok());
@@ -252,9 +260,7 @@ impl Engine {
         row.memory_peak_bytes = u.memory_peak_bytes;
         row.pids = u.pids;
         row.oom_kills = u.oom_kills;
-        if let Ok(net) = &self.net
-            && let Some((rx, tx)) = net.link_bytes(&rec.id)
-        {
+        if let Some((rx, tx)) = links.get(&rec.id).copied() {
             row.net_rx_bytes = Some(rx);
             row.net_tx_bytes = Some(tx);
         }
