@@ -14,6 +14,8 @@
 #   networks: netns+veth+nft create/remove, a cached allowed name from the daemon's resolver,
 #             TCP throughput sandbox->world through veth, rules and NAT vs from the daemon's
 #             namespace (crates/devbox-net/tests/net.rs bench_network, in namespaces it makes)
+#   monitoring: `sandbox stats` of 200 running sandboxes in one call (BENCH_STATS to change),
+#               CLI included, and the daemon's side alone (GET /v1/stats, scripts/bench_stats.py)
 #
 # Prints medians and ratios and writes them to bench-results/. Needs root. Installs the peers
 # from Debian (scripts/deps.sh bench) and builds dev-box in release mode.
@@ -142,6 +144,19 @@ for p in $(pgrep -f "sandbox-init launch"); do
 done
 for i in $(seq 1 "$idle"); do echo "idle-$i"; done | xargs -n 50 "$bin/sandbox" destroy --force
 
+echo "== monitoring: sandbox stats with ${BENCH_STATS:-200} running sandboxes"
+nstats=${BENCH_STATS:-200}
+for i in $(seq 1 "$nstats"); do
+  "$bin/sandbox" create "stats-$i" --image bench-busybox >/dev/null
+done
+# One warm-up (it gives each sandbox the CPU sample later calls average from).
+"$bin/sandbox" stats --format json >/dev/null
+hyperfine -N --warmup 3 --runs "$runs" --export-json "$work/stats.json" \
+  -n "sandbox stats ($nstats running, CLI included)" "$bin/sandbox stats --format json" \
+  >/dev/null
+python3 scripts/bench_stats.py "$work/run/api.sock" "$runs" > "$work/stats_api.txt"
+for i in $(seq 1 "$nstats"); do echo "stats-$i"; done | xargs -n 50 "$bin/sandbox" destroy --force
+
 echo "== snapshots (10 MB, 200 MB, 1 GB of changes)"
 if [[ -n ${BENCH_SKIP_SNAPSHOTS:-} ]]; then
   echo "(snapshots skipped: BENCH_SKIP_SNAPSHOTS)" > "$work/snapshots.md"
@@ -197,6 +212,9 @@ lines += [
 lines.append(open(f"{work}/snapshots.md").read())
 lines += ["", "## Command checks (what a check adds to an exec, default policy)", "", open(f"{work}/validate.md").read()]
 lines += ["", "## Networks", "", open(f"{work}/network.md").read()]
+lines.append("")
+table(f"{work}/stats.json", "Monitoring: `sandbox stats` of running sandboxes in one call")
+lines += [f"- the daemon's side alone (GET /v1/stats over the socket), median: {open(f'{work}/stats_api.txt').read().strip()} ms", ""]
 text = "\n".join(lines)
 print(text)
 open(f"{out}/results.md", "w").write(text + "\n")

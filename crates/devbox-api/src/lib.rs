@@ -13,6 +13,7 @@
 pub mod audit;
 pub mod auth;
 pub mod checks;
+pub mod monitoring;
 pub mod network;
 pub mod server;
 mod ws;

@@ -127,6 +127,13 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/sandboxes/{name}/rollback", post(rollback))
         .route("/v1/sandboxes/{name}/clone", post(clone_sandbox))
         .route("/v1/sandboxes/{name}/diff", get(diff))
+        .route("/v1/stats", get(crate::monitoring::stats))
+        .route(
+            "/v1/sandboxes/{name}/stats",
+            get(crate::monitoring::sandbox_stats),
+        )
+        .route("/v1/sandboxes/{name}/ps", get(crate::monitoring::ps))
+        .route("/metrics", get(crate::monitoring::metrics))
         .route("/v1/sandboxes/{name}/network", get(crate::network::status))
         .route(
             "/v1/sandboxes/{name}/network/allow",

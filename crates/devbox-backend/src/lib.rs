@@ -55,6 +55,34 @@ pub struct Usage {
     /// Processes the kernel's OOM killer killed in it since it started.
     #[serde(default)]
     pub oom_kills: u64,
+    /// The most memory charged to it at once, in bytes (0 if the kernel does not tell).
+    #[serde(default)]
+    pub memory_peak_bytes: u64,
+}
+
+/// One process of a running sandbox, as read from the host's /proc (see
+/// [`Backend::process_table`]). Text fields come from inside the sandbox: hostile, already
+/// bounded and with control characters escaped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessSample {
+    /// Host pid.
+    pub host_pid: i32,
+    /// Pid inside the sandbox's pid namespace (none if it could not be read).
+    pub pid: Option<i32>,
+    /// Host pid of its parent.
+    pub host_ppid: i32,
+    /// Host pid of its session leader.
+    pub host_sid: i32,
+    /// Real uid on the host.
+    pub host_uid: u32,
+    /// CPU time (user + system), microseconds.
+    pub cpu_usec: u64,
+    /// Resident memory, bytes.
+    pub rss_bytes: u64,
+    /// Command line (or `[comm]` when it has none), escaped and bounded.
+    pub command: String,
+    /// The cgroup of an exec's own it is in (`exec-...`), if any.
+    pub exec_cgroup: Option<String>,
 }
 
 /// Resource limits of one sandbox.
@@ -423,6 +451,14 @@ pub trait Backend: Send + Sync {
 
     /// Its processes: host pid and command line.
     fn processes(&self, inst: &Instance) -> Vec<(i32, String)>;
+
+    /// Its processes in detail, for `ps` (the default: none known).
+    fn process_table(&self, _inst: &Instance) -> Result<Vec<ProcessSample>> {
+        Err(BackendError::Unsupported(format!(
+            "the {} backend cannot list a sandbox's processes in detail",
+            self.kind()
+        )))
+    }
 
     /// What this backend holds on the host that none of `owned` owns (a crashed daemon's
     /// leftovers), each named for [`Backend::remove_orphan`].

@@ -233,7 +233,7 @@ pub enum Command {
         command: Vec<String>,
     },
     /// List sandboxes.
-    #[command(alias = "list", alias = "ps")]
+    #[command(alias = "list")]
     Ls {
         /// Output format.
         #[arg(long, value_enum, default_value = "table")]
@@ -241,6 +241,39 @@ pub enum Command {
         /// Only names.
         #[arg(short, long)]
         quiet: bool,
+    },
+    /// Show resource use of sandboxes: CPU %, memory (use, limit, peak), pids, disk, network.
+    ///
+    /// Without names: every running sandbox. CPU % is averaged since the daemon's previous
+    /// sample of the sandbox (0.1 to 10 s ago); without one, the call samples again after
+    /// 0.1 s. Network bytes are those of the sandbox's link (every packet, DNS too); none
+    /// for a sandbox without a network link.
+    Stats {
+        /// The sandboxes (default: every running one).
+        names: Vec<String>,
+        /// Keep showing, redrawn every --interval on a terminal (printed again on a pipe).
+        #[arg(short, long)]
+        watch: bool,
+        /// Seconds between two redraws of --watch.
+        #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+        interval: f64,
+        /// Output format (json: one document per round; with --watch, one line each).
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Show the processes inside a running sandbox and the exec each belongs to.
+    ///
+    /// PID and USER are as inside the sandbox. EXEC is the exec's id (as in its
+    /// `exec` audit record); HOW says how it is known: exec (its command), cgroup (the exec's own cgroup,
+    /// execs with a timeout), session, ancestry, init (the sandbox's pid 1), or unknown (it
+    /// left its exec's session and was orphaned, or its exec ended). Commands are shown with
+    /// control characters escaped, at most 1024 characters.
+    Ps {
+        /// The sandbox.
+        name: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
     },
     /// Show a sandbox as JSON: spec, state, processes, times, resource and storage use.
     Inspect {

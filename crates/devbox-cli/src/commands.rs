@@ -184,7 +184,7 @@ fn exec_opts_request(command: &[String], o: &ExecOpts) -> anyhow::Result<ExecReq
     Ok(req)
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -209,6 +209,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
         | Command::Rollback { .. }
         | Command::Clone { .. } => snapshot_command(&c, cmd).await,
         Command::Network(args) => network_command(&c, args).await,
+        Command::Stats { .. } | Command::Ps { .. } => crate::monitor::command(&c, cmd).await,
         Command::Check { .. }
         | Command::Policy(_)
         | Command::Approvals { .. }

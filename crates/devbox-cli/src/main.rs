@@ -4,6 +4,7 @@
 mod cli;
 mod commands;
 mod daemon;
+mod monitor;
 mod output;
 mod stream;
 

@@ -10,8 +10,9 @@ use devbox_wire::stream::{ClientMsg, ServerMsg};
 use devbox_wire::{
     ApprovalInfo, AuditRecord, AuditVerification, BlockedAttempt, Check, CloneRequest,
     CreateSandboxRequest, DiffResult, ErrorBody, ExecRequest, ExecResult, ImageInfo,
-    ImportImageRequest, NetworkInfo, NetworkRulesRequest, PolicyInfo, PoolInfo, RollbackRequest,
-    SandboxInfo, SnapshotInfo, SnapshotRequest, StopRequest, UpdateLimitsRequest, VersionInfo,
+    ImportImageRequest, NetworkInfo, NetworkRulesRequest, PolicyInfo, PoolInfo, ProcessList,
+    RollbackRequest, SandboxInfo, SandboxStats, SnapshotInfo, SnapshotRequest, StopRequest,
+    UpdateLimitsRequest, VersionInfo,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
@@ -382,6 +383,46 @@ impl Client {
             path.push_str(&format!("?limit={l}"));
         }
         self.json(Method::GET, &path, None).await
+    }
+
+    /// Resource use of the named sandboxes (none: all; `running`: only those that run).
+    pub async fn stats(
+        &self,
+        names: &[String],
+        running: bool,
+    ) -> Result<Vec<SandboxStats>, ClientError> {
+        let names: Vec<String> = names.iter().map(|n| enc(n)).collect();
+        let mut path = format!("/v1/stats?running={running}");
+        if !names.is_empty() {
+            path.push_str(&format!("&names={}", names.join(",")));
+        }
+        self.json(Method::GET, &path, None).await
+    }
+
+    /// Resource use of one sandbox.
+    pub async fn sandbox_stats(&self, name: &str) -> Result<SandboxStats, ClientError> {
+        self.json(
+            Method::GET,
+            &format!("/v1/sandboxes/{}/stats", enc(name)),
+            None,
+        )
+        .await
+    }
+
+    /// The processes inside a running sandbox and the exec each belongs to.
+    pub async fn ps(&self, name: &str) -> Result<ProcessList, ClientError> {
+        self.json(
+            Method::GET,
+            &format!("/v1/sandboxes/{}/ps", enc(name)),
+            None,
+        )
+        .await
+    }
+
+    /// The daemon's Prometheus metrics (text format 0.0.4).
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let (_, bytes) = self.call(Method::GET, "/metrics", None).await?;
+        String::from_utf8(bytes.to_vec()).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// Downloads a snapshot archive into `out`.

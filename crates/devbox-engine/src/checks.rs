@@ -112,6 +112,7 @@ impl Engine {
         match check.decision {
             Verdict::Allow => Ok("allow".into()),
             Verdict::Deny => {
+                self.metrics.denied();
                 self.audit(caller, "exec.denied", Some(&rec.name), serde_json::json!({"command": text, "risk": check.risk, "reasons": check.reasons}));
                 Err(EngineError::Denied {
                     reasons: check.reasons,

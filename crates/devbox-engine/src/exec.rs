@@ -279,6 +279,8 @@ pub struct ExecSession {
     deadline: Option<tokio::time::Instant>,
     timed_out: std::sync::atomic::AtomicBool,
     oom: Option<OomProbe>,
+    /// Known to `ps` while the session lives.
+    _live: crate::stats::LiveExec,
 }
 
 impl std::fmt::Debug for ExecSession {
@@ -510,6 +512,19 @@ impl Engine {
         req: &ExecRequest,
         want_stdin: bool,
     ) -> Result<ExecSession> {
+        let started = std::time::Instant::now();
+        let r = self.exec_unmeasured(caller, name, req, want_stdin).await;
+        self.metrics.observe("exec", started, r.is_ok());
+        r
+    }
+
+    async fn exec_unmeasured(
+        self: &Arc<Self>,
+        caller: &Caller,
+        name: &str,
+        req: &ExecRequest,
+        want_stdin: bool,
+    ) -> Result<ExecSession> {
         let argv = req.resolved_argv()?;
         let lock = self.locks.get(name);
         let _guard = lock.lock().await;
@@ -619,6 +634,7 @@ impl Engine {
             deadline: timeout.map(|t| tokio::time::Instant::now() + t),
             timed_out: std::sync::atomic::AtomicBool::new(false),
             oom,
+            _live: self.monitor.exec_started(&rec.id, &exec_id, pid),
         };
         self.connect_session_io(&mut session, &rec.name, &exec_id, started_io, tty.is_some())?;
         Ok(session)

@@ -30,12 +30,14 @@ mod limits;
 mod locks;
 mod main_process;
 mod measure;
+mod metrics;
 pub mod model;
 mod network;
 mod os;
 mod reconcile;
 mod sandbox;
 mod snapshots;
+mod stats;
 #[cfg(test)]
 mod tests;
 mod to_wire;
@@ -54,6 +56,7 @@ pub use config::EngineConfig;
 pub use error::{EngineError, InternalSource};
 pub use exec::{ExecExit, ExecSession, Output, Pty};
 pub use flows::{ApprovalWait, OneShot};
+pub use metrics::METRICS_CONTENT_TYPE;
 pub use reconcile::{DAEMON_MARK_ENV, daemon_mark, is_own_mark};
 
 /// Result of engine operations.
@@ -73,6 +76,8 @@ pub struct Engine {
     bookkeeping: exec::Bookkeeping,
     net: network::NetHandle,
     blocked_budgets: network::BlockedBudgets,
+    monitor: stats::Monitor,
+    metrics: metrics::Metrics,
 }
 
 impl std::fmt::Debug for Engine {
@@ -166,6 +171,8 @@ impl Engine {
             bookkeeping: exec::Bookkeeping::default(),
             net,
             blocked_budgets: Default::default(),
+            monitor: stats::Monitor::default(),
+            metrics: metrics::Metrics::default(),
         }))
     }
 

@@ -118,6 +118,18 @@ impl Engine {
         req: CreateSandboxRequest,
         ephemeral: bool,
     ) -> Result<SandboxInfo> {
+        let started = std::time::Instant::now();
+        let r = self.create_unmeasured(caller, req, ephemeral).await;
+        self.metrics.observe("create", started, r.is_ok());
+        r
+    }
+
+    async fn create_unmeasured(
+        self: &Arc<Self>,
+        caller: &Caller,
+        req: CreateSandboxRequest,
+        ephemeral: bool,
+    ) -> Result<SandboxInfo> {
         let name = req
             .name
             .clone()

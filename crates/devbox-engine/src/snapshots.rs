@@ -110,13 +110,22 @@ impl Engine {
         name: &str,
         req: SnapshotRequest,
     ) -> Result<SnapshotInfo> {
+        let started = std::time::Instant::now();
+        let op = if req.with_processes {
+            "checkpoint"
+        } else {
+            "snapshot"
+        };
         let detail =
             serde_json::json!({"snapshot": serde_json::to_value(&req).unwrap_or_default()});
-        self.on_sandbox(caller, name, "snapshot.create", detail, |e, _, rec| {
-            let snap = e.snapshot_locked(rec, req, false)?;
-            e.snapshot_info(rec, &snap, &e.store.snapshots_of(&rec.id)?)
-        })
-        .await
+        let r = self
+            .on_sandbox(caller, name, "snapshot.create", detail, |e, _, rec| {
+                let snap = e.snapshot_locked(rec, req, false)?;
+                e.snapshot_info(rec, &snap, &e.store.snapshots_of(&rec.id)?)
+            })
+            .await;
+        self.metrics.observe(op, started, r.is_ok());
+        r
     }
 
     pub(crate) fn snapshot_locked(
@@ -330,20 +339,24 @@ impl Engine {
         name: &str,
         req: RollbackRequest,
     ) -> Result<SandboxInfo> {
+        let started = std::time::Instant::now();
         let detail =
             serde_json::json!({"rollback": serde_json::to_value(&req).unwrap_or_default()});
-        self.on_sandbox(
-            caller,
-            name,
-            "sandbox.rollback",
-            detail,
-            move |e, caller, rec| {
-                let target = e.find_snapshot(rec, &req.to)?;
-                e.rollback_locked(caller, rec, &target, &req.paths)?;
-                e.info(rec, false)
-            },
-        )
-        .await
+        let r = self
+            .on_sandbox(
+                caller,
+                name,
+                "sandbox.rollback",
+                detail,
+                move |e, caller, rec| {
+                    let target = e.find_snapshot(rec, &req.to)?;
+                    e.rollback_locked(caller, rec, &target, &req.paths)?;
+                    e.info(rec, false)
+                },
+            )
+            .await;
+        self.metrics.observe("rollback", started, r.is_ok());
+        r
     }
 
     pub(crate) fn rollback_locked(

@@ -883,6 +883,35 @@ impl Networks {
         total
     }
 
+    /// Bytes each sandbox's link carried as the host side of its veth counts them (every
+    /// packet, DNS to the gateway and blocked attempts too): sandbox id → (into the sandbox,
+    /// out of it). One read of `/proc/self/net/dev` (the daemon's own network namespace,
+    /// where the host sides live), no process; sandboxes without a veth are left out.
+    pub fn link_bytes(&self) -> HashMap<String, (u64, u64)> {
+        let by_veth: HashMap<String, String> = self
+            .lock()
+            .iter()
+            .filter_map(|(id, sb)| Some((self.veth(sb.index?), id.clone())))
+            .collect();
+        if by_veth.is_empty() {
+            return HashMap::new();
+        }
+        let text = std::fs::read_to_string("/proc/self/net/dev").unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let (name, rest) = l.split_once(':')?;
+                let id = by_veth.get(name.trim())?;
+                let f: Vec<u64> = rest
+                    .split_whitespace()
+                    .map(|v| v.parse().unwrap_or(0))
+                    .collect();
+                // Receive: bytes first; transmit: bytes ninth. The host side sends what
+                // the sandbox receives.
+                Some((id.clone(), (*f.get(8)?, *f.first()?)))
+            })
+            .collect()
+    }
+
     /// Mode, address, counters and the addresses reachable by name now.
     pub fn status(&self, id: &str) -> Result<NetStatus, NetError> {
         valid_id(id)?;

@@ -428,6 +428,33 @@ impl SandboxCgroup {
         out
     }
 
+    /// Host pids of the sandbox's processes with the name of the exec cgroup each is in
+    /// (none: the sandbox's own cgroup), from the same hierarchy as [`Self::pids`].
+    pub fn pids_by_cgroup(&self) -> Vec<(i32, Option<String>)> {
+        let dir = self
+            .unified()
+            .or_else(|| self.find("pids").map(|(_, d)| d))
+            .or_else(|| self.dirs.first().map(|(_, d)| d));
+        let Some(dir) = dir else { return Vec::new() };
+        let read = |d: &Path| -> Vec<i32> {
+            fs::read_to_string(d.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect()
+        };
+        let mut out: Vec<(i32, Option<String>)> =
+            read(dir).into_iter().map(|p| (p, None)).collect();
+        for sub in child_dirs(dir) {
+            let name = sub
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("exec-"));
+            out.extend(read(&sub).into_iter().map(|p| (p, name.clone())));
+        }
+        out
+    }
+
     /// Processes the OOM killer killed in the sandbox: `oom_kill` of v2's `memory.events`
     /// (counted for the whole subtree) or of v1's `memory.oom_control`. None without a
     /// memory controller.
@@ -541,6 +568,11 @@ impl SandboxCgroup {
                 "memory.current"
             } else {
                 "memory.usage_in_bytes"
+            }));
+            u.memory_peak_bytes = read_u64(dir.join(if h.v2 {
+                "memory.peak"
+            } else {
+                "memory.max_usage_in_bytes"
             }));
         }
         if let Some((_, dir)) = self.find("pids") {

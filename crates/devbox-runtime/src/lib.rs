@@ -22,6 +22,7 @@ pub mod config;
 pub mod container;
 pub mod launch;
 pub mod native;
+pub mod procs;
 pub mod protocol;
 pub mod sys;
 pub mod trace;

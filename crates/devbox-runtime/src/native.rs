@@ -938,6 +938,20 @@ impl Backend for NativeBackend {
             .collect()
     }
 
+    fn process_table(&self, inst: &Instance) -> Result<Vec<devbox_backend::ProcessSample>> {
+        let init = inst
+            .process
+            .ok_or_else(|| BackendError::Other(format!("sandbox {} is not running", inst.name)))?;
+        let depth = crate::procs::ns_depth(init.pid)
+            .ok_or_else(|| BackendError::Other(format!("sandbox {}'s init is gone", inst.name)))?;
+        Ok(self
+            .cgroup(inst)
+            .pids_by_cgroup()
+            .into_iter()
+            .filter_map(|(pid, cg)| crate::procs::sample(pid, depth, cg))
+            .collect())
+    }
+
     fn orphans(&self, owned: &[Instance]) -> Vec<String> {
         let ids: HashSet<&str> = owned.iter().map(|i| i.id.as_str()).collect();
         let cgroups: HashSet<&str> = owned

@@ -20,9 +20,11 @@ pub mod network;
 pub mod openapi;
 pub mod query;
 pub mod spec_schema;
+pub mod stats;
 pub mod stream;
 
 pub use checks::*;
 pub use error::{ErrorBody, ErrorDetail, RequestError};
 pub use model::*;
 pub use network::*;
+pub use stats::*;

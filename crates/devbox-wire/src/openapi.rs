@@ -21,6 +21,7 @@ use crate::query::{
     ApprovalsQuery, AuditQuery, DeleteSnapshotQuery, DestroyQuery, DiffQuery, ImportSnapshotQuery,
     NetworkLogQuery, ScopeQuery, VerifyQuery, WaitQuery,
 };
+use crate::stats::{ProcessList, SandboxStats, StatsQuery};
 use crate::stream::{ClientMsg, ServerMsg};
 
 /// The API's OpenAPI description.
@@ -55,6 +56,10 @@ Errors have the shape {\"error\": {\"code\", \"message\"}}."
         network_deny,
         network_reset,
         network_log,
+        stats,
+        sandbox_stats,
+        ps,
+        metrics,
         exec_stream,
         run_stream,
         list_images,
@@ -200,6 +205,30 @@ fn network_reset() {}
     responses((status = 200, body = Vec<BlockedAttempt>), (status = 404, body = ErrorBody)))]
 #[allow(dead_code)]
 fn network_log() {}
+
+#[utoipa::path(get, path = "/v1/stats", tag = "crate::monitoring", params(StatsQuery),
+    description = "Resource use of sandboxes, by name: CPU % (averaged over the time since the daemon's previous sample of that sandbox, 0.1 to 10 s ago; without one, the call samples again after 0.1 s), memory, pids, disk and network bytes.",
+    responses((status = 200, body = Vec<SandboxStats>), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn stats() {}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/stats", tag = "crate::monitoring", params(("name" = String, Path)),
+    description = "Resource use of one sandbox, as in /v1/stats.",
+    responses((status = 200, body = SandboxStats), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn sandbox_stats() {}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{name}/ps", tag = "crate::monitoring", params(("name" = String, Path)),
+    description = "The processes inside a running sandbox (pid inside, uid inside, CPU time, RSS, escaped command) and the exec each belongs to, with how that is known.",
+    responses((status = 200, body = ProcessList), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[allow(dead_code)]
+fn ps() {}
+
+#[utoipa::path(get, path = "/metrics", tag = "crate::monitoring",
+    description = "Prometheus metrics (text format 0.0.4): devbox_operations_total and devbox_operation_duration_seconds by operation (create, exec, snapshot, checkpoint, rollback) and result, devbox_policy_denials_total, devbox_approvals_pending, devbox_pool_used_bytes, devbox_pool_size_bytes, devbox_sandboxes_running, and per running sandbox devbox_sandbox_cpu_seconds_total, devbox_sandbox_memory_bytes, devbox_sandbox_pids.",
+    responses((status = 200, description = "the metrics", content_type = "text/plain")))]
+#[allow(dead_code)]
+fn metrics() {}
 
 #[utoipa::path(get, path = "/v1/sandboxes/{name}/exec/stream", tag = "crate::ws", params(("name" = String, Path)),
     description = "WebSocket: send {\"type\":\"exec\",\"exec\":ExecRequest,\"stdin\":bool}; receive started, output frames (first byte 1 stdout, 2 stderr), exit.",
