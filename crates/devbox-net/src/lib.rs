@@ -864,11 +864,17 @@ impl Networks {
         let Ok(v) = plumb::nft_json(&["list", "set", "inet", table, "blocked"]) else {
             return 0;
         };
+        self.note_blocked(shared, rules::parse_blocked(&v))
+    }
+
+    /// Records the destinations of `entries` (one sandbox's `blocked` set) whose counts grew
+    /// since the last look; returns the packets blocked in all.
+    fn note_blocked(&self, shared: &Shared, entries: Vec<rules::BlockedEntry>) -> u64 {
         let mut total = 0;
         let mut fresh = Vec::new();
         {
             let mut seen = shared.seen.lock().unwrap_or_else(|p| p.into_inner());
-            for (addr, proto, port, packets) in rules::parse_blocked(&v) {
+            for (addr, proto, port, packets) in entries {
                 total += packets;
                 let key = format!("{addr}:{port}/{proto}");
                 let before = seen.insert(key.clone(), packets).unwrap_or(0);
@@ -978,9 +984,20 @@ impl Networks {
     /// Refused attempts of every sandbox not taken yet (for the audit log); reads the
     /// tables of sandboxes with a link first.
     pub fn take_new_blocked(&self) -> Vec<(String, Blocked)> {
-        let all: Vec<Arc<Shared>> = self.lock().values().map(|s| s.shared.clone()).collect();
-        for s in all {
-            self.poll_blocked(&s);
+        // Every sandbox's set in one `nft` run (not one per sandbox, every round).
+        let by_table: HashMap<String, Arc<Shared>> = self
+            .lock()
+            .values()
+            .filter_map(|s| Some((s.shared.table.clone()?, s.shared.clone())))
+            .collect();
+        if !by_table.is_empty()
+            && let Ok(v) = plumb::nft_json(&["list", "sets", "inet"])
+        {
+            for (table, entries) in rules::parse_blocked_by_table(&v) {
+                if let Some(shared) = by_table.get(&table) {
+                    self.note_blocked(shared, entries);
+                }
+            }
         }
         let mut q = self.new_blocked.lock().unwrap_or_else(|p| p.into_inner());
         q.drain(..).collect()

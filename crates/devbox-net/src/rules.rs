@@ -217,17 +217,30 @@ pub(crate) type BlockedEntry = (Ipv4Addr, String, u16, u64);
 
 /// Parses `nft -j list set inet T blocked`.
 pub(crate) fn parse_blocked(v: &serde_json::Value) -> Vec<BlockedEntry> {
+    parse_blocked_by_table(v)
+        .into_iter()
+        .flat_map(|(_, entries)| entries)
+        .collect()
+}
+
+/// Parses the `blocked` sets of `nft -j list sets inet` (or of one `list set`): table name →
+/// its entries.
+pub(crate) fn parse_blocked_by_table(v: &serde_json::Value) -> Vec<(String, Vec<BlockedEntry>)> {
     let mut out = Vec::new();
     let items = v.get("nftables").and_then(|x| x.as_array());
     for item in items.into_iter().flatten() {
-        let Some(elems) = item
-            .get("set")
-            .and_then(|s| s.get("elem"))
-            .and_then(|e| e.as_array())
-        else {
+        let Some(set) = item.get("set") else {
             continue;
         };
-        for e in elems {
+        if set.get("name").and_then(|n| n.as_str()) != Some("blocked") {
+            continue;
+        }
+        let Some(table) = set.get("table").and_then(|t| t.as_str()) else {
+            continue;
+        };
+        let elems = set.get("elem").and_then(|e| e.as_array());
+        let mut entries = Vec::new();
+        for e in elems.into_iter().flatten() {
             let e = e.get("elem").unwrap_or(e);
             let Some(parts) = e
                 .get("val")
@@ -254,8 +267,9 @@ pub(crate) fn parse_blocked(v: &serde_json::Value) -> Vec<BlockedEntry> {
                 .and_then(|c| c.get("packets"))
                 .and_then(|p| p.as_u64())
                 .unwrap_or(0);
-            out.push((addr, proto.to_string(), port, packets));
+            entries.push((addr, proto.to_string(), port, packets));
         }
+        out.push((table.to_string(), entries));
     }
     out
 }
@@ -276,6 +290,27 @@ pub(crate) fn parse_counter(v: &serde_json::Value) -> (u64, u64) {
 mod tests {
     use super::*;
     use crate::Rule;
+
+    #[test]
+    fn blocked_sets_of_all_tables_in_one_listing() {
+        let v: serde_json::Value = serde_json::from_str(
+            r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+            {"set": {"family": "inet", "name": "dns4", "table": "dbx_a_1", "elem": ["10.0.0.1"]}},
+            {"set": {"family": "inet", "name": "blocked", "table": "dbx_a_1", "elem": [
+              {"elem": {"val": {"concat": ["1.2.3.4", "tcp", 80]}, "counter": {"packets": 3, "bytes": 180}}}]}},
+            {"set": {"family": "inet", "name": "blocked", "table": "dbx_a_2"}}]}"#,
+        )
+        .unwrap();
+        let got = parse_blocked_by_table(&v);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0, "dbx_a_1");
+        assert_eq!(
+            got[0].1,
+            vec![("1.2.3.4".parse().unwrap(), "tcp".to_string(), 80, 3)]
+        );
+        assert!(got[1].1.is_empty());
+        assert_eq!(parse_blocked(&v).len(), 1);
+    }
 
     #[test]
     fn overlapping_nets_are_merged() {
