@@ -178,6 +178,16 @@ fn parse_into(ctx: &mut Ctx, text: &str, via: Option<String>) {
             .push(format!("brackets nested deeper than {MAX_NESTING}"));
         return;
     }
+    // The text always ends with a newline: brush-parser 0.4 loops without end, allocating
+    // until memory runs out, on a here-document operator that input ends right after
+    // (`<<'' `, `$(<<\t\t`). A final newline is what a shell reading the text sees anyway.
+    let owned;
+    let text = if text.ends_with('\n') {
+        text
+    } else {
+        owned = format!("{text}\n");
+        owned.as_str()
+    };
     let mut parser =
         brush_parser::Parser::new(std::io::BufReader::new(text.as_bytes()), &options());
     match parser.parse_program() {
