@@ -376,6 +376,88 @@ fn sandboxes_cannot_reach_each_other_nor_their_published_ports() {
 }
 
 #[test]
+fn a_sandbox_rule_lets_one_sandbox_reach_another_by_name() {
+    require_root!();
+    let w = World::new();
+    let env = env_in(&w);
+    let serve =
+        "cd /tmp && echo page > index.html && exec python3 -m http.server 7000 --bind 0.0.0.0";
+    env.ok(&["create", "srv", "--network", "allow", "--main", serve]);
+    let srv = address(&env, "srv");
+    env.ok(&[
+        "create",
+        "cli",
+        "--network",
+        "allow",
+        "--allow",
+        "sandbox:srv:7000",
+    ]);
+    let cli = address(&env, "cli");
+    // Open mode takes sandbox rules too (everything else it allows already).
+    env.ok(&["create", "other", "--network", "open"]);
+    let wait_serving = |from: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !connects(&env, from, &srv.to_string(), 7000) {
+            assert!(Instant::now() < deadline, "{from} never reached srv:7000");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_serving("cli");
+    assert!(
+        !connects(&env, "cli", &srv.to_string(), 7001),
+        "another port"
+    );
+    assert!(
+        !connects(&env, "srv", &cli.to_string(), 7000),
+        "one way only"
+    );
+    assert!(!connects(&env, "other", &srv.to_string(), 7000), "no rule");
+    assert!(
+        net(&env, "cli")["allow"]
+            .to_string()
+            .contains("sandbox:srv:7000")
+    );
+    // Live, audited; an open-mode sandbox takes it too.
+    env.ok(&["network", "allow", "other", "sandbox:srv"]);
+    wait_serving("other");
+    assert!(
+        audit(&env, "other")
+            .iter()
+            .any(|r| r["action"] == "network.allow")
+    );
+    // Denying a sandbox means nothing (they are apart unless allowed): refused, nothing changes.
+    let err = env.fails(&["network", "deny", "cli", "sandbox:srv"]);
+    assert!(err.contains("never reach each other"), "{err}");
+    assert!(connects(&env, "cli", &srv.to_string(), 7000));
+    let err = env.fails(&[
+        "create",
+        "bad",
+        "--network",
+        "allow",
+        "--allow",
+        "sandbox:Not_A_Name",
+    ]);
+    assert!(err.contains("sandbox:NAME"), "{err}");
+    // The rule names the sandbox: a new srv (another address maybe) is reached, and its old
+    // address is not remembered.
+    env.ok(&["destroy", "srv"]);
+    env.ok(&["create", "srv", "--network", "allow", "--main", serve]);
+    let srv2 = address(&env, "srv");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !connects(&env, "cli", &srv2.to_string(), 7000) {
+        assert!(Instant::now() < deadline, "cli never reached the new srv");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    env.ok(&["network", "reset", "other"]);
+    assert!(
+        !connects(&env, "other", &srv2.to_string(), 7000),
+        "reset withdraws it"
+    );
+    env.ok(&["destroy", "srv", "cli", "other"]);
+    assert_no_networks(&env, &w);
+}
+
+#[test]
 fn hostile_dns_answers_live_changes_and_bounded_rules() {
     require_root!();
     let w = World::new();

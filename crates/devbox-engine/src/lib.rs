@@ -112,6 +112,7 @@ impl Engine {
         let engine = tokio::task::spawn_blocking(move || Self::open_blocking(cfg, make))
             .await
             .map_err(|e| EngineError::internal("opening the engine", e))??;
+        engine.resolve_peers_by_name();
         let e2 = engine.clone();
         tokio::task::spawn_blocking(move || e2.reconcile())
             .await

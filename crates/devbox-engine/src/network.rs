@@ -163,6 +163,7 @@ fn net_rule(r: &NetRule) -> Option<devbox_net::Rule> {
         NetTarget::Name(n) => devbox_net::Target::Name(n.clone()),
         NetTarget::Suffix(s) => devbox_net::Target::Suffix(s.clone()),
         NetTarget::Net(c) => devbox_net::Target::Net(ipnet::IpNet::new(c.addr, c.prefix).ok()?),
+        NetTarget::Sandbox(n) => devbox_net::Target::Sandbox(n.as_str().to_string()),
     };
     Some(devbox_net::Rule {
         target,
@@ -239,7 +240,19 @@ pub(crate) fn apply_change(
                  change; make a sandbox with --network allow (or --network open) for rules"
             )));
         }
-        (NetworkMode::Open, Change::Allow) if !rules.iter().all(|r| spec.deny.contains(r)) => {
+        (_, Change::Deny) if rules.iter().any(NetRule::is_sandbox) => {
+            return Err(EngineError::InvalidRequest(format!(
+                "{}: sandboxes never reach each other unless an allow rule names them, so \
+                 denying a sandbox changes nothing; to withdraw an allowed sandbox, use \
+                 `sandbox network reset {name}` or allow rules without it",
+                text()
+            )));
+        }
+        (NetworkMode::Open, Change::Allow)
+            if !rules
+                .iter()
+                .all(|r| r.is_sandbox() || spec.deny.contains(r)) =>
+        {
             return Err(EngineError::InvalidRequest(format!(
                 "sandbox {name} has network mode open, which allows everything not denied: \
                  allowing {} only undoes deny rules, and these are not all denied \
@@ -265,12 +278,12 @@ pub(crate) fn apply_change(
         Change::Deny => (&mut live.deny, &mut live.allow),
     };
     remove.retain(|r| !rules.contains(r));
-    // In open mode an allow only undoes a deny; everything else is allowed already.
-    if !(spec.mode == NetworkMode::Open && change == Change::Allow) {
-        for r in rules {
-            if !add.contains(r) {
-                add.push(r.clone());
-            }
+    // In open mode an allow only undoes a deny (everything else is allowed already), or
+    // names another sandbox.
+    for r in rules {
+        let joins = !(spec.mode == NetworkMode::Open && change == Change::Allow) || r.is_sandbox();
+        if joins && !add.contains(r) {
+            add.push(r.clone());
         }
     }
     if live.allow.len() + live.deny.len() > MAX_RULES {
@@ -616,6 +629,17 @@ impl Engine {
             .start_create(&rec.id, &net_policy(&net), &net_ports(&net))
             .map_err(|e| net_error(&rec.name, e))?;
         Ok((Some(att.netns.clone()), att.resolv_conf()))
+    }
+
+    /// Lets `sandbox:NAME` rules name sandboxes: the data plane asks for the id of the
+    /// sandbox of that name each time it refills the peer sets.
+    pub(crate) fn resolve_peers_by_name(self: &Arc<Self>) {
+        let Ok(n) = &self.net else { return };
+        let weak = Arc::downgrade(self);
+        n.set_peer_lookup(Box::new(move |name| {
+            let e = weak.upgrade()?;
+            e.store.sandbox_by_name(name).ok().flatten().map(|r| r.id)
+        }));
     }
 
     /// Waits until the network [`Self::attach_network`] began is whole (its rules loaded

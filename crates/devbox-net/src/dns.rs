@@ -72,7 +72,7 @@ pub(crate) fn name_decision(policy: &Policy, name: &str) -> Option<Vec<u16>> {
                 && name.ends_with(&s)
                 && name.as_bytes()[name.len() - s.len() - 1] == b'.'
         }
-        Target::Net(_) => false,
+        Target::Net(_) | Target::Sandbox(_) => false,
     };
     if policy.deny.iter().any(|r| matches(&r.target)) {
         return None;

@@ -24,6 +24,7 @@
 //! network namespace never touch each other's links or tables.
 
 mod dns;
+mod libnft;
 mod netlink;
 mod plumb;
 mod proxy;
@@ -78,6 +79,11 @@ pub enum Target {
     Suffix(String),
     /// A network (IPv4 rules apply; sandboxes have no IPv6).
     Net(ipnet::IpNet),
+    /// Another sandbox, by the name [`Networks::set_peer_lookup`] resolves (by default the
+    /// id given to [`Networks::create`]): its address while its link is up. Sandboxes
+    /// reach each other only through such an allow rule; it opens the way from this
+    /// sandbox to that one (and the replies), not the other way.
+    Sandbox(String),
 }
 
 /// One allow or deny rule.
@@ -354,7 +360,15 @@ pub struct Networks {
     /// Ids whose table, veth, namespace and record a background thread is removing.
     removing: Mutex<std::collections::HashSet<String>>,
     removed: Condvar,
+    /// Resolves the names of [`Target::Sandbox`] rules to ids.
+    peer_lookup: RwLock<Option<PeerLookup>>,
+    /// Tables whose peer sets were last filled with something (emptied when no longer).
+    peer_tables: Mutex<std::collections::BTreeSet<String>>,
 }
+
+/// Resolves the name a [`Target::Sandbox`] rule gives to the id of the sandbox it means
+/// now (none: no such sandbox).
+pub type PeerLookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
@@ -418,6 +432,7 @@ fn valid_policy(p: &Policy) -> Result<(), NetError> {
                 }
             }
             Target::Net(_) => {}
+            Target::Sandbox(n) => valid_id(n)?,
         }
         if r.port == Some(0) {
             return Err(NetError::Invalid("port 0".into()));
@@ -494,6 +509,8 @@ impl Networks {
             forwarding: Mutex::new(false),
             removing: Mutex::new(std::collections::HashSet::new()),
             removed: Condvar::new(),
+            peer_lookup: RwLock::new(None),
+            peer_tables: Mutex::new(std::collections::BTreeSet::new()),
         }))
     }
 
@@ -596,7 +613,11 @@ impl Networks {
         let (made, inside) = plumb::make_veth(netns, &l.veth, l.gateway, l.address)?;
         let exists = plumb::has_table(&l.table)?;
         if !made && exists {
-            plumb::nft(&rules::policy_update(&l.table, policy))?;
+            // Peers as the table had them (before a restart) go: refresh_peers refills them
+            // from the rules and sandboxes of now.
+            let mut script = rules::policy_update(&l.table, policy);
+            script.push_str(&rules::peer_update(&l.table, &rules::PeerSets::default()));
+            plumb::nft(&script)?;
             return inside.bring_up().map(|()| None);
         }
         // Deleting a table in the transaction costs the kernel a few RCU grace periods (10 ms
@@ -787,7 +808,82 @@ impl Networks {
             .ok_or_else(|| NetError::NotFound(id.into()))?
             .pending
             .take();
-        pending.map(join).unwrap_or(Ok(()))
+        pending.map(join).unwrap_or(Ok(()))?;
+        self.refresh_peers()
+    }
+
+    /// Sets how the names of [`Target::Sandbox`] rules are resolved (the daemon: sandbox
+    /// name to id); until then a name is taken as an id.
+    pub fn set_peer_lookup(&self, lookup: PeerLookup) {
+        *self.peer_lookup.write().unwrap_or_else(|p| p.into_inner()) = Some(lookup);
+    }
+
+    /// Fills the peer sets of every table from the [`Target::Sandbox`] rules in force:
+    /// in the sender's table the receiver's address (and port), in the receiver's the
+    /// sender's veth and address (and port), so a connection passes the sender's egress and
+    /// the receiver's inbound chain. Sandboxes whose link is still being made are left for
+    /// their own [`Networks::finish_create`]. One `nft` transaction; nothing to do (and no
+    /// process) when no rule names a sandbox and no set holds anything.
+    fn refresh_peers(&self) -> Result<(), NetError> {
+        let map = self.lock();
+        let mut tables = self.peer_tables.lock().unwrap_or_else(|p| p.into_inner());
+        let lookup = self.peer_lookup.read().unwrap_or_else(|p| p.into_inner());
+        let ready = |id: &str| {
+            map.get(id)
+                .filter(|sb| sb.pending.is_none())
+                .and_then(|sb| sb.index)
+                .map(|i| self.link(i))
+        };
+        let mut want: std::collections::BTreeMap<String, rules::PeerSets> = Default::default();
+        for (id, sb) in map.iter() {
+            let Some(from) = ready(id) else { continue };
+            let policy = sb.shared.policy.read().unwrap_or_else(|p| p.into_inner());
+            for r in &policy.allow {
+                let Target::Sandbox(name) = &r.target else {
+                    continue;
+                };
+                let peer = match lookup.as_ref() {
+                    Some(f) => f(name),
+                    None => Some(name.clone()),
+                };
+                let Some(to) = peer.filter(|p| p != id).and_then(|p| ready(&p)) else {
+                    continue;
+                };
+                want.entry(from.table.clone())
+                    .or_default()
+                    .to
+                    .insert((to.address, r.port));
+                want.entry(to.table.clone()).or_default().from.insert((
+                    from.veth.clone(),
+                    from.address,
+                    r.port,
+                ));
+            }
+        }
+        if want.is_empty() && tables.is_empty() {
+            return Ok(());
+        }
+        // Tables filled last time that are still there are emptied (or refilled).
+        let live: std::collections::HashSet<String> = map
+            .values()
+            .filter(|sb| sb.pending.is_none())
+            .filter_map(|sb| sb.index.map(|i| self.table(i)))
+            .collect();
+        let mut script = String::new();
+        for t in tables
+            .iter()
+            .filter(|t| live.contains(*t) && !want.contains_key(*t))
+        {
+            script.push_str(&rules::peer_update(t, &rules::PeerSets::default()));
+        }
+        for (t, sets) in &want {
+            script.push_str(&rules::peer_update(t, sets));
+        }
+        if !script.is_empty() {
+            plumb::nft(&script)?;
+        }
+        *tables = want.into_keys().collect();
+        Ok(())
     }
 
     /// Changes a sandbox's policy live: the next connection (and name) is judged by it.
@@ -821,7 +917,8 @@ impl Networks {
             plumb::nft(&script)?;
         }
         *sb.shared.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
-        Ok(())
+        drop(map);
+        self.refresh_peers()
     }
 
     /// Replaces a sandbox's published ports (a port that stays keeps its listener).
@@ -1029,7 +1126,16 @@ impl Networks {
         valid_id(id)?;
         self.wait_removed(id);
         let index = self.detach(id);
+        self.refresh_peers_or_log();
         self.remove_parts(id, index)
+    }
+
+    /// [`Self::refresh_peers`] where a failure must not stop what goes on (a removal):
+    /// logged; the next change refills the sets.
+    fn refresh_peers_or_log(&self) {
+        if let Err(e) = self.refresh_peers() {
+            tracing::warn!("refilling the sets of sandboxes' peers: {e}");
+        }
     }
 
     /// Stops a sandbox's proxies and resolver (its host ports and resolver address are free
@@ -1057,6 +1163,7 @@ impl Networks {
         valid_id(id)?;
         self.wait_removed(id);
         let index = self.detach(id);
+        self.refresh_peers_or_log();
         self.removing
             .lock()
             .unwrap_or_else(|p| p.into_inner())

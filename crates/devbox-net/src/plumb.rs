@@ -1,5 +1,5 @@
 //! The OS side: persisted network namespaces, veth pairs and tables (netlink, in-process),
-//! sysctls, the host's routes, `nft` for rule sets.
+//! sysctls, the host's routes, nftables scripts for rule sets (libnftables in process).
 
 use std::fs;
 use std::io::Write;
@@ -14,7 +14,7 @@ use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 
 use crate::NetError;
-use crate::netlink;
+use crate::{libnft, netlink};
 
 /// Loopback's link index, in every network namespace.
 const LOOPBACK: u32 = 1;
@@ -255,18 +255,33 @@ pub(crate) fn delete_table(table: &str) -> Result<(), NetError> {
     netlink::Nft::open()?.delete_table(table)
 }
 
-/// Runs `nft -f -` with `script` (one transaction).
+/// Runs `script` (one transaction): in process by libnftables ([`libnft`]), else as
+/// `nft -f -`.
 pub(crate) fn nft(script: &str) -> Result<(), NetError> {
+    if let Some(done) = libnft::run(script, false) {
+        return done.map(|_| ()).map_err(|detail| NetError::Command {
+            what: "nft".into(),
+            detail,
+        });
+    }
     let mut cmd = Command::new("nft");
     cmd.args(["-f", "-"]);
     run_with_input(cmd, script, "nft").map(|_| ())
 }
 
-/// Runs `nft -j <args>` and returns its JSON output.
+/// Runs the nft command `args` with JSON output (in process, else `nft -j <args>`).
 pub(crate) fn nft_json(args: &[&str]) -> Result<serde_json::Value, NetError> {
-    let mut cmd = Command::new("nft");
-    cmd.arg("-j").args(args);
-    let text = run_with_input(cmd, "", "nft -j")?;
+    let text = match libnft::run(&args.join(" "), true) {
+        Some(done) => done.map_err(|detail| NetError::Command {
+            what: "nft -j".into(),
+            detail,
+        })?,
+        None => {
+            let mut cmd = Command::new("nft");
+            cmd.arg("-j").args(args);
+            run_with_input(cmd, "", "nft -j")?
+        }
+    };
     serde_json::from_str(&text).map_err(|e| NetError::Command {
         what: "nft -j".into(),
         detail: format!("unreadable output: {e}"),

@@ -20,7 +20,8 @@ pub(crate) struct Link {
     pub address: Ipv4Addr,
     /// The host side's address (gateway and resolver).
     pub gateway: Ipv4Addr,
-    /// The whole pool: sandboxes never reach each other.
+    /// The whole pool: sandboxes reach each other only by `Target::Sandbox` rules (the peer
+    /// sets), and are not masqueraded to each other.
     pub pool: Ipv4Net,
 }
 
@@ -57,6 +58,10 @@ pub(crate) fn table(link: &Link, policy: &Policy) -> String {
   set netport4 {{ type ipv4_addr . inet_service; flags interval; }}
   set deny4 {{ type ipv4_addr; flags interval; }}
   set denyport4 {{ type ipv4_addr . inet_service; flags interval; }}
+  set peer4 {{ type ipv4_addr; }}
+  set peerport4 {{ type ipv4_addr . inet_service; }}
+  set from4 {{ type ifname . ipv4_addr; }}
+  set fromport4 {{ type ifname . ipv4_addr . inet_service; }}
   set blocked {{ type ipv4_addr . inet_proto . inet_service; size 4096; flags dynamic,timeout; timeout 1d; counter; }}
   counter blocked_total {{ }}
   counter bytes_out {{ }}
@@ -80,6 +85,8 @@ pub(crate) fn table(link: &Link, policy: &Policy) -> String {
   chain forward_in {{
     type filter hook forward priority filter - 5; policy accept;
     oifname "{veth}" ct state established,related counter name bytes_in accept
+    oifname "{veth}" iifname . ip saddr @from4 counter name bytes_in accept
+    oifname "{veth}" meta l4proto {{ tcp, udp }} iifname . ip saddr . th dport @fromport4 counter name bytes_in accept
     oifname "{veth}" drop
   }}
   chain egress {{
@@ -88,6 +95,8 @@ pub(crate) fn table(link: &Link, policy: &Policy) -> String {
     ct state established,related accept
     ip daddr @deny4 goto refuse
     meta l4proto {{ tcp, udp }} ip daddr . th dport @denyport4 goto refuse
+    ip daddr @peer4 accept
+    meta l4proto {{ tcp, udp }} ip daddr . th dport @peerport4 accept
     ip daddr {pool} goto refuse
     ip daddr {{ {denied} }} goto refuse
     jump allowed
@@ -103,7 +112,7 @@ pub(crate) fn table(link: &Link, policy: &Policy) -> String {
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
-    ip saddr {address} oifname != "{veth}" masquerade
+    ip saddr {address} ip daddr != {pool} oifname != "{veth}" masquerade
   }}
 }}
 "#,
@@ -209,6 +218,63 @@ fn nets(rules: &[crate::Rule]) -> (Vec<Ipv4Net>, BTreeMap<u16, Vec<Ipv4Net>>) {
         *v = Ipv4Net::aggregate(v);
     }
     (any, ported)
+}
+
+/// What one table's peer sets hold ([`Target::Sandbox`] rules, resolved).
+#[derive(Debug, Default)]
+pub(crate) struct PeerSets {
+    /// Sandboxes this one may reach: (address, port; none: every port).
+    pub to: std::collections::BTreeSet<(Ipv4Addr, Option<u16>)>,
+    /// Sandboxes that may reach this one: (their host-side veth, address, port here).
+    pub from: std::collections::BTreeSet<(String, Ipv4Addr, Option<u16>)>,
+}
+
+/// Empties and refills the peer sets of `table` (one transaction with the rest of a script).
+pub(crate) fn peer_update(table: &str, sets: &PeerSets) -> String {
+    let mut s = String::new();
+    for set in ["peer4", "peerport4", "from4", "fromport4"] {
+        let _ = writeln!(s, "flush set inet {table} {set}");
+    }
+    let mut add = |set: &str, items: Vec<String>| {
+        if !items.is_empty() {
+            let _ = writeln!(
+                s,
+                "add element inet {table} {set} {{ {} }}",
+                items.join(", ")
+            );
+        }
+    };
+    add(
+        "peer4",
+        sets.to
+            .iter()
+            .filter(|(_, p)| p.is_none())
+            .map(|(a, _)| a.to_string())
+            .collect(),
+    );
+    add(
+        "peerport4",
+        sets.to
+            .iter()
+            .filter_map(|(a, p)| p.map(|p| format!("{a} . {p}")))
+            .collect(),
+    );
+    add(
+        "from4",
+        sets.from
+            .iter()
+            .filter(|(_, _, p)| p.is_none())
+            .map(|(v, a, _)| format!("\"{v}\" . {a}"))
+            .collect(),
+    );
+    add(
+        "fromport4",
+        sets.from
+            .iter()
+            .filter_map(|(v, a, p)| p.map(|p| format!("\"{v}\" . {a} . {p}")))
+            .collect(),
+    );
+    s
 }
 
 /// One blocked destination read from the table's `blocked` set: (address, protocol, port,

@@ -238,6 +238,101 @@ fn sandboxes_cannot_reach_each_other() {
     assert!(fetch(&b.netns, BARE, 80).is_ok());
 }
 
+fn peer(n: &str, port: Option<u16>) -> Rule {
+    Rule {
+        target: Target::Sandbox(n.into()),
+        port,
+    }
+}
+
+/// Listens on `port` in `ns`, greeting each connection with the address it came from.
+fn greet_peers(ns: &std::path::Path, port: u16) {
+    let l = in_ns(ns, move || {
+        std::net::TcpListener::bind(("0.0.0.0", port)).unwrap()
+    });
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            use std::io::Write as _;
+            let from = c
+                .peer_addr()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default();
+            let _ = (&c).write_all(format!("from {from}").as_bytes());
+        }
+    });
+}
+
+#[test]
+fn a_rule_lets_one_sandbox_reach_another() {
+    let mut w = World::new();
+    let nets = w.networks();
+    let n = nets.clone();
+    let (a, b, x) = w.daemon(move || {
+        let b = n.create("b", &allow(vec![]), &[]).unwrap();
+        let a = n
+            .create("a", &allow(vec![peer("b", Some(7000))]), &[])
+            .unwrap();
+        let x = n.create("x", &allow(vec![]), &[]).unwrap();
+        (a, b, x)
+    });
+    let (a_ip, b_ip) = (a.address.unwrap(), b.address.unwrap());
+    for (ns, port) in [(&b.netns, 7000), (&b.netns, 7001), (&a.netns, 7000)] {
+        greet_peers(ns, port);
+    }
+    // The rule's port, from the rule's sandbox, seen with its own address (not masqueraded).
+    assert_eq!(fetch(&a.netns, b_ip, 7000).unwrap(), format!("from {a_ip}"));
+    assert!(fetch(&a.netns, b_ip, 7001).is_err(), "another port");
+    assert!(
+        fetch(&b.netns, a_ip, 7000).is_err(),
+        "the rule opens one way"
+    );
+    assert!(
+        fetch(&x.netns, b_ip, 7000).is_err(),
+        "a sandbox without the rule"
+    );
+    // Live: every port, then no rule.
+    let n = nets.clone();
+    w.daemon(move || n.set_policy("a", &allow(vec![peer("b", None)])))
+        .unwrap();
+    assert_eq!(fetch(&a.netns, b_ip, 7001).unwrap(), format!("from {a_ip}"));
+    let n = nets.clone();
+    w.daemon(move || n.set_policy("a", &allow(vec![]))).unwrap();
+    assert!(fetch(&a.netns, b_ip, 7000).is_err(), "the rule withdrawn");
+    let n = nets.clone();
+    let blocked = w.daemon(move || n.blocked("a")).unwrap();
+    assert!(
+        blocked
+            .iter()
+            .any(|b| b.target.starts_with(&format!("{b_ip}:7000"))),
+        "the refusal is logged: {blocked:?}"
+    );
+}
+
+#[test]
+fn a_peer_rule_follows_the_sandbox_not_its_old_address() {
+    let mut w = World::new();
+    let nets = w.networks();
+    let n = nets.clone();
+    // The rule is there before its sandbox.
+    let (c, d) = w.daemon(move || {
+        let c = n.create("c", &allow(vec![peer("d", None)]), &[]).unwrap();
+        let d = n.create("d", &allow(vec![]), &[]).unwrap();
+        (c, d)
+    });
+    let d_ip = d.address.unwrap();
+    greet_peers(&d.netns, 7000);
+    assert!(fetch(&c.netns, d_ip, 7000).is_ok());
+    // d goes; e takes its address: c's rule names d, not the address.
+    let n = nets.clone();
+    let e = w.daemon(move || {
+        n.remove("d").unwrap();
+        n.create("e", &allow(vec![]), &[]).unwrap()
+    });
+    assert_eq!(e.address.unwrap(), d_ip, "the address is reused");
+    greet_peers(&e.netns, 7000);
+    assert!(fetch(&c.netns, d_ip, 7000).is_err());
+}
+
 #[test]
 fn create_and_remove_200_times_leaves_nothing() {
     let mut w = World::new();

@@ -19,7 +19,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::SpecError;
+use crate::{Name, SpecError};
+
+/// How a rule names another sandbox: `sandbox:NAME[:PORT]`.
+pub const SANDBOX_PREFIX: &str = "sandbox:";
 
 /// Network access of a sandbox.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -166,6 +169,9 @@ pub enum NetTarget {
     Suffix(String),
     /// Addresses in a network (a single address is a /32 or /128).
     Net(Cidr),
+    /// Another sandbox, by name (`sandbox:web`): its address while it has a link; sandboxes
+    /// reach each other only through such a rule.
+    Sandbox(Name),
 }
 
 /// One egress rule: a name, a `*.suffix` or a network, and optionally one TCP/UDP port.
@@ -178,7 +184,8 @@ pub struct NetRule {
 }
 
 const RULE_FORMS: &str = "write a name (pypi.org), a wildcard (*.npmjs.org), an address or \
-network (10.1.2.0/24, [2001:db8::/32]), optionally with a port (example.com:443, 10.1.2.0/24:443)";
+network (10.1.2.0/24, [2001:db8::/32]) or another sandbox (sandbox:web), optionally with a port \
+(example.com:443, 10.1.2.0/24:443, sandbox:web:8000)";
 
 fn parse_port(text: &str, whole: &str) -> Result<u16, String> {
     match text.parse::<u16>() {
@@ -254,6 +261,26 @@ impl NetRule {
                 "{text:?} contains spaces: give one rule per --allow or --deny ({RULE_FORMS})"
             ));
         }
+        // Another sandbox: sandbox:NAME or sandbox:NAME:PORT.
+        if let Some(rest) = t.strip_prefix(SANDBOX_PREFIX) {
+            let (name, port) = match rest.split_once(':') {
+                Some((n, p)) => (n, Some(parse_port(p, text)?)),
+                None => (rest, None),
+            };
+            let name = Name::new(name).map_err(|e| {
+                let why = match e {
+                    SpecError::Field { message, .. } => message,
+                    other => other.to_string(),
+                };
+                format!(
+                    "{text:?} is not a valid rule: {why}; write sandbox:NAME or sandbox:NAME:PORT"
+                )
+            })?;
+            return Ok(Self {
+                target: NetTarget::Sandbox(name),
+                port,
+            });
+        }
         // IPv6, in brackets: [2001:db8::/32] or [2001:db8::1]:443.
         if let Some(rest) = t.strip_prefix('[') {
             let Some((inner, after)) = rest.split_once(']') else {
@@ -307,6 +334,11 @@ impl NetRule {
     pub fn is_net(&self) -> bool {
         matches!(self.target, NetTarget::Net(_))
     }
+
+    /// Whether this rule names another sandbox.
+    pub fn is_sandbox(&self) -> bool {
+        matches!(self.target, NetTarget::Sandbox(_))
+    }
 }
 
 impl fmt::Display for NetRule {
@@ -315,6 +347,7 @@ impl fmt::Display for NetRule {
             NetTarget::Name(n) => n.clone(),
             NetTarget::Suffix(s) => format!("*.{s}"),
             NetTarget::Net(c) => c.bracketed(),
+            NetTarget::Sandbox(n) => format!("{SANDBOX_PREFIX}{}", n.as_str()),
         };
         match self.port {
             Some(p) => write!(f, "{host}:{p}"),
@@ -517,14 +550,25 @@ impl NetworkSpec {
                      (spec.network.mode), or leave the deny rules out",
                 ));
             }
-            NetworkMode::Open if !self.allow.is_empty() => {
+            NetworkMode::Open if !self.allow.iter().all(NetRule::is_sandbox) => {
                 return Err(SpecError::field(
                     "spec.network.allow",
-                    "mode open allows everything that is not denied: use --network allow to \
-                     allow only the listed rules, or leave them out",
+                    "mode open allows everything that is not denied (other sandboxes only by \
+                     sandbox:NAME rules): use --network allow to allow only the listed rules, \
+                     or leave them out",
                 ));
             }
             _ => {}
+        }
+        if let Some(i) = self.deny.iter().position(NetRule::is_sandbox) {
+            return Err(SpecError::field(
+                &format!("spec.network.deny[{i}]"),
+                format!(
+                    "{}: sandboxes never reach each other unless an allow rule names them; \
+                     leave the deny rule out",
+                    self.deny[i]
+                ),
+            ));
         }
         if let Some(i) = self.allow.iter().position(NetRule::is_ipv6) {
             return Err(SpecError::field(
@@ -595,6 +639,9 @@ mod tests {
             ("[2001:db8::1]:443", "[2001:db8::1]:443"),
             ("0.0.0.0/0", "0.0.0.0/0"),
             ("localhost", "localhost"),
+            ("sandbox:web", "sandbox:web"),
+            ("sandbox:web-2:8000", "sandbox:web-2:8000"),
+            ("sandbox:80", "sandbox:80"),
         ] {
             let r = NetRule::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
             assert_eq!(r.to_string(), shown, "{text}");
@@ -632,6 +679,10 @@ mod tests {
             ("-a.com", "start or end"),
             ("exa$mple.com", "letters, digits"),
             ("*.", "empty"),
+            ("sandbox:", "sandbox:NAME"),
+            ("sandbox:Web", "lowercase"),
+            ("sandbox:web:0", "1 to 65535"),
+            ("sandbox:web:8000:1", "not a port"),
         ] {
             let e = NetRule::parse(text).unwrap_err();
             assert!(e.contains(says), "{text:?}: {e}");
