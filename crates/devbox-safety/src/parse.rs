@@ -188,9 +188,20 @@ fn parse_into(ctx: &mut Ctx, text: &str, via: Option<String>) {
         owned = format!("{text}\n");
         owned.as_str()
     };
-    let mut parser =
-        brush_parser::Parser::new(std::io::BufReader::new(text.as_bytes()), &options());
-    match parser.parse_program() {
+    // brush-parser 0.4 also panics on some malformed text (an unwrap in its tokenizer, on
+    // `$((1+... case x in\n>` and the like): such text is refused as unparseable, never
+    // a panic of the caller.
+    let parsed = std::panic::catch_unwind(|| {
+        brush_parser::Parser::new(std::io::BufReader::new(text.as_bytes()), &options())
+            .parse_program()
+    });
+    let Ok(parsed) = parsed else {
+        ctx.out
+            .errors
+            .push("the shell parser failed on this text".into());
+        return;
+    };
+    match parsed {
         Ok(program) => {
             ctx.depth += 1;
             if let Some(v) = &via {

@@ -138,7 +138,15 @@ fn random_and_mutated_text_never_panics_or_hangs() {
     }
     // Found by this run with other seeds: a here-document operator right before the end of
     // the text made brush-parser 0.4 allocate without end (the test was killed, out of memory).
-    for text in ["<<'' ", "<<\"\" ", "$(<<\t\t", "$(<<\t|#", "<<$(\t "] {
+    for text in [
+        "<<'' ",
+        "<<\"\" ",
+        "$(<<\t\t",
+        "$(<<\t|#",
+        "<<$(\t ",
+        // And this one made it panic (an unwrap in its tokenizer).
+        "EOF|||)><<>\"$((1+:(){ :|:& };:base64 -dbase64 -denv case x in\n>",
+    ] {
         let begun = Instant::now();
         let _ = check(text, &ctx, &policies);
         assert!(begun.elapsed() < budget, "check took too long on {text:?}");
