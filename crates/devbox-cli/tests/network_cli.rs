@@ -452,3 +452,54 @@ fn clones_keep_the_network_and_ports_are_published() {
     env.ok(&["destroy", "copy", "src"]);
     assert_no_networks(&env, &w);
 }
+
+#[test]
+fn the_nft_command_fallback_loads_the_same_rules() {
+    require_root!();
+    let w = World::new();
+    w.check_routes();
+    let mut env = TestEnv::new();
+    env.stop_daemon();
+    env.daemon_netns = Some(w.daemon.clone());
+    env.daemon_env
+        .push(("DEVBOX_NET_DNS".into(), format!("{}:53", world::UPSTREAM)));
+    env.daemon_env
+        .push(("DEVBOX_NET_SUBNET".into(), "10.77.0.0/16".into()));
+    // Rules through the nft command instead of libnftables.
+    env.daemon_env
+        .push(("DEVBOX_NET_NFT".into(), "command".into()));
+    env.start_daemon();
+    env.allow_everything();
+    env.ok(&[
+        "create",
+        "dev",
+        "--network",
+        "allow",
+        "--allow",
+        "allowed.test",
+    ]);
+    let hello = reach(&env, "dev", "allowed.test", 80).expect("allowed.test reachable");
+    assert!(hello.contains("hello from 198.18.1.1:80"), "{hello}");
+    assert!(reach(&env, "dev", &world::OTHER.to_string(), 80).is_err());
+    env.ok(&["network", "allow", "dev", "other.test"]);
+    assert!(reach(&env, "dev", "other.test", 80).is_ok());
+    // Refused attempts are read back through `nft -j` too.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = env.ok(&["network", "log", "dev"]);
+        if log.contains(&world::OTHER.to_string()) || log.contains("198.18.1.2") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no blocked attempt logged: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        env.daemon_log().contains("rules go through the nft command"),
+        "the daemon did not take the command path"
+    );
+    env.ok(&["destroy", "dev"]);
+    assert_no_networks(&env, &w);
+}

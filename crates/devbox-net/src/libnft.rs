@@ -2,6 +2,7 @@
 //! run time (`libnftables.so.1`, installed with nftables). A sandbox's table loads in about
 //! 1 ms this way against 10 ms and more for an `nft` process (most of it the process and
 //! the library's start-up), which is most of what a network adds to `sandbox run`.
+//! `DEVBOX_NET_NFT=command` makes the daemon use the `nft` command instead.
 //!
 //! A context is made once and kept (making one costs ~10 ms: it reads the system's
 //! protocol and service tables); it belongs to the network namespace of the thread that
@@ -63,6 +64,10 @@ fn load() -> Result<Lib, libloading::Error> {
 fn lib() -> Option<&'static Lib> {
     static LIB: OnceLock<Option<Lib>> = OnceLock::new();
     LIB.get_or_init(|| {
+        if std::env::var("DEVBOX_NET_NFT").is_ok_and(|v| v == "command") {
+            tracing::info!("DEVBOX_NET_NFT=command: rules go through the nft command");
+            return None;
+        }
         load()
             .inspect_err(|e| {
                 tracing::info!("libnftables not loaded ({e}): rules go through the nft command")
