@@ -43,7 +43,12 @@ pub(crate) async fn exec_stream(
     ws: WebSocketUpgrade,
 ) -> Response {
     ws.on_upgrade(move |mut socket| async move {
-        let Some(ClientMsg::Exec { exec, stdin }) = first(&mut socket).await else {
+        let Some(ClientMsg::Exec {
+            exec,
+            stdin,
+            no_wait,
+        }) = first(&mut socket).await
+        else {
             let e = EngineError::InvalidRequest(
                 "the first message must be {\"type\":\"exec\",...}".into(),
             );
@@ -56,7 +61,13 @@ pub(crate) async fn exec_stream(
             OnDisconnect::Keep
         };
         let started = engine
-            .exec_approved(&caller, &name, exec, stdin, &mut WsWait(&mut socket))
+            .exec_approved(
+                &caller,
+                &name,
+                exec,
+                stdin,
+                &mut WsWait(&mut socket, no_wait),
+            )
             .await;
         match started {
             Ok(session) => pump(&engine, socket, &name, session, mode).await,
@@ -96,7 +107,7 @@ pub(crate) async fn run_stream(
         // hears the exit once the sandbox is gone.
         let _ = tokio::spawn(async move {
             let mut socket = socket;
-            let end = match run.exec(exec, stdin, &mut WsWait(&mut socket)).await {
+            let end = match run.exec(exec, stdin, &mut WsWait(&mut socket, false)).await {
                 Ok(session) => {
                     pump_until_exit(&engine, socket, run.name(), session, OnDisconnect::Kill).await
                 }
@@ -114,8 +125,9 @@ pub(crate) async fn run_stream(
     })
 }
 
-/// An exec stream waiting for an approval: the client hears of it, and leaving withdraws it.
-struct WsWait<'a>(&'a mut WebSocket);
+/// An exec stream waiting for an approval: the client hears of it, and leaving withdraws it
+/// (unless it asked not to wait: then the approval stays pending).
+struct WsWait<'a>(&'a mut WebSocket, bool);
 
 impl ApprovalWait for WsWait<'_> {
     async fn pending(&mut self, approval: &ApprovalInfo) -> bool {
@@ -123,6 +135,10 @@ impl ApprovalWait for WsWait<'_> {
             approval: approval.clone(),
         });
         self.0.send(msg).await.is_ok()
+    }
+
+    fn leave_pending(&self) -> bool {
+        self.1
     }
 
     async fn gone(&mut self) {

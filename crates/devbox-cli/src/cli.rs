@@ -160,7 +160,8 @@ fn parse_port_map(s: &str) -> Result<PortMap, String> {
 /// How a command runs.
 #[derive(Debug, Clone, Args)]
 pub struct ExecOpts {
-    /// Pass stdin to the command (on by default when stdin is not a terminal).
+    /// Pass stdin to the command (without it, the command's stdin is empty, as with docker
+    /// and podman, so `while read ...; do sandbox exec ...; done` keeps its input).
     #[arg(short = 'i', long)]
     pub interactive: bool,
     /// Allocate a terminal (`-it` for an interactive shell).
@@ -182,6 +183,17 @@ pub struct ExecOpts {
     /// long (e.g. 30s, 5m, 500ms); exits 124 then. Default: the sandbox's execTimeout.
     #[arg(long, value_name = "DURATION")]
     pub timeout: Option<String>,
+    /// If the command needs an approval, do not wait: print its id and exit 2 (it stays
+    /// pending; once approved, run the command again with --approval ID).
+    #[arg(long, conflicts_with = "wait")]
+    pub no_wait: bool,
+    /// If the command needs an approval, wait at most this long (e.g. 5m), then withdraw
+    /// it and exit 2. Default: until it is decided or expires.
+    #[arg(long, value_name = "DURATION")]
+    pub wait: Option<String>,
+    /// Run the command with this approval (approved, for exactly this command).
+    #[arg(long, value_name = "ID")]
+    pub approval: Option<String>,
 }
 
 /// Commands.
@@ -222,7 +234,7 @@ pub enum Command {
         name: Option<String>,
         #[command(flatten)]
         sandbox: SandboxOpts,
-        /// Pass stdin to the command (on by default when stdin is not a terminal).
+        /// Pass stdin to the command (without it, the command's stdin is empty).
         #[arg(short = 'i', long)]
         interactive: bool,
         /// Allocate a terminal.

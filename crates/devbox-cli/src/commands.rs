@@ -177,6 +177,7 @@ fn exec_request(
 fn exec_opts_request(command: &[String], o: &ExecOpts) -> anyhow::Result<ExecRequest> {
     let mut req = exec_request(command, &o.env, o.workdir.clone(), o.user.clone(), o.tty)?;
     req.rollback_on_failure = o.rollback_on_failure;
+    req.approval = o.approval.clone();
     if let Some(t) = &o.timeout {
         devbox_spec::parse_exec_timeout(t).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
         req.timeout = Some(t.clone());
@@ -240,10 +241,25 @@ async fn sandbox_command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
             command,
         } => {
             let req = exec_opts_request(command, opts)?;
-            let stdin = stream::want_stdin(opts.interactive, opts.tty);
+            let wait = match &opts.wait {
+                Some(w) => Some(std::time::Duration::from_millis(
+                    devbox_spec::parse_exec_timeout(w)
+                        .map_err(|e| anyhow::anyhow!("--wait: {e}"))?,
+                )),
+                None => None,
+            };
+            let stdin = stream::want_stdin(opts.interactive);
             let path = format!("/v1/sandboxes/{name}/exec/stream");
-            let first = ClientMsg::Exec { exec: req, stdin };
-            return Ok(stream::run(c, &path, first, opts.tty, stdin).await?);
+            let first = ClientMsg::Exec {
+                exec: req,
+                stdin,
+                no_wait: opts.no_wait,
+            };
+            let approval = stream::ApprovalWaiting {
+                wait,
+                resume: format!("sandbox exec --approval ID {name} {}", command.join(" ")),
+            };
+            return Ok(stream::run(c, &path, first, opts.tty, stdin, approval).await?);
         }
         Command::Run {
             rm,
@@ -255,14 +271,22 @@ async fn sandbox_command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
         } => {
             let create = create_request(sandbox, name.clone(), true)?;
             let req = exec_request(command, &[], None, None, *tty)?;
-            let stdin = stream::want_stdin(*interactive, *tty);
+            let stdin = stream::want_stdin(*interactive);
             if *rm {
                 let first = ClientMsg::Run {
                     sandbox: Box::new(create),
                     exec: req,
                     stdin,
                 };
-                return Ok(stream::run(c, "/v1/run/stream", first, *tty, stdin).await?);
+                return Ok(stream::run(
+                    c,
+                    "/v1/run/stream",
+                    first,
+                    *tty,
+                    stdin,
+                    stream::ApprovalWaiting::default(),
+                )
+                .await?);
             }
             let mut create = create;
             if create.name.is_none()
@@ -279,8 +303,20 @@ async fn sandbox_command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
                 info.name, info.name
             );
             let path = format!("/v1/sandboxes/{}/exec/stream", info.name);
-            let first = ClientMsg::Exec { exec: req, stdin };
-            return Ok(stream::run(c, &path, first, *tty, stdin).await?);
+            let first = ClientMsg::Exec {
+                exec: req,
+                stdin,
+                no_wait: false,
+            };
+            return Ok(stream::run(
+                c,
+                &path,
+                first,
+                *tty,
+                stdin,
+                stream::ApprovalWaiting::default(),
+            )
+            .await?);
         }
         Command::Ls { format, quiet } => {
             let list = c.list().await?;

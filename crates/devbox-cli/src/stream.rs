@@ -43,10 +43,10 @@ pub fn terminal_size() -> Option<(u16, u16)> {
         .filter(|(r, c)| *r > 0 && *c > 0)
 }
 
-/// Whether stdin should be passed to the command: when asked, or when it is a pipe or a file
-/// (not a terminal, and not /dev/null, which has nothing to give).
-pub fn want_stdin(interactive: bool, tty: bool) -> bool {
-    interactive || tty || (!std::io::stdin().is_terminal() && !stdin_is_dev_null())
+/// Whether stdin should be passed to the command: only when asked (`-i`), as docker and
+/// podman do; /dev/null has nothing to give even then.
+pub fn want_stdin(interactive: bool) -> bool {
+    interactive && !stdin_is_dev_null()
 }
 
 fn stdin_is_dev_null() -> bool {
@@ -58,6 +58,15 @@ fn stdin_is_dev_null() -> bool {
         return false;
     };
     a.rdev() == b.rdev() && a.ino() == b.ino()
+}
+
+/// What the CLI does while an exec waits for an approval.
+#[derive(Debug, Default)]
+pub struct ApprovalWaiting {
+    /// Give up (withdrawing it) after this long; none: wait until it is decided.
+    pub wait: Option<std::time::Duration>,
+    /// How to run the command once approved (`ID` stands for the approval's id).
+    pub resume: String,
 }
 
 fn text(m: &ClientMsg) -> Message {
@@ -91,23 +100,65 @@ pub async fn run(
     first: ClientMsg,
     tty: bool,
     stdin: bool,
+    approval: ApprovalWaiting,
 ) -> Result<i32, ClientError> {
     let signals =
         Signals::register().map_err(|e| ClientError::Protocol(format!("signals: {e}")))?;
     let mut signals = signals;
+    let no_wait = matches!(first, ClientMsg::Exec { no_wait: true, .. });
+    let pending = std::sync::Mutex::new(None::<String>);
     let started = client.stream(path, &first, |a| {
+        if let Ok(mut p) = pending.lock() {
+            *p = Some(a.id.clone());
+        }
+        // On stderr whatever stdout is: a script's log shows why the command has not run.
         eprintln!(
-            "sandbox: waiting for approval {} ({}): {}\nsandbox: approve with `sandbox approve {}`, or deny with `sandbox deny {}`",
+            "sandbox: {} approval {} ({}): {}\nsandbox: approve with `sandbox approve {}`, or deny with `sandbox deny {}`",
+            if no_wait { "the command needs" } else { "waiting for" },
             a.id,
             a.risk,
             a.reasons.join("; "),
             a.id,
             a.id
         );
+        if no_wait {
+            eprintln!(
+                "sandbox: once approved, run it with `{}`",
+                approval.resume.replace("ID", &a.id)
+            );
+        }
     });
+    let waited = async {
+        match approval.wait {
+            Some(d) => {
+                // The clock runs from the approval request on.
+                loop {
+                    if pending.lock().map(|p| p.is_some()).unwrap_or(false) {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                tokio::time::sleep(d).await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
     // Until the command starts (it may wait for an approval), an interrupt just leaves.
     let (ws, _sandbox, _pid) = tokio::select! {
-        r = started => r?,
+        r = started => match r {
+            Err(ClientError::Api { code, .. }) if no_wait && code == "approval_required" => {
+                return Ok(2);
+            }
+            other => other?,
+        },
+        () = waited => {
+            let id = pending.lock().ok().and_then(|p| p.clone()).unwrap_or_default();
+            eprintln!(
+                "sandbox: gave up waiting for approval {id} after {}; it is withdrawn",
+                approval.wait.map(|d| format!("{d:?}")).unwrap_or_default()
+            );
+            return Ok(2);
+        }
         _ = signals.int.recv() => return Ok(130),
         _ = signals.term.recv() => return Ok(143),
         _ = signals.hup.recv() => return Ok(129),

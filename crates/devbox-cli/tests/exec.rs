@@ -49,7 +49,7 @@ fn stdin_exit_codes_env_workdir_user() {
     env.ok(&["create", "x"]);
     let mut child = env
         .cmd()
-        .args(["exec", "x", "--", "sh", "-c", "wc -c; exit 5"])
+        .args(["exec", "-i", "x", "--", "sh", "-c", "wc -c; exit 5"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -163,4 +163,44 @@ fn tty_exec_behaves_like_a_terminal() {
     assert!(text.contains("/dev/pts/"), "tty inside: {text}");
     assert!(text.contains("done-42"), "{text}");
     assert_eq!(child.wait().unwrap().code(), Some(9));
+}
+
+#[test]
+fn stdin_is_read_only_with_dash_i() {
+    require_root!();
+    let env = TestEnv::new();
+    env.ok(&["create", "x"]);
+    // A loop feeding lines to the CLI keeps its input: exec without -i reads none of it.
+    let script = format!(
+        "printf 'a\\nb\\nc\\n' | while read l; do {} exec x echo \"got $l\"; done",
+        common::sandbox_bin().display()
+    );
+    // The environment `sandbox` runs with in this test, for the shell that runs it.
+    let base = env.cmd();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .envs(base.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .output()
+        .expect("shell");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "got a\ngot b\ngot c\n"
+    );
+    // Without -i the command's stdin is empty.
+    let mut child = env
+        .cmd()
+        .args(["exec", "x", "--", "sh", "-c", "wc -c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"12345").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
 }

@@ -497,7 +497,8 @@ fn the_nft_command_fallback_loads_the_same_rules() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(
-        env.daemon_log().contains("rules go through the nft command"),
+        env.daemon_log()
+            .contains("rules go through the nft command"),
         "the daemon did not take the command path"
     );
     env.ok(&["destroy", "dev"]);

@@ -697,3 +697,90 @@ fn non_root_callers_are_refused_and_audited() {
         .expect("auth failure audited");
     assert_eq!(failure["detail"]["path"], "/v1/sandboxes");
 }
+
+#[test]
+fn no_wait_and_bounded_waits_for_approvals() {
+    require_root!();
+    let env = TestEnv::new();
+    env.ok(&["create", "dev"]);
+    let policy = write_file(&env, "gate.rego", GATE_POLICY);
+    env.ok(&["policy", "add", "gate", "-f", &policy, "--sandbox", "dev"]);
+
+    // --no-wait: the id at once, exit 2, the approval stays pending, nothing ran; stdout is
+    // a pipe and the notice is on stderr all the same.
+    let out = env
+        .cmd()
+        .args(["exec", "--no-wait", "dev", "echo gated five > /work/five"])
+        .output()
+        .expect("exec");
+    assert_eq!(code(&out), 2, "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    let pending = pending_approvals(&env);
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    let id = pending[0]["id"].as_str().expect("id").to_string();
+    assert!(err.contains(&id) && err.contains("--approval"), "{err}");
+    assert!(text(&out.stdout).is_empty());
+    let (c, _, _) = env.sh("dev", "test -e /work/five");
+    assert_eq!(c, 1, "nothing ran");
+    // Approved, then run again with its id: runs once.
+    env.ok(&["approve", &id]);
+    let out = env
+        .cmd()
+        .args([
+            "exec",
+            "--approval",
+            &id,
+            "dev",
+            "echo gated five > /work/five; echo ran",
+        ])
+        .output()
+        .expect("exec");
+    // Exactly the approved command: another text is refused.
+    assert_ne!(code(&out), 0, "a different command ran under the approval");
+    let out = env
+        .cmd()
+        .args([
+            "exec",
+            "--approval",
+            &id,
+            "dev",
+            "echo gated five > /work/five",
+        ])
+        .output()
+        .expect("exec");
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert_eq!(
+        env.ok(&["exec", "dev", "cat /work/five"]).trim(),
+        "gated five"
+    );
+    let err = env.fails(&[
+        "exec",
+        "--approval",
+        &id,
+        "dev",
+        "echo gated five > /work/five",
+    ]);
+    assert!(err.contains("used"), "an approval runs once: {err}");
+
+    // --wait: gives up after the bound, exit 2, and withdraws it.
+    let begun = Instant::now();
+    let out = env
+        .cmd()
+        .args(["exec", "--wait", "1s", "dev", "echo gated six"])
+        .output()
+        .expect("exec");
+    assert_eq!(code(&out), 2, "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("gave up waiting"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(begun.elapsed() >= Duration::from_secs(1));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pending_approvals(&env).is_empty() {
+        assert!(Instant::now() < deadline, "the approval was not withdrawn");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let err = env.fails(&["exec", "--wait", "soon", "dev", "true"]);
+    assert!(err.contains("--wait"), "{err}");
+}

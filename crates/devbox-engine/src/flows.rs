@@ -26,6 +26,12 @@ pub trait ApprovalWait: Send {
 
     /// Resolves once the client has gone away (the approval is then withdrawn).
     fn gone(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// Whether the client only wants to hear of the approval, which stays pending (the
+    /// exec then ends with [`EngineError::ApprovalRequired`]; exec again with its id).
+    fn leave_pending(&self) -> bool {
+        false
+    }
 }
 
 impl Engine {
@@ -47,6 +53,9 @@ impl Engine {
         let id = approval.id.clone();
         if !wait.pending(&approval).await {
             return Err(EngineError::InvalidRequest("the client went away".into()));
+        }
+        if wait.leave_pending() {
+            return Err(EngineError::ApprovalRequired(approval));
         }
         let decided = loop {
             let decided = tokio::select! {

@@ -107,11 +107,11 @@ pub(crate) fn run(commands: &str, json: bool) -> Option<Result<String, String>> 
         Err(_) => return Some(Err("the nft script contains a NUL byte".into())),
     };
     let mut slot = CTX.lock().unwrap_or_else(|p| p.into_inner());
-    if slot.as_ref().is_some_and(|c| c.ns != ns) {
-        if let Some(old) = slot.take() {
-            // SAFETY: the context was made by `lib.new` and nothing else holds it.
-            unsafe { (lib.free)(old.ptr) };
-        }
+    if slot.as_ref().is_some_and(|c| c.ns != ns)
+        && let Some(old) = slot.take()
+    {
+        // SAFETY: the context was made by `lib.new` and nothing else holds it.
+        unsafe { (lib.free)(old.ptr) };
     }
     if slot.is_none() {
         // SAFETY: plain constructor; a null return is handled.

@@ -31,6 +31,11 @@ pub enum ClientMsg {
         /// Whether the client will send stdin.
         #[serde(default)]
         stdin: bool,
+        /// When the command needs an approval: answer with it (`approval_required`) and
+        /// leave it pending instead of waiting; once approved, exec again with its id in
+        /// `exec.approval`.
+        #[serde(default)]
+        no_wait: bool,
     },
     /// Create a sandbox, run one command in it, destroy it.
     Run {
