@@ -1,5 +1,7 @@
-//! The caller check: only root may call the API (the peer's uid, from `SO_PEERCRED`), and
-//! who calls, and for whom (`X-Devbox-Actor`), becomes the engine's [`Caller`].
+//! The caller check: root may call everything; members of a configured group (the peer's
+//! uid and gid from `SO_PEERCRED`, membership from /etc/group) may call what the daemon's
+//! configured scopes allow; anyone else is refused. Who calls, and for whom
+//! (`X-Devbox-Actor`), becomes the engine's [`Caller`]. Every refusal is audited.
 
 use std::sync::Arc;
 
@@ -18,6 +20,147 @@ type AppState = Arc<Engine>;
 pub struct Peer {
     /// Its uid, from SO_PEERCRED.
     pub uid: Option<u32>,
+    /// Its (effective) gid, from SO_PEERCRED.
+    pub gid: Option<u32>,
+}
+
+/// What a caller may do. Each route needs one scope ([`required_scope`]); root has all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// Read anything: sandboxes, snapshots, stats, the audit log, checks of commands.
+    Read,
+    /// Run commands in existing sandboxes (exec, its stream).
+    Exec,
+    /// Decide approvals (kept apart, so a caller that runs commands cannot approve them).
+    Approve,
+    /// Everything else: create, start, stop, destroy, snapshots, rollback, policies,
+    /// networks, images, one-shot runs.
+    Admin,
+}
+
+impl Scope {
+    /// Every scope, in order.
+    pub const ALL: [Scope; 4] = [Scope::Read, Scope::Exec, Scope::Approve, Scope::Admin];
+
+    /// Its name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Exec => "exec",
+            Scope::Approve => "approve",
+            Scope::Admin => "admin",
+        }
+    }
+
+    /// Parses a comma-separated list (`read,exec`); the error says what is accepted.
+    pub fn parse_list(text: &str) -> Result<Vec<Scope>, String> {
+        let mut out = Vec::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let s = Scope::ALL
+                .into_iter()
+                .find(|s| s.as_str() == part)
+                .ok_or_else(|| {
+                    format!("{part:?} is not a scope: use read, exec, approve and admin, comma-separated")
+                })?;
+            if !out.contains(&s) {
+                out.push(s);
+            }
+        }
+        if out.is_empty() {
+            return Err(
+                "no scope given: use read, exec, approve and admin, comma-separated".into(),
+            );
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// The scope a request needs: reads need `read`, except the exec stream (`exec`); exec
+/// needs `exec`; approving and denying `approve`; anything else `admin`.
+pub fn required_scope(method: &axum::http::Method, path: &str) -> Scope {
+    use axum::http::Method;
+    let under_sandbox = |tail: &str| {
+        path.strip_prefix("/v1/sandboxes/")
+            .and_then(|rest| rest.split_once('/'))
+            .is_some_and(|(_, t)| t == tail)
+    };
+    if path.starts_with("/v1/approvals/") && (path.ends_with("/approve") || path.ends_with("/deny"))
+    {
+        return Scope::Approve;
+    }
+    if under_sandbox("exec/stream") || (*method == Method::POST && under_sandbox("exec")) {
+        return Scope::Exec;
+    }
+    if path == "/v1/run/stream" {
+        return Scope::Admin;
+    }
+    if *method == Method::GET || *method == Method::HEAD || path == "/v1/check" {
+        return Scope::Read;
+    }
+    Scope::Admin
+}
+
+/// Who besides root may use the socket.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// Members of this group, with these scopes.
+    pub group: Option<GroupAccess>,
+}
+
+/// A group allowed on the socket.
+#[derive(Debug, Clone)]
+pub struct GroupAccess {
+    /// Its name.
+    pub name: String,
+    /// Its gid.
+    pub gid: u32,
+    /// What its members may do.
+    pub scopes: Vec<Scope>,
+}
+
+impl GroupAccess {
+    /// Looks `name` up in /etc/group.
+    pub fn new(name: &str, scopes: Vec<Scope>) -> Result<Self, String> {
+        let gid = group_entry(name).map(|(gid, _)| gid).ok_or_else(|| {
+            format!(
+                "group {name:?} is not in /etc/group: create it (groupadd {name}) or name another"
+            )
+        })?;
+        Ok(Self {
+            name: name.to_string(),
+            gid,
+            scopes,
+        })
+    }
+
+    /// Whether the peer belongs to the group: its gid is the group's, or its user is a
+    /// listed member (read again each time, so membership changes apply at once).
+    fn admits(&self, uid: u32, gid: Option<u32>) -> bool {
+        if gid == Some(self.gid) {
+            return true;
+        }
+        let user = user_name(uid);
+        group_entry(&self.name).is_some_and(|(g, members)| g == self.gid && members.contains(&user))
+    }
+}
+
+/// A group's gid and members, from /etc/group.
+fn group_entry(name: &str) -> Option<(u32, Vec<String>)> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        if f.len() < 4 || f[0] != name {
+            return None;
+        }
+        let gid = f[2].parse().ok()?;
+        let members = f[3]
+            .split(',')
+            .filter(|m| !m.is_empty())
+            .map(str::to_string)
+            .collect();
+        Some((gid, members))
+    })
 }
 
 impl
@@ -26,8 +169,10 @@ impl
     > for Peer
 {
     fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        let cred = stream.io().peer_cred().ok();
         Peer {
-            uid: stream.io().peer_cred().ok().map(|c| c.uid()),
+            uid: cred.map(|c| c.uid()),
+            gid: cred.map(|c| c.gid()),
         }
     }
 }
@@ -45,17 +190,17 @@ fn user_name(uid: u32) -> String {
 }
 
 /// Names the caller of every request (the peer's user, and whom it says it acts for in
-/// `X-Devbox-Actor`), and refuses peers that are not root. Handlers find the
-/// [`Caller`] in the request's extensions and pass it to the engine.
+/// `X-Devbox-Actor`), and refuses peers that are neither root nor admitted by `access` for
+/// the request's scope. Handlers find the [`Caller`] in the request's extensions and pass
+/// it to the engine.
 pub async fn caller_layer(
-    State(engine): State<AppState>,
+    State((engine, access)): State<(AppState, Arc<Access>)>,
     mut req: Request,
     next: Next,
 ) -> Response {
-    let uid = req
-        .extensions()
-        .get::<ConnectInfo<Peer>>()
-        .and_then(|c| c.0.uid);
+    let peer = req.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0);
+    let uid = peer.and_then(|p| p.uid);
+    let gid = peer.and_then(|p| p.gid);
     let on_behalf = req
         .headers()
         .get("x-devbox-actor")
@@ -75,18 +220,91 @@ pub async fn caller_layer(
         && u != 0
     {
         let path = req.uri().path().to_string();
-        engine
-            .audit_auth_failure(&caller, &path, &format!("uid {u} is not root"))
-            .await;
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: "forbidden".into(),
-                message: "the dev-box API is for root only: run the command with sudo".into(),
-                approval: None,
-            },
+        let need = required_scope(req.method(), &path);
+        let refusal = match &access.group {
+            Some(g) if g.admits(u, gid) => {
+                if g.scopes.contains(&need) {
+                    None
+                } else {
+                    let have: Vec<&str> = g.scopes.iter().map(|s| s.as_str()).collect();
+                    Some((
+                        format!("scope {} not granted to group {}", need.as_str(), g.name),
+                        format!(
+                            "{user} may use dev-box as a member of group {} with the scopes {}, and this needs {}: ask an administrator (sandboxd --group-scopes) or use sudo",
+                            g.name,
+                            have.join(", "),
+                            need.as_str()
+                        ),
+                    ))
+                }
+            }
+            Some(g) => Some((
+                format!("uid {u} is not root nor in group {}", g.name),
+                format!(
+                    "the dev-box API is for root and members of group {}: run the command with sudo or join the group",
+                    g.name
+                ),
+            )),
+            None => Some((
+                format!("uid {u} is not root"),
+                "the dev-box API is for root only: run the command with sudo".to_string(),
+            )),
         };
-        return (StatusCode::FORBIDDEN, Json(body)).into_response();
+        if let Some((why, message)) = refusal {
+            engine.audit_auth_failure(&caller, &path, &why).await;
+            let body = ErrorBody {
+                error: ErrorDetail {
+                    code: "forbidden".into(),
+                    message,
+                    approval: None,
+                },
+            };
+            return (StatusCode::FORBIDDEN, Json(body)).into_response();
+        }
     }
     req.extensions_mut().insert(caller);
     next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Method;
+
+    #[test]
+    fn every_route_needs_one_scope() {
+        for (method, path, want) in [
+            (Method::GET, "/v1/sandboxes", Scope::Read),
+            (Method::GET, "/v1/sandboxes/dev", Scope::Read),
+            (Method::GET, "/v1/audit", Scope::Read),
+            (Method::POST, "/v1/check", Scope::Read),
+            (Method::GET, "/v1/sandboxes/dev/exec/stream", Scope::Exec),
+            (Method::POST, "/v1/sandboxes/dev/exec", Scope::Exec),
+            (Method::POST, "/v1/approvals/a1/approve", Scope::Approve),
+            (Method::POST, "/v1/approvals/a1/deny", Scope::Approve),
+            (Method::GET, "/v1/run/stream", Scope::Admin),
+            (Method::POST, "/v1/sandboxes", Scope::Admin),
+            (Method::DELETE, "/v1/sandboxes/dev", Scope::Admin),
+            (Method::POST, "/v1/sandboxes/dev/rollback", Scope::Admin),
+            // A sandbox named "exec" is not the exec route.
+            (Method::POST, "/v1/sandboxes/exec/stop", Scope::Admin),
+            (Method::PUT, "/v1/policies/p", Scope::Admin),
+        ] {
+            assert_eq!(required_scope(&method, path), want, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn scope_lists() {
+        assert_eq!(
+            Scope::parse_list("exec, read,exec").unwrap(),
+            [Scope::Read, Scope::Exec]
+        );
+        assert!(Scope::parse_list("").unwrap_err().contains("no scope"));
+        assert!(
+            Scope::parse_list("read,root")
+                .unwrap_err()
+                .contains("\"root\"")
+        );
+    }
 }

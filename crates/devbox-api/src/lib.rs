@@ -4,8 +4,9 @@
 //!
 //! - [`server`]: axum routes over the [`devbox_engine::Engine`], served on a Unix socket;
 //!   errors map to HTTP statuses with a JSON body `{"error": {"code", "message"}}`.
-//! - [`auth`]: the caller check: only root may call; who calls (and for whom) is the
-//!   engine's [`devbox_engine::Caller`].
+//! - [`auth`]: the caller check: root, or a member of a configured group within its scopes
+//!   (read, exec, approve, admin); who calls (and for whom) is the engine's
+//!   [`devbox_engine::Caller`].
 //! - [`checks`]: command checks, policies and approvals; [`audit`]: the audit log and exec
 //!   log export; [`network`]: a sandbox's network, its live changes and blocked attempts.
 //! - `ws`: streaming exec over WebSocket ([`devbox_wire::stream`] defines its messages).
@@ -18,4 +19,5 @@ pub mod network;
 pub mod server;
 mod ws;
 
-pub use server::{router, serve_unix};
+pub use auth::{Access, GroupAccess, Scope};
+pub use server::{router, router_with, serve_unix};

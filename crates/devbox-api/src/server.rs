@@ -92,8 +92,13 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
 type AppState = Arc<Engine>;
 type ApiResult<T> = Result<T, ApiError>;
 
-/// The API's routes over an engine.
+/// The API's routes over an engine, for root callers only.
 pub fn router(engine: Arc<Engine>) -> Router {
+    router_with(engine, crate::auth::Access::default())
+}
+
+/// The API's routes over an engine, for root and whom `access` admits.
+pub fn router_with(engine: Arc<Engine>, access: crate::auth::Access) -> Router {
     Router::new()
         .route("/openapi.json", get(openapi))
         .route("/v1/version", get(version))
@@ -172,7 +177,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
             get(crate::audit::export_logs),
         )
         .layer(axum::middleware::from_fn_with_state(
-            engine.clone(),
+            (engine.clone(), Arc::new(access)),
             crate::auth::caller_layer,
         ))
         .with_state(engine)
@@ -500,6 +505,7 @@ async fn pool_info(State(e): State<AppState>) -> Json<PoolInfo> {
 pub async fn serve_unix(
     engine: Arc<Engine>,
     socket: &Path,
+    access: crate::auth::Access,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -508,8 +514,16 @@ pub async fn serve_unix(
     }
     let _ = std::fs::remove_file(socket);
     let listener = tokio::net::UnixListener::bind(socket)?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
-    let app = router(engine).into_make_service_with_connect_info::<crate::auth::Peer>();
+    // Root's alone, or root's and the group's (each request is still checked).
+    match &access.group {
+        Some(g) => {
+            std::os::unix::fs::chown(socket, Some(0), Some(g.gid))?;
+            std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
+        }
+        None => std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?,
+    }
+    let app =
+        router_with(engine, access).into_make_service_with_connect_info::<crate::auth::Peer>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -46,8 +46,18 @@ pub fn exit_code_of(e: &anyhow::Error) -> u8 {
 /// Connects to the daemon, starting one if none answers (unless `DEVBOX_NO_AUTOSTART` is set).
 fn client(cli: &Cli) -> anyhow::Result<Client> {
     let socket = cli.socket_path();
-    // A socket file that accepts nothing (a crashed daemon) is handled like a missing one.
-    if !socket.exists() || std::os::unix::net::UnixStream::connect(&socket).is_err() {
+    // A socket file that accepts nothing (a crashed daemon) is handled like a missing one;
+    // one this user may not open means the daemon runs and is not for them.
+    let connected = std::os::unix::net::UnixStream::connect(&socket);
+    if let Err(e) = &connected
+        && e.kind() == std::io::ErrorKind::PermissionDenied
+    {
+        bail!(
+            "permission denied on {}: the dev-box daemon is for root and the members of the group it names (sandboxd --group): run the command with sudo or join that group",
+            socket.display()
+        );
+    }
+    if !socket.exists() || connected.is_err() {
         if std::env::var_os("DEVBOX_NO_AUTOSTART").is_some() {
             bail!(
                 "the dev-box daemon is not running (no answer on {}): start it with `sudo sandbox daemon`",

@@ -42,6 +42,17 @@ struct Args {
     /// Size of a new loop-file storage pool (default: a fifth of the free disk, 4-100 GiB).
     #[arg(long, value_name = "SIZE", env = "DEVBOX_POOL_SIZE")]
     pool_size: Option<String>,
+    /// Let members of this group use the socket without root, within --group-scopes.
+    #[arg(long, value_name = "GROUP", env = "DEVBOX_GROUP")]
+    group: Option<String>,
+    /// What members of --group may do: read, exec, approve, admin (comma-separated).
+    #[arg(
+        long,
+        value_name = "SCOPES",
+        env = "DEVBOX_GROUP_SCOPES",
+        default_value = "read,exec"
+    )]
+    group_scopes: String,
 }
 
 fn main() -> ExitCode {
@@ -61,6 +72,15 @@ fn run(cli: &Args) -> anyhow::Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!(
             "the dev-box daemon needs root (it makes namespaces, cgroups and mounts): run it with sudo"
+        );
+    }
+    // Checked before anything is made.
+    let mut access = devbox_api::Access::default();
+    if let Some(g) = cli.group.as_deref().filter(|g| !g.is_empty()) {
+        let scopes = devbox_api::Scope::parse_list(&cli.group_scopes)
+            .map_err(|e| anyhow::anyhow!("--group-scopes: {e}"))?;
+        access.group = Some(
+            devbox_api::GroupAccess::new(g, scopes).map_err(|e| anyhow::anyhow!("--group: {e}"))?,
         );
     }
     tracing_subscriber::fmt()
@@ -104,7 +124,7 @@ fn run(cli: &Args) -> anyhow::Result<()> {
             }
             tracing::info!("shutting down (sandboxes keep running)");
         };
-        let served = devbox_api::serve_unix(engine.clone(), &socket, shutdown).await;
+        let served = devbox_api::serve_unix(engine.clone(), &socket, access, shutdown).await;
         let e2 = engine.clone();
         let _ = tokio::task::spawn_blocking(move || e2.shutdown()).await;
         served.context("serving the API")?;
