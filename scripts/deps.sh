@@ -6,7 +6,8 @@
 # benchmark compares against. Idempotent: does nothing when everything is there.
 set -euo pipefail
 
-packages=(btrfs-progs util-linux busybox-static iproute2 nftables ca-certificates python3 procps curl)
+# python3-venv: the test command's validator of the OpenAPI document (from PyPI).
+packages=(btrfs-progs util-linux busybox-static iproute2 nftables ca-certificates python3 python3-venv procps curl)
 if [[ "${1:-}" == "bench" ]]; then
   # netavark and iptables: podman's default bridge network, for the network row.
   packages+=(runc bubblewrap podman netavark iptables hyperfine)

@@ -30,7 +30,7 @@ use crate::stream::{ClientMsg, ServerMsg};
     info(
         title = "dev-box API",
         description = "Sandboxes that start in milliseconds, run commands, and are destroyed without a trace. \
-The daemon serves this API on a root-only Unix socket (/run/dev-box/api.sock by default). \
+The daemon serves this API on a Unix socket (/run/dev-box/api.sock by default) for root and the members of a configured group within its scopes. \
 Errors have the shape {\"error\": {\"code\", \"message\"}}."
     ),
     paths(
@@ -323,5 +323,70 @@ pub type Document = utoipa::openapi::OpenApi;
 
 /// The API's OpenAPI document.
 pub fn document() -> Document {
-    ApiDoc::openapi()
+    let mut doc = ApiDoc::openapi();
+    // OpenAPI 3.1 requires a description on every response: those the routes leave out are
+    // the meaning of their status here.
+    for item in doc.paths.paths.values_mut() {
+        let ops = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+            &mut item.head,
+        ];
+        for op in ops.into_iter().flatten() {
+            for (status, r) in op.responses.responses.iter_mut() {
+                if let utoipa::openapi::RefOr::T(r) = r
+                    && r.description.is_empty()
+                {
+                    r.description = status_description(status).into();
+                }
+            }
+        }
+    }
+    doc
+}
+
+/// What a status means in this API (the body of an error says more).
+fn status_description(status: &str) -> &'static str {
+    match status {
+        "200" => "done: the result",
+        "201" => "created: what was made",
+        "202" => {
+            "the command waits for an approval (error code approval_required, with the approval)"
+        }
+        "204" => "done, nothing to return",
+        "400" => "invalid request: the error says what is wrong and what to send",
+        "401" | "403" => "the caller may not do this (error code forbidden)",
+        "404" => "no such sandbox, snapshot, image, policy or approval",
+        "409" => "the state does not allow it now (the error says what to do first)",
+        "422" => "the command could not run (error code exec_failed)",
+        "429" => "too many requests: retry after the time given",
+        "500" => "an internal error (the daemon's log says more)",
+        "507" => "the storage pool is full",
+        _ => "see the error's code and message",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_response_has_a_description() {
+        let doc = super::document();
+        let v = serde_json::to_value(&doc).expect("json");
+        let mut seen = 0;
+        for (path, item) in v["paths"].as_object().expect("paths") {
+            for (method, op) in item.as_object().expect("item") {
+                for (status, r) in op["responses"].as_object().into_iter().flatten() {
+                    seen += 1;
+                    assert!(
+                        r["description"].as_str().is_some_and(|d| !d.is_empty()),
+                        "{method} {path} {status}"
+                    );
+                }
+            }
+        }
+        assert!(seen > 40, "{seen} responses");
+    }
 }
