@@ -504,3 +504,26 @@ fn the_nft_command_fallback_loads_the_same_rules() {
     env.ok(&["destroy", "dev"]);
     assert_no_networks(&env, &w);
 }
+
+#[test]
+fn a_daemon_stopped_right_after_one_shot_runs_leaves_no_network() {
+    require_root!();
+    let w = World::new();
+    let mut env = env_in(&w);
+    // `run --rm` returns before its network's kernel part is gone (that goes on in the
+    // background); a daemon told to stop right then finishes it first.
+    for _ in 0..3 {
+        env.ok(&[
+            "run",
+            "--rm",
+            "--network",
+            "allow",
+            "--allow",
+            "allowed.test",
+            "--",
+            "true",
+        ]);
+    }
+    env.stop_daemon();
+    assert_no_networks(&env, &w);
+}

@@ -192,10 +192,18 @@ impl Engine {
         self.backends.default().cgroup_mode()
     }
 
-    /// Stops what the backends keep ready (warm launchers) at daemon shutdown.
+    /// Stops what the backends keep ready (warm launchers) at daemon shutdown, and waits
+    /// for networks being removed.
     pub fn shutdown(&self) {
         for b in self.backends.all() {
             b.shutdown();
+        }
+        // Networks of one-shot runs still being removed (tens of ms each) are finished,
+        // not left for the next daemon's reconcile.
+        if let Ok(n) = &self.net
+            && !n.wait_all_removed(std::time::Duration::from_secs(10))
+        {
+            tracing::warn!("networks still being removed at shutdown: the next start removes them");
         }
     }
 

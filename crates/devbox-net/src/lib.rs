@@ -1194,6 +1194,26 @@ impl Networks {
         self.removed.notify_all();
     }
 
+    /// Waits (at most `limit`) until every background removal has finished; returns
+    /// whether they all did. For a daemon that is shutting down: what it leaves is
+    /// removed by the next one's [`Networks::cleanup`], but better not left at all.
+    pub fn wait_all_removed(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut set = self.removing.lock().unwrap_or_else(|p| p.into_inner());
+        while !set.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            set = self
+                .removed
+                .wait_timeout(set, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
     /// Waits until a background removal of `id` (if any) has finished.
     pub fn wait_removed(&self, id: &str) {
         let mut set = self.removing.lock().unwrap_or_else(|p| p.into_inner());
