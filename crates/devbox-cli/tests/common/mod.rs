@@ -378,9 +378,6 @@ impl Drop for TestEnv {
             let _ = std::fs::remove_dir(&parent);
         }
         let pool = self.pool_dir();
-        if self.pool_spec.is_some() && !is_mounted(&pool) {
-            return;
-        }
         for _ in 0..50 {
             if !is_mounted(&pool) {
                 break;
@@ -389,6 +386,20 @@ impl Drop for TestEnv {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+        // What a failed test left mounted below this environment (network namespace files,
+        // say) goes too, deepest first, so nothing outlives the test.
+        let root = format!("{}/", self.root.path().display());
+        let mut left: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&root))
+            .map(str::to_string)
+            .collect();
+        left.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in left {
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
         }
     }
 }
