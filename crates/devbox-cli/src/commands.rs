@@ -296,10 +296,7 @@ async fn sandbox_command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
                     .map(|s| {
                         vec![
                             s.name.clone(),
-                            serde_json::to_string(&s.state)
-                                .unwrap_or_default()
-                                .trim_matches('"')
-                                .to_string(),
+                            output::state(s),
                             s.image.clone(),
                             output::ago(&s.created_at),
                             s.usage

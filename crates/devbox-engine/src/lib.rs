@@ -38,6 +38,7 @@ mod reconcile;
 mod sandbox;
 mod snapshots;
 mod stats;
+mod supervise;
 #[cfg(test)]
 mod tests;
 mod to_wire;
@@ -57,6 +58,7 @@ pub use error::{EngineError, InternalSource};
 pub use exec::{ExecExit, ExecSession, Output, Pty};
 pub use flows::{ApprovalWait, OneShot};
 pub use metrics::METRICS_CONTENT_TYPE;
+pub use supervise::HEALTHY_LABEL;
 pub use reconcile::{DAEMON_MARK_ENV, daemon_mark, is_own_mark};
 
 /// Result of engine operations.
@@ -78,6 +80,7 @@ pub struct Engine {
     blocked_budgets: network::BlockedBudgets,
     monitor: stats::Monitor,
     metrics: metrics::Metrics,
+    supervisors: supervise::Supervisors,
 }
 
 impl std::fmt::Debug for Engine {
@@ -173,6 +176,7 @@ impl Engine {
             blocked_budgets: Default::default(),
             monitor: stats::Monitor::default(),
             metrics: metrics::Metrics::default(),
+            supervisors: supervise::Supervisors::default(),
         }))
     }
 
