@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use common::TestEnv;
@@ -267,4 +268,49 @@ fn idle_stop_then_exec_starts() {
     assert_eq!(wakes.len(), 1, "{wakes:#?}");
     assert_eq!(wakes[0]["detail"]["woken_by"], "exec");
     env.ok(&["destroy", "-f", "st"]);
+}
+
+#[path = "../../devbox-net/tests/world/mod.rs"]
+mod world;
+
+/// A connection to a published port wakes a frozen sandbox and is served. The daemon runs
+/// in a namespace of the test's own world: no packet leaves it.
+#[test]
+fn published_port_connection_wakes_a_frozen_sandbox() {
+    require_root!();
+    let w = world::World::new();
+    w.check_routes();
+    let mut env = TestEnv::new();
+    env.stop_daemon();
+    env.daemon_netns = Some(w.daemon.clone());
+    env.daemon_env
+        .push(("DEVBOX_NET_DNS".into(), format!("{}:53", world::UPSTREAM)));
+    env.daemon_env
+        .push(("DEVBOX_NET_SUBNET".into(), "10.81.0.0/16".into()));
+    env.start_daemon();
+    env.allow_everything();
+    create(
+        &env,
+        "web",
+        "  network: {mode: none, ports: ['127.0.0.1:18230:7000']}\n  command: ['cd /tmp && echo page-of-web > index.html && exec python3 -m http.server 7000 --bind 127.0.0.1']\n  idle: {after: 500ms, action: freeze}\n",
+    );
+    let fetch = || world::fetch_http(&w.daemon, Ipv4Addr::LOCALHOST, 18230);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match fetch() {
+            Ok(p) if p.contains("page-of-web") => break,
+            other => {
+                assert!(Instant::now() < deadline, "published port: {other:?}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    wait_for(&env, "web", "frozen", |i| i["idle"]["frozen"] == true);
+    let before = audit(&env, "web", "idle.wake").len();
+    let page = fetch().expect("served after waking");
+    assert!(page.contains("page-of-web"), "{page}");
+    let wakes = audit(&env, "web", "idle.wake");
+    assert_eq!(wakes.len(), before + 1, "{wakes:#?}");
+    assert_eq!(wakes.last().unwrap()["detail"]["woken_by"], "port");
+    env.ok(&["destroy", "-f", "web"]);
 }

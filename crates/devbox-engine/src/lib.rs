@@ -115,6 +115,9 @@ impl Engine {
         let engine = tokio::task::spawn_blocking(move || Self::open_blocking(cfg, make))
             .await
             .map_err(|e| EngineError::internal("opening the engine", e))??;
+        if let Ok(net) = &engine.net {
+            net.set_conn_hook(engine.connection_hook());
+        }
         let e2 = engine.clone();
         tokio::task::spawn_blocking(move || e2.reconcile())
             .await

@@ -46,6 +46,7 @@ pub const HEALTHY_LABEL: &str = "devbox.io/health";
 struct Entry {
     /// Dropped (with the entry) to end the task.
     _stop: tokio::sync::watch::Sender<()>,
+    name: String,
     health: Option<Health>,
     idle: Option<Idle>,
 }
@@ -64,6 +65,8 @@ struct Health {
 struct Idle {
     last_active: Instant,
     frozen: bool,
+    /// Connections to its published ports open now.
+    conns: u32,
 }
 
 /// The supervisors of running sandboxes, by sandbox id.
@@ -101,6 +104,28 @@ impl Supervisors {
                 ..
             })
         )
+    }
+
+    /// Whether something uses the sandbox now: a connection to a published port.
+    fn connected(&self, id: &str) -> bool {
+        matches!(self.lock().get(id), Some(Entry { idle: Some(i), .. }) if i.conns > 0)
+    }
+
+    fn name_of(&self, id: &str) -> Option<String> {
+        self.lock().get(id).map(|e| e.name.clone())
+    }
+
+    /// Counts a connection (and a use) until the guard is dropped.
+    fn connection(&self, engine: &Arc<Engine>, id: &str) -> ConnGuard {
+        if let Some(Entry {
+            idle: Some(idle), ..
+        }) = self.lock().get_mut(id)
+        {
+            idle.conns += 1;
+            idle.last_active = Instant::now();
+            return ConnGuard(Some((Arc::downgrade(engine), id.to_string())));
+        }
+        ConnGuard(None)
     }
 
     fn set_frozen(&self, id: &str, frozen: bool) {
@@ -144,6 +169,27 @@ impl Supervisors {
         let map = self.lock();
         let i = map.get(id)?.idle?;
         Some((i.last_active, i.frozen))
+    }
+}
+
+/// A connection to a published port, counted while it lasts.
+struct ConnGuard(Option<(std::sync::Weak<Engine>, String)>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let Some((engine, id)) = self.0.take() else {
+            return;
+        };
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
+        if let Some(Entry {
+            idle: Some(idle), ..
+        }) = engine.supervisors.lock().get_mut(&id)
+        {
+            idle.conns = idle.conns.saturating_sub(1);
+            idle.last_active = Instant::now();
+        }
     }
 }
 
@@ -220,15 +266,49 @@ impl Engine {
                 last_exit: None,
                 last_output: None,
             }),
+            name: rec.name.clone(),
             idle: idle.map(|_| Idle {
                 last_active: Instant::now(),
                 frozen: false,
+                conns: 0,
             }),
         };
         self.supervisors.lock().insert(rec.id.clone(), entry);
         let weak = Arc::downgrade(self);
         let (id, name) = (rec.id.clone(), rec.name.clone());
         rt.spawn(supervise_loop(weak, id, name, health, idle, rx));
+    }
+
+    /// What the published ports' proxies run for each connection: it counts as a use, and
+    /// a sandbox the idle handling froze is thawed before the connection reaches it
+    /// (`idle.wake` by `port`).
+    pub(crate) fn connection_hook(self: &Arc<Self>) -> devbox_net::ConnHook {
+        let weak = Arc::downgrade(self);
+        Arc::new(move |id: String| {
+            let weak = weak.clone();
+            Box::pin(async move {
+                let Some(e) = weak.upgrade() else {
+                    return Box::new(()) as Box<dyn Send>;
+                };
+                let guard = e.supervisors.connection(&e, &id);
+                if e.supervisors.frozen(&id)
+                    && let Some(name) = e.supervisors.name_of(&id)
+                {
+                    let e2 = e.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        let lock = e2.locks.get(&name);
+                        let _g = lock.blocking_lock();
+                        if let Ok(Some(rec)) = e2.store.sandbox_by_name(&name)
+                            && rec.id == id
+                        {
+                            let _ = e2.wake_frozen(&rec, "port");
+                        }
+                    })
+                    .await;
+                }
+                Box::new(guard) as Box<dyn Send>
+            })
+        })
     }
 
     /// The health and idle state shown by `ls` and `inspect`.
@@ -522,7 +602,10 @@ impl Engine {
             _ => return false,
         };
         match self.supervisors.idle_since(id) {
-            Some((at, false)) if at.elapsed() >= after && !self.monitor.has_execs(id) => {}
+            Some((at, false))
+                if at.elapsed() >= after
+                    && !self.monitor.has_execs(id)
+                    && !self.supervisors.connected(id) => {}
             Some(_) => return true,
             None => return false,
         }
@@ -698,7 +781,7 @@ async fn supervise_loop(
             && at <= tokio::time::Instant::now()
         {
             next_idle = Some(tokio::time::Instant::now() + tick);
-            if e.monitor.has_execs(&id) {
+            if e.monitor.has_execs(&id) || e.supervisors.connected(&id) {
                 e.supervisors.touch(&id);
             } else {
                 let due = e

@@ -27,6 +27,7 @@ mod dns;
 mod netlink;
 mod plumb;
 mod proxy;
+pub use proxy::ConnHook;
 mod rules;
 
 use std::collections::{HashMap, VecDeque};
@@ -354,6 +355,8 @@ pub struct Networks {
     /// Ids whose table, veth, namespace and record a background thread is removing.
     removing: Mutex<std::collections::HashSet<String>>,
     removed: Condvar,
+    /// Called for each connection to a published port (see [`ConnHook`]).
+    conn_hook: std::sync::RwLock<Option<proxy::ConnHook>>,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -494,6 +497,7 @@ impl Networks {
             forwarding: Mutex::new(false),
             removing: Mutex::new(std::collections::HashSet::new()),
             removed: Condvar::new(),
+            conn_hook: std::sync::RwLock::new(None),
         }))
     }
 
@@ -758,7 +762,7 @@ impl Networks {
                 .serve(&self.rt, l.gateway, shared.clone())
                 .inspect_err(|_| sb.stop_tasks())?;
         }
-        match proxy::start_all(&self.rt, &netns, ports) {
+        match proxy::start_all(&self.rt, &netns, ports, id, self.conn_hook()) {
             Ok(p) => sb.proxies = p,
             Err(e) => {
                 sb.stop_tasks();
@@ -824,6 +828,20 @@ impl Networks {
         Ok(())
     }
 
+    /// Sets what runs for each connection to a published port, before it is joined to the
+    /// sandbox (the daemon wakes a sandbox its idle handling froze); ports published from
+    /// now on use it.
+    pub fn set_conn_hook(&self, hook: ConnHook) {
+        *self.conn_hook.write().unwrap_or_else(|p| p.into_inner()) = Some(hook);
+    }
+
+    fn conn_hook(&self) -> Option<ConnHook> {
+        self.conn_hook
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Replaces a sandbox's published ports (a port that stays keeps its listener).
     pub fn set_ports(&self, id: &str, ports: &[PortMap]) -> Result<(), NetError> {
         valid_id(id)?;
@@ -839,7 +857,7 @@ impl Networks {
             t.abort();
         }
         let _ = keep;
-        match proxy::start_all(&self.rt, &sb.netns, ports) {
+        match proxy::start_all(&self.rt, &sb.netns, ports, id, self.conn_hook()) {
             Ok(p) => {
                 sb.proxies = p;
                 sb.ports = ports.to_vec();
@@ -847,7 +865,7 @@ impl Networks {
             }
             Err(e) => {
                 // Put the old ones back (their ports were just freed).
-                if let Ok(p) = proxy::start_all(&self.rt, &sb.netns, &sb.ports) {
+                if let Ok(p) = proxy::start_all(&self.rt, &sb.netns, &sb.ports, id, self.conn_hook()) {
                     sb.proxies = p;
                 }
                 Err(e)
