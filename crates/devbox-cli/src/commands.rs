@@ -692,7 +692,8 @@ async fn image_command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
         Command::Image(ImageCommand::Import { path, name }) => {
             let abs = std::fs::canonicalize(path)
                 .with_context(|| format!("{} does not exist", path.display()))?;
-            let shown = crate::progress::Progress::spinner(&format!("importing {}", path.display()));
+            let shown =
+                crate::progress::Progress::spinner(&format!("importing {}", path.display()));
             let img = c
                 .import_image(&ImportImageRequest {
                     path: abs.display().to_string(),

@@ -30,7 +30,9 @@ fn create(env: &TestEnv, name: &str, body: &str) {
     let file = env.root.path().join(format!("{name}.yaml"));
     std::fs::write(
         &file,
-        format!("apiVersion: sandbox.io/v1\nkind: Sandbox\nmetadata: {{name: {name}}}\nspec:\n{body}"),
+        format!(
+            "apiVersion: sandbox.io/v1\nkind: Sandbox\nmetadata: {{name: {name}}}\nspec:\n{body}"
+        ),
     )
     .unwrap();
     env.ok(&["create", "-f", file.to_str().unwrap()]);
@@ -88,7 +90,10 @@ fn healthy_then_unhealthy_and_states_shown() {
     env.ok(&["exec", "hc", "rm /work/ok"]);
     wait_for(&env, "hc", "unhealthy", |i| health(i) == "unhealthy");
     let info = inspect(&env, "hc");
-    assert!(info["health"]["failures"].as_u64().unwrap() >= 2, "{info:#}");
+    assert!(
+        info["health"]["failures"].as_u64().unwrap() >= 2,
+        "{info:#}"
+    );
     assert_eq!(info["state"], "running", "onUnhealthy none leaves it");
     assert!(env.ok(&["ls"]).contains("running (unhealthy)"));
     let changes = audit(&env, "hc", "health.status");
@@ -127,8 +132,14 @@ fn hostile_output_is_bounded_and_a_hung_check_times_out() {
     // Killed checks leave nothing running: at most the check running now is there.
     std::thread::sleep(Duration::from_millis(1000));
     let ps = env.ok(&["ps", "noisy"]);
-    let sleeps = ps.lines().filter(|l| l.trim_end().ends_with(" sleep 30") && !l.contains("/bin/sh")).count();
-    let shells = ps.lines().filter(|l| l.contains("/bin/sh -c printf")).count();
+    let sleeps = ps
+        .lines()
+        .filter(|l| l.trim_end().ends_with(" sleep 30") && !l.contains("/bin/sh"))
+        .count();
+    let shells = ps
+        .lines()
+        .filter(|l| l.contains("/bin/sh -c printf"))
+        .count();
     assert!(sleeps <= 1 && shells <= 1, "{ps}");
     env.ok(&["destroy", "-f", "noisy"]);
 }
@@ -241,7 +252,10 @@ fn idle_freeze_then_exec_thaws() {
     env.ok(&["stop", "fz", "-t", "0"]);
     let info = inspect(&env, "fz");
     assert_eq!(info["state"], "stopped");
-    assert_eq!(info["idle"]["stopped"], false, "a stop by hand is not an idle stop");
+    assert_eq!(
+        info["idle"]["stopped"], false,
+        "a stop by hand is not an idle stop"
+    );
     env.fails(&["exec", "fz", "true"]);
     env.ok(&["destroy", "-f", "fz"]);
 }

@@ -37,12 +37,29 @@ fn piped_output_has_no_progress_text() {
     assert!(out.status.success());
     assert_plain("export", &out.stderr);
     let said = String::from_utf8_lossy(&out.stderr);
-    assert!(said.starts_with("wrote ") && said.lines().count() == 1, "{said:?}");
+    assert!(
+        said.starts_with("wrote ") && said.lines().count() == 1,
+        "{said:?}"
+    );
 
-    let out = env.sb(&["snapshot", "import", archive.to_str().unwrap(), "--name", "pg2"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = env.sb(&[
+        "snapshot",
+        "import",
+        archive.to_str().unwrap(),
+        "--name",
+        "pg2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_plain("import", &out.stderr);
-    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "pg2\n");
 
     env.ok(&["exec", "pg", "rm /work/blob"]);
@@ -51,9 +68,17 @@ fn piped_output_has_no_progress_text() {
         &["rollback", "pg", "--to", "one"][..],
     ] {
         let out = env.sb(args);
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_plain(args[0], &out.stderr);
-        assert!(out.stderr.is_empty(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.stderr.is_empty(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     env.ok(&["destroy", "-f", "pg", "pg2"]);
 }

@@ -709,7 +709,7 @@ impl Client {
             out,
             Arc::new(|_| {}),
         )
-            .await
+        .await
     }
 
     /// Every image.

@@ -58,8 +58,8 @@ pub use error::{EngineError, InternalSource};
 pub use exec::{ExecExit, ExecSession, Output, Pty};
 pub use flows::{ApprovalWait, OneShot};
 pub use metrics::METRICS_CONTENT_TYPE;
-pub use supervise::HEALTHY_LABEL;
 pub use reconcile::{DAEMON_MARK_ENV, daemon_mark, is_own_mark};
+pub use supervise::HEALTHY_LABEL;
 
 /// Result of engine operations.
 pub type Result<T> = std::result::Result<T, EngineError>;

@@ -428,7 +428,12 @@ impl Engine {
     }
 
     /// Runs one health check; `None` when the sandbox is not this running one any more.
-    async fn probe(self: &Arc<Self>, id: &str, name: &str, hc: &ResolvedHealthcheck) -> Option<Probe> {
+    async fn probe(
+        self: &Arc<Self>,
+        id: &str,
+        name: &str,
+        hc: &ResolvedHealthcheck,
+    ) -> Option<Probe> {
         let (id, name, hc2) = (id.to_string(), name.to_string(), hc.clone());
         let started = self
             .blocking(move |e| {
@@ -480,7 +485,7 @@ impl Engine {
             .map_err(|e| EngineError::internal("health check pipe", std::io::Error::from(e)))?;
         let w2 = w
             .try_clone()
-            .map_err(|e| EngineError::internal("health check pipe", std::io::Error::from(e)))?;
+            .map_err(|e| EngineError::internal("health check pipe", e))?;
         let flags = nix::fcntl::fcntl(&r, nix::fcntl::FcntlArg::F_GETFL)
             .map_err(|e| EngineError::internal("health check pipe", std::io::Error::from(e)))?;
         let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
@@ -593,7 +598,13 @@ impl Engine {
 
     /// Freezes or stops the sandbox if it is still idle; returns whether the supervisor
     /// goes on (false: it stopped the sandbox).
-    fn act_idle(self: &Arc<Self>, id: &str, name: &str, after: Duration, action: IdleAction) -> bool {
+    fn act_idle(
+        self: &Arc<Self>,
+        id: &str,
+        name: &str,
+        after: Duration,
+        action: IdleAction,
+    ) -> bool {
         let caller = Caller::system("idle");
         let lock = self.locks.get(name);
         let _guard = lock.blocking_lock();
@@ -734,7 +745,8 @@ async fn supervise_loop(
     let mut next_check = health
         .as_ref()
         .map(|hc| started + Duration::from_millis(hc.interval_ms));
-    let idle_tick = idle.map(|(after, _)| (after / 4).clamp(Duration::from_millis(25), Duration::from_secs(5)));
+    let idle_tick =
+        idle.map(|(after, _)| (after / 4).clamp(Duration::from_millis(25), Duration::from_secs(5)));
     let mut next_idle = idle_tick.map(|t| started + t);
     loop {
         let wake = [next_check, next_idle].into_iter().flatten().min();
@@ -759,6 +771,10 @@ async fn supervise_loop(
                 if stop.has_changed().is_err() {
                     return;
                 }
+                // Frozen while it ran: the check could not finish; it does not count.
+                if e.supervisors.frozen(&id) {
+                    continue;
+                }
                 let counting = started.elapsed() >= Duration::from_millis(hc.start_period_ms);
                 let (e2, id2, name2, hc2) = (e.clone(), id.clone(), name.clone(), hc.clone());
                 let changed = tokio::task::spawn_blocking(move || {
@@ -767,9 +783,13 @@ async fn supervise_loop(
                 .await
                 .ok()
                 .flatten();
-                if changed == Some(HealthStatus::Unhealthy) && hc.on_unhealthy != OnUnhealthy::None {
-                    let (e2, id2, name2, act) = (e.clone(), id.clone(), name.clone(), hc.on_unhealthy);
-                    let _ = tokio::task::spawn_blocking(move || e2.act_unhealthy(&id2, &name2, act)).await;
+                if changed == Some(HealthStatus::Unhealthy) && hc.on_unhealthy != OnUnhealthy::None
+                {
+                    let (e2, id2, name2, act) =
+                        (e.clone(), id.clone(), name.clone(), hc.on_unhealthy);
+                    let _ =
+                        tokio::task::spawn_blocking(move || e2.act_unhealthy(&id2, &name2, act))
+                            .await;
                     // A restart or rollback that happened started a new supervisor.
                     if stop.has_changed().is_err() {
                         return;
@@ -790,9 +810,11 @@ async fn supervise_loop(
                     .is_some_and(|(at, frozen)| !frozen && at.elapsed() >= after);
                 if due {
                     let (e2, id2, name2) = (e.clone(), id.clone(), name.clone());
-                    let goes_on = tokio::task::spawn_blocking(move || e2.act_idle(&id2, &name2, after, action))
-                        .await
-                        .unwrap_or(false);
+                    let goes_on = tokio::task::spawn_blocking(move || {
+                        e2.act_idle(&id2, &name2, after, action)
+                    })
+                    .await
+                    .unwrap_or(false);
                     if !goes_on {
                         return;
                     }

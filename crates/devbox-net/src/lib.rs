@@ -865,7 +865,9 @@ impl Networks {
             }
             Err(e) => {
                 // Put the old ones back (their ports were just freed).
-                if let Ok(p) = proxy::start_all(&self.rt, &sb.netns, &sb.ports, id, self.conn_hook()) {
+                if let Ok(p) =
+                    proxy::start_all(&self.rt, &sb.netns, &sb.ports, id, self.conn_hook())
+                {
                     sb.proxies = p;
                 }
                 Err(e)

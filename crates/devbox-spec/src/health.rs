@@ -200,12 +200,7 @@ pub struct IdleSpec {
 impl IdleSpec {
     /// `after` in milliseconds, in range.
     pub fn after_ms(&self) -> Result<u64, SpecError> {
-        duration(
-            "spec.idle.after",
-            Some(&self.after),
-            0,
-            MIN_IDLE_AFTER_MS,
-        )
+        duration("spec.idle.after", Some(&self.after), 0, MIN_IDLE_AFTER_MS)
     }
 }
 
@@ -249,11 +244,20 @@ mod tests {
         for (body, field) in [
             ("{command: []}", "spec.healthcheck.command"),
             ("{command: ['  ']}", "spec.healthcheck.command"),
-            ("{command: [a], interval: 10ms}", "spec.healthcheck.interval"),
+            (
+                "{command: [a], interval: 10ms}",
+                "spec.healthcheck.interval",
+            ),
             ("{command: [a], timeout: 1x}", "spec.healthcheck.timeout"),
             ("{command: [a], retries: 0}", "spec.healthcheck.retries"),
-            ("{command: [a], startPeriod: 31d}", "spec.healthcheck.startPeriod"),
-            ("{command: [a], onUnhealthy: reboot}", "spec.healthcheck.onUnhealthy"),
+            (
+                "{command: [a], startPeriod: 31d}",
+                "spec.healthcheck.startPeriod",
+            ),
+            (
+                "{command: [a], onUnhealthy: reboot}",
+                "spec.healthcheck.onUnhealthy",
+            ),
             ("{command: [a], retrys: 2}", "spec.healthcheck"),
         ] {
             let e = spec(&format!("  healthcheck: {body}\n"))
@@ -271,7 +275,12 @@ mod tests {
         assert_eq!(idle.action, IdleAction::Freeze);
         let m = spec("  idle: {after: 15m, action: stop}\n").unwrap();
         assert_eq!(m.spec.idle.unwrap().action, IdleAction::Stop);
-        for body in ["{after: 1ms}", "{after: soon}", "{action: stop}", "{after: 1s, action: nap}"] {
+        for body in [
+            "{after: 1ms}",
+            "{after: soon}",
+            "{action: stop}",
+            "{after: 1s, action: nap}",
+        ] {
             let e = spec(&format!("  idle: {body}\n")).unwrap_err().to_string();
             assert!(e.starts_with("spec.idle"), "{body}: {e}");
         }
@@ -282,6 +291,9 @@ mod tests {
         let m = spec("  limits: {memory: 64Mi}\n").unwrap();
         assert!(m.spec.healthcheck.is_none() && m.spec.idle.is_none());
         let text = serde_json::to_string(&m).unwrap();
-        assert!(!text.contains("healthcheck") && !text.contains("idle"), "{text}");
+        assert!(
+            !text.contains("healthcheck") && !text.contains("idle"),
+            "{text}"
+        );
     }
 }

@@ -25,9 +25,7 @@ pub mod health;
 pub mod network;
 pub mod quantity;
 
-pub use health::{
-    HealthcheckSpec, IdleAction, IdleSpec, OnUnhealthy, ResolvedHealthcheck,
-};
+pub use health::{HealthcheckSpec, IdleAction, IdleSpec, OnUnhealthy, ResolvedHealthcheck};
 pub use network::{Cidr, NO_IPV6, NetRule, NetTarget, NetworkMode, NetworkSpec, PortMap};
 
 use std::collections::BTreeMap;
