@@ -112,6 +112,29 @@ fn healthy_then_unhealthy_and_states_shown() {
     env.ok(&["destroy", "-f", "hc"]);
 }
 
+/// A running sandbox adopted by a restarted daemon (killed, not stopped) is checked again:
+/// its supervisor starts with the adoption, and ends when the sandbox is destroyed.
+#[test]
+fn checks_resume_after_a_daemon_restart() {
+    require_root!();
+    let mut env = TestEnv::new();
+    env.allow_everything();
+    create(&env, "again", CHECK);
+    env.ok(&["exec", "again", "touch /work/ok"]);
+    wait_for(&env, "again", "healthy", |i| health(i) == "healthy");
+    let pid = inspect(&env, "again")["init_pid"].clone();
+    env.kill_daemon();
+    env.start_daemon();
+    let info = inspect(&env, "again");
+    assert_eq!(info["init_pid"], pid, "adopted, not restarted: {info:#}");
+    wait_for(&env, "again", "healthy after the restart", |i| {
+        health(i) == "healthy" && i["health"]["checks"].as_u64() > Some(0)
+    });
+    env.ok(&["exec", "again", "rm /work/ok"]);
+    wait_for(&env, "again", "unhealthy", |i| health(i) == "unhealthy");
+    env.ok(&["destroy", "-f", "again"]);
+}
+
 #[test]
 fn hostile_output_is_bounded_and_a_hung_check_times_out() {
     require_root!();
