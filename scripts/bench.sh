@@ -16,6 +16,9 @@
 #             namespace (crates/devbox-net/tests/net.rs bench_network, in namespaces it makes)
 #   monitoring: `sandbox stats` of 200 running sandboxes in one call (BENCH_STATS to change),
 #               CLI included, and the daemon's side alone (GET /v1/stats, scripts/bench_stats.py)
+#   idle wake: `sandbox exec -- true` into a sandbox its idle handling froze (spec.idle,
+#              after 100ms; each run waits 300 ms first so that it is frozen) vs into a running
+#              one (same wait); and the thaw alone as the daemon measured it (idle.wake took_us)
 #
 # Prints medians and ratios and writes them to bench-results/. Needs root. Installs the peers
 # from Debian (scripts/deps.sh bench) and builds dev-box in release mode.
@@ -157,6 +160,21 @@ hyperfine -N --warmup 3 --runs "$runs" --export-json "$work/stats.json" \
 python3 scripts/bench_stats.py "$work/run/api.sock" "$runs" > "$work/stats_api.txt"
 for i in $(seq 1 "$nstats"); do echo "stats-$i"; done | xargs -n 50 "$bin/sandbox" destroy --force
 
+echo "== idle wake: exec into a frozen idle sandbox vs a running one ($runs runs each)"
+for n in awake frozen; do
+  idle_spec=
+  [[ $n == frozen ]] && idle_spec="  idle: {after: 100ms, action: freeze}"
+  printf 'apiVersion: sandbox.io/v1\nkind: Sandbox\nmetadata: {name: bench-%s}\nspec:\n  image: bench-busybox\n%s\n' \
+    "$n" "$idle_spec" > "$work/idle-$n.yaml"
+  "$bin/sandbox" create -f "$work/idle-$n.yaml" >/dev/null
+done
+hyperfine -N --warmup 3 --runs "$runs" --prepare "sleep 0.3" --export-json "$work/idle.json" \
+  -n "exec into a running sandbox" "$bin/sandbox exec bench-awake -- true" \
+  -n "exec into a frozen idle sandbox (thawed first)" "$bin/sandbox exec bench-frozen -- true" \
+  >/dev/null
+"$bin/sandbox" audit --format json --sandbox bench-frozen > "$work/idle_audit.json"
+"$bin/sandbox" destroy --force bench-awake bench-frozen >/dev/null
+
 echo "== snapshots (10 MB, 200 MB, 1 GB of changes)"
 if [[ -n ${BENCH_SKIP_SNAPSHOTS:-} ]]; then
   echo "(snapshots skipped: BENCH_SKIP_SNAPSHOTS)" > "$work/snapshots.md"
@@ -215,6 +233,17 @@ lines += ["", "## Networks", "", open(f"{work}/network.md").read()]
 lines.append("")
 table(f"{work}/stats.json", "Monitoring: `sandbox stats` of running sandboxes in one call")
 lines += [f"- the daemon's side alone (GET /v1/stats over the socket), median: {open(f'{work}/stats_api.txt').read().strip()} ms", ""]
+table(f"{work}/idle.json", "Idle wake: exec into a frozen idle sandbox")
+rs = {r["command"]: r["median"] for r in json.load(open(f"{work}/idle.json"))["results"]}
+awake = rs["exec into a running sandbox"]
+frozen = rs["exec into a frozen idle sandbox (thawed first)"]
+recs = json.load(open(f"{work}/idle_audit.json"))
+wakes = sorted(r["detail"]["took_us"] for r in recs if r["action"] == "idle.wake" and "took_us" in r["detail"])
+freezes = sum(1 for r in recs if r["action"] == "idle.freeze")
+lines += [f"- waking adds (median frozen - median running): {(frozen - awake) * 1000:.2f} ms (target: at most 5 ms)",
+          f"- the thaw alone, as the daemon measured it (idle.wake took_us), median of {len(wakes)}: "
+          + (f"{wakes[len(wakes) // 2] / 1000:.2f} ms" if wakes else "none recorded"),
+          f"- freezes recorded: {freezes} (one before each run that woke it)", ""]
 text = "\n".join(lines)
 print(text)
 open(f"{out}/results.md", "w").write(text + "\n")

@@ -342,10 +342,7 @@ async fn sandbox_command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
                     .map(|s| {
                         vec![
                             s.name.clone(),
-                            serde_json::to_string(&s.state)
-                                .unwrap_or_default()
-                                .trim_matches('"')
-                                .to_string(),
+                            output::state(s),
                             s.image.clone(),
                             output::ago(&s.created_at),
                             s.usage
@@ -421,11 +418,20 @@ async fn snapshot_command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
                 snapshot,
                 output,
             }) => {
-                let bytes = c.export_snapshot(name, snapshot, output).await?;
+                let shown = crate::progress::Progress::bytes("exporting", None);
+                let bytes = c
+                    .export_snapshot_progress(name, snapshot, output, shown.callback())
+                    .await?;
+                drop(shown);
                 eprintln!("wrote {} ({})", output.display(), output::bytes(bytes));
             }
             Some(SnapshotCommand::Import { file, name, start }) => {
-                let info = c.import_snapshot(file, name.as_deref(), *start).await?;
+                let size = std::fs::metadata(file).ok().map(|m| m.len());
+                let shown = crate::progress::Progress::bytes("importing", size);
+                let info = c
+                    .import_snapshot_progress(file, name.as_deref(), *start, shown.callback())
+                    .await?;
+                drop(shown);
                 println!("{}", info.name);
             }
             None => {
@@ -453,7 +459,9 @@ async fn snapshot_command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
             to,
             format,
         } => {
+            let shown = crate::progress::Progress::spinner(&format!("comparing {name}"));
             let d = c.diff(name, from.as_deref(), to.as_deref()).await?;
+            drop(shown);
             if *format == Format::Json {
                 print_json(&d)?;
             } else {
@@ -468,6 +476,7 @@ async fn snapshot_command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
             }
         }
         Command::Rollback { name, to, paths } => {
+            let _shown = crate::progress::Progress::spinner(&format!("rolling back {name}"));
             c.rollback(
                 name,
                 &RollbackRequest {
@@ -729,12 +738,15 @@ async fn image_command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
         Command::Image(ImageCommand::Import { path, name }) => {
             let abs = std::fs::canonicalize(path)
                 .with_context(|| format!("{} does not exist", path.display()))?;
+            let shown =
+                crate::progress::Progress::spinner(&format!("importing {}", path.display()));
             let img = c
                 .import_image(&ImportImageRequest {
                     path: abs.display().to_string(),
                     name: name.clone(),
                 })
                 .await?;
+            drop(shown);
             println!(
                 "{} {} ({})",
                 img.name,

@@ -6,6 +6,7 @@ mod commands;
 mod daemon;
 mod monitor;
 mod output;
+mod progress;
 mod stream;
 
 use std::process::ExitCode;

@@ -77,3 +77,28 @@ pub fn limits(l: &devbox_spec::ResolvedLimits) -> String {
     }
     s
 }
+
+/// A sandbox's state as `ls` shows it: the lifecycle state, then its health and whether the
+/// idle handling froze or stopped it (`running (healthy)`, `running (frozen)`,
+/// `stopped (idle)`).
+pub fn state(s: &devbox_wire::SandboxInfo) -> String {
+    let mut text = serde_json::to_string(&s.state)
+        .unwrap_or_default()
+        .trim_matches('"')
+        .to_string();
+    let mut notes = Vec::new();
+    if let Some(h) = &s.health {
+        notes.push(h.status.as_str());
+    }
+    if let Some(i) = &s.idle {
+        if i.frozen {
+            notes.push("frozen");
+        } else if i.stopped {
+            notes.push("idle");
+        }
+    }
+    if !notes.is_empty() {
+        text.push_str(&format!(" ({})", notes.join(", ")));
+    }
+    text
+}

@@ -4,6 +4,7 @@
 pub use devbox_wire as wire;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use devbox_wire::stream::{ClientMsg, ServerMsg};
@@ -60,6 +61,9 @@ impl ClientError {
 
 /// A connection to an exec stream, after the command started.
 pub type ExecStream = WebSocketStream<UnixStream>;
+
+/// Called with the bytes moved so far while an upload or download streams.
+pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
 
 /// The client.
 #[derive(Debug, Clone)]
@@ -432,16 +436,34 @@ impl Client {
         snapshot: &str,
         out: &Path,
     ) -> Result<u64, ClientError> {
+        self.export_snapshot_progress(name, snapshot, out, Arc::new(|_| {}))
+            .await
+    }
+
+    /// [`Self::export_snapshot`], calling `progress` with the bytes received so far after
+    /// each chunk.
+    pub async fn export_snapshot_progress(
+        &self,
+        name: &str,
+        snapshot: &str,
+        out: &Path,
+        progress: Progress,
+    ) -> Result<u64, ClientError> {
         let path = format!(
             "/v1/sandboxes/{}/snapshots/{}/export",
             enc(name),
             enc(snapshot)
         );
-        self.download(&path, out).await
+        self.download(&path, out, progress).await
     }
 
     /// Streams the body of a GET into `out` (written to a `.partial` file, then renamed).
-    async fn download(&self, path: &str, out: &Path) -> Result<u64, ClientError> {
+    async fn download(
+        &self,
+        path: &str,
+        out: &Path,
+        progress: Progress,
+    ) -> Result<u64, ClientError> {
         use tokio::io::AsyncWriteExt;
         let resp = self
             .send(
@@ -463,6 +485,7 @@ impl Client {
             if let Ok(data) = frame.into_data() {
                 total += data.len() as u64;
                 file.write_all(&data).await.map_err(local)?;
+                progress(total);
             }
         }
         file.flush().await.map_err(local)?;
@@ -478,12 +501,31 @@ impl Client {
         name: Option<&str>,
         start: bool,
     ) -> Result<SandboxInfo, ClientError> {
+        self.import_snapshot_progress(archive, name, start, Arc::new(|_| {}))
+            .await
+    }
+
+    /// [`Self::import_snapshot`], calling `progress` with the bytes sent so far after each
+    /// chunk.
+    pub async fn import_snapshot_progress(
+        &self,
+        archive: &Path,
+        name: Option<&str>,
+        start: bool,
+        progress: Progress,
+    ) -> Result<SandboxInfo, ClientError> {
         use futures_util::StreamExt;
         let file = tokio::fs::File::open(archive)
             .await
             .map_err(|e| ClientError::Protocol(format!("reading {}: {e}", archive.display())))?;
-        let stream =
-            tokio_util::io::ReaderStream::new(file).map(|r| r.map(hyper::body::Frame::data));
+        let mut sent = 0u64;
+        let stream = tokio_util::io::ReaderStream::new(file).map(move |r| {
+            r.map(|chunk| {
+                sent += chunk.len() as u64;
+                progress(sent);
+                hyper::body::Frame::data(chunk)
+            })
+        });
         let body = BodyExt::boxed(http_body_util::StreamBody::new(stream));
         let mut path = format!("/v1/snapshots/import?start={start}");
         if let Some(n) = name {
@@ -662,8 +704,12 @@ impl Client {
 
     /// Downloads a sandbox's logs into `out`.
     pub async fn export_logs(&self, name: &str, out: &Path) -> Result<u64, ClientError> {
-        self.download(&format!("/v1/sandboxes/{}/logs/export", enc(name)), out)
-            .await
+        self.download(
+            &format!("/v1/sandboxes/{}/logs/export", enc(name)),
+            out,
+            Arc::new(|_| {}),
+        )
+        .await
     }
 
     /// Every image.

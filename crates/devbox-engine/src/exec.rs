@@ -653,8 +653,10 @@ impl Engine {
         let request = serde_json::to_string(req).unwrap_or_default();
         let caller = caller.clone();
         self.blocking(move |e| {
-            let rec = e.record(&name)?;
-            if !rec.state.can_exec() {
+            let mut rec = e.record(&name)?;
+            // A sandbox the idle handling put to sleep is woken once the command may run.
+            let asleep = e.asleep(&rec);
+            if !rec.state.can_exec() && !asleep {
                 return Err(EngineError::WrongState(format!(
                     "sandbox {} is {}: start it with `sandbox start {}`",
                     rec.name,
@@ -665,6 +667,7 @@ impl Engine {
                 )));
             }
             let decision = e.check_exec(&caller, &rec, &t, &request, a.as_deref())?;
+            e.wake_locked(&caller, &mut rec, "exec")?;
             Ok((rec, decision))
         })
         .await

@@ -38,6 +38,7 @@ mod reconcile;
 mod sandbox;
 mod snapshots;
 mod stats;
+mod supervise;
 #[cfg(test)]
 mod tests;
 mod to_wire;
@@ -58,6 +59,7 @@ pub use exec::{ExecExit, ExecSession, Output, Pty};
 pub use flows::{ApprovalWait, OneShot};
 pub use metrics::METRICS_CONTENT_TYPE;
 pub use reconcile::{DAEMON_MARK_ENV, daemon_mark, is_own_mark};
+pub use supervise::HEALTHY_LABEL;
 
 /// Result of engine operations.
 pub type Result<T> = std::result::Result<T, EngineError>;
@@ -78,6 +80,7 @@ pub struct Engine {
     blocked_budgets: network::BlockedBudgets,
     monitor: stats::Monitor,
     metrics: metrics::Metrics,
+    supervisors: supervise::Supervisors,
 }
 
 impl std::fmt::Debug for Engine {
@@ -113,6 +116,9 @@ impl Engine {
             .await
             .map_err(|e| EngineError::internal("opening the engine", e))??;
         engine.resolve_peers_by_name();
+        if let Ok(net) = &engine.net {
+            net.set_conn_hook(engine.connection_hook());
+        }
         let e2 = engine.clone();
         tokio::task::spawn_blocking(move || e2.reconcile())
             .await
@@ -174,6 +180,7 @@ impl Engine {
             blocked_budgets: Default::default(),
             monitor: stats::Monitor::default(),
             metrics: metrics::Metrics::default(),
+            supervisors: supervise::Supervisors::default(),
         }))
     }
 

@@ -60,6 +60,10 @@ pub struct SandboxInfo {
     pub stopped_at: Option<String>,
     /// Why the last lifecycle step failed, if it did.
     pub last_error: Option<String>,
+    /// Health (a running sandbox with a health check).
+    pub health: Option<devbox_wire::HealthInfo>,
+    /// Idle state (a sandbox with `spec.idle`).
+    pub idle: Option<devbox_wire::IdleInfo>,
 }
 
 /// Differences between two states of a sandbox.
@@ -93,6 +97,8 @@ impl From<SandboxInfo> for devbox_wire::SandboxInfo {
             started_at: s.started_at,
             stopped_at: s.stopped_at,
             last_error: s.last_error,
+            health: s.health,
+            idle: s.idle,
         }
     }
 }

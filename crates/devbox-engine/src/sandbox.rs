@@ -230,6 +230,7 @@ impl Engine {
     /// runtime dir).
     pub(crate) fn release_runtime(&self, rec: &SandboxRecord) {
         let phases = crate::Phases::start("release");
+        self.supervisors.end(&rec.id);
         match self.backend_of(rec) {
             Ok((b, inst)) => b.remove(&inst),
             Err(e) => tracing::warn!(sandbox = %rec.name, "releasing its runtime: {e}"),
@@ -391,6 +392,7 @@ impl Engine {
     /// Watches a running sandbox's init and records its unexpected exit.
     pub(crate) fn watch(self: &Arc<Self>, rec: &SandboxRecord) {
         let Some(pid) = rec.init_pid else { return };
+        self.supervise(rec);
         let Ok((backend, inst)) = self.backend_of(rec) else {
             return;
         };
@@ -472,6 +474,7 @@ impl Engine {
     ) -> Result<SandboxInfo> {
         let detail = serde_json::json!({"grace_ms": grace.map(|g| g.as_millis() as u64)});
         self.on_sandbox(caller, name, "sandbox.stop", detail, move |e, _, rec| {
+            e.forget_idle(&rec.id);
             if rec.state == SandboxState::Running {
                 e.halt(rec, grace.unwrap_or(e.cfg.stop_grace))?;
             }
@@ -497,6 +500,8 @@ impl Engine {
         hold: bool,
     ) -> Result<Option<HeldMounts>> {
         let phases = crate::Phases::start("halt");
+        self.thaw_before_stop(rec);
+        self.supervisors.end(&rec.id);
         let (backend, inst) = self.backend_of(rec)?;
         let held = backend.stop(&inst, grace, hold)?;
         self.detach_network(rec);
@@ -562,6 +567,7 @@ impl Engine {
         let _ = std::fs::remove_dir(self.pool.snapshots_dir().join(&rec.id));
         phases.mark("snapshots");
         self.store.delete_sandbox(&rec.id)?;
+        self.forget_idle(&rec.id);
         phases.mark("record");
         Ok(())
     }
@@ -625,6 +631,7 @@ impl Engine {
         } else {
             None
         };
+        let (health, idle) = self.supervision_info(rec, &manifest);
         let processes = match &backend {
             Some((b, inst)) if detailed => b
                 .processes(inst)
@@ -657,6 +664,8 @@ impl Engine {
             started_at: rec.started_at.map(rfc3339),
             stopped_at: rec.stopped_at.map(rfc3339),
             last_error,
+            health,
+            idle,
         })
     }
 }

@@ -151,6 +151,11 @@ impl Engine {
             )));
         }
         let tool = if req.with_processes {
+            // The checkpoint talks to the sandbox's agent: a sandbox frozen by the idle
+            // handling is thawed first.
+            if running {
+                self.wake_frozen(rec, "checkpoint")?;
+            }
             if !running {
                 return Err(EngineError::InvalidRequest(format!(
                     "sandbox {} is stopped: --with-processes needs running processes (start it, or leave the flag out)",
@@ -179,8 +184,14 @@ impl Engine {
                 .to_string(),
             None => auto_name(),
         };
+        // The health label is the daemon's: it says only what the health checks saw.
+        let mut labels = req.labels;
+        labels.remove(crate::HEALTHY_LABEL);
+        if running && self.supervisors.healthy(&rec.id) {
+            labels.insert(crate::HEALTHY_LABEL.to_string(), "healthy".to_string());
+        }
         let labels =
-            serde_json::to_string(&req.labels).map_err(|e| EngineError::internal("labels", e))?;
+            serde_json::to_string(&labels).map_err(|e| EngineError::internal("labels", e))?;
         let mut snap = SnapshotRecord {
             id: new_id(),
             sandbox_id: rec.id.clone(),
@@ -238,6 +249,8 @@ impl Engine {
                         (r, _) => r.map_err(EngineError::from),
                     }
                 }
+                // Frozen by the idle handling already: taken as it is, and left frozen.
+                None if running && self.supervisors.frozen(&rec.id) => copy(),
                 None if running => {
                     backend.freeze(&inst)?;
                     let copied = copy();

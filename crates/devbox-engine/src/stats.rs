@@ -68,6 +68,15 @@ impl Drop for LiveExec {
 }
 
 impl Monitor {
+    /// Whether the sandbox has an exec whose session is open.
+    pub(crate) fn has_execs(&self, sandbox_id: &str) -> bool {
+        self.execs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sandbox_id)
+            .is_some_and(|v| !v.is_empty())
+    }
+
     pub(crate) fn exec_started(&self, sandbox_id: &str, exec_id: &str, pid: i32) -> LiveExec {
         self.execs
             .lock()

@@ -28,6 +28,7 @@ mod libnft;
 mod netlink;
 mod plumb;
 mod proxy;
+pub use proxy::ConnHook;
 mod rules;
 
 use std::collections::{HashMap, VecDeque};
@@ -364,6 +365,8 @@ pub struct Networks {
     peer_lookup: RwLock<Option<PeerLookup>>,
     /// Tables whose peer sets were last filled with something (emptied when no longer).
     peer_tables: Mutex<std::collections::BTreeSet<String>>,
+    /// Called for each connection to a published port (see [`ConnHook`]).
+    conn_hook: std::sync::RwLock<Option<proxy::ConnHook>>,
 }
 
 /// Resolves the name a [`Target::Sandbox`] rule gives to the id of the sandbox it means
@@ -511,6 +514,7 @@ impl Networks {
             removed: Condvar::new(),
             peer_lookup: RwLock::new(None),
             peer_tables: Mutex::new(std::collections::BTreeSet::new()),
+            conn_hook: std::sync::RwLock::new(None),
         }))
     }
 
@@ -779,7 +783,7 @@ impl Networks {
                 .serve(&self.rt, l.gateway, shared.clone())
                 .inspect_err(|_| sb.stop_tasks())?;
         }
-        match proxy::start_all(&self.rt, &netns, ports) {
+        match proxy::start_all(&self.rt, &netns, ports, id, self.conn_hook()) {
             Ok(p) => sb.proxies = p,
             Err(e) => {
                 sb.stop_tasks();
@@ -921,6 +925,20 @@ impl Networks {
         self.refresh_peers()
     }
 
+    /// Sets what runs for each connection to a published port, before it is joined to the
+    /// sandbox (the daemon wakes a sandbox its idle handling froze); ports published from
+    /// now on use it.
+    pub fn set_conn_hook(&self, hook: ConnHook) {
+        *self.conn_hook.write().unwrap_or_else(|p| p.into_inner()) = Some(hook);
+    }
+
+    fn conn_hook(&self) -> Option<ConnHook> {
+        self.conn_hook
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Replaces a sandbox's published ports (a port that stays keeps its listener).
     pub fn set_ports(&self, id: &str, ports: &[PortMap]) -> Result<(), NetError> {
         valid_id(id)?;
@@ -936,7 +954,7 @@ impl Networks {
             t.abort();
         }
         let _ = keep;
-        match proxy::start_all(&self.rt, &sb.netns, ports) {
+        match proxy::start_all(&self.rt, &sb.netns, ports, id, self.conn_hook()) {
             Ok(p) => {
                 sb.proxies = p;
                 sb.ports = ports.to_vec();
@@ -944,7 +962,9 @@ impl Networks {
             }
             Err(e) => {
                 // Put the old ones back (their ports were just freed).
-                if let Ok(p) = proxy::start_all(&self.rt, &sb.netns, &sb.ports) {
+                if let Ok(p) =
+                    proxy::start_all(&self.rt, &sb.netns, &sb.ports, id, self.conn_hook())
+                {
                     sb.proxies = p;
                 }
                 Err(e)

@@ -38,11 +38,20 @@ fn all_slots() -> &'static Semaphore {
     })
 }
 
+/// What runs for each accepted connection before it is joined to the sandbox: given the
+/// sandbox's id, it resolves (once the sandbox can answer) to a guard held for as long as
+/// the connection lasts.
+pub type ConnHook = Arc<
+    dyn Fn(String) -> std::pin::Pin<Box<dyn Future<Output = Box<dyn Send>> + Send>> + Send + Sync,
+>;
+
 /// Binds every mapping (all or none) and starts their accept loops.
 pub(crate) fn start_all(
     rt: &tokio::runtime::Handle,
     netns: &Path,
     ports: &[PortMap],
+    id: &str,
+    hook: Option<ConnHook>,
 ) -> Result<Vec<tokio::task::AbortHandle>, NetError> {
     let mut listeners = Vec::new();
     for p in ports {
@@ -66,14 +75,28 @@ pub(crate) fn start_all(
         })?;
         let ns = netns.to_path_buf();
         tasks.push(
-            rt.spawn(accept_loop(l, ns, p.sandbox_port, slots.clone()))
-                .abort_handle(),
+            rt.spawn(accept_loop(
+                l,
+                ns,
+                p.sandbox_port,
+                slots.clone(),
+                id.to_string(),
+                hook.clone(),
+            ))
+            .abort_handle(),
         );
     }
     Ok(tasks)
 }
 
-async fn accept_loop(l: tokio::net::TcpListener, netns: PathBuf, port: u16, slots: Arc<Semaphore>) {
+async fn accept_loop(
+    l: tokio::net::TcpListener,
+    netns: PathBuf,
+    port: u16,
+    slots: Arc<Semaphore>,
+    id: String,
+    hook: Option<ConnHook>,
+) {
     // Connections are children of this task's JoinSet: aborting the loop ends them too.
     let mut conns = tokio::task::JoinSet::new();
     loop {
@@ -90,8 +113,14 @@ async fn accept_loop(l: tokio::net::TcpListener, netns: PathBuf, port: u16, slot
                     continue;
                 };
                 let ns = netns.clone();
+                let woken = hook.as_ref().map(|h| h(id.clone()));
                 conns.spawn(async move {
                     let _permits = (permit, all);
+                    // Held while the connection lasts (the sandbox is in use meanwhile).
+                    let _in_use = match woken {
+                        Some(w) => Some(w.await),
+                        None => None,
+                    };
                     // Only the socket is made on a thread in the sandbox's namespace (a
                     // short one: setns and socket); the connect is asynchronous, so a service
                     // that never accepts holds no thread of the daemon.

@@ -13,15 +13,19 @@
 //!   limits: {cpu: "2", memory: 4Gi, pids: 1024}
 //!   rollback: {enabled: true, autoSnapshot: true}
 //!   network: {mode: allow, allow: [pypi.org, "*.npmjs.org"], ports: ["8080:3000"]}
+//!   healthcheck: {command: ["test -f /srv/ready"], interval: 10s, onUnhealthy: restart}
+//!   idle: {after: 15m, action: freeze}
 //! ```
 //!
 //! [`SandboxManifest::parse`] reads YAML or JSON and reports the offending field of a bad spec
 //! (`spec.limits.memory: invalid quantity "4XB" ...`). [`Name`] validates sandbox names;
 //! [`quantity`] parses sizes and CPU amounts.
 
+pub mod health;
 pub mod network;
 pub mod quantity;
 
+pub use health::{HealthcheckSpec, IdleAction, IdleSpec, OnUnhealthy, ResolvedHealthcheck};
 pub use network::{Cidr, NO_IPV6, NetRule, NetTarget, NetworkMode, NetworkSpec, PortMap};
 
 use std::collections::BTreeMap;
@@ -244,6 +248,13 @@ pub struct SandboxSpec {
     /// several are a program and its arguments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
+    /// A command the daemon runs now and then to tell whether the sandbox is healthy, and
+    /// what it does when it is not (see [`health`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<HealthcheckSpec>,
+    /// What happens to the sandbox when nobody has used it for a while (see [`health`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<IdleSpec>,
 }
 
 /// `metadata`.
@@ -400,6 +411,12 @@ impl SandboxSpec {
         self.resolved_limits()?;
         self.rollback.max_age_seconds()?;
         self.network.validate()?;
+        if let Some(h) = &self.healthcheck {
+            h.resolve()?;
+        }
+        if let Some(i) = &self.idle {
+            i.after_ms()?;
+        }
         if !self.command.is_empty() && self.command[0].trim().is_empty() {
             return Err(SpecError::field(
                 "spec.command",

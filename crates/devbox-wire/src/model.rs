@@ -247,6 +247,67 @@ pub struct SandboxInfo {
     pub stopped_at: Option<String>,
     /// Why the last lifecycle step failed, if it did.
     pub last_error: Option<String>,
+    /// Health of a running sandbox whose spec has a health check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthInfo>,
+    /// Idle state of a sandbox whose spec has `idle`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<IdleInfo>,
+}
+
+/// A health check's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthStatus {
+    /// Started, not yet passed a check (or within its start period).
+    Starting,
+    /// The last check passed.
+    Healthy,
+    /// `retries` checks in a row failed.
+    Unhealthy,
+}
+
+impl HealthStatus {
+    /// The state's name (`starting`, `healthy`, `unhealthy`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Healthy => "healthy",
+            Self::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// Health of a sandbox (`spec.healthcheck`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HealthInfo {
+    /// The state.
+    pub status: HealthStatus,
+    /// Failed checks in a row.
+    pub failures: u32,
+    /// Checks run since the sandbox started.
+    pub checks: u64,
+    /// When the last check ended (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check: Option<String>,
+    /// The last check's exit code (absent: it could not run, or timed out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<i32>,
+    /// The start of the last check's output (at most 1 KiB, control characters escaped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_output: Option<String>,
+}
+
+/// Idle state of a sandbox (`spec.idle`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct IdleInfo {
+    /// Frozen because it was idle (the next exec thaws it).
+    pub frozen: bool,
+    /// Stopped because it was idle (the next exec starts it).
+    pub stopped: bool,
+    /// Milliseconds since it was last used (running sandboxes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_ms: Option<u64>,
 }
 
 /// A terminal size.

@@ -139,6 +139,70 @@ pub struct SandboxSpec {
     /// several are a program and its arguments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
+    /// A command the daemon runs now and then to tell whether the sandbox is healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<HealthcheckSpec>,
+    /// What happens to the sandbox when nobody has used it for a while.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<IdleSpec>,
+}
+
+/// What the daemon does when a sandbox turns unhealthy.
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUnhealthy {
+    /// Nothing but recording it.
+    None,
+    /// Stop the sandbox and start it again.
+    Restart,
+    /// Roll back to the newest snapshot taken while it was healthy.
+    Rollback,
+}
+
+/// `spec.healthcheck`.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HealthcheckSpec {
+    /// The check: one element is shell text run by `/bin/sh -c`, several are a program and
+    /// its arguments. Exit code 0 is a success.
+    pub command: Vec<String>,
+    /// Time between two checks (default 10s; at least 100ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// A check running longer is killed and fails (default 5s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Consecutive failures that make the sandbox unhealthy (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    /// Time after a start during which failures do not count (default 0s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_period: Option<String>,
+    /// What to do when the sandbox turns unhealthy (default none).
+    #[serde(default)]
+    pub on_unhealthy: OnUnhealthy,
+}
+
+/// What happens to an idle sandbox.
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum IdleAction {
+    /// Freeze its processes; the next exec thaws it.
+    Freeze,
+    /// Stop it; the next exec starts it.
+    Stop,
+}
+
+/// `spec.idle`.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IdleSpec {
+    /// Time without an exec, an attached session or a published-port connection after which
+    /// the sandbox is idle: `15m`, `500ms` (at least 100ms).
+    pub after: String,
+    /// What happens then (default freeze).
+    #[serde(default)]
+    pub action: IdleAction,
 }
 
 /// `metadata`.
@@ -226,7 +290,9 @@ mod tests {
              spec:\n  image: host\n  limits: {cpu: '1', memory: 1Gi, pids: 10, disk: 1Gi, execTimeout: 5m}\n\
              \x20 rollback: {enabled: true, autoSnapshot: true, keep: 3, maxAge: 1d}\n\
              \x20 network: none\n  env: {A: b}\n  workdir: /w\n  user: root\n\
-             \x20 hostname: h\n  command: [sleep, '1']\n",
+             \x20 hostname: h\n  command: [sleep, '1']\n\
+             \x20 healthcheck: {command: [a], interval: 1s, timeout: 1s, retries: 2, startPeriod: 1s, onUnhealthy: restart}\n\
+             \x20 idle: {after: 1m, action: stop}\n",
         )
         .unwrap();
         let limits = manifest.spec.resolved_limits().unwrap();
@@ -237,6 +303,8 @@ mod tests {
             "LimitsSpec": manifest.spec.limits,
             "RollbackSpec": manifest.spec.rollback,
             "ResolvedLimits": limits,
+            "HealthcheckSpec": manifest.spec.healthcheck,
+            "IdleSpec": manifest.spec.idle,
         });
         for (name, schema) in &fields {
             let actual: BTreeSet<String> = value[name]
@@ -247,7 +315,7 @@ mod tests {
                 .collect();
             assert_eq!(&actual, schema, "{name}: fields of the spec vs its schema");
         }
-        assert_eq!(fields.len(), 6, "{fields:?}");
+        assert_eq!(fields.len(), 8, "{fields:?}");
     }
 
     /// `spec.network`'s object form matches its mirror too.
