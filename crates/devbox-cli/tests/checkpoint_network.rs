@@ -21,17 +21,12 @@ use world::World;
 /// A dev-box whose daemon runs in `w`'s daemon namespace, resolving through its DNS server.
 fn env_in(w: &World) -> TestEnv {
     w.check_routes();
-    let mut env = TestEnv::new();
-    env.stop_daemon();
-    env.daemon_netns = Some(w.daemon.clone());
-    env.daemon_env
-        .push(("DEVBOX_NET_DNS".into(), format!("{}:53", world::UPSTREAM)));
-    env.daemon_env
-        .push(("DEVBOX_NET_SUBNET".into(), "10.78.0.0/16".into()));
-    env.start_daemon();
-    // /dev/tcp redirections would be held for approval by the default policy.
-    env.allow_everything();
-    env
+    TestEnv::in_netns(
+        &w.daemon,
+        &format!("{}:53", world::UPSTREAM),
+        "10.78.0.0/16",
+        &[],
+    )
 }
 
 fn net(env: &TestEnv, name: &str) -> serde_json::Value {

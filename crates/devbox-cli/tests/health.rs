@@ -317,15 +317,12 @@ fn published_port_connection_wakes_a_frozen_sandbox() {
     require_root!();
     let w = world::World::new();
     w.check_routes();
-    let mut env = TestEnv::new();
-    env.stop_daemon();
-    env.daemon_netns = Some(w.daemon.clone());
-    env.daemon_env
-        .push(("DEVBOX_NET_DNS".into(), format!("{}:53", world::UPSTREAM)));
-    env.daemon_env
-        .push(("DEVBOX_NET_SUBNET".into(), "10.81.0.0/16".into()));
-    env.start_daemon();
-    env.allow_everything();
+    let env = TestEnv::in_netns(
+        &w.daemon,
+        &format!("{}:53", world::UPSTREAM),
+        "10.81.0.0/16",
+        &[],
+    );
     create(
         &env,
         "web",

@@ -434,15 +434,12 @@ fn stats_count_network_bytes_of_a_linked_sandbox() {
     require_root!();
     let w = world::World::new();
     w.check_routes();
-    let mut env = TestEnv::new();
-    env.stop_daemon();
-    env.daemon_netns = Some(w.daemon.clone());
-    env.daemon_env
-        .push(("DEVBOX_NET_DNS".into(), format!("{}:53", world::UPSTREAM)));
-    env.daemon_env
-        .push(("DEVBOX_NET_SUBNET".into(), "10.78.0.0/16".into()));
-    env.start_daemon();
-    env.allow_everything();
+    let env = TestEnv::in_netns(
+        &w.daemon,
+        &format!("{}:53", world::UPSTREAM),
+        "10.78.0.0/16",
+        &[],
+    );
     env.ok(&[
         "create",
         "n",

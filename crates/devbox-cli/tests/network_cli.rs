@@ -21,18 +21,12 @@ use world::World;
 /// A dev-box whose daemon runs in `w`'s daemon namespace, resolving through its DNS server.
 fn env_in(w: &World) -> TestEnv {
     w.check_routes();
-    let mut env = TestEnv::new();
-    env.stop_daemon();
-    env.daemon_netns = Some(w.daemon.clone());
-    env.daemon_env
-        .push(("DEVBOX_NET_DNS".into(), format!("{}:53", world::UPSTREAM)));
-    env.daemon_env
-        .push(("DEVBOX_NET_SUBNET".into(), "10.77.0.0/16".into()));
-    env.start_daemon();
-    // The built-in default policy would hold /dev/tcp redirections for approval: these
-    // tests are about the network, not the guardrail.
-    env.allow_everything();
-    env
+    TestEnv::in_netns(
+        &w.daemon,
+        &format!("{}:53", world::UPSTREAM),
+        "10.77.0.0/16",
+        &[],
+    )
 }
 
 fn net(env: &TestEnv, name: &str) -> serde_json::Value {
@@ -458,18 +452,12 @@ fn the_nft_command_fallback_loads_the_same_rules() {
     require_root!();
     let w = World::new();
     w.check_routes();
-    let mut env = TestEnv::new();
-    env.stop_daemon();
-    env.daemon_netns = Some(w.daemon.clone());
-    env.daemon_env
-        .push(("DEVBOX_NET_DNS".into(), format!("{}:53", world::UPSTREAM)));
-    env.daemon_env
-        .push(("DEVBOX_NET_SUBNET".into(), "10.77.0.0/16".into()));
-    // Rules through the nft command instead of libnftables.
-    env.daemon_env
-        .push(("DEVBOX_NET_NFT".into(), "command".into()));
-    env.start_daemon();
-    env.allow_everything();
+    let env = TestEnv::in_netns(
+        &w.daemon,
+        &format!("{}:53", world::UPSTREAM),
+        "10.77.0.0/16",
+        &[("DEVBOX_NET_NFT", "command")],
+    );
     env.ok(&[
         "create",
         "dev",

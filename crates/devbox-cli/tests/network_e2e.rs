@@ -31,18 +31,12 @@ const HOST_SERVICE: u16 = 7070;
 /// A dev-box whose daemon runs in `w`'s daemon namespace, resolving through its DNS server.
 fn env_in(w: &World) -> TestEnv {
     w.check_routes();
-    let mut env = TestEnv::new();
-    env.stop_daemon();
-    env.daemon_netns = Some(w.daemon.clone());
-    env.daemon_env
-        .push(("DEVBOX_NET_DNS".into(), format!("{}:53", world::UPSTREAM)));
-    env.daemon_env
-        .push(("DEVBOX_NET_SUBNET".into(), "10.77.0.0/16".into()));
-    env.start_daemon();
-    // The default policy would hold /dev/tcp redirections and raw sockets for approval:
-    // these tests are about the network, not the guardrail.
-    env.allow_everything();
-    env
+    TestEnv::in_netns(
+        &w.daemon,
+        &format!("{}:53", world::UPSTREAM),
+        "10.77.0.0/16",
+        &[],
+    )
 }
 
 /// Serves a greeting on `0.0.0.0:port` of the namespace `ns` (bound before this returns).

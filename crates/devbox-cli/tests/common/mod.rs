@@ -223,6 +223,26 @@ impl TestEnv {
         }
     }
 
+    /// A dev-box whose daemon runs in the network namespace `netns` (a test world's, whose
+    /// only route leads into the world), resolving through `dns`, with sandbox addresses
+    /// from `subnet` and `extra` in its environment. The built-in default policy is replaced
+    /// by one that allows everything: it would hold `/dev/tcp` redirections and raw sockets
+    /// for approval, and these tests are about the network, not the guardrail.
+    pub fn in_netns(netns: &Path, dns: &str, subnet: &str, extra: &[(&str, &str)]) -> TestEnv {
+        let mut env = TestEnv::new();
+        env.stop_daemon();
+        env.daemon_netns = Some(netns.to_path_buf());
+        env.daemon_env.push(("DEVBOX_NET_DNS".into(), dns.into()));
+        env.daemon_env
+            .push(("DEVBOX_NET_SUBNET".into(), subnet.into()));
+        for (k, v) in extra {
+            env.daemon_env.push((k.to_string(), v.to_string()));
+        }
+        env.start_daemon();
+        env.allow_everything();
+        env
+    }
+
     /// Replaces the built-in default policy with one that allows everything, for tests that
     /// run dangerous commands on purpose to show the isolation holds without the guardrail.
     pub fn allow_everything(&self) {
