@@ -60,6 +60,9 @@ pub struct SandboxInfo {
     pub stopped_at: Option<String>,
     /// Why the last lifecycle step failed, if it did.
     pub last_error: Option<String>,
+    /// Alerts that fire now (inspect only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<devbox_wire::ActiveAlert>,
 }
 
 /// Differences between two states of a sandbox.
@@ -93,6 +96,7 @@ impl From<SandboxInfo> for devbox_wire::SandboxInfo {
             started_at: s.started_at,
             stopped_at: s.stopped_at,
             last_error: s.last_error,
+            alerts: s.alerts,
         }
     }
 }

@@ -657,6 +657,11 @@ impl Engine {
             started_at: rec.started_at.map(rfc3339),
             stopped_at: rec.stopped_at.map(rfc3339),
             last_error,
+            alerts: if detailed {
+                self.alerts.active_of(&rec.name)
+            } else {
+                Vec::new()
+            },
         })
     }
 }

@@ -19,6 +19,7 @@
 //! (`spec.limits.memory: invalid quantity "4XB" ...`). [`Name`] validates sandbox names;
 //! [`quantity`] parses sizes and CPU amounts.
 
+pub mod alerts;
 pub mod network;
 pub mod quantity;
 
@@ -51,9 +52,9 @@ pub enum SpecError {
 }
 
 impl SpecError {
-    pub(crate) fn field(field: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Field {
-            field: field.to_string(),
+            field: field.into(),
             message: message.into(),
         }
     }
@@ -244,6 +245,9 @@ pub struct SandboxSpec {
     /// several are a program and its arguments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
+    /// Alert rules of this sandbox (see [`alerts`]); each given rule replaces the daemon's.
+    #[serde(default, skip_serializing_if = "alerts::AlertsSpec::is_default")]
+    pub alerts: alerts::AlertsSpec,
 }
 
 /// `metadata`.
@@ -400,6 +404,7 @@ impl SandboxSpec {
         self.resolved_limits()?;
         self.rollback.max_age_seconds()?;
         self.network.validate()?;
+        self.alerts.resolve("spec.alerts")?;
         if !self.command.is_empty() && self.command[0].trim().is_empty() {
             return Err(SpecError::field(
                 "spec.command",

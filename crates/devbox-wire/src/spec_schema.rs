@@ -139,6 +139,35 @@ pub struct SandboxSpec {
     /// several are a program and its arguments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
+    /// Alert rules; each given rule replaces the daemon's global one.
+    #[serde(default)]
+    pub alerts: AlertsSpec,
+}
+
+/// `deniedCommands`: `count` denied commands within `within`.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeniedCommandsRule {
+    /// How many (at least 1).
+    pub count: u32,
+    /// Within how long: `30s`, `10m`, `1h` (at most 1d).
+    pub within: String,
+}
+
+/// `alerts`: each rule is off unless given.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AlertsSpec {
+    /// Memory use above this share of the memory limit: `90%` or `0.9`.
+    pub memory: Option<String>,
+    /// Disk use above this share of the disk quota: `80%` or `0.8`.
+    pub disk: Option<String>,
+    /// An exec running longer than this: `30s`, `10m`.
+    pub exec_duration: Option<String>,
+    /// Too many denied commands within a window.
+    pub denied_commands: Option<DeniedCommandsRule>,
+    /// Fires while the health check reports unhealthy.
+    pub unhealthy: Option<bool>,
 }
 
 /// `metadata`.
