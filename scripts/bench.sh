@@ -15,7 +15,9 @@
 #             TCP throughput sandbox->world through veth, rules and NAT vs from the daemon's
 #             namespace (crates/devbox-net/tests/net.rs bench_network, in namespaces it makes)
 #   monitoring: `sandbox stats` of 200 running sandboxes in one call (BENCH_STATS to change),
-#               CLI included, and the daemon's side alone (GET /v1/stats, scripts/bench_stats.py)
+#               CLI included, and the daemon's side alone (GET /v1/stats, scripts/bench_stats.py);
+#               the daemon's CPU over a minute with 200 idle sandboxes, monitoring loops on vs
+#               off (scripts/bench_monitoring.sh; BENCH_MON_SANDBOXES, BENCH_MON_SECONDS)
 #
 # Prints medians and ratios and writes them to bench-results/. Needs root. Installs the peers
 # from Debian (scripts/deps.sh bench) and builds dev-box in release mode.
@@ -157,6 +159,9 @@ hyperfine -N --warmup 3 --runs "$runs" --export-json "$work/stats.json" \
 python3 scripts/bench_stats.py "$work/run/api.sock" "$runs" > "$work/stats_api.txt"
 for i in $(seq 1 "$nstats"); do echo "stats-$i"; done | xargs -n 50 "$bin/sandbox" destroy --force
 
+echo "== monitoring cost: ${BENCH_MON_SANDBOXES:-200} idle sandboxes, daemon CPU with and without monitoring"
+scripts/bench_monitoring.sh "$bin" > "$work/monitoring_cost.md"
+
 echo "== snapshots (10 MB, 200 MB, 1 GB of changes)"
 if [[ -n ${BENCH_SKIP_SNAPSHOTS:-} ]]; then
   echo "(snapshots skipped: BENCH_SKIP_SNAPSHOTS)" > "$work/snapshots.md"
@@ -215,6 +220,7 @@ lines += ["", "## Networks", "", open(f"{work}/network.md").read()]
 lines.append("")
 table(f"{work}/stats.json", "Monitoring: `sandbox stats` of running sandboxes in one call")
 lines += [f"- the daemon's side alone (GET /v1/stats over the socket), median: {open(f'{work}/stats_api.txt').read().strip()} ms", ""]
+lines += ["", open(f"{work}/monitoring_cost.md").read()]
 text = "\n".join(lines)
 print(text)
 open(f"{out}/results.md", "w").write(text + "\n")
