@@ -96,9 +96,9 @@ pub(crate) async fn events(
                 .id(ev.id.to_string())
                 .json_data(&*ev)
                 .unwrap_or_else(|_| SseEvent::default().comment("unencodable event")),
-            Ok(Some(StreamItem::Lagged(n))) => SseEvent::default()
-                .event("lagged")
-                .data(serde_json::json!({"missed": n, "note": "the missed events follow"}).to_string()),
+            Ok(Some(StreamItem::Lagged(n))) => SseEvent::default().event("lagged").data(
+                serde_json::json!({"missed": n, "note": "the missed events follow"}).to_string(),
+            ),
             Ok(None) => return None,
             Err(err) => {
                 return Some((

@@ -81,9 +81,9 @@ pub async fn command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
                 loop {
                     match f.next().await? {
                         Followed::Event(e) => print_event(&e, json)?,
-                        Followed::Lagged(n) => eprintln!(
-                            "sandbox: the stream fell behind by {n} events; they follow"
-                        ),
+                        Followed::Lagged(n) => {
+                            eprintln!("sandbox: the stream fell behind by {n} events; they follow")
+                        }
                     }
                     std::io::stdout().flush()?;
                 }
@@ -119,7 +119,15 @@ pub async fn command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
                     })
                     .collect();
                 table(
-                    &["URL", "DELIVERED", "FAILED", "DROPPED", "QUEUED", "LAST SUCCESS", "LAST ERROR"],
+                    &[
+                        "URL",
+                        "DELIVERED",
+                        "FAILED",
+                        "DROPPED",
+                        "QUEUED",
+                        "LAST SUCCESS",
+                        "LAST ERROR",
+                    ],
                     &rows,
                 );
             }

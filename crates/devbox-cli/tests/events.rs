@@ -108,7 +108,10 @@ fn events_list_follow_and_resume_without_gaps() {
         .iter()
         .map(|e| (e["kind"].as_str().unwrap(), e["action"].as_str().unwrap()))
         .collect();
-    assert!(kinds.contains(&("lifecycle", "sandbox.create")), "{kinds:?}");
+    assert!(
+        kinds.contains(&("lifecycle", "sandbox.create")),
+        "{kinds:?}"
+    );
     assert!(kinds.contains(&("exec", "exec")), "{kinds:?}");
     for e in &all {
         assert!(e["id"].as_i64().unwrap() > 0 && e["time"].is_string() && e["caller"] == "root");
@@ -123,7 +126,10 @@ fn events_list_follow_and_resume_without_gaps() {
     assert!(events(&env, &["--since", "2099-01-01T00:00:00Z"]).is_empty());
     assert!(!events(&env, &["--since", "10m"]).is_empty());
     let table = env.ok(&["events", "--sandbox", "ev"]);
-    assert!(table.starts_with("ID") && table.contains("sandbox.create"), "{table}");
+    assert!(
+        table.starts_with("ID") && table.contains("sandbox.create"),
+        "{table}"
+    );
     let bad = env.fails(&["events", "--since", "yesterday-ish"]);
     assert!(bad.contains("--since"), "{bad}");
 
@@ -137,8 +143,7 @@ fn events_list_follow_and_resume_without_gaps() {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     std::thread::sleep(Duration::from_millis(300));
     env.ok(&["snapshot", "ev"]);
-    let first: serde_json::Value =
-        serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
     assert_eq!(first["action"], "snapshot.create", "{first}");
     assert_eq!(first["kind"], "snapshot");
     let _ = child.kill();
@@ -177,9 +182,12 @@ fn oom_kills_and_pids_limit_hits_are_events() {
     env.ok(&["create", "lim", "--memory", "32Mi", "--pids", "16"]);
     // Holds more than the limit: the OOM killer ends it.
     let _ = env.sb(&["exec", "lim", "python3 -c 'b = b\"x\" * (96 << 20)'"]);
-    let oom = wait_event(&env, &["--sandbox", "lim", "--kind", "limit"], "limit.oom", |e| {
-        e["action"] == "limit.oom"
-    });
+    let oom = wait_event(
+        &env,
+        &["--sandbox", "lim", "--kind", "limit"],
+        "limit.oom",
+        |e| e["action"] == "limit.oom",
+    );
     assert!(oom["details"]["count"].as_u64().unwrap() >= 1, "{oom}");
     assert_eq!(oom["caller"], "monitor");
     // More processes than the limit: forks are refused.
@@ -188,9 +196,12 @@ fn oom_kills_and_pids_limit_hits_are_events() {
         "lim",
         "for i in $(seq 40); do sleep 2 & done 2>/dev/null; wait",
     ]);
-    let pids = wait_event(&env, &["--sandbox", "lim", "--kind", "limit"], "limit.pids", |e| {
-        e["action"] == "limit.pids"
-    });
+    let pids = wait_event(
+        &env,
+        &["--sandbox", "lim", "--kind", "limit"],
+        "limit.pids",
+        |e| e["action"] == "limit.pids",
+    );
     assert!(pids["details"]["count"].as_u64().unwrap() >= 1, "{pids}");
     assert_eq!(pids["details"]["limit"], 16);
     env.ok(&["destroy", "lim"]);
@@ -198,15 +209,18 @@ fn oom_kills_and_pids_limit_hits_are_events() {
 
 /// A receiver on 127.0.0.1: answers each request with the next status of `statuses` (then
 /// 200), or holds it unanswered (`hang`); keeps every request's headers and body.
+/// Requests a receiver got: (head, body).
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 struct Receiver {
     port: u16,
-    got: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    got: Received,
 }
 
 fn receiver(statuses: Vec<u16>, hang: bool) -> Receiver {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
-    let got: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let got: Received = Arc::default();
     let g = got.clone();
     std::thread::spawn(move || {
         let mut statuses = statuses.into_iter();
@@ -286,7 +300,9 @@ fn webhooks_are_signed_retried_and_counted() {
     env.ok(&["create", "other"]);
     // sandbox.create of wh: answered 500 twice, then delivered on the third attempt.
     wait_for("three attempts", || good.got.lock().unwrap().len() >= 3);
-    wait_for("the delivery to count", || webhooks(&env)[0]["delivered"] == 1);
+    wait_for("the delivery to count", || {
+        webhooks(&env)[0]["delivered"] == 1
+    });
     let got = good.got.lock().unwrap().clone();
     let (head, body) = &got[0];
     assert!(head.starts_with("POST /hook?token=abc HTTP/1.1"), "{head}");
@@ -314,12 +330,16 @@ fn webhooks_are_signed_retried_and_counted() {
     assert!(h["last_error"].as_str().unwrap().contains("500"), "{h}");
     assert!(h["last_success_at"].is_string());
     let table = env.ok(&["webhooks"]);
-    assert!(table.contains("DELIVERED") && !table.contains("token=abc"), "{table}");
+    assert!(
+        table.contains("DELIVERED") && !table.contains("token=abc"),
+        "{table}"
+    );
     let mut s = request(&env, "/metrics", "");
     let mut metrics = String::new();
     s.read_to_string(&mut metrics).unwrap();
     assert!(
-        metrics.contains("devbox_webhook_events_total{") && metrics.contains("result=\"delivered\"} 1"),
+        metrics.contains("devbox_webhook_events_total{")
+            && metrics.contains("result=\"delivered\"} 1"),
         "{metrics}"
     );
     // The secret is in no log.
@@ -355,8 +375,17 @@ fn dead_and_hanging_receivers_slow_nothing_and_are_counted() {
     });
     let h = webhooks(&env);
     assert_eq!(h[0]["delivered"], 0);
-    assert!(h[0]["last_error"].as_str().unwrap().contains("connecting"), "{h:?}");
-    assert!(h[1]["last_error"].as_str().unwrap().contains("no answer within 500ms"), "{h:?}");
+    assert!(
+        h[0]["last_error"].as_str().unwrap().contains("connecting"),
+        "{h:?}"
+    );
+    assert!(
+        h[1]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("no answer within 500ms"),
+        "{h:?}"
+    );
     assert!(!hanging.got.lock().unwrap().is_empty());
     env.ok(&["destroy", "slow"]);
 }
@@ -365,7 +394,11 @@ fn inspect_alerts(env: &TestEnv, name: &str) -> Vec<String> {
     let v: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", name])).unwrap();
     v["alerts"]
         .as_array()
-        .map(|a| a.iter().map(|x| x["rule"].as_str().unwrap().to_string()).collect())
+        .map(|a| {
+            a.iter()
+                .map(|x| x["rule"].as_str().unwrap().to_string())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -403,7 +436,10 @@ fn alerts_fire_and_resolve() {
     assert!(inspect_alerts(&env, "al").contains(&"memory".to_string()));
     env.ok(&["exec", "al", "kill $(cat /tmp/hog)"]);
     let resolved = alert(&env, "al", "alert.resolved", "memory");
-    assert!(resolved["details"]["value"].as_f64().unwrap() <= 0.5, "{resolved}");
+    assert!(
+        resolved["details"]["value"].as_f64().unwrap() <= 0.5,
+        "{resolved}"
+    );
 
     // An exec running longer than 1 s fires while it runs, resolves when it ends.
     env.ok(&["exec", "al", "sleep 2.5"]);

@@ -968,7 +968,10 @@ impl EventFollower {
                 Some("error") => {
                     let v: serde_json::Value = serde_json::from_str(&data).unwrap_or_default();
                     return Err(ClientError::Protocol(
-                        v["message"].as_str().unwrap_or("the event stream failed").to_string(),
+                        v["message"]
+                            .as_str()
+                            .unwrap_or("the event stream failed")
+                            .to_string(),
                     ));
                 }
                 _ => {}

@@ -135,9 +135,7 @@ fn monitoring_config(cli: &Args) -> anyhow::Result<MonitoringConfig> {
     };
     if !cli.webhook.is_empty() {
         let Some(secret) = &cli.webhook_secret_file else {
-            bail!(
-                "--webhook needs --webhook-secret-file FILE: the key that signs what is posted"
-            );
+            bail!("--webhook needs --webhook-secret-file FILE: the key that signs what is posted");
         };
         for url in &cli.webhook {
             cfg.webhooks

@@ -114,7 +114,15 @@ impl Engine {
     }
 
     /// Fires or resolves `rule` of `sandbox` when its state changes; nothing otherwise.
-    fn judge(&self, sandbox: &str, rule: &'static str, firing: bool, value: Value, threshold: Value, extra: Value) {
+    fn judge(
+        &self,
+        sandbox: &str,
+        rule: &'static str,
+        firing: bool,
+        value: Value,
+        threshold: Value,
+        extra: Value,
+    ) {
         let key = (sandbox.to_string(), rule);
         let mut active = lock(&self.alerts.active);
         let was = active.contains_key(&key);
@@ -142,7 +150,11 @@ impl Engine {
         }
         self.audit(
             &Caller::system(MONITOR_ACTOR),
-            if firing { "alert.firing" } else { "alert.resolved" },
+            if firing {
+                "alert.firing"
+            } else {
+                "alert.resolved"
+            },
             Some(sandbox),
             detail,
         );
@@ -156,7 +168,14 @@ impl Engine {
             .map(|((_, r), f)| (*r, f.clone()))
             .collect();
         for (rule, f) in firing {
-            self.judge(sandbox, rule, false, Value::Null, f.threshold, json!({"reason": why}));
+            self.judge(
+                sandbox,
+                rule,
+                false,
+                Value::Null,
+                f.threshold,
+                json!({"reason": why}),
+            );
         }
     }
 
@@ -248,7 +267,13 @@ impl Engine {
         for s in gone {
             self.resolve_all(
                 &s,
-                &["memory", "disk", "exec_duration", "denied_commands", "unhealthy"],
+                &[
+                    "memory",
+                    "disk",
+                    "exec_duration",
+                    "denied_commands",
+                    "unhealthy",
+                ],
                 "the sandbox was destroyed",
             );
         }
@@ -261,7 +286,13 @@ impl Engine {
     /// Records `limit.oom` and `limit.pids` when a running sandbox's counts rose since the
     /// last round. A run first seen counts from zero if it started after `since_ms` (the
     /// monitor's start), else from what it had then.
-    fn limit_events(&self, rec: &SandboxRecord, key: &str, u: &devbox_backend::Usage, since_ms: i64) {
+    fn limit_events(
+        &self,
+        rec: &SandboxRecord,
+        key: &str,
+        u: &devbox_backend::Usage,
+        since_ms: i64,
+    ) {
         let mut seen = lock(&self.alerts.seen);
         let (oom, pids) = *seen.entry(key.to_string()).or_insert_with(|| {
             if rec.started_at.is_some_and(|t| t >= since_ms) {
@@ -270,7 +301,10 @@ impl Engine {
                 (u.oom_kills, u.pids_limit_hits)
             }
         });
-        seen.insert(key.to_string(), (u.oom_kills.max(oom), u.pids_limit_hits.max(pids)));
+        seen.insert(
+            key.to_string(),
+            (u.oom_kills.max(oom), u.pids_limit_hits.max(pids)),
+        );
         drop(seen);
         let who = Caller::system(MONITOR_ACTOR);
         if u.oom_kills > oom {

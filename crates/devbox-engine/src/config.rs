@@ -197,7 +197,11 @@ impl MonitoringConfig {
         for (i, w) in file.webhooks.into_iter().enumerate() {
             let mut hook = WebhookConfig::new(&w.url, &w.secret_file)
                 .map_err(|e| format!("{}: webhooks[{i}]: {e}", path.display()))?;
-            hook.kinds = w.kinds.iter().map(|k| k.trim().to_ascii_lowercase()).collect();
+            hook.kinds = w
+                .kinds
+                .iter()
+                .map(|k| k.trim().to_ascii_lowercase())
+                .collect();
             hook.sandboxes = w.sandboxes;
             if let Some(t) = &w.timeout {
                 let ms = devbox_spec::quantity::parse_duration_ms(t)
@@ -212,13 +216,19 @@ impl MonitoringConfig {
             }
             if let Some(r) = w.retries {
                 if r > 20 {
-                    return Err(format!("{}: webhooks[{i}].retries: give 0 to 20", path.display()));
+                    return Err(format!(
+                        "{}: webhooks[{i}].retries: give 0 to 20",
+                        path.display()
+                    ));
                 }
                 hook.retries = r;
             }
             if let Some(q) = w.queue {
                 if !(1..=100_000).contains(&q) {
-                    return Err(format!("{}: webhooks[{i}].queue: give 1 to 100000", path.display()));
+                    return Err(format!(
+                        "{}: webhooks[{i}].queue: give 1 to 100000",
+                        path.display()
+                    ));
                 }
                 hook.queue = q;
             }
@@ -227,7 +237,6 @@ impl MonitoringConfig {
         Ok(cfg)
     }
 }
-
 
 impl EngineConfig {
     /// Settings under one state directory and one runtime directory, with a loop-file pool

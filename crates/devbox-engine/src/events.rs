@@ -132,7 +132,7 @@ impl EventFilter {
 
     /// Whether `e` passes.
     pub fn matches(&self, e: &Event) -> bool {
-        (self.kinds.is_empty() || self.kinds.iter().any(|k| *k == e.kind))
+        (self.kinds.is_empty() || self.kinds.contains(&e.kind))
             && self
                 .sandbox
                 .as_deref()
@@ -372,7 +372,9 @@ mod tests {
             details: serde_json::json!({}),
         };
         assert!(EventFilter::new(None, None, None).matches(&ev));
-        assert!(EventFilter::new(Some("a".into()), Some(10_000), Some("limit, alert")).matches(&ev));
+        assert!(
+            EventFilter::new(Some("a".into()), Some(10_000), Some("limit, alert")).matches(&ev)
+        );
         assert!(!EventFilter::new(Some("b".into()), None, None).matches(&ev));
         assert!(!EventFilter::new(None, Some(10_001), None).matches(&ev));
         assert!(!EventFilter::new(None, None, Some("exec")).matches(&ev));

@@ -61,8 +61,8 @@ pub use events::{BUS_CAPACITY, EventFilter, EventStream, StreamItem, kind_of};
 pub use exec::{ExecExit, ExecSession, Output, Pty};
 pub use flows::{ApprovalWait, OneShot};
 pub use metrics::METRICS_CONTENT_TYPE;
-pub use webhooks::{shown_url, signature};
 pub use reconcile::{DAEMON_MARK_ENV, daemon_mark, is_own_mark};
+pub use webhooks::{shown_url, signature};
 
 /// Result of engine operations.
 pub type Result<T> = std::result::Result<T, EngineError>;

@@ -161,7 +161,11 @@ impl Engine {
         );
         let hooks: Family<WebhookLabels, Counter> = Family::default();
         for (url, delivered, failed, dropped) in self.webhook_counts() {
-            for (result, n) in [("delivered", delivered), ("failed", failed), ("dropped", dropped)] {
+            for (result, n) in [
+                ("delivered", delivered),
+                ("failed", failed),
+                ("dropped", dropped),
+            ] {
                 hooks
                     .get_or_create(&WebhookLabels {
                         url: url.clone(),

@@ -24,9 +24,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::rustls;
 
+use crate::Engine;
 use crate::config::WebhookConfig;
 use crate::events::{EventFilter, StreamItem};
-use crate::Engine;
 
 /// The longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -66,7 +66,10 @@ impl Target {
             ));
         }
         let host = uri.host().ok_or_else(|| bad("it has no host"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
         Ok(Self {
             https,
             port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
@@ -391,7 +394,10 @@ mod tests {
     #[test]
     fn urls_parse_or_say_why_not() {
         let t = Target::parse("http://127.0.0.1:9000/hook?x=1").unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.path.as_str()), ("127.0.0.1", 9000, "/hook?x=1"));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.path.as_str()),
+            ("127.0.0.1", 9000, "/hook?x=1")
+        );
         let t = Target::parse("https://[::1]/").unwrap();
         assert!(t.https && t.port == 443 && t.host == "::1");
         for bad in ["ftp://x/", "not a url", "http://u:p@host/", "/just/a/path"] {

@@ -139,7 +139,7 @@ impl AlertsSpec {
             .as_deref()
             .map(|t| {
                 crate::parse_exec_timeout(t)
-                    .map_err(|e| SpecError::field(format!("{at}.execDuration"), e))
+                    .map_err(|e| SpecError::field(&format!("{at}.execDuration"), e))
             })
             .transpose()?;
         let denied_commands = match &self.denied_commands {
@@ -148,15 +148,15 @@ impl AlertsSpec {
                 let field = format!("{at}.deniedCommands");
                 if r.count == 0 {
                     return Err(SpecError::field(
-                        format!("{field}.count"),
+                        &format!("{field}.count"),
                         "give at least 1",
                     ));
                 }
                 let ms = crate::quantity::parse_duration_ms(&r.within)
-                    .map_err(|e| SpecError::field(format!("{field}.within"), e))?;
+                    .map_err(|e| SpecError::field(&format!("{field}.within"), e))?;
                 if ms == 0 || ms > MAX_DENIED_WINDOW_MS {
                     return Err(SpecError::field(
-                        format!("{field}.within"),
+                        &format!("{field}.within"),
                         format!("{:?} is out of range: give 1s to 1d", r.within),
                     ));
                 }

@@ -52,9 +52,9 @@ pub enum SpecError {
 }
 
 impl SpecError {
-    pub(crate) fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn field(field: &str, message: impl Into<String>) -> Self {
         Self::Field {
-            field: field.into(),
+            field: field.to_string(),
             message: message.into(),
         }
     }

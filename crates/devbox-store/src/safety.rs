@@ -506,7 +506,13 @@ impl Store {
             ))?;
             let rows = st
                 .query_map(
-                    params![sandbox, since_ms, after, before, limit.min(i64::MAX as usize) as i64],
+                    params![
+                        sandbox,
+                        since_ms,
+                        after,
+                        before,
+                        limit.min(i64::MAX as usize) as i64
+                    ],
                     audit_row,
                 )?
                 .map(|r| r.map(finish_audit))
@@ -786,9 +792,21 @@ mod tests {
                 .unwrap();
         }
         let seqs = |v: Vec<AuditRecord>| v.iter().map(|r| r.seq).collect::<Vec<_>>();
-        assert_eq!(seqs(s.audit_page(None, None, Some(3), None, false, 3).unwrap()), [4, 5, 6]);
-        assert_eq!(seqs(s.audit_page(None, None, None, Some(9), true, 2).unwrap()), [8, 7]);
-        assert_eq!(seqs(s.audit_page(Some("a"), None, Some(4), Some(10), false, 9).unwrap()), [5, 7, 9]);
+        assert_eq!(
+            seqs(s.audit_page(None, None, Some(3), None, false, 3).unwrap()),
+            [4, 5, 6]
+        );
+        assert_eq!(
+            seqs(s.audit_page(None, None, None, Some(9), true, 2).unwrap()),
+            [8, 7]
+        );
+        assert_eq!(
+            seqs(
+                s.audit_page(Some("a"), None, Some(4), Some(10), false, 9)
+                    .unwrap()
+            ),
+            [5, 7, 9]
+        );
     }
 
     #[test]

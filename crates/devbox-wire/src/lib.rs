@@ -26,8 +26,8 @@ pub mod stats;
 pub mod stream;
 
 pub use checks::*;
-pub use events::*;
 pub use error::{ErrorBody, ErrorDetail, RequestError};
+pub use events::*;
 pub use model::*;
 pub use network::*;
 pub use stats::*;

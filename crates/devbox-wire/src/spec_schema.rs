@@ -255,7 +255,8 @@ mod tests {
              spec:\n  image: host\n  limits: {cpu: '1', memory: 1Gi, pids: 10, disk: 1Gi, execTimeout: 5m}\n\
              \x20 rollback: {enabled: true, autoSnapshot: true, keep: 3, maxAge: 1d}\n\
              \x20 network: none\n  env: {A: b}\n  workdir: /w\n  user: root\n\
-             \x20 hostname: h\n  command: [sleep, '1']\n",
+             \x20 hostname: h\n  command: [sleep, '1']\n\
+             \x20 alerts: {memory: 90%, disk: 80%, execDuration: 10m, deniedCommands: {count: 5, within: 10m}, unhealthy: true}\n",
         )
         .unwrap();
         let limits = manifest.spec.resolved_limits().unwrap();
@@ -266,6 +267,8 @@ mod tests {
             "LimitsSpec": manifest.spec.limits,
             "RollbackSpec": manifest.spec.rollback,
             "ResolvedLimits": limits,
+            "AlertsSpec": manifest.spec.alerts,
+            "DeniedCommandsRule": manifest.spec.alerts.denied_commands,
         });
         for (name, schema) in &fields {
             let actual: BTreeSet<String> = value[name]
@@ -276,7 +279,7 @@ mod tests {
                 .collect();
             assert_eq!(&actual, schema, "{name}: fields of the spec vs its schema");
         }
-        assert_eq!(fields.len(), 6, "{fields:?}");
+        assert_eq!(fields.len(), 8, "{fields:?}");
     }
 
     /// `spec.network`'s object form matches its mirror too.
