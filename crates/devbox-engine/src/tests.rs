@@ -1039,3 +1039,72 @@ fn event_streams_fill_gaps_skip_duplicates_and_survive_lag() {
     });
     d.kill();
 }
+
+#[test]
+fn unhealthy_alert_follows_health_status_records_by_action_alone() {
+    let host = Host::new();
+    let d = host.daemon();
+    let mut spec = devbox_spec::SandboxSpec::default();
+    spec.alerts.unhealthy = Some(true);
+    d.create_with(
+        "h",
+        true,
+        Some(devbox_spec::SandboxManifest::new(Some("h".into()), spec)),
+    );
+    d.create("quiet", true);
+    let e = d.engine.clone();
+    let checker = Caller::system("health");
+    let alerts = |name: &str| {
+        d.run(e.events(
+            crate::EventFilter::new(Some(name.into()), None, Some("alert")),
+            100,
+        ))
+        .unwrap()
+        .into_iter()
+        .map(|ev| {
+            (
+                ev.action,
+                ev.details["rule"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect::<Vec<_>>()
+    };
+    let wait_for = |name: &str, n: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while alerts(name).len() < n {
+            assert!(std::time::Instant::now() < deadline, "{:?}", alerts(name));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    for (name, status) in [
+        ("h", "starting"),
+        ("h", "unhealthy"),
+        ("h", "unhealthy"),
+        ("quiet", "unhealthy"),
+    ] {
+        e.audit(
+            &checker,
+            "health.status",
+            Some(name),
+            serde_json::json!({"status": status, "previous": null}),
+        );
+    }
+    wait_for("h", 1);
+    let active = d.run(e.inspect("h")).unwrap().alerts;
+    assert_eq!(active.len(), 1);
+    assert_eq!(active[0].rule, "unhealthy");
+    e.audit(
+        &checker,
+        "health.status",
+        Some("h"),
+        serde_json::json!({"status": "healthy", "previous": "unhealthy"}),
+    );
+    wait_for("h", 2);
+    let firing = ("alert.firing".to_string(), "unhealthy".to_string());
+    let resolved = ("alert.resolved".to_string(), "unhealthy".to_string());
+    assert_eq!(alerts("h"), [firing, resolved]);
+    // Without the rule, nothing fires.
+    assert!(alerts("quiet").is_empty());
+    assert!(d.run(e.inspect("h")).unwrap().alerts.is_empty());
+    d.kill();
+}
