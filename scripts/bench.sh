@@ -15,7 +15,9 @@
 #             TCP throughput sandbox->world through veth, rules and NAT vs from the daemon's
 #             namespace (crates/devbox-net/tests/net.rs bench_network, in namespaces it makes)
 #   monitoring: `sandbox stats` of 200 running sandboxes in one call (BENCH_STATS to change),
-#               CLI included, and the daemon's side alone (GET /v1/stats, scripts/bench_stats.py)
+#               CLI included, and the daemon's side alone (GET /v1/stats, scripts/bench_stats.py);
+#               the daemon's CPU over a minute with 200 idle sandboxes, monitoring loops on vs
+#               off (scripts/bench_monitoring.sh; BENCH_MON_SANDBOXES, BENCH_MON_SECONDS)
 #   idle wake: `sandbox exec -- true` into a sandbox its idle handling froze (spec.idle,
 #              after 100ms; each run waits 300 ms first so that it is frozen) vs into a running
 #              one (same wait); and the thaw alone as the daemon measured it (idle.wake took_us)
@@ -174,6 +176,8 @@ hyperfine -N --warmup 3 --runs "$runs" --prepare "sleep 0.3" --export-json "$wor
   >/dev/null
 "$bin/sandbox" audit --format json --sandbox bench-frozen > "$work/idle_audit.json"
 "$bin/sandbox" destroy --force bench-awake bench-frozen >/dev/null
+echo "== monitoring cost: ${BENCH_MON_SANDBOXES:-200} idle sandboxes, daemon CPU with and without monitoring"
+scripts/bench_monitoring.sh "$bin" > "$work/monitoring_cost.md"
 
 echo "== snapshots (10 MB, 200 MB, 1 GB of changes)"
 if [[ -n ${BENCH_SKIP_SNAPSHOTS:-} ]]; then
@@ -244,6 +248,7 @@ lines += [f"- waking adds (median frozen - median running): {(frozen - awake) * 
           f"- the thaw alone, as the daemon measured it (idle.wake took_us), median of {len(wakes)}: "
           + (f"{wakes[len(wakes) // 2] / 1000:.2f} ms" if wakes else "none recorded"),
           f"- freezes recorded: {freezes} (one before each run that woke it)", ""]
+lines += ["", open(f"{work}/monitoring_cost.md").read()]
 text = "\n".join(lines)
 print(text)
 open(f"{out}/results.md", "w").write(text + "\n")

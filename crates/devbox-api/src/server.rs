@@ -139,6 +139,8 @@ pub fn router_with(engine: Arc<Engine>, access: crate::auth::Access) -> Router {
         )
         .route("/v1/sandboxes/{name}/ps", get(crate::monitoring::ps))
         .route("/metrics", get(crate::monitoring::metrics))
+        .route("/v1/events", get(crate::monitoring::events))
+        .route("/v1/webhooks", get(crate::monitoring::webhooks))
         .route("/v1/sandboxes/{name}/network", get(crate::network::status))
         .route(
             "/v1/sandboxes/{name}/network/allow",

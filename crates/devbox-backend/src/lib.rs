@@ -58,6 +58,10 @@ pub struct Usage {
     /// The most memory charged to it at once, in bytes (0 if the kernel does not tell).
     #[serde(default)]
     pub memory_peak_bytes: u64,
+    /// Forks refused because the sandbox was at its pids limit, since it started (the `max`
+    /// count of its cgroup's `pids.events`; 0 if the kernel does not tell).
+    #[serde(default)]
+    pub pids_limit_hits: u64,
 }
 
 /// One process of a running sandbox, as read from the host's /proc (see

@@ -287,6 +287,38 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+    /// Show events: lifecycle, exec, snapshot, rollback, limit (OOM kills, pids limit hits),
+    /// network (blocked attempts), approval, policy, health, alert, idle, ...
+    ///
+    /// Every audit record is an event; its id is the record's sequence number. With
+    /// --follow, the events since --since (none without it) and then new ones as they happen;
+    /// a stream that ends is resumed after the last id seen.
+    Events {
+        /// Only this sandbox's events.
+        #[arg(long)]
+        sandbox: Option<String>,
+        /// Only events since a time (2026-11-28T10:00:00Z) or a duration ago (10m, 1h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only events of these kinds (comma-separated, e.g. alert,limit).
+        #[arg(long, value_name = "KINDS")]
+        kind: Option<String>,
+        /// Keep following new events.
+        #[arg(short, long)]
+        follow: bool,
+        /// At most this many past events (the newest).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Output format (json: one object per line).
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Show the daemon's webhooks and their delivery state.
+    Webhooks {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
     /// Show a sandbox as JSON: spec, state, processes, times, resource and storage use.
     Inspect {
         /// The sandbox.

@@ -220,7 +220,10 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
         | Command::Rollback { .. }
         | Command::Clone { .. } => snapshot_command(&c, cmd).await,
         Command::Network(args) => network_command(&c, args).await,
-        Command::Stats { .. } | Command::Ps { .. } => crate::monitor::command(&c, cmd).await,
+        Command::Stats { .. }
+        | Command::Ps { .. }
+        | Command::Events { .. }
+        | Command::Webhooks { .. } => crate::monitor::command(&c, cmd).await,
         Command::Check { .. }
         | Command::Policy(_)
         | Command::Approvals { .. }
@@ -929,7 +932,7 @@ async fn policy_command(c: &Client, cmd: &PolicyCommand) -> anyhow::Result<i32> 
 }
 
 /// One line about an audit record's details.
-fn audit_summary(detail: &serde_json::Value) -> String {
+pub(crate) fn audit_summary(detail: &serde_json::Value) -> String {
     let Some(obj) = detail.as_object() else {
         return detail.to_string();
     };

@@ -3,8 +3,8 @@
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
-use devbox_client::Client;
-use devbox_wire::{Attribution, ProcessList, SandboxStats};
+use devbox_client::{Client, Followed};
+use devbox_wire::{Attribution, Event, EventsQuery, ProcessList, SandboxStats};
 
 use crate::cli::{Command, Format};
 use crate::commands::print_json;
@@ -57,7 +57,83 @@ pub async fn command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        _ => unreachable!("monitor::command is called for stats and ps only"),
+        Command::Events {
+            sandbox,
+            since,
+            kind,
+            follow,
+            limit,
+            format,
+        } => {
+            let q = EventsQuery {
+                sandbox: sandbox.clone(),
+                since: since.clone(),
+                kind: kind.clone(),
+                follow: *follow,
+                limit: Some(*limit),
+            };
+            let json = *format == Format::Json;
+            if !json {
+                print_event_header();
+            }
+            if *follow {
+                let mut f = c.follow_events(&q).await?;
+                loop {
+                    match f.next().await? {
+                        Followed::Event(e) => print_event(&e, json)?,
+                        Followed::Lagged(n) => {
+                            eprintln!("sandbox: the stream fell behind by {n} events; they follow")
+                        }
+                    }
+                    std::io::stdout().flush()?;
+                }
+            }
+            for e in c.events(&q).await? {
+                print_event(&e, json)?;
+            }
+            Ok(0)
+        }
+        Command::Webhooks { format } => {
+            let hooks = c.webhooks().await?;
+            if *format == Format::Json {
+                print_json(&hooks)?;
+            } else if hooks.is_empty() {
+                println!("no webhooks (configure them with sandboxd --webhook or --config)");
+            } else {
+                let rows: Vec<Vec<String>> = hooks
+                    .iter()
+                    .map(|h| {
+                        vec![
+                            h.url.clone(),
+                            h.delivered.to_string(),
+                            h.failed.to_string(),
+                            h.dropped.to_string(),
+                            h.queued.to_string(),
+                            h.last_success_at.clone().unwrap_or_else(|| "-".into()),
+                            match (&h.last_error, &h.last_error_at) {
+                                (Some(e), Some(t)) => format!("{t} {e}"),
+                                (Some(e), None) => e.clone(),
+                                _ => "-".into(),
+                            },
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "URL",
+                        "DELIVERED",
+                        "FAILED",
+                        "DROPPED",
+                        "QUEUED",
+                        "LAST SUCCESS",
+                        "LAST ERROR",
+                    ],
+                    &rows,
+                );
+            }
+            Ok(0)
+        }
+        _ => unreachable!("monitor::command is called for stats, ps, events and webhooks only"),
     }
 }
 
@@ -155,4 +231,44 @@ fn ps_table(list: &ProcessList) {
         ],
         &cells,
     );
+}
+
+const EVENT_COLUMNS: [(&str, usize); 6] = [
+    ("ID", 7),
+    ("TIME", 24),
+    ("KIND", 10),
+    ("ACTION", 16),
+    ("SANDBOX", 16),
+    ("CALLER", 12),
+];
+
+fn print_event_header() {
+    let mut line = String::new();
+    for (name, width) in EVENT_COLUMNS {
+        line.push_str(&format!("{name:<width$} "));
+    }
+    println!("{line}DETAILS");
+}
+
+/// One event: a table row (columns of fixed width, so rows line up as they stream) or a
+/// JSON line.
+fn print_event(e: &Event, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(e)?);
+        return Ok(());
+    }
+    let cells = [
+        e.id.to_string(),
+        e.time.clone(),
+        e.kind.clone(),
+        e.action.clone(),
+        e.sandbox.clone().unwrap_or_else(|| "-".into()),
+        e.caller.clone(),
+    ];
+    let mut line = String::new();
+    for ((_, width), cell) in EVENT_COLUMNS.iter().zip(cells) {
+        line.push_str(&format!("{cell:<width$} "));
+    }
+    println!("{line}{}", crate::commands::audit_summary(&e.details));
+    Ok(())
 }

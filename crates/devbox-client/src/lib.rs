@@ -15,6 +15,7 @@ use devbox_wire::{
     RollbackRequest, SandboxInfo, SandboxStats, SnapshotInfo, SnapshotRequest, StopRequest,
     UpdateLimitsRequest, VersionInfo,
 };
+use devbox_wire::{Event, EventsQuery, WebhookStatus};
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -693,6 +694,41 @@ impl Client {
             .await
     }
 
+    /// Past events, oldest first (the newest `query.limit`, default 1000).
+    pub async fn events(&self, query: &EventsQuery) -> Result<Vec<Event>, ClientError> {
+        let q = EventsQuery {
+            follow: false,
+            ..query.clone()
+        };
+        self.json(Method::GET, &format!("/v1/events?{}", events_qs(&q)), None)
+            .await
+    }
+
+    /// Follows events (Server-Sent Events): the past ones the query selects, then new ones.
+    /// The follower resumes after the last id it saw if the connection ends.
+    pub async fn follow_events(&self, query: &EventsQuery) -> Result<EventFollower, ClientError> {
+        let mut f = EventFollower {
+            client: Client {
+                socket: self.socket.clone(),
+                actor: self.actor.clone(),
+            },
+            query: EventsQuery {
+                follow: true,
+                ..query.clone()
+            },
+            last_id: None,
+            body: None,
+            buf: Vec::new(),
+        };
+        f.connect().await?;
+        Ok(f)
+    }
+
+    /// The webhooks and their delivery state.
+    pub async fn webhooks(&self) -> Result<Vec<WebhookStatus>, ClientError> {
+        self.json(Method::GET, "/v1/webhooks", None).await
+    }
+
     /// Checks the audit chain; with `head`, also that it reaches that kept head hash.
     pub async fn verify_audit(&self, head: Option<&str>) -> Result<AuditVerification, ClientError> {
         let path = match head {
@@ -811,4 +847,181 @@ fn enc(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+fn events_qs(q: &EventsQuery) -> String {
+    let mut v = Vec::new();
+    if let Some(s) = &q.sandbox {
+        v.push(format!("sandbox={}", enc(s)));
+    }
+    if let Some(s) = &q.since {
+        v.push(format!("since={}", enc(s)));
+    }
+    if let Some(k) = &q.kind {
+        v.push(format!("kind={}", enc(k)));
+    }
+    if let Some(l) = q.limit {
+        v.push(format!("limit={l}"));
+    }
+    if q.follow {
+        v.push("follow=true".into());
+    }
+    v.join("&")
+}
+
+/// What a follower reads.
+#[derive(Debug, Clone)]
+pub enum Followed {
+    /// An event.
+    Event(Box<Event>),
+    /// The daemon's stream fell behind by this many events (they follow).
+    Lagged(u64),
+}
+
+/// A stream of events from `GET /v1/events?follow=true` (see [`Client::follow_events`]).
+#[derive(Debug)]
+pub struct EventFollower {
+    client: Client,
+    query: EventsQuery,
+    last_id: Option<i64>,
+    body: Option<hyper::body::Incoming>,
+    buf: Vec<u8>,
+}
+
+/// Longest Server-Sent Events message accepted.
+const MAX_SSE_MESSAGE: usize = 16 << 20;
+
+impl EventFollower {
+    async fn connect(&mut self) -> Result<(), ClientError> {
+        let stream = self.client.connect().await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(Method::GET)
+            .uri(format!("/v1/events?{}", events_qs(&self.query)))
+            .header("host", "localhost")
+            .header("accept", "text/event-stream");
+        if let Some(id) = self.last_id {
+            req = req.header("last-event-id", id.to_string());
+        }
+        let req = req
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| ClientError::Protocol(e.to_string()))?
+                .to_bytes();
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(b) => ClientError::Api {
+                    status: status.as_u16(),
+                    code: b.error.code,
+                    message: b.error.message,
+                },
+                Err(_) => ClientError::Protocol(format!("HTTP {status}")),
+            });
+        }
+        self.body = Some(resp.into_body());
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// The next event; reconnects once (resuming after the last id) if the stream ends.
+    pub async fn next(&mut self) -> Result<Followed, ClientError> {
+        let mut reconnected = false;
+        loop {
+            if let Some(msg) = self.take_message()? {
+                return Ok(msg);
+            }
+            let frame = match self.body.as_mut() {
+                Some(b) => b.frame().await,
+                None => None,
+            };
+            match frame {
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        self.buf.extend_from_slice(&data);
+                        if self.buf.len() > MAX_SSE_MESSAGE {
+                            return Err(ClientError::Protocol(
+                                "an event stream message is too long".into(),
+                            ));
+                        }
+                    }
+                }
+                Some(Err(_)) | None => {
+                    if reconnected {
+                        return Err(ClientError::Protocol(
+                            "the daemon ended the event stream".into(),
+                        ));
+                    }
+                    reconnected = true;
+                    self.body = None;
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    self.connect().await?;
+                }
+            }
+        }
+    }
+
+    /// Parses one complete message from the buffer, skipping comments (keep-alives).
+    fn take_message(&mut self) -> Result<Option<Followed>, ClientError> {
+        loop {
+            let text = String::from_utf8_lossy(&self.buf).into_owned();
+            let Some(end) = text.find("\n\n") else {
+                return Ok(None);
+            };
+            let msg = text[..end].to_string();
+            self.buf.drain(..end + 2);
+            let (mut event, mut data, mut id) = (None, String::new(), None);
+            for line in msg.lines() {
+                if line.starts_with(':') {
+                    continue;
+                }
+                let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                let value = value.strip_prefix(' ').unwrap_or(value);
+                match field {
+                    "event" => event = Some(value.to_string()),
+                    "data" => {
+                        if !data.is_empty() {
+                            data.push('\n');
+                        }
+                        data.push_str(value);
+                    }
+                    "id" => id = value.parse::<i64>().ok(),
+                    _ => {}
+                }
+            }
+            match event.as_deref() {
+                None | Some("message") if !data.is_empty() => {
+                    let ev: Event = serde_json::from_str(&data)
+                        .map_err(|e| ClientError::Protocol(format!("an event: {e}")))?;
+                    self.last_id = id.or(Some(ev.id));
+                    return Ok(Some(Followed::Event(Box::new(ev))));
+                }
+                Some("lagged") => {
+                    let v: serde_json::Value = serde_json::from_str(&data).unwrap_or_default();
+                    return Ok(Some(Followed::Lagged(v["missed"].as_u64().unwrap_or(0))));
+                }
+                Some("error") => {
+                    let v: serde_json::Value = serde_json::from_str(&data).unwrap_or_default();
+                    return Err(ClientError::Protocol(
+                        v["message"]
+                            .as_str()
+                            .unwrap_or("the event stream failed")
+                            .to_string(),
+                    ));
+                }
+                _ => {}
+            }
+        }
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use devbox_engine::{Engine, EngineConfig};
+use devbox_engine::{Engine, EngineConfig, MonitoringConfig, WebhookConfig};
 
 /// The daemon's allocator: command checks (the shell parser allocates heavily) run about a
 /// quarter faster with mimalloc than with glibc's malloc. (Not in the `sandbox` CLI: there,
@@ -53,6 +53,16 @@ struct Args {
         default_value = "read,exec"
     )]
     group_scopes: String,
+    /// Configuration file (YAML or JSON): webhooks and global alert rules (see README).
+    #[arg(long, env = "DEVBOX_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Post every event to this http:// or https:// URL (repeatable; with
+    /// --webhook-secret-file).
+    #[arg(long, value_name = "URL")]
+    webhook: Vec<String>,
+    /// The file holding the key that signs --webhook posts (HMAC-SHA256).
+    #[arg(long, env = "DEVBOX_WEBHOOK_SECRET_FILE", value_name = "FILE")]
+    webhook_secret_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -102,6 +112,7 @@ fn run(cli: &Args) -> anyhow::Result<()> {
     // collects them when they end.
     nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
     let mut cfg = EngineConfig::new(cli.state_dir.clone(), cli.runtime_dir.clone(), pool_size);
+    cfg.monitoring = monitoring_config(cli)?;
     if let Ok(parent) = std::env::var("DEVBOX_CGROUP_PARENT") {
         cfg.cgroup_parent = parent;
     }
@@ -115,7 +126,7 @@ fn run(cli: &Args) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let engine = Engine::open(cfg).await?;
-        tracing::info!(socket = %socket.display(), pool = ?engine.pool_info().path, cgroups = engine.cgroup_mode(), "dev-box daemon ready");
+        tracing::info!(socket = %socket.display(), pool = ?engine.pool_info().path, cgroups = engine.cgroup_mode(), webhooks = engine.webhooks().len(), "dev-box daemon ready");
         let shutdown = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {
@@ -134,6 +145,24 @@ fn run(cli: &Args) -> anyhow::Result<()> {
     // Exit at once: blocking tasks still in flight must not hold the process.
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
+}
+
+/// Webhooks and alert rules: the configuration file's, then the `--webhook` flags'.
+fn monitoring_config(cli: &Args) -> anyhow::Result<MonitoringConfig> {
+    let mut cfg = match &cli.config {
+        Some(path) => MonitoringConfig::from_file(path).map_err(anyhow::Error::msg)?,
+        None => MonitoringConfig::default(),
+    };
+    if !cli.webhook.is_empty() {
+        let Some(secret) = &cli.webhook_secret_file else {
+            bail!("--webhook needs --webhook-secret-file FILE: the key that signs what is posted");
+        };
+        for url in &cli.webhook {
+            cfg.webhooks
+                .push(WebhookConfig::new(url, secret).map_err(anyhow::Error::msg)?);
+        }
+    }
+    Ok(cfg)
 }
 
 /// Makes sure this process carries its own daemon mark in its environment, which every

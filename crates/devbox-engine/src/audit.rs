@@ -17,11 +17,12 @@ impl Engine {
         sandbox: Option<&str>,
         detail: serde_json::Value,
     ) {
-        if let Err(e) = self
+        match self
             .store
             .append_audit(caller.name(), action, sandbox, &detail)
         {
-            tracing::error!(action, "writing the audit log: {e}");
+            Ok(rec) => self.events.publish(&rec),
+            Err(e) => tracing::error!(action, "writing the audit log: {e}"),
         }
     }
 

@@ -30,6 +30,212 @@ pub struct EngineConfig {
     pub approval_timeout: Duration,
     /// Days audit records and exec logs are kept (`$DEVBOX_RETENTION_DAYS`, default 30; 0: forever).
     pub retention_days: Option<u32>,
+    /// Webhooks, global alert rules and the monitoring loops.
+    pub monitoring: MonitoringConfig,
+}
+
+/// Webhooks, global alert rules and the monitoring loops: the daemon's configuration file
+/// (`sandboxd --config FILE`, see [`MonitoringConfig::from_file`]) and its flags.
+#[derive(Debug, Clone)]
+pub struct MonitoringConfig {
+    /// Where events are posted.
+    pub webhooks: Vec<WebhookConfig>,
+    /// Alert rules of every sandbox (a sandbox's `spec.alerts` replaces those it gives).
+    pub alerts: devbox_spec::alerts::AlertsSpec,
+    /// How often the monitor samples running sandboxes for limit events and alerts
+    /// (`$DEVBOX_MONITOR_INTERVAL`, default 5s).
+    pub interval: Duration,
+    /// The periodic loops (the monitor, the blocked-connection poll) run; off
+    /// (`$DEVBOX_MONITORING=off`) only to measure what they cost.
+    pub loops: bool,
+}
+
+impl Default for MonitoringConfig {
+    fn default() -> Self {
+        Self {
+            webhooks: Vec::new(),
+            alerts: Default::default(),
+            interval: std::env::var("DEVBOX_MONITOR_INTERVAL")
+                .ok()
+                .and_then(|v| devbox_spec::quantity::parse_duration_ms(&v).ok())
+                .filter(|ms| *ms >= 100)
+                .map_or(Duration::from_secs(5), Duration::from_millis),
+            loops: std::env::var("DEVBOX_MONITORING").ok().as_deref() != Some("off"),
+        }
+    }
+}
+
+/// One webhook.
+#[derive(Clone)]
+pub struct WebhookConfig {
+    /// `http://` or `https://` URL.
+    pub url: String,
+    /// The HMAC-SHA256 key of the signature header (never logged).
+    pub secret: Vec<u8>,
+    /// Only events of these kinds (empty: all).
+    pub kinds: Vec<String>,
+    /// Only events of these sandboxes (empty: all).
+    pub sandboxes: Vec<String>,
+    /// How long one attempt may take.
+    pub timeout: Duration,
+    /// Attempts after the first failed one.
+    pub retries: u32,
+    /// Events waiting at most; beyond, the oldest is dropped.
+    pub queue: usize,
+}
+
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &crate::webhooks::shown_url(&self.url))
+            .field("kinds", &self.kinds)
+            .field("sandboxes", &self.sandboxes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Default of a webhook's attempt timeout.
+pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of a webhook's retries.
+pub const WEBHOOK_RETRIES: u32 = 5;
+/// Default of a webhook's queue.
+pub const WEBHOOK_QUEUE: usize = 1000;
+
+/// The configuration file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    webhooks: Vec<WebhookEntry>,
+    #[serde(default)]
+    alerts: devbox_spec::alerts::AlertsSpec,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WebhookEntry {
+    url: String,
+    secret_file: std::path::PathBuf,
+    #[serde(default)]
+    kinds: Vec<String>,
+    #[serde(default)]
+    sandboxes: Vec<String>,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    retries: Option<u32>,
+    #[serde(default)]
+    queue: Option<usize>,
+}
+
+impl WebhookConfig {
+    /// A webhook to `url` signed with the key in `secret_file`, with the default settings.
+    /// The URL must be http or https; the file must hold a key (surrounding whitespace is
+    /// not part of it).
+    pub fn new(url: &str, secret_file: &std::path::Path) -> Result<Self, String> {
+        crate::webhooks::Target::parse(url)?;
+        let text = std::fs::read(secret_file).map_err(|e| {
+            format!(
+                "webhook {}: reading its secret file {}: {e}",
+                crate::webhooks::shown_url(url),
+                secret_file.display()
+            )
+        })?;
+        let secret = text.trim_ascii().to_vec();
+        if secret.is_empty() {
+            return Err(format!(
+                "webhook {}: the secret file {} is empty: put a key in it",
+                crate::webhooks::shown_url(url),
+                secret_file.display()
+            ));
+        }
+        Ok(Self {
+            url: url.to_string(),
+            secret,
+            kinds: Vec::new(),
+            sandboxes: Vec::new(),
+            timeout: WEBHOOK_TIMEOUT,
+            retries: WEBHOOK_RETRIES,
+            queue: WEBHOOK_QUEUE,
+        })
+    }
+}
+
+impl MonitoringConfig {
+    /// Reads the daemon's configuration file (YAML or JSON):
+    ///
+    /// ```yaml
+    /// webhooks:
+    ///   - url: https://hooks.example/dev-box
+    ///     secretFile: /etc/dev-box/hook.key
+    ///     kinds: [alert, limit]      # optional
+    ///     sandboxes: [web]           # optional
+    ///     timeout: 10s               # optional, per attempt
+    ///     retries: 5                 # optional
+    ///     queue: 1000                # optional
+    /// alerts:
+    ///   memory: 90%
+    ///   deniedCommands: {count: 5, within: 10m}
+    /// ```
+    pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading the configuration {}: {e}", path.display()))?;
+        let value: serde_json::Value = serde_saphyr::from_str(&text)
+            .map_err(|e| format!("{}: not valid YAML or JSON: {e}", path.display()))?;
+        let file: ConfigFile = if value.is_null() {
+            ConfigFile::default()
+        } else {
+            serde_json::from_value(value).map_err(|e| format!("{}: {e}", path.display()))?
+        };
+        file.alerts
+            .resolve("alerts")
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut cfg = MonitoringConfig {
+            alerts: file.alerts,
+            ..Default::default()
+        };
+        for (i, w) in file.webhooks.into_iter().enumerate() {
+            let mut hook = WebhookConfig::new(&w.url, &w.secret_file)
+                .map_err(|e| format!("{}: webhooks[{i}]: {e}", path.display()))?;
+            hook.kinds = w
+                .kinds
+                .iter()
+                .map(|k| k.trim().to_ascii_lowercase())
+                .collect();
+            hook.sandboxes = w.sandboxes;
+            if let Some(t) = &w.timeout {
+                let ms = devbox_spec::quantity::parse_duration_ms(t)
+                    .map_err(|e| format!("{}: webhooks[{i}].timeout: {e}", path.display()))?;
+                if !(100..=300_000).contains(&ms) {
+                    return Err(format!(
+                        "{}: webhooks[{i}].timeout: give 100ms to 5m",
+                        path.display()
+                    ));
+                }
+                hook.timeout = Duration::from_millis(ms);
+            }
+            if let Some(r) = w.retries {
+                if r > 20 {
+                    return Err(format!(
+                        "{}: webhooks[{i}].retries: give 0 to 20",
+                        path.display()
+                    ));
+                }
+                hook.retries = r;
+            }
+            if let Some(q) = w.queue {
+                if !(1..=100_000).contains(&q) {
+                    return Err(format!(
+                        "{}: webhooks[{i}].queue: give 1 to 100000",
+                        path.display()
+                    ));
+                }
+                hook.queue = q;
+            }
+            cfg.webhooks.push(hook);
+        }
+        Ok(cfg)
+    }
 }
 
 impl EngineConfig {
@@ -71,6 +277,7 @@ impl EngineConfig {
                 Some(d) => Some(d),
                 None => Some(30),
             },
+            monitoring: MonitoringConfig::default(),
             warm_launchers: std::env::var("DEVBOX_WARM_LAUNCHERS")
                 .ok()
                 .and_then(|v| v.parse().ok())

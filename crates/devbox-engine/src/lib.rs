@@ -16,6 +16,7 @@
 //! [`Engine::open`] reconciles records with the host (processes, cgroups, volumes, runtime
 //! directories), so a daemon killed at any point leaves nothing a restart cannot repair.
 
+mod alerts;
 mod approvals;
 mod audit;
 mod backends;
@@ -23,6 +24,7 @@ mod caller;
 mod checks;
 mod config;
 mod error;
+mod events;
 mod exec;
 mod flows;
 mod images;
@@ -43,6 +45,7 @@ mod supervise;
 mod tests;
 mod to_wire;
 mod transfer;
+mod webhooks;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -53,13 +56,15 @@ use devbox_store::Store;
 
 pub use caller::Caller;
 pub use checks::{ApprovalInfo, PolicyInfo, shell_join};
-pub use config::EngineConfig;
+pub use config::{EngineConfig, MonitoringConfig, WebhookConfig};
 pub use error::{EngineError, InternalSource};
+pub use events::{BUS_CAPACITY, EventFilter, EventStream, StreamItem, kind_of};
 pub use exec::{ExecExit, ExecSession, Output, Pty};
 pub use flows::{ApprovalWait, OneShot};
 pub use metrics::METRICS_CONTENT_TYPE;
 pub use reconcile::{DAEMON_MARK_ENV, daemon_mark, is_own_mark};
 pub use supervise::HEALTHY_LABEL;
+pub use webhooks::{shown_url, signature};
 
 /// Result of engine operations.
 pub type Result<T> = std::result::Result<T, EngineError>;
@@ -81,6 +86,9 @@ pub struct Engine {
     monitor: stats::Monitor,
     metrics: metrics::Metrics,
     supervisors: supervise::Supervisors,
+    events: events::EventBus,
+    alerts: alerts::Alerts,
+    webhooks: webhooks::Webhooks,
 }
 
 impl std::fmt::Debug for Engine {
@@ -126,7 +134,11 @@ impl Engine {
         for b in engine.backends.all() {
             b.ready();
         }
-        engine.pump_blocked();
+        if engine.cfg.monitoring.loops {
+            engine.pump_blocked();
+        }
+        engine.start_webhooks();
+        engine.start_monitor();
         // Retention and approval expiry, now and then every minute.
         let weak = Arc::downgrade(&engine);
         tokio::spawn(async move {
@@ -165,6 +177,7 @@ impl Engine {
             tracing::warn!("sandboxes cannot have networks: {why}");
         }
         let measurer = measure::Measurer::start(cfg.db_path());
+        let cfg_hooks = cfg.monitoring.webhooks.clone();
         Ok(Arc::new(Engine {
             cfg,
             store,
@@ -181,6 +194,9 @@ impl Engine {
             monitor: stats::Monitor::default(),
             metrics: metrics::Metrics::default(),
             supervisors: supervise::Supervisors::default(),
+            events: events::EventBus::default(),
+            alerts: alerts::Alerts::default(),
+            webhooks: webhooks::Webhooks::new(&cfg_hooks),
         }))
     }
 

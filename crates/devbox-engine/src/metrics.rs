@@ -30,6 +30,12 @@ struct OpLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookLabels {
+    url: String,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SandboxLabels {
     sandbox: String,
 }
@@ -153,6 +159,29 @@ impl Engine {
             "Processes and threads of a running sandbox",
             pids,
         );
+        let hooks: Family<WebhookLabels, Counter> = Family::default();
+        for (url, delivered, failed, dropped) in self.webhook_counts() {
+            for (result, n) in [
+                ("delivered", delivered),
+                ("failed", failed),
+                ("dropped", dropped),
+            ] {
+                hooks
+                    .get_or_create(&WebhookLabels {
+                        url: url.clone(),
+                        result,
+                    })
+                    .inc_by(n);
+            }
+        }
+        reg.register(
+            "webhook_events",
+            "Events per webhook: delivered, failed after every retry, dropped from a full queue",
+            hooks,
+        );
+        let firing: Gauge = Gauge::default();
+        firing.set(self.alerts_firing() as i64);
+        reg.register("alerts_firing", "Alerts that fire now", firing);
         let mut out = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut out, &reg).map_err(|e| {
             EngineError::internal(

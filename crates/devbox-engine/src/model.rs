@@ -64,6 +64,9 @@ pub struct SandboxInfo {
     pub health: Option<devbox_wire::HealthInfo>,
     /// Idle state (a sandbox with `spec.idle`).
     pub idle: Option<devbox_wire::IdleInfo>,
+    /// Alerts that fire now (inspect only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<devbox_wire::ActiveAlert>,
 }
 
 /// Differences between two states of a sandbox.
@@ -99,6 +102,7 @@ impl From<SandboxInfo> for devbox_wire::SandboxInfo {
             last_error: s.last_error,
             health: s.health,
             idle: s.idle,
+            alerts: s.alerts,
         }
     }
 }

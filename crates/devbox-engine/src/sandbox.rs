@@ -666,6 +666,11 @@ impl Engine {
             last_error,
             health,
             idle,
+            alerts: if detailed {
+                self.alerts.active_of(&rec.name)
+            } else {
+                Vec::new()
+            },
         })
     }
 }

@@ -29,8 +29,8 @@ pub const MAX_WINDOW: Duration = Duration::from_secs(10);
 /// How often a kept sample is replaced.
 const KEEP_EVERY: Duration = Duration::from_millis(500);
 
-/// Per sandbox id: (exec id, pid inside) of its execs whose session is open.
-type LiveExecs = Arc<Mutex<HashMap<String, Vec<(String, i32)>>>>;
+/// Per sandbox id: (exec id, pid inside, when it started) of its execs whose session is open.
+type LiveExecs = Arc<Mutex<HashMap<String, Vec<(String, i32, Instant)>>>>;
 
 #[derive(Debug, Clone, Copy)]
 struct CpuSample {
@@ -59,7 +59,7 @@ impl Drop for LiveExec {
     fn drop(&mut self) {
         let mut map = self.execs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(v) = map.get_mut(&self.sandbox_id) {
-            v.retain(|(id, _)| id != &self.exec_id);
+            v.retain(|(id, _, _)| id != &self.exec_id);
             if v.is_empty() {
                 map.remove(&self.sandbox_id);
             }
@@ -83,12 +83,24 @@ impl Monitor {
             .unwrap_or_else(|p| p.into_inner())
             .entry(sandbox_id.to_string())
             .or_default()
-            .push((exec_id.to_string(), pid));
+            .push((exec_id.to_string(), pid, Instant::now()));
         LiveExec {
             execs: self.execs.clone(),
             sandbox_id: sandbox_id.to_string(),
             exec_id: exec_id.to_string(),
         }
+    }
+
+    /// The longest-running live exec of each sandbox (by id): (exec id, how long it runs).
+    pub(crate) fn longest_execs(&self) -> HashMap<String, (String, Duration)> {
+        let map = self.execs.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .filter_map(|(sb, v)| {
+                v.iter()
+                    .min_by_key(|(_, _, at)| *at)
+                    .map(|(id, _, at)| (sb.clone(), (id.clone(), at.elapsed())))
+            })
+            .collect()
     }
 
     /// The base to average from, and keeps `now` as a sample when due.
@@ -303,7 +315,7 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&rec.id)
-            .cloned()
+            .map(|v| v.iter().map(|(id, pid, _)| (id.clone(), *pid)).collect())
             .unwrap_or_default();
         let inside: HashMap<i32, i32> = samples
             .iter()
@@ -353,7 +365,7 @@ impl Engine {
     }
 }
 
-fn cpu_key(rec: &SandboxRecord) -> String {
+pub(crate) fn cpu_key(rec: &SandboxRecord) -> String {
     format!("{}:{}", rec.id, rec.init_pid.unwrap_or(0))
 }
 

@@ -981,3 +981,130 @@ fn network_rules_change_live_persist_and_follow_clones() {
     }
     assert_eq!(e.store.network_rules(&id).expect("rules"), None);
 }
+
+#[test]
+fn event_streams_fill_gaps_skip_duplicates_and_survive_lag() {
+    let host = Host::new();
+    let d = host.daemon();
+    let e = d.engine.clone();
+    let who = me();
+    e.audit(&who, "sandbox.create", Some("a"), serde_json::json!({}));
+    let first = d.run(e.newest_seq()).unwrap();
+    d.run(async {
+        // Resumed after `first - 1`: the stored record, then live ones.
+        let mut s = e
+            .event_stream(crate::EventFilter::default(), Some(first - 1))
+            .await
+            .unwrap();
+        let next_id = |item: Option<crate::StreamItem>| match item {
+            Some(crate::StreamItem::Event(ev)) => ev.id,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(next_id(s.next().await.unwrap()), first);
+        // Two records committed, only the later one broadcast (as when two threads append
+        // and the second publishes first): the earlier comes from the store, once.
+        let a = e
+            .store
+            .append_audit("x", "exec", Some("a"), &serde_json::json!({}))
+            .unwrap();
+        let b = e
+            .store
+            .append_audit("x", "alert.firing", Some("a"), &serde_json::json!({}))
+            .unwrap();
+        e.events.publish(&b);
+        e.events.publish(&a);
+        e.events.publish(&b);
+        assert_eq!(next_id(s.next().await.unwrap()), a.seq);
+        assert_eq!(next_id(s.next().await.unwrap()), b.seq);
+        // Far behind: told how many it missed, then every one of them from the store.
+        let before = b.seq;
+        for i in 0..crate::BUS_CAPACITY + 10 {
+            e.audit(&who, "exec", Some("a"), serde_json::json!({"i": i}));
+        }
+        match s.next().await.unwrap() {
+            Some(crate::StreamItem::Lagged(n)) => assert!(n >= 10, "{n}"),
+            other => panic!("{other:?}"),
+        }
+        for want in before + 1..=before + crate::BUS_CAPACITY as i64 + 10 {
+            assert_eq!(next_id(s.next().await.unwrap()), want);
+        }
+        // Filters apply to stored and live events alike; past events by kind.
+        let past = e
+            .events(crate::EventFilter::new(None, None, Some("alert")), 10)
+            .await
+            .unwrap();
+        assert_eq!(past.len(), 1);
+        assert_eq!(past[0].id, b.seq);
+        assert_eq!(past[0].kind, "alert");
+    });
+    d.kill();
+}
+
+#[test]
+fn unhealthy_alert_follows_health_status_records_by_action_alone() {
+    let host = Host::new();
+    let d = host.daemon();
+    let mut spec = devbox_spec::SandboxSpec::default();
+    spec.alerts.unhealthy = Some(true);
+    d.create_with(
+        "h",
+        true,
+        Some(devbox_spec::SandboxManifest::new(Some("h".into()), spec)),
+    );
+    d.create("quiet", true);
+    let e = d.engine.clone();
+    let checker = Caller::system("health");
+    let alerts = |name: &str| {
+        d.run(e.events(
+            crate::EventFilter::new(Some(name.into()), None, Some("alert")),
+            100,
+        ))
+        .unwrap()
+        .into_iter()
+        .map(|ev| {
+            (
+                ev.action,
+                ev.details["rule"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect::<Vec<_>>()
+    };
+    let wait_for = |name: &str, n: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while alerts(name).len() < n {
+            assert!(std::time::Instant::now() < deadline, "{:?}", alerts(name));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    for (name, status) in [
+        ("h", "starting"),
+        ("h", "unhealthy"),
+        ("h", "unhealthy"),
+        ("quiet", "unhealthy"),
+    ] {
+        e.audit(
+            &checker,
+            "health.status",
+            Some(name),
+            serde_json::json!({"status": status, "previous": null}),
+        );
+    }
+    wait_for("h", 1);
+    let active = d.run(e.inspect("h")).unwrap().alerts;
+    assert_eq!(active.len(), 1);
+    assert_eq!(active[0].rule, "unhealthy");
+    e.audit(
+        &checker,
+        "health.status",
+        Some("h"),
+        serde_json::json!({"status": "healthy", "previous": "unhealthy"}),
+    );
+    wait_for("h", 2);
+    let firing = ("alert.firing".to_string(), "unhealthy".to_string());
+    let resolved = ("alert.resolved".to_string(), "unhealthy".to_string());
+    assert_eq!(alerts("h"), [firing, resolved]);
+    // Without the rule, nothing fires.
+    assert!(alerts("quiet").is_empty());
+    assert!(d.run(e.inspect("h")).unwrap().alerts.is_empty());
+    d.kill();
+}

@@ -577,6 +577,13 @@ impl SandboxCgroup {
         }
         if let Some((_, dir)) = self.find("pids") {
             u.pids = read_u64(dir.join("pids.current"));
+            u.pids_limit_hits = fs::read_to_string(dir.join("pids.events"))
+                .ok()
+                .and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("max ")?.trim().parse().ok())
+                })
+                .unwrap_or(0);
         }
         u.oom_kills = self.oom_kills().unwrap_or(0);
         if let Some((h, dir)) = self.find(if self.find("cpuacct").is_some() {
@@ -928,6 +935,9 @@ mod tests {
         .unwrap();
         assert_eq!(cg.oom_kills(), Some(3));
         assert_eq!(cg.usage().oom_kills, 3);
+        // Forks refused at the pids limit from pids.events.
+        fs::write(tmp.path().join("pids/dev-box/sb1/pids.events"), "max 7\n").unwrap();
+        assert_eq!(cg.usage().pids_limit_hits, 7);
         // An exec's cgroup: in the freezer hierarchy only (the tracking one on v1).
         let exec = cg.create_exec("exec-1").unwrap();
         assert_eq!(

@@ -21,6 +21,7 @@
 //! (`spec.limits.memory: invalid quantity "4XB" ...`). [`Name`] validates sandbox names;
 //! [`quantity`] parses sizes and CPU amounts.
 
+pub mod alerts;
 pub mod health;
 pub mod network;
 pub mod quantity;
@@ -255,6 +256,9 @@ pub struct SandboxSpec {
     /// What happens to the sandbox when nobody has used it for a while (see [`health`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle: Option<IdleSpec>,
+    /// Alert rules of this sandbox (see [`alerts`]); each given rule replaces the daemon's.
+    #[serde(default, skip_serializing_if = "alerts::AlertsSpec::is_default")]
+    pub alerts: alerts::AlertsSpec,
 }
 
 /// `metadata`.
@@ -417,6 +421,7 @@ impl SandboxSpec {
         if let Some(i) = &self.idle {
             i.after_ms()?;
         }
+        self.alerts.resolve("spec.alerts")?;
         if !self.command.is_empty() && self.command[0].trim().is_empty() {
             return Err(SpecError::field(
                 "spec.command",

@@ -3,6 +3,7 @@
 //! - [`model`]: requests and responses of sandboxes, execs, snapshots, images and the pool;
 //! - [`network`]: a sandbox's network, its live changes and blocked attempts;
 //! - [`checks`]: command checks, policies, approvals and the audit log;
+//! - [`events`]: events, webhooks' delivery state, active alerts;
 //! - [`error`]: the error body every failed request answers with;
 //! - [`stream`]: the messages of the exec WebSocket;
 //! - [`query`]: the query strings of the routes;
@@ -15,6 +16,7 @@
 
 pub mod checks;
 pub mod error;
+pub mod events;
 pub mod model;
 pub mod network;
 pub mod openapi;
@@ -25,6 +27,7 @@ pub mod stream;
 
 pub use checks::*;
 pub use error::{ErrorBody, ErrorDetail, RequestError};
+pub use events::*;
 pub use model::*;
 pub use network::*;
 pub use stats::*;

@@ -247,6 +247,9 @@ pub struct SandboxInfo {
     pub stopped_at: Option<String>,
     /// Why the last lifecycle step failed, if it did.
     pub last_error: Option<String>,
+    /// Alerts that fire now (inspect only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<crate::events::ActiveAlert>,
     /// Health of a running sandbox whose spec has a health check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthInfo>,

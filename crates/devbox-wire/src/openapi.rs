@@ -11,6 +11,7 @@ use crate::checks::{
     PolicyRequest,
 };
 use crate::error::{ErrorBody, ErrorDetail};
+use crate::events::{Event, EventsQuery, WebhookStatus};
 use crate::model::{
     CloneRequest, CreateSandboxRequest, DiffResult, ExecRequest, ExecResult, ImageInfo,
     ImportImageRequest, PoolInfo, RollbackRequest, SandboxInfo, SnapshotInfo, SnapshotRequest,
@@ -77,6 +78,8 @@ Errors have the shape {\"error\": {\"code\", \"message\"}}."
         audit,
         verify,
         export_logs,
+        events,
+        webhooks,
     ),
     components(schemas(
         ErrorBody,
@@ -317,6 +320,18 @@ fn verify() {}
     responses((status = 200, content_type = "application/gzip"), (status = 404, body = ErrorBody)))]
 #[allow(dead_code)]
 fn export_logs() {}
+
+#[utoipa::path(get, path = "/v1/events", tag = "crate::monitoring", params(EventsQuery),
+    description = "Events: every audit record with its kind (lifecycle, exec, snapshot, rollback, limit, network, approval, policy, health, alert, idle, ...), oldest first. With `follow=true` or `Accept: text/event-stream`, Server-Sent Events: the past events, then new ones as they happen; each `id:` is the event's id, so a client that reconnects with `Last-Event-ID` resumes after it without gaps or duplicates. A client too slow to keep up gets an `event: lagged` message with how many it missed (they remain in GET /v1/events).",
+    responses((status = 200, body = Vec<Event>), (status = 200, content_type = "text/event-stream"), (status = 400, body = ErrorBody)))]
+#[allow(dead_code)]
+fn events() {}
+
+#[utoipa::path(get, path = "/v1/webhooks", tag = "crate::monitoring",
+    description = "The configured webhooks and their delivery state.",
+    responses((status = 200, body = Vec<WebhookStatus>)))]
+#[allow(dead_code)]
+fn webhooks() {}
 
 /// The OpenAPI document (serialises to JSON; `to_pretty_json` prints it).
 pub type Document = utoipa::openapi::OpenApi;

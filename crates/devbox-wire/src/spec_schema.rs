@@ -139,6 +139,9 @@ pub struct SandboxSpec {
     /// several are a program and its arguments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
+    /// Alert rules; each given rule replaces the daemon's global one.
+    #[serde(default)]
+    pub alerts: AlertsSpec,
     /// A command the daemon runs now and then to tell whether the sandbox is healthy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthcheck: Option<HealthcheckSpec>,
@@ -203,6 +206,32 @@ pub struct IdleSpec {
     /// What happens then (default freeze).
     #[serde(default)]
     pub action: IdleAction,
+}
+
+/// `deniedCommands`: `count` denied commands within `within`.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeniedCommandsRule {
+    /// How many (at least 1).
+    pub count: u32,
+    /// Within how long: `30s`, `10m`, `1h` (at most 1d).
+    pub within: String,
+}
+
+/// `alerts`: each rule is off unless given.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AlertsSpec {
+    /// Memory use above this share of the memory limit: `90%` or `0.9`.
+    pub memory: Option<String>,
+    /// Disk use above this share of the disk quota: `80%` or `0.8`.
+    pub disk: Option<String>,
+    /// An exec running longer than this: `30s`, `10m`.
+    pub exec_duration: Option<String>,
+    /// Too many denied commands within a window.
+    pub denied_commands: Option<DeniedCommandsRule>,
+    /// Fires while the health check reports unhealthy.
+    pub unhealthy: Option<bool>,
 }
 
 /// `metadata`.
@@ -292,7 +321,8 @@ mod tests {
              \x20 network: none\n  env: {A: b}\n  workdir: /w\n  user: root\n\
              \x20 hostname: h\n  command: [sleep, '1']\n\
              \x20 healthcheck: {command: [a], interval: 1s, timeout: 1s, retries: 2, startPeriod: 1s, onUnhealthy: restart}\n\
-             \x20 idle: {after: 1m, action: stop}\n",
+             \x20 idle: {after: 1m, action: stop}\n\
+             \x20 alerts: {memory: 90%, disk: 80%, execDuration: 10m, deniedCommands: {count: 5, within: 10m}, unhealthy: true}\n",
         )
         .unwrap();
         let limits = manifest.spec.resolved_limits().unwrap();
@@ -305,6 +335,8 @@ mod tests {
             "ResolvedLimits": limits,
             "HealthcheckSpec": manifest.spec.healthcheck,
             "IdleSpec": manifest.spec.idle,
+            "AlertsSpec": manifest.spec.alerts,
+            "DeniedCommandsRule": manifest.spec.alerts.denied_commands,
         });
         for (name, schema) in &fields {
             let actual: BTreeSet<String> = value[name]
@@ -315,7 +347,7 @@ mod tests {
                 .collect();
             assert_eq!(&actual, schema, "{name}: fields of the spec vs its schema");
         }
-        assert_eq!(fields.len(), 8, "{fields:?}");
+        assert_eq!(fields.len(), 10, "{fields:?}");
     }
 
     /// `spec.network`'s object form matches its mirror too.
