@@ -348,3 +348,62 @@ fn published_port_connection_wakes_a_frozen_sandbox() {
     assert_eq!(wakes.last().unwrap()["detail"]["woken_by"], "port");
     env.ok(&["destroy", "-f", "web"]);
 }
+
+/// Health and alerts together: turning unhealthy is a `health` event and fires the sandbox's
+/// `unhealthy` alert rule (an `alert` event, shown by inspect); turning healthy again
+/// resolves it.
+#[test]
+fn unhealthy_fires_the_alert_and_both_are_events() {
+    require_root!();
+    let env = TestEnv::new();
+    env.allow_everything();
+    create(
+        &env,
+        "ha",
+        &format!("{CHECK}  alerts: {{unhealthy: true}}\n"),
+    );
+    env.ok(&["exec", "ha", "touch /work/ok"]);
+    wait_for(&env, "ha", "healthy", |i| health(i) == "healthy");
+    env.ok(&["exec", "ha", "rm /work/ok"]);
+    wait_for(&env, "ha", "unhealthy with its alert firing", |i| {
+        health(i) == "unhealthy" && i["alerts"].to_string().contains("unhealthy")
+    });
+    env.ok(&["exec", "ha", "touch /work/ok"]);
+    wait_for(&env, "ha", "healthy without alerts", |i| {
+        health(i) == "healthy" && i["alerts"].as_array().is_none_or(Vec::is_empty)
+    });
+    let events = |kind: &str| -> Vec<serde_json::Value> {
+        env.ok(&[
+            "events",
+            "--sandbox",
+            "ha",
+            "--kind",
+            kind,
+            "--format",
+            "json",
+        ])
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("event json"))
+        .collect()
+    };
+    let actions = |evs: &[serde_json::Value]| -> Vec<String> {
+        evs.iter()
+            .map(|e| e["action"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    let alerts = events("alert");
+    assert_eq!(
+        actions(&alerts),
+        ["alert.firing", "alert.resolved"],
+        "{alerts:#?}"
+    );
+    assert!(alerts.iter().all(|e| e["kind"] == "alert"));
+    let health_events = events("health");
+    assert!(
+        health_events
+            .iter()
+            .any(|e| e["action"] == "health.status" && e["details"]["status"] == "unhealthy"),
+        "{health_events:#?}"
+    );
+    env.ok(&["destroy", "-f", "ha"]);
+}
