@@ -204,3 +204,45 @@ fn stdin_is_read_only_with_dash_i() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
 }
+
+#[test]
+fn commands_start_with_every_signal_at_its_default() {
+    require_root!();
+    let mut env = TestEnv::new();
+    env.stop_daemon();
+    // A daemon started with SIGINT, SIGQUIT and SIGHUP ignored, as a background job of a
+    // shell or a command under nohup is: its sandboxes' commands must not inherit that.
+    let base = env.cmd();
+    let mut daemon = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap '' INT QUIT HUP; exec {} daemon",
+            common::sandbox_bin().display()
+        ))
+        .envs(base.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("daemon");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::os::unix::net::UnixStream::connect(&env.socket).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    env.ok(&["create", "sig"]);
+    let ignored = env.ok(&["exec", "sig", "grep SigIgn /proc/self/status"]);
+    env.ok(&["destroy", "--force", "sig"]);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = daemon.wait();
+    // Signals 1-31 and the real-time ones from 34 (32 and 33 are the C library's own).
+    let mask = u64::from_str_radix(ignored.trim().trim_start_matches("SigIgn:").trim(), 16)
+        .expect("a hex mask");
+    assert_eq!(mask & !0x1_8000_0000, 0, "ignored: {ignored}");
+}

@@ -529,8 +529,11 @@ fn child(
     slave: Option<&str>,
 ) -> (ChildStep, std::io::Error) {
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-    // Rust ignores SIGPIPE at start-up; an exec'd program must not inherit that.
-    let _ = sys::default_signal(Signal::SIGPIPE);
+    // Every signal back to its default: Rust ignores SIGPIPE at start-up, and whatever
+    // started the daemon may have had SIGINT, SIGQUIT or SIGHUP ignored (a background job
+    // of a shell, nohup), which would otherwise reach every command (a shell's `trap ...
+    // INT` is then silently ineffective, and Ctrl-C through `sandbox exec` does nothing).
+    sys::default_all_signals();
     let _ = nix::unistd::setsid();
     let stdio = (|| -> std::io::Result<()> {
         if let Some(path) = slave {

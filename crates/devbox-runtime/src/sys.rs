@@ -282,6 +282,21 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// Resets the disposition of every signal that can be caught (1 to SIGRTMAX, real-time
+/// ones included) to the default; those the C library reserves for itself are left.
+pub fn default_all_signals() {
+    for sig in 1..=libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL runs no handler code; a signal number the C library
+        // refuses (its reserved ones) fails with EINVAL and is left as it is.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+    }
+}
+
 /// Resets a signal's disposition to the default.
 pub fn default_signal(sig: nix::sys::signal::Signal) -> nix::Result<()> {
     // SAFETY: installing SIG_DFL runs no handler code, so no async-signal-safety concern arises.
