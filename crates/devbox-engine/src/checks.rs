@@ -23,22 +23,7 @@ pub(crate) struct PolicyCache {
     sets: Mutex<HashMap<Option<String>, (u64, PolicySet)>>,
 }
 
-/// Quotes argv into shell text that parses back to the same words.
-pub fn shell_join(argv: &[String]) -> String {
-    argv.iter()
-        .map(|a| {
-            if !a.is_empty()
-                && a.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
-            {
-                a.clone()
-            } else {
-                format!("'{}'", a.replace('\'', "'\\''"))
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
+pub use devbox_spec::shell_join;
 
 impl Engine {
     /// Checks a command without running it (`sandbox check`); with `candidate`, as if that

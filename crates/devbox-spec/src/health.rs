@@ -111,7 +111,7 @@ impl HealthcheckSpec {
                 vec!["/bin/sh".to_string(), "-c".to_string(), text.clone()],
                 text.clone(),
             ),
-            argv => (argv.to_vec(), shell_words(argv)),
+            argv => (argv.to_vec(), crate::shell_join(argv)),
         };
         if self.command[0].trim().is_empty() {
             return Err(SpecError::field(
@@ -155,23 +155,6 @@ impl HealthcheckSpec {
             on_unhealthy: self.on_unhealthy,
         })
     }
-}
-
-/// Words joined for display, each quoted when it needs it.
-fn shell_words(argv: &[String]) -> String {
-    argv.iter()
-        .map(|a| {
-            if !a.is_empty()
-                && a.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
-            {
-                a.clone()
-            } else {
-                format!("'{}'", a.replace('\'', r"'\''"))
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// What happens to an idle sandbox.
