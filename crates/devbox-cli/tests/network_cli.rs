@@ -291,6 +291,27 @@ fn allowlist_live_changes_audit_log_and_policy() {
     }));
     let table = env.ok(&["network", "log", "dev"]);
     assert!(table.contains("blocked.test"), "{table}");
+    // And they are events of kind network.
+    let events = env.ok(&[
+        "events",
+        "--sandbox",
+        "dev",
+        "--kind",
+        "network",
+        "--format",
+        "json",
+    ]);
+    assert!(
+        events.lines().any(|l| {
+            let e: serde_json::Value = serde_json::from_str(l).expect("event json");
+            e["kind"] == "network"
+                && e["action"] == "network.blocked"
+                && e["details"]["target"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("blocked.test"))
+        }),
+        "{events}"
+    );
 
     // A policy denies curl to a host that is not on the list, before it runs.
     let policy = concat!(
