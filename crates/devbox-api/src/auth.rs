@@ -211,10 +211,18 @@ pub async fn caller_layer(
                 .take(128)
                 .collect::<String>()
         });
-    let user = match uid {
-        Some(u) => user_name(u),
-        None => "local".to_string(),
+    let Some(uid_known) = uid else {
+        // No peer credentials: nothing to tell who calls, so nothing is allowed.
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: "forbidden".into(),
+                message: "the caller's credentials (SO_PEERCRED) could not be read".into(),
+                approval: None,
+            },
+        };
+        return (StatusCode::FORBIDDEN, Json(body)).into_response();
     };
+    let user = user_name(uid_known);
     let caller = Caller::on_behalf(&user, on_behalf.as_deref());
     if let Some(u) = uid
         && u != 0

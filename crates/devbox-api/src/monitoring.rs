@@ -70,7 +70,9 @@ pub(crate) async fn events(
             .and_then(|v| v.to_str().ok())
             .is_some_and(|a| a.contains("text/event-stream"));
     if !wants_stream {
-        return Ok(Json(e.events(filter, q.limit.unwrap_or(1000)).await?).into_response());
+        // At most 10,000 a call (page with `since`), however many are asked for.
+        let limit = q.limit.unwrap_or(1000).min(10_000);
+        return Ok(Json(e.events(filter, limit).await?).into_response());
     }
     let after = match headers.get("last-event-id") {
         None => None,

@@ -270,7 +270,34 @@ async fn sandbox_command(c: &Client, cmd: &Command) -> anyhow::Result<i32> {
             };
             let approval = stream::ApprovalWaiting {
                 wait,
-                resume: format!("sandbox exec --approval ID {name} {}", command.join(" ")),
+                resume: ("sandbox exec --approval ".into(), {
+                    // The same options (they are part of what was approved), quoted.
+                    let mut words: Vec<String> = Vec::new();
+                    for (flag, on) in [
+                        ("-i", opts.interactive),
+                        ("-t", opts.tty),
+                        ("--rollback-on-failure", opts.rollback_on_failure),
+                    ] {
+                        if on {
+                            words.push(flag.into());
+                        }
+                    }
+                    for e in &opts.env {
+                        words.extend(["-e".into(), e.clone()]);
+                    }
+                    for (flag, v) in [
+                        ("-w", &opts.workdir),
+                        ("-u", &opts.user),
+                        ("--timeout", &opts.timeout),
+                    ] {
+                        if let Some(v) = v {
+                            words.extend([flag.to_string(), v.clone()]);
+                        }
+                    }
+                    words.push(name.clone());
+                    words.extend(command.iter().cloned());
+                    format!(" {}", devbox_spec::shell_join(&words))
+                }),
             };
             return Ok(stream::run(c, &path, first, opts.tty, stdin, approval).await?);
         }

@@ -65,8 +65,9 @@ fn stdin_is_dev_null() -> bool {
 pub struct ApprovalWaiting {
     /// Give up (withdrawing it) after this long; none: wait until it is decided.
     pub wait: Option<std::time::Duration>,
-    /// How to run the command once approved (`ID` stands for the approval's id).
-    pub resume: String,
+    /// How to run the command once approved: the text before the approval's id and after
+    /// it (the command quoted as shell words, so the line is safe to paste).
+    pub resume: (String, String),
 }
 
 fn text(m: &ClientMsg) -> Message {
@@ -123,8 +124,8 @@ pub async fn run(
         );
         if no_wait {
             eprintln!(
-                "sandbox: once approved, run it with `{}`",
-                approval.resume.replace("ID", &a.id)
+                "sandbox: once approved, run it with `{}{}{}`",
+                approval.resume.0, a.id, approval.resume.1
             );
         }
     });

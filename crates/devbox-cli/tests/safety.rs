@@ -719,6 +719,13 @@ fn no_wait_and_bounded_waits_for_approvals() {
     assert_eq!(pending.len(), 1, "{pending:?}");
     let id = pending[0]["id"].as_str().expect("id").to_string();
     assert!(err.contains(&id) && err.contains("--approval"), "{err}");
+    // The line to run it again is quoted, safe to paste.
+    assert!(
+        err.contains(&format!(
+            "sandbox exec --approval {id} dev 'echo gated five > /work/five'"
+        )),
+        "{err}"
+    );
     assert!(text(&out.stdout).is_empty());
     let (c, _, _) = env.sh("dev", "test -e /work/five");
     assert_eq!(c, 1, "nothing ran");
@@ -735,8 +742,18 @@ fn no_wait_and_bounded_waits_for_approvals() {
         ])
         .output()
         .expect("exec");
-    // Exactly the approved command: another text is refused.
+    // Exactly the approved command: another text is refused, and so is the same text with
+    // other options (an environment that changes what runs, another user).
     assert_ne!(code(&out), 0, "a different command ran under the approval");
+    for extra in [["-e", "LD_PRELOAD=/work/x.so"], ["-u", "nobody"]] {
+        let mut args = vec!["exec", "--approval", &id];
+        args.extend(extra);
+        args.extend(["dev", "echo gated five > /work/five"]);
+        let err = env.fails(&args);
+        assert!(err.contains("other options"), "{extra:?}: {err}");
+    }
+    let (c, _, _) = env.sh("dev", "test -e /work/five");
+    assert_eq!(c, 1, "nothing ran");
     let out = env
         .cmd()
         .args([

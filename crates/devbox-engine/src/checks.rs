@@ -25,6 +25,20 @@ pub(crate) struct PolicyCache {
 
 pub use devbox_spec::shell_join;
 
+/// What an approval is for, as kept and compared: the exec request (user, environment,
+/// working directory, timeout, ...) without what may differ between asking and running (the
+/// approval's id, the terminal's size), and the sandbox's id.
+fn approval_request(request: &str, sandbox_id: &str) -> String {
+    let mut v: serde_json::Value =
+        serde_json::from_str(request).unwrap_or_else(|_| serde_json::Value::String(request.into()));
+    if let Some(m) = v.as_object_mut() {
+        m.remove("approval");
+        m.remove("tty");
+        m.insert("sandbox_id".into(), sandbox_id.into());
+    }
+    v.to_string()
+}
+
 impl Engine {
     /// Checks a command without running it (`sandbox check`); with `candidate`, as if that
     /// policy were installed (`sandbox policy test`). Policies see who asks (`caller`).
@@ -70,9 +84,16 @@ impl Engine {
                     name: id.to_string(),
                     hint: "see `sandbox approvals`",
                 })?;
-            if a.sandbox != rec.name || a.command != text {
+            // Exactly what was approved: the same sandbox (not another of its name), the
+            // same command text and the same user, environment, working directory and
+            // options.
+            if a.sandbox != rec.name
+                || a.command != text
+                || a.request != approval_request(request, &rec.id)
+            {
                 return Err(EngineError::InvalidRequest(format!(
-                    "approval {id} is for another command"
+                    "approval {id} is for another command (or the same one with other options, \
+                     or another sandbox of that name): run exactly the approved command"
                 )));
             }
             if !self.store.decide_approval(
@@ -109,7 +130,7 @@ impl Engine {
                     id: format!("a-{}", &new_id()[..10]),
                     sandbox: rec.name.clone(),
                     command: text.to_string(),
-                    request: request.to_string(),
+                    request: approval_request(request, &rec.id),
                     reasons: check.reasons.clone(),
                     risk: serde_json::to_string(&check.risk)
                         .unwrap_or_default()

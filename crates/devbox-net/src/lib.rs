@@ -365,6 +365,9 @@ pub struct Networks {
     peer_lookup: RwLock<Option<PeerLookup>>,
     /// Tables whose peer sets were last filled with something (emptied when no longer).
     peer_tables: Mutex<std::collections::BTreeSet<String>>,
+    /// (sender, receiver) addresses the peer sets let through (their flows are forgotten
+    /// when the pair goes).
+    peer_pairs: Mutex<std::collections::BTreeSet<(Ipv4Addr, Ipv4Addr)>>,
     /// Called for each connection to a published port (see [`ConnHook`]).
     conn_hook: std::sync::RwLock<Option<proxy::ConnHook>>,
 }
@@ -514,6 +517,7 @@ impl Networks {
             removed: Condvar::new(),
             peer_lookup: RwLock::new(None),
             peer_tables: Mutex::new(std::collections::BTreeSet::new()),
+            peer_pairs: Mutex::new(std::collections::BTreeSet::new()),
             conn_hook: std::sync::RwLock::new(None),
         }))
     }
@@ -839,6 +843,7 @@ impl Networks {
                 .map(|i| self.link(i))
         };
         let mut want: std::collections::BTreeMap<String, rules::PeerSets> = Default::default();
+        let mut pairs = std::collections::BTreeSet::new();
         for (id, sb) in map.iter() {
             let Some(from) = ready(id) else { continue };
             let policy = sb.shared.policy.read().unwrap_or_else(|p| p.into_inner());
@@ -853,6 +858,7 @@ impl Networks {
                 let Some(to) = peer.filter(|p| p != id).and_then(|p| ready(&p)) else {
                     continue;
                 };
+                pairs.insert((from.address, to.address));
                 want.entry(from.table.clone())
                     .or_default()
                     .to
@@ -887,6 +893,14 @@ impl Networks {
             plumb::nft(&script)?;
         }
         *tables = want.into_keys().collect();
+        // Flows of pairs no rule allows any more end here, not when they close.
+        let mut old = self.peer_pairs.lock().unwrap_or_else(|p| p.into_inner());
+        for (a, b) in old.difference(&pairs) {
+            if let Err(e) = plumb::forget_flows(*a, Some(*b)) {
+                tracing::warn!(%a, %b, "forgetting the flows of a withdrawn peer rule: {e}");
+            }
+        }
+        *old = pairs;
         Ok(())
     }
 
@@ -1128,6 +1142,12 @@ impl Networks {
     fn remove_parts(&self, id: &str, index: Option<u32>) -> Result<(), NetError> {
         if let Some(i) = index {
             self.remove_link(i)?;
+            // Before the record goes (and the address with it): no flow of this sandbox
+            // may stay established for the next one to get the address.
+            let address = self.link(i).address;
+            if let Err(e) = plumb::forget_flows(address, None) {
+                tracing::warn!(%address, "forgetting the flows of a removed sandbox: {e}");
+            }
         }
         plumb::remove_netns(&self.netns_path(id))?;
         match fs::remove_file(self.record_path(id)) {

@@ -288,6 +288,51 @@ pub(crate) fn nft_json(args: &[&str]) -> Result<serde_json::Value, NetError> {
     })
 }
 
+/// Deletes the connection-tracking entries that match `filter` (`-s ADDR`, `-d ADDR`) in
+/// this namespace. `conntrack` exits 1 when there was nothing to delete: not an error.
+fn conntrack_delete(filter: &[String]) -> Result<(), NetError> {
+    let out = Command::new("conntrack")
+        .arg("-D")
+        .args(filter)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                NetError::Missing(format!(
+                    "conntrack: {e} (install conntrack: scripts/deps.sh)"
+                ))
+            } else {
+                os("conntrack")(e)
+            }
+        })?;
+    match out.status.code() {
+        Some(0) | Some(1) => Ok(()),
+        _ => Err(NetError::Command {
+            what: "conntrack -D".into(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        }),
+    }
+}
+
+/// Forgets the tracked flows of `a` (to and from anything), or only those between `a` and
+/// `b`, both ways. A flow the rules let through once stays "established" until it ends:
+/// an address handed to another sandbox, or two sandboxes whose rule went, must not keep one.
+pub(crate) fn forget_flows(a: Ipv4Addr, b: Option<Ipv4Addr>) -> Result<(), NetError> {
+    let (a, b) = (a.to_string(), b.map(|b| b.to_string()));
+    match b {
+        Some(b) => {
+            conntrack_delete(&["-s".into(), a.clone(), "-d".into(), b.clone()])?;
+            conntrack_delete(&["-s".into(), b, "-d".into(), a])
+        }
+        None => {
+            conntrack_delete(&["-s".into(), a.clone()])?;
+            conntrack_delete(&["-d".into(), a])
+        }
+    }
+}
+
 /// Names of this namespace's nftables tables of family inet.
 pub(crate) fn inet_tables() -> Result<Vec<String>, NetError> {
     let v = nft_json(&["list", "tables", "inet"])?;

@@ -232,7 +232,15 @@ pub(crate) struct PeerSets {
 /// Empties and refills the peer sets of `table` (one transaction with the rest of a script).
 pub(crate) fn peer_update(table: &str, sets: &PeerSets) -> String {
     let mut s = String::new();
-    for set in ["peer4", "peerport4", "from4", "fromport4"] {
+    // Made if missing (a table of a version before peer rules, re-attached after an
+    // upgrade), then emptied.
+    for (set, kind) in [
+        ("peer4", "ipv4_addr"),
+        ("peerport4", "ipv4_addr . inet_service"),
+        ("from4", "ifname . ipv4_addr"),
+        ("fromport4", "ifname . ipv4_addr . inet_service"),
+    ] {
+        let _ = writeln!(s, "add set inet {table} {set} {{ type {kind}; }}");
         let _ = writeln!(s, "flush set inet {table} {set}");
     }
     let mut add = |set: &str, items: Vec<String>| {

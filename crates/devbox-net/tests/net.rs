@@ -333,6 +333,68 @@ fn a_peer_rule_follows_the_sandbox_not_its_old_address() {
     assert!(fetch(&c.netns, d_ip, 7000).is_err());
 }
 
+/// Tracked flows between `a` and `b` (either way) in the daemon's namespace.
+fn flows(w: &World, a: Ipv4Addr, b: Ipv4Addr) -> usize {
+    let out = w.daemon(move || {
+        std::process::Command::new("conntrack")
+            .args(["-L", "-s", &a.to_string(), "-d", &b.to_string()])
+            .output()
+            .expect("conntrack")
+    });
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// Listens on `port` in `ns` and keeps every connection open (flows stay established).
+fn hold_peers(ns: &std::path::Path, port: u16) {
+    let l = in_ns(ns, move || {
+        std::net::TcpListener::bind(("0.0.0.0", port)).unwrap()
+    });
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in l.incoming().flatten() {
+            held.push(c);
+        }
+    });
+}
+
+#[test]
+fn established_flows_end_with_the_rule_or_the_peer() {
+    let mut w = World::new();
+    let nets = w.networks();
+    let n = nets.clone();
+    let (a, b) = w.daemon(move || {
+        let b = n.create("b", &allow(vec![]), &[]).unwrap();
+        let a = n.create("a", &allow(vec![peer("b", None)]), &[]).unwrap();
+        (a, b)
+    });
+    let (a_ip, b_ip) = (a.address.unwrap(), b.address.unwrap());
+    hold_peers(&b.netns, 7000);
+    let open = |ns: std::path::PathBuf| {
+        in_ns(&ns, move || {
+            std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::from((b_ip, 7000)),
+                std::time::Duration::from_secs(2),
+            )
+        })
+        .expect("connect")
+    };
+    let _held = open(a.netns.clone());
+    assert!(flows(&w, a_ip, b_ip) >= 1, "the flow is tracked");
+    // The rule goes: so does the flow.
+    let n = nets.clone();
+    w.daemon(move || n.set_policy("a", &allow(vec![]))).unwrap();
+    assert_eq!(flows(&w, a_ip, b_ip), 0, "a withdrawn rule leaves a flow");
+    // The peer goes (its address is then free for another): its flows go first.
+    let n = nets.clone();
+    w.daemon(move || n.set_policy("a", &allow(vec![peer("b", None)])))
+        .unwrap();
+    let _held = open(a.netns.clone());
+    assert!(flows(&w, a_ip, b_ip) >= 1);
+    let n = nets.clone();
+    w.daemon(move || n.remove("b")).unwrap();
+    assert_eq!(flows(&w, a_ip, b_ip), 0, "a removed sandbox leaves a flow");
+}
+
 #[test]
 fn create_and_remove_200_times_leaves_nothing() {
     let mut w = World::new();
