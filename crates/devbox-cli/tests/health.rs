@@ -407,3 +407,27 @@ fn unhealthy_fires_the_alert_and_both_are_events() {
     );
     env.ok(&["destroy", "-f", "ha"]);
 }
+
+/// A check the sandbox makes pass and fail in turn changes the state at every probe; the
+/// audit log (and the events and webhooks behind it) gets at most 20 of those a minute.
+#[test]
+fn a_flapping_check_cannot_flood_the_audit_log() {
+    require_root!();
+    let env = TestEnv::new();
+    env.allow_everything();
+    create(
+        &env,
+        "flap",
+        "  healthcheck:\n    command: ['if [ -e /work/t ]; then rm /work/t; exit 1; else touch /work/t; fi']\n    interval: 100ms\n    timeout: 2s\n    retries: 1\n",
+    );
+    wait_for(&env, "flap", "checked 60 times", |i| {
+        i["health"]["checks"].as_u64().unwrap_or(0) >= 60
+    });
+    let records = audit(&env, "flap", "health.status");
+    assert!(
+        (5..=20).contains(&records.len()),
+        "{} health.status records for 60 changes",
+        records.len()
+    );
+    env.ok(&["destroy", "-f", "flap"]);
+}

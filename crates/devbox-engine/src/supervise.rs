@@ -59,7 +59,13 @@ struct Health {
     last_check: Option<i64>,
     last_exit: Option<i32>,
     last_output: Option<String>,
+    /// Status records written in the current minute, and changes not recorded in it.
+    records: (Instant, u32, u32),
 }
+
+/// Most `health.status` records a sandbox gets a minute: a check the sandbox makes pass and
+/// fail in turn must not flood the audit log (and the events and webhooks behind it).
+const HEALTH_RECORDS_A_MINUTE: u32 = 20;
 
 #[derive(Debug, Clone, Copy)]
 struct Idle {
@@ -265,6 +271,7 @@ impl Engine {
                 last_check: None,
                 last_exit: None,
                 last_output: None,
+                records: (Instant::now(), 0, 0),
             }),
             name: rec.name.clone(),
             idle: idle.map(|_| Idle {
@@ -294,17 +301,22 @@ impl Engine {
                 if e.supervisors.frozen(&id)
                     && let Some(name) = e.supervisors.name_of(&id)
                 {
-                    let e2 = e.clone();
-                    let _ = tokio::task::spawn_blocking(move || {
-                        let lock = e2.locks.get(&name);
-                        let _g = lock.blocking_lock();
-                        if let Ok(Some(rec)) = e2.store.sandbox_by_name(&name)
-                            && rec.id == id
-                        {
-                            let _ = e2.wake_frozen(&rec, "port");
-                        }
-                    })
-                    .await;
+                    // The sandbox's lock is awaited, not blocked on: however many connections
+                    // come at once, they hold no blocking thread while it is held; the first
+                    // wakes the sandbox and the others find it awake.
+                    let lock = e.locks.get(&name);
+                    let _g = lock.lock().await;
+                    if e.supervisors.frozen(&id) {
+                        let e2 = e.clone();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            if let Ok(Some(rec)) = e2.store.sandbox_by_name(&name)
+                                && rec.id == id
+                            {
+                                let _ = e2.wake_frozen(&rec, "port");
+                            }
+                        })
+                        .await;
+                    }
                 }
                 Box::new(guard) as Box<dyn Send>
             })
@@ -517,7 +529,7 @@ impl Engine {
         probe: &Probe,
         counting: bool,
     ) -> Option<HealthStatus> {
-        let (previous, now) = {
+        let (previous, now, unrecorded) = {
             let mut map = self.supervisors.lock();
             let h = map.get_mut(id)?.health.as_mut()?;
             h.checks += 1;
@@ -534,19 +546,35 @@ impl Engine {
                     h.status = HealthStatus::Unhealthy;
                 }
             }
-            (previous, h.status)
+            if previous == h.status {
+                return None;
+            }
+            // Within the budget of the minute, or a change left out (counted, and said on
+            // the next record).
+            let (since, written, left_out) = &mut h.records;
+            if since.elapsed() >= Duration::from_secs(60) {
+                *since = Instant::now();
+                *written = 0;
+            }
+            if *written >= HEALTH_RECORDS_A_MINUTE {
+                *left_out += 1;
+                return Some(h.status);
+            }
+            *written += 1;
+            (previous, h.status, std::mem::take(left_out))
         };
-        if previous == now {
-            return None;
+        let mut detail = serde_json::json!({
+            "status": now.as_str(), "previous": previous.as_str(),
+            "exit": probe.exit, "output": probe.output,
+        });
+        if unrecorded > 0 {
+            detail["changes_not_recorded"] = unrecorded.into();
         }
         self.audit(
             &Caller::system("health"),
             "health.status",
             Some(name),
-            serde_json::json!({
-                "status": now.as_str(), "previous": previous.as_str(),
-                "exit": probe.exit, "output": probe.output,
-            }),
+            detail,
         );
         Some(now)
     }
