@@ -389,14 +389,14 @@ fn a_sandbox_rule_lets_one_sandbox_reach_another_by_name() {
     let cli = address(&env, "cli");
     // Open mode takes sandbox rules too (everything else it allows already).
     env.ok(&["create", "other", "--network", "open"]);
-    let wait_serving = |from: &str| {
+    let wait_serving = |from: &str, srv: Ipv4Addr| {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !connects(&env, from, &srv.to_string(), 7000) {
-            assert!(Instant::now() < deadline, "{from} never reached srv:7000");
+            assert!(Instant::now() < deadline, "{from} never reached {srv}:7000");
             std::thread::sleep(Duration::from_millis(200));
         }
     };
-    wait_serving("cli");
+    wait_serving("cli", srv);
     assert!(
         !connects(&env, "cli", &srv.to_string(), 7001),
         "another port"
@@ -413,7 +413,7 @@ fn a_sandbox_rule_lets_one_sandbox_reach_another_by_name() {
     );
     // Live, audited; an open-mode sandbox takes it too.
     env.ok(&["network", "allow", "other", "sandbox:srv"]);
-    wait_serving("other");
+    wait_serving("other", srv);
     assert!(
         audit(&env, "other")
             .iter()
@@ -437,11 +437,7 @@ fn a_sandbox_rule_lets_one_sandbox_reach_another_by_name() {
     env.ok(&["destroy", "srv"]);
     env.ok(&["create", "srv", "--network", "allow", "--main", serve]);
     let srv2 = address(&env, "srv");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !connects(&env, "cli", &srv2.to_string(), 7000) {
-        assert!(Instant::now() < deadline, "cli never reached the new srv");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_serving("cli", srv2);
     env.ok(&["network", "reset", "other"]);
     assert!(
         !connects(&env, "other", &srv2.to_string(), 7000),
