@@ -1,7 +1,9 @@
 //! The caller check: root may call everything; members of a configured group (the peer's
 //! uid and gid from `SO_PEERCRED`, membership from /etc/group) may call what the daemon's
 //! configured scopes allow; anyone else is refused. Who calls, and for whom
-//! (`X-Devbox-Actor`), becomes the engine's [`Caller`]. Every refusal is audited.
+//! (`X-Devbox-Actor`), becomes the engine's [`Caller`]. Callers over TCP need a bearer
+//! token instead ([`crate::remote`]): its scopes, sandbox pattern and limits apply. Every
+//! refusal is audited.
 
 use std::sync::Arc;
 
@@ -15,66 +17,18 @@ use devbox_wire::{ErrorBody, ErrorDetail};
 
 type AppState = Arc<Engine>;
 
-/// The peer of a Unix-socket connection.
+/// The peer of a connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer {
-    /// Its uid, from SO_PEERCRED.
+    /// Its uid, from SO_PEERCRED (Unix socket).
     pub uid: Option<u32>,
-    /// Its (effective) gid, from SO_PEERCRED.
+    /// Its (effective) gid, from SO_PEERCRED (Unix socket).
     pub gid: Option<u32>,
+    /// Its address (TCP): such a caller needs a token.
+    pub remote: Option<std::net::SocketAddr>,
 }
 
-/// What a caller may do. Each route needs one scope ([`required_scope`]); root has all.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Scope {
-    /// Read anything: sandboxes, snapshots, stats, the audit log, checks of commands.
-    Read,
-    /// Run commands in existing sandboxes (exec, its stream).
-    Exec,
-    /// Decide approvals (kept apart, so a caller that runs commands cannot approve them).
-    Approve,
-    /// Everything else: create, start, stop, destroy, snapshots, rollback, policies,
-    /// networks, images, one-shot runs.
-    Admin,
-}
-
-impl Scope {
-    /// Every scope, in order.
-    pub const ALL: [Scope; 4] = [Scope::Read, Scope::Exec, Scope::Approve, Scope::Admin];
-
-    /// Its name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Read => "read",
-            Scope::Exec => "exec",
-            Scope::Approve => "approve",
-            Scope::Admin => "admin",
-        }
-    }
-
-    /// Parses a comma-separated list (`read,exec`); the error says what is accepted.
-    pub fn parse_list(text: &str) -> Result<Vec<Scope>, String> {
-        let mut out = Vec::new();
-        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let s = Scope::ALL
-                .into_iter()
-                .find(|s| s.as_str() == part)
-                .ok_or_else(|| {
-                    format!("{part:?} is not a scope: use read, exec, approve and admin, comma-separated")
-                })?;
-            if !out.contains(&s) {
-                out.push(s);
-            }
-        }
-        if out.is_empty() {
-            return Err(
-                "no scope given: use read, exec, approve and admin, comma-separated".into(),
-            );
-        }
-        out.sort();
-        Ok(out)
-    }
-}
+pub use devbox_wire::Scope;
 
 /// The scope a request needs: reads need `read`, except the exec stream (`exec`); exec
 /// needs `exec`; approving and denying `approve`; anything else `admin`.
@@ -92,7 +46,7 @@ pub fn required_scope(method: &axum::http::Method, path: &str) -> Scope {
     if under_sandbox("exec/stream") || (*method == Method::POST && under_sandbox("exec")) {
         return Scope::Exec;
     }
-    if path == "/v1/run/stream" {
+    if path == "/v1/run/stream" || path == "/v1/tokens" || path.starts_with("/v1/tokens/") {
         return Scope::Admin;
     }
     if *method == Method::GET || *method == Method::HEAD || path == "/v1/check" {
@@ -101,11 +55,33 @@ pub fn required_scope(method: &axum::http::Method, path: &str) -> Scope {
     Scope::Admin
 }
 
-/// Who besides root may use the socket.
+/// Who besides root may use the API: a group on the socket, and tokens over TCP within
+/// these limits.
 #[derive(Debug, Clone, Default)]
 pub struct Access {
     /// Members of this group, with these scopes.
     pub group: Option<GroupAccess>,
+    /// Tokens' default rate and concurrent execs.
+    pub remote: crate::remote::RemoteLimits,
+}
+
+/// What the caller check keeps between requests.
+pub(crate) struct Guard {
+    pub(crate) engine: AppState,
+    pub(crate) access: Access,
+    pub(crate) limiter: crate::remote::Limiter,
+    pub(crate) budget: crate::remote::AuditBudget,
+}
+
+impl Guard {
+    pub(crate) fn new(engine: AppState, access: Access) -> Self {
+        Self {
+            limiter: crate::remote::Limiter::new(access.remote.clone()),
+            budget: crate::remote::AuditBudget::default(),
+            engine,
+            access,
+        }
+    }
 }
 
 /// A group allowed on the socket.
@@ -173,11 +149,12 @@ impl
         Peer {
             uid: cred.map(|c| c.uid()),
             gid: cred.map(|c| c.gid()),
+            remote: None,
         }
     }
 }
 
-fn user_name(uid: u32) -> String {
+pub(crate) fn user_name(uid: u32) -> String {
     std::fs::read_to_string("/etc/passwd")
         .ok()
         .and_then(|p| {
@@ -189,20 +166,9 @@ fn user_name(uid: u32) -> String {
         .unwrap_or_else(|| format!("uid {uid}"))
 }
 
-/// Names the caller of every request (the peer's user, and whom it says it acts for in
-/// `X-Devbox-Actor`), and refuses peers that are neither root nor admitted by `access` for
-/// the request's scope. Handlers find the [`Caller`] in the request's extensions and pass
-/// it to the engine.
-pub async fn caller_layer(
-    State((engine, access)): State<(AppState, Arc<Access>)>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let peer = req.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0);
-    let uid = peer.and_then(|p| p.uid);
-    let gid = peer.and_then(|p| p.gid);
-    let on_behalf = req
-        .headers()
+/// Whom the request says it acts for (`X-Devbox-Actor`), cleaned of control characters.
+pub(crate) fn on_behalf(req: &Request) -> Option<String> {
+    req.headers()
         .get("x-devbox-actor")
         .and_then(|v| v.to_str().ok())
         .map(|s| {
@@ -210,17 +176,45 @@ pub async fn caller_layer(
                 .filter(|c| !c.is_control())
                 .take(128)
                 .collect::<String>()
-        });
+        })
+}
+
+/// An error answer in the API's shape.
+pub(crate) fn refusal(status: StatusCode, code: &str, message: String) -> Response {
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: code.into(),
+            message,
+            approval: None,
+        },
+    };
+    (status, Json(body)).into_response()
+}
+
+/// Names the caller of every request (the peer's user, and whom it says it acts for in
+/// `X-Devbox-Actor`), and refuses peers that are neither root nor admitted by `access` for
+/// the request's scope. Handlers find the [`Caller`] in the request's extensions and pass
+/// it to the engine.
+pub(crate) async fn caller_layer(
+    State(guard): State<Arc<Guard>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let peer = req.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0);
+    if let Some(addr) = peer.and_then(|p| p.remote) {
+        return crate::remote::token_layer(guard, addr, req, next).await;
+    }
+    let (engine, access) = (&guard.engine, &guard.access);
+    let uid = peer.and_then(|p| p.uid);
+    let gid = peer.and_then(|p| p.gid);
+    let on_behalf = on_behalf(&req);
     let Some(uid_known) = uid else {
         // No peer credentials: nothing to tell who calls, so nothing is allowed.
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: "forbidden".into(),
-                message: "the caller's credentials (SO_PEERCRED) could not be read".into(),
-                approval: None,
-            },
-        };
-        return (StatusCode::FORBIDDEN, Json(body)).into_response();
+        return refusal(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the caller's credentials (SO_PEERCRED) could not be read".into(),
+        );
     };
     let user = user_name(uid_known);
     let caller = Caller::on_behalf(&user, on_behalf.as_deref());
@@ -229,7 +223,7 @@ pub async fn caller_layer(
     {
         let path = req.uri().path().to_string();
         let need = required_scope(req.method(), &path);
-        let refusal = match &access.group {
+        let refused = match &access.group {
             Some(g) if g.admits(u, gid) => {
                 if g.scopes.contains(&need) {
                     None
@@ -258,16 +252,9 @@ pub async fn caller_layer(
                 "the dev-box API is for root only: run the command with sudo".to_string(),
             )),
         };
-        if let Some((why, message)) = refusal {
+        if let Some((why, message)) = refused {
             engine.audit_auth_failure(&caller, &path, &why).await;
-            let body = ErrorBody {
-                error: ErrorDetail {
-                    code: "forbidden".into(),
-                    message,
-                    approval: None,
-                },
-            };
-            return (StatusCode::FORBIDDEN, Json(body)).into_response();
+            return refusal(StatusCode::FORBIDDEN, "forbidden", message);
         }
     }
     req.extensions_mut().insert(caller);
@@ -297,22 +284,10 @@ mod tests {
             // A sandbox named "exec" is not the exec route.
             (Method::POST, "/v1/sandboxes/exec/stop", Scope::Admin),
             (Method::PUT, "/v1/policies/p", Scope::Admin),
+            (Method::GET, "/v1/tokens", Scope::Admin),
+            (Method::DELETE, "/v1/tokens/ci", Scope::Admin),
         ] {
             assert_eq!(required_scope(&method, path), want, "{method} {path}");
         }
-    }
-
-    #[test]
-    fn scope_lists() {
-        assert_eq!(
-            Scope::parse_list("exec, read,exec").unwrap(),
-            [Scope::Read, Scope::Exec]
-        );
-        assert!(Scope::parse_list("").unwrap_err().contains("no scope"));
-        assert!(
-            Scope::parse_list("read,root")
-                .unwrap_err()
-                .contains("\"root\"")
-        );
     }
 }

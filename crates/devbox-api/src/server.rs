@@ -178,8 +178,16 @@ pub fn router_with(engine: Arc<Engine>, access: crate::auth::Access) -> Router {
             "/v1/sandboxes/{name}/logs/export",
             get(crate::audit::export_logs),
         )
+        .route(
+            "/v1/tokens",
+            get(crate::tokens::list).post(crate::tokens::create),
+        )
+        .route(
+            "/v1/tokens/{name}",
+            axum::routing::delete(crate::tokens::revoke),
+        )
         .layer(axum::middleware::from_fn_with_state(
-            (engine.clone(), Arc::new(access)),
+            Arc::new(crate::auth::Guard::new(engine.clone(), access)),
             crate::auth::caller_layer,
         ))
         .with_state(engine)

@@ -14,6 +14,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
+use crate::remote::ExecPermit;
+
 fn text(msg: &ServerMsg) -> Message {
     Message::Text(serde_json::to_string(msg).unwrap_or_default().into())
 }
@@ -39,10 +41,13 @@ async fn first(socket: &mut WebSocket) -> Option<ClientMsg> {
 pub(crate) async fn exec_stream(
     State(engine): State<Arc<Engine>>,
     Extension(caller): Extension<Caller>,
+    permit: Option<Extension<ExecPermit>>,
     UrlPath(name): UrlPath<String>,
     ws: WebSocketUpgrade,
 ) -> Response {
     ws.on_upgrade(move |mut socket| async move {
+        // A remote token's exec slot, held for as long as the exec runs.
+        let _permit = permit;
         let Some(ClientMsg::Exec {
             exec,
             stdin,
@@ -81,9 +86,11 @@ pub(crate) async fn exec_stream(
 pub(crate) async fn run_stream(
     State(engine): State<Arc<Engine>>,
     Extension(caller): Extension<Caller>,
+    permit: Option<Extension<ExecPermit>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     ws.on_upgrade(move |mut socket| async move {
+        let _permit = permit;
         let Some(ClientMsg::Run {
             sandbox,
             exec,

@@ -8,7 +8,8 @@ use devbox_spec::{NetRule, NetworkMode, PortMap};
 /// dev-box: isolated sandboxes that start in milliseconds.
 ///
 /// The CLI talks to the dev-box daemon over a root-only Unix socket and starts the daemon
-/// when none runs. Run it as root.
+/// when none runs: run it as root (or as a member of the group the daemon names). With
+/// --host (DEVBOX_HOST), it talks to a daemon over TCP with a token (DEVBOX_TOKEN) instead.
 #[derive(Debug, Parser)]
 #[command(
     name = "sandbox",
@@ -20,6 +21,26 @@ pub struct Cli {
     /// The daemon's socket.
     #[arg(long, global = true, env = "DEVBOX_SOCKET", value_name = "PATH")]
     pub socket: Option<PathBuf>,
+
+    /// A daemon over TCP: https://HOST:PORT (or http://127.0.0.1:PORT, unix:///PATH).
+    #[arg(long, global = true, env = "DEVBOX_HOST", value_name = "URL")]
+    pub host: Option<String>,
+
+    /// The API token for --host (better given as DEVBOX_TOKEN: arguments are visible to
+    /// other users in `ps`).
+    #[arg(
+        long,
+        global = true,
+        env = "DEVBOX_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+
+    /// Certificates (PEM) to trust for --host besides the web's roots, e.g. the daemon's
+    /// own self-signed certificate.
+    #[arg(long, global = true, env = "DEVBOX_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
 
     /// Persistent state (database, storage pool) of the daemon this CLI starts.
     #[arg(
@@ -313,6 +334,9 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+    /// Make, list and revoke API tokens for callers over TCP (sandboxd --listen).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Show the daemon's webhooks and their delivery state.
     Webhooks {
         /// Output format.
@@ -704,6 +728,46 @@ pub enum PolicyCommand {
         /// Output format.
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
+    },
+}
+
+/// Token commands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token; prints it once (the daemon keeps only a hash).
+    Create {
+        /// Its name (the audit log's actor: token:NAME).
+        name: String,
+        /// What it may do: read, exec, approve, admin (comma-separated).
+        #[arg(long, value_name = "SCOPES", default_value = "read")]
+        scope: String,
+        /// Only sandboxes whose names match this pattern (`*` and `?` as wildcards).
+        #[arg(long, value_name = "PATTERN")]
+        sandbox: Option<String>,
+        /// Expires after this long (30d, 12h, 90m; default: never).
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<String>,
+        /// Its own rate: requests a second on average (default: the daemon's).
+        #[arg(long, value_name = "N")]
+        rate: Option<f64>,
+        /// Its own cap on execs running at once (default: the daemon's).
+        #[arg(long, value_name = "N")]
+        max_execs: Option<u32>,
+        /// Output format (json: the token and what was stored).
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// List tokens (never their secrets).
+    Ls {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Revoke tokens: their next request is refused.
+    Revoke {
+        /// The tokens.
+        #[arg(required = true)]
+        names: Vec<String>,
     },
 }
 

@@ -43,8 +43,15 @@ pub fn exit_code_of(e: &anyhow::Error) -> u8 {
     }
 }
 
-/// Connects to the daemon, starting one if none answers (unless `DEVBOX_NO_AUTOSTART` is set).
+/// Connects to the daemon: the one at --host, or the local one, starting it if none answers
+/// (unless `DEVBOX_NO_AUTOSTART` is set).
 fn client(cli: &Cli) -> anyhow::Result<Client> {
+    let actor = std::env::var("DEVBOX_ACTOR").ok().filter(|a| !a.is_empty());
+    if let Some(host) = cli.host.as_deref().filter(|h| !h.is_empty()) {
+        return Ok(
+            Client::remote(host, cli.token.clone(), cli.ca_cert.as_deref())?.with_actor(actor),
+        );
+    }
     let socket = cli.socket_path();
     // A socket file that accepts nothing (a crashed daemon) is handled like a missing one;
     // one this user may not open means the daemon runs and is not for them.
@@ -66,10 +73,9 @@ fn client(cli: &Cli) -> anyhow::Result<Client> {
         }
         daemon::spawn_and_wait(cli)?;
     }
-    Ok(
-        Client::new(socket)
-            .with_actor(std::env::var("DEVBOX_ACTOR").ok().filter(|a| !a.is_empty())),
-    )
+    Ok(Client::new(socket)
+        .with_actor(actor)
+        .with_token(cli.token.clone()))
 }
 
 fn key_values(items: &[String], what: &str) -> anyhow::Result<Vec<(String, String)>> {
@@ -230,6 +236,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<i32> {
         | Command::Approve { .. }
         | Command::Deny { .. } => check_command(&c, cmd).await,
         Command::Audit(_) | Command::ExportLogs { .. } => audit_command(&c, cmd).await,
+        Command::Token(t) => crate::tokens::command(&c, t).await,
         Command::Image(_) | Command::Pool(_) | Command::Daemon { .. } | Command::Api(_) => {
             image_command(&c, cmd).await
         }

@@ -8,6 +8,7 @@ mod monitor;
 mod output;
 mod progress;
 mod stream;
+mod tokens;
 
 use std::process::ExitCode;
 

@@ -1,7 +1,9 @@
-//! A typed client of the dev-box API over the daemon's Unix socket: REST calls and the exec
-//! WebSocket. It speaks the wire model ([`devbox_wire`]) and nothing else of the daemon.
+//! A typed client of the dev-box API, over the daemon's Unix socket or over TCP (TLS) with a
+//! bearer token: REST calls and the exec WebSocket. It speaks the wire model ([`devbox_wire`]) and nothing else of the daemon.
 
 pub use devbox_wire as wire;
+
+mod transport;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,18 +22,17 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
-use tokio::net::UnixStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Errors seen by a client.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The daemon's socket cannot be reached.
-    #[error("cannot reach the dev-box daemon at {socket}")]
+    /// The daemon cannot be reached.
+    #[error("cannot reach the dev-box daemon at {endpoint}")]
     Unreachable {
-        /// The socket tried.
-        socket: PathBuf,
+        /// The socket or address tried.
+        endpoint: String,
         /// The cause.
         source: std::io::Error,
     },
@@ -61,25 +62,79 @@ impl ClientError {
 }
 
 /// A connection to an exec stream, after the command started.
-pub type ExecStream = WebSocketStream<UnixStream>;
+pub type ExecStream = WebSocketStream<transport::Conn>;
 
 /// Called with the bytes moved so far while an upload or download streams.
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
 
 /// The client.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
-    socket: PathBuf,
+    endpoint: transport::Endpoint,
     actor: Option<String>,
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("endpoint", &self.endpoint.to_string())
+            .field("actor", &self.actor)
+            .field("token", &self.token.as_ref().map(|_| "(hidden)"))
+            .finish()
+    }
 }
 
 impl Client {
     /// A client of the daemon listening on `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Self {
-            socket: socket.into(),
+            endpoint: transport::Endpoint::Unix(socket.into()),
             actor: None,
+            token: None,
         }
+    }
+
+    /// A client of a daemon at `url`: `https://HOST:PORT` (TLS, trusting the web's roots and
+    /// the PEM certificates in `ca_file`), `http://HOST:PORT` (plain text: the daemon allows
+    /// it on loopback addresses only) or `unix:///path/api.sock`; requests carry `token` as
+    /// `Authorization: Bearer`.
+    pub fn remote(
+        url: &str,
+        token: Option<String>,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, ClientError> {
+        Ok(Self {
+            endpoint: transport::Endpoint::parse(url, ca_file)?,
+            actor: None,
+            token: token.filter(|t| !t.is_empty()),
+        })
+    }
+
+    /// Sends `token` as `Authorization: Bearer` with every request.
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token.filter(|t| !t.is_empty());
+        self
+    }
+
+    /// Where the daemon is (a socket path or a URL), for messages.
+    pub fn endpoint(&self) -> String {
+        self.endpoint.to_string()
+    }
+
+    /// A request to `path` with the headers every request carries.
+    fn request(&self, method: Method, path: &str) -> hyper::http::request::Builder {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.endpoint.host_header());
+        if let Some(a) = &self.actor {
+            req = req.header("x-devbox-actor", a);
+        }
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        req
     }
 
     /// Says who the requests are made for (`X-Devbox-Actor`, recorded in the audit log).
@@ -88,18 +143,16 @@ impl Client {
         self
     }
 
-    /// The socket path.
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// The socket path, if the daemon is reached through one.
+    pub fn socket(&self) -> Option<&Path> {
+        match &self.endpoint {
+            transport::Endpoint::Unix(p) => Some(p),
+            _ => None,
+        }
     }
 
-    async fn connect(&self) -> Result<UnixStream, ClientError> {
-        UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ClientError::Unreachable {
-                socket: self.socket.clone(),
-                source,
-            })
+    async fn connect(&self) -> Result<transport::Conn, ClientError> {
+        self.endpoint.connect().await
     }
 
     async fn call(
@@ -113,13 +166,7 @@ impl Client {
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         tokio::spawn(conn);
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "localhost");
-        if let Some(a) = &self.actor {
-            req = req.header("x-devbox-actor", a);
-        }
+        let mut req = self.request(method, path);
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
@@ -555,11 +602,8 @@ impl Client {
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         tokio::spawn(conn);
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "localhost")
-            .header("x-devbox-actor", self.actor.as_deref().unwrap_or(""))
+        let req = self
+            .request(method, path)
             .body(body)
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let resp = sender
@@ -708,10 +752,7 @@ impl Client {
     /// The follower resumes after the last id it saw if the connection ends.
     pub async fn follow_events(&self, query: &EventsQuery) -> Result<EventFollower, ClientError> {
         let mut f = EventFollower {
-            client: Client {
-                socket: self.socket.clone(),
-                actor: self.actor.clone(),
-            },
+            client: self.clone(),
             query: EventsQuery {
                 follow: true,
                 ..query.clone()
@@ -727,6 +768,26 @@ impl Client {
     /// The webhooks and their delivery state.
     pub async fn webhooks(&self) -> Result<Vec<WebhookStatus>, ClientError> {
         self.json(Method::GET, "/v1/webhooks", None).await
+    }
+
+    /// Makes an API token (its secret is in the answer, and only there).
+    pub async fn create_token(
+        &self,
+        req: &devbox_wire::CreateTokenRequest,
+    ) -> Result<devbox_wire::CreatedToken, ClientError> {
+        self.json(Method::POST, "/v1/tokens", Self::body(req)).await
+    }
+
+    /// The API tokens.
+    pub async fn tokens(&self) -> Result<Vec<devbox_wire::TokenInfo>, ClientError> {
+        self.json(Method::GET, "/v1/tokens", None).await
+    }
+
+    /// Revokes an API token.
+    pub async fn revoke_token(&self, name: &str) -> Result<(), ClientError> {
+        self.call(Method::DELETE, &format!("/v1/tokens/{}", enc(name)), None)
+            .await?;
+        Ok(())
     }
 
     /// Checks the audit chain; with `head`, also that it reaches that kept head hash.
@@ -786,7 +847,7 @@ impl Client {
         use futures_util::{SinkExt, StreamExt};
         let stream = self.connect().await?;
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let mut request = format!("ws://localhost{path}")
+        let mut request = format!("ws://{}{path}", self.endpoint.host_header())
             .into_client_request()
             .map_err(|e| ClientError::Protocol(format!("websocket: {e}")))?;
         if let Some(a) = &self.actor
@@ -794,9 +855,14 @@ impl Client {
         {
             request.headers_mut().insert("x-devbox-actor", v);
         }
+        if let Some(t) = &self.token
+            && let Ok(v) = format!("Bearer {t}").parse()
+        {
+            request.headers_mut().insert("authorization", v);
+        }
         let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
             .await
-            .map_err(|e| ClientError::Protocol(format!("websocket: {e}")))?;
+            .map_err(refused_upgrade)?;
         let msg = serde_json::to_string(first).map_err(|e| ClientError::Protocol(e.to_string()))?;
         ws.send(Message::Text(msg.into()))
             .await
@@ -878,6 +944,23 @@ pub enum Followed {
     Lagged(u64),
 }
 
+/// The daemon's refusal of a WebSocket upgrade (401, 403, 429, ...) as its API error.
+fn refused_upgrade(e: tokio_tungstenite::tungstenite::Error) -> ClientError {
+    if let tokio_tungstenite::tungstenite::Error::Http(resp) = &e
+        && let Some(b) = resp
+            .body()
+            .as_deref()
+            .and_then(|b| serde_json::from_slice::<ErrorBody>(b).ok())
+    {
+        return ClientError::Api {
+            status: resp.status().as_u16(),
+            code: b.error.code,
+            message: b.error.message,
+        };
+    }
+    ClientError::Protocol(format!("websocket: {e}"))
+}
+
 /// A stream of events from `GET /v1/events?follow=true` (see [`Client::follow_events`]).
 #[derive(Debug)]
 pub struct EventFollower {
@@ -898,10 +981,12 @@ impl EventFollower {
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         tokio::spawn(conn);
-        let mut req = Request::builder()
-            .method(Method::GET)
-            .uri(format!("/v1/events?{}", events_qs(&self.query)))
-            .header("host", "localhost")
+        let mut req = self
+            .client
+            .request(
+                Method::GET,
+                &format!("/v1/events?{}", events_qs(&self.query)),
+            )
             .header("accept", "text/event-stream");
         if let Some(id) = self.last_id {
             req = req.header("last-event-id", id.to_string());

@@ -63,6 +63,101 @@ struct Args {
     /// The file holding the key that signs --webhook posts (HMAC-SHA256).
     #[arg(long, env = "DEVBOX_WEBHOOK_SECRET_FILE", value_name = "FILE")]
     webhook_secret_file: Option<PathBuf>,
+    /// Also serve the API on TCP at this address (e.g. 127.0.0.1:7878; port 0 picks one,
+    /// written to RUNTIME_DIR/api.addr). Callers need a token (`sandbox token create`).
+    /// Without --tls-cert, only a loopback address is accepted.
+    #[arg(long, env = "DEVBOX_LISTEN", value_name = "ADDR")]
+    listen: Option<String>,
+    /// TLS certificate chain (PEM) for --listen.
+    #[arg(
+        long,
+        env = "DEVBOX_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for --listen.
+    #[arg(
+        long,
+        env = "DEVBOX_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Requests a second a token may make on average (bursts up to twice that), unless
+    /// the token has its own rate [default: 100].
+    #[arg(long, value_name = "N")]
+    token_rate: Option<f64>,
+    /// Execs a token may run at once, unless the token has its own cap [default: 32].
+    #[arg(long, value_name = "N")]
+    token_max_execs: Option<u32>,
+}
+
+/// The configuration file's `api` section; flags override it.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ApiSection {
+    listen: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    token_rate: Option<f64>,
+    token_max_execs: Option<u32>,
+}
+
+/// Where and how the API listens on TCP.
+struct Listener {
+    addr: std::net::SocketAddr,
+    tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
+}
+
+/// The TCP listener and token limits, from the configuration file's `api` section and the
+/// flags (which win); checked before anything is made.
+fn remote_config(
+    cli: &Args,
+    api: &serde_json::Value,
+) -> anyhow::Result<(Option<Listener>, devbox_api::RemoteLimits)> {
+    let file: ApiSection = if api.is_null() {
+        ApiSection::default()
+    } else {
+        serde_json::from_value(api.clone()).map_err(|e| anyhow::anyhow!("--config: api: {e}"))?
+    };
+    let mut limits = devbox_api::RemoteLimits::default();
+    if let Some(r) = cli.token_rate.or(file.token_rate) {
+        if !(r.is_finite() && r > 0.0 && r <= 100_000.0) {
+            bail!("--token-rate: give a rate above 0 and at most 100000 requests a second");
+        }
+        limits.rate_per_second = r;
+    }
+    if let Some(m) = cli.token_max_execs.or(file.token_max_execs) {
+        if !(1..=100_000).contains(&m) {
+            bail!("--token-max-execs: give 1 to 100000");
+        }
+        limits.max_execs = m;
+    }
+    let Some(listen) = cli.listen.clone().or(file.listen) else {
+        if cli.tls_cert.is_some() {
+            bail!("--tls-cert and --tls-key need --listen ADDR");
+        }
+        return Ok((None, limits));
+    };
+    let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
+        anyhow::anyhow!("--listen {listen:?}: give an address and port, e.g. 127.0.0.1:7878")
+    })?;
+    let (cert, key) = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(c), Some(k)) => (Some(c.clone()), Some(k.clone())),
+        _ => (file.tls_cert, file.tls_key),
+    };
+    let tls = match (cert, key) {
+        (Some(c), Some(k)) => Some(devbox_api::tls_config(&c, &k).map_err(anyhow::Error::msg)?),
+        (None, None) => None,
+        _ => bail!("--config: api: tlsCert and tlsKey go together"),
+    };
+    if tls.is_none() && !addr.ip().is_loopback() {
+        bail!(
+            "--listen {addr}: not a loopback address, and tokens must not cross a network in clear text: give --tls-cert and --tls-key"
+        );
+    }
+    Ok((Some(Listener { addr, tls }), limits))
 }
 
 fn main() -> ExitCode {
@@ -93,6 +188,9 @@ fn run(cli: &Args) -> anyhow::Result<()> {
             devbox_api::GroupAccess::new(g, scopes).map_err(|e| anyhow::anyhow!("--group: {e}"))?,
         );
     }
+    let monitoring = monitoring_config(cli)?;
+    let (listener, limits) = remote_config(cli, &monitoring.api)?;
+    access.remote = limits;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DEVBOX_LOG")
@@ -112,7 +210,7 @@ fn run(cli: &Args) -> anyhow::Result<()> {
     // collects them when they end.
     nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
     let mut cfg = EngineConfig::new(cli.state_dir.clone(), cli.runtime_dir.clone(), pool_size);
-    cfg.monitoring = monitoring_config(cli)?;
+    cfg.monitoring = monitoring;
     if let Ok(parent) = std::env::var("DEVBOX_CGROUP_PARENT") {
         cfg.cgroup_parent = parent;
     }
@@ -135,11 +233,43 @@ fn run(cli: &Args) -> anyhow::Result<()> {
             }
             tracing::info!("shutting down (sandboxes keep running)");
         };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let shutdown = async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        };
+        let tcp = match listener {
+            Some(l) => {
+                let tls = l.tls.is_some();
+                let bound = devbox_api::bind_tcp(l.addr, l.tls)
+                    .await
+                    .with_context(|| format!("--listen {}", l.addr))?;
+                let addr = devbox_api::remote::local_addr(&bound)?;
+                tracing::info!(%addr, tls, "API listening on TCP");
+                std::fs::write(cli.runtime_dir.join("api.addr"), addr.to_string())
+                    .context("writing RUNTIME_DIR/api.addr")?;
+                let (engine, access) = (engine.clone(), access.clone());
+                let mut stop = stop_rx.clone();
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                Some(tokio::spawn(devbox_api::serve_tcp(engine, bound, access, stopped)))
+            }
+            None => None,
+        };
         let served = devbox_api::serve_unix(engine.clone(), &socket, access, shutdown).await;
+        if let Some(t) = tcp {
+            match t.await {
+                Ok(Err(e)) => tracing::error!("serving the API on TCP: {e}"),
+                Err(e) => tracing::error!("the TCP listener: {e}"),
+                Ok(Ok(())) => {}
+            }
+        }
         let e2 = engine.clone();
         let _ = tokio::task::spawn_blocking(move || e2.shutdown()).await;
         served.context("serving the API")?;
         let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(cli.runtime_dir.join("api.addr"));
         Ok::<_, anyhow::Error>(())
     })?;
     // Exit at once: blocking tasks still in flight must not hold the process.

@@ -48,6 +48,9 @@ pub struct MonitoringConfig {
     /// The periodic loops (the monitor, the blocked-connection poll) run; off
     /// (`$DEVBOX_MONITORING=off`) only to measure what they cost.
     pub loops: bool,
+    /// The configuration file's `api` section as given (null if none): the daemon reads
+    /// its listeners, TLS files and token limits from it.
+    pub api: serde_json::Value,
 }
 
 impl Default for MonitoringConfig {
@@ -61,6 +64,7 @@ impl Default for MonitoringConfig {
                 .filter(|ms| *ms >= 100)
                 .map_or(Duration::from_secs(5), Duration::from_millis),
             loops: std::env::var("DEVBOX_MONITORING").ok().as_deref() != Some("off"),
+            api: serde_json::Value::Null,
         }
     }
 }
@@ -109,6 +113,9 @@ struct ConfigFile {
     webhooks: Vec<WebhookEntry>,
     #[serde(default)]
     alerts: devbox_spec::alerts::AlertsSpec,
+    /// The API's section (listeners, TLS, token limits): the daemon's to read.
+    #[serde(default)]
+    api: serde_json::Value,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -176,6 +183,8 @@ impl MonitoringConfig {
     /// alerts:
     ///   memory: 90%
     ///   deniedCommands: {count: 5, within: 10m}
+    /// api:                           # read by sandboxd (see its --listen)
+    ///   listen: 127.0.0.1:7878
     /// ```
     pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
@@ -192,6 +201,7 @@ impl MonitoringConfig {
             .map_err(|e| format!("{}: {e}", path.display()))?;
         let mut cfg = MonitoringConfig {
             alerts: file.alerts,
+            api: file.api,
             ..Default::default()
         };
         for (i, w) in file.webhooks.into_iter().enumerate() {

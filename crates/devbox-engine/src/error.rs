@@ -10,7 +10,7 @@ pub enum EngineError {
     /// No such sandbox or image.
     #[error("no {kind} named {name:?}: {hint}")]
     NotFound {
-        /// "sandbox" or "image".
+        /// "sandbox", "image" or "token".
         kind: &'static str,
         /// What was asked for.
         name: String,
@@ -22,7 +22,7 @@ pub enum EngineError {
         "a {kind} named {name:?} already exists: pick another name, or remove the existing one first"
     )]
     AlreadyExists {
-        /// "sandbox" or "image".
+        /// "sandbox", "image" or "token".
         kind: &'static str,
         /// The name.
         name: String,

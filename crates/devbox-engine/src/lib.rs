@@ -44,6 +44,7 @@ mod supervise;
 #[cfg(test)]
 mod tests;
 mod to_wire;
+mod tokens;
 mod transfer;
 mod webhooks;
 
@@ -64,6 +65,7 @@ pub use flows::{ApprovalWait, OneShot};
 pub use metrics::METRICS_CONTENT_TYPE;
 pub use reconcile::{DAEMON_MARK_ENV, daemon_mark, is_own_mark};
 pub use supervise::HEALTHY_LABEL;
+pub use tokens::{TokenGrant, TokenRefusal};
 pub use webhooks::{shown_url, signature};
 
 /// Result of engine operations.

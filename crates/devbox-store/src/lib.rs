@@ -15,6 +15,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 mod network;
 mod safety;
 mod snapshots;
+mod tokens;
 mod uids;
 pub use safety::{
     ApprovalRecord, ApprovalState, AuditRecord, AuditVerification, ExecRecord, GENESIS,
@@ -22,6 +23,7 @@ pub use safety::{
 };
 use serde::{Deserialize, Serialize};
 pub use snapshots::{SnapshotRecord, SnapshotState};
+pub use tokens::TokenRecord;
 pub use uids::{BLOCK_SLOTS, DEFAULT_REGISTRY, UidRegistry};
 
 /// Errors of the store.
@@ -271,6 +273,20 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS network_rules (
         sandbox_id TEXT PRIMARY KEY,
         rules TEXT NOT NULL
+     );",
+    // 8: API tokens for remote callers (a hash of each secret, never the secret).
+    "CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        secret_hash TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        sandbox TEXT,
+        created_at INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        expires_at INTEGER,
+        last_used_at INTEGER,
+        rate_per_second REAL,
+        max_execs INTEGER
      );",
 ];
 

@@ -4,6 +4,7 @@
 //! - [`network`]: a sandbox's network, its live changes and blocked attempts;
 //! - [`checks`]: command checks, policies, approvals and the audit log;
 //! - [`events`]: events, webhooks' delivery state, active alerts;
+//! - [`tokens`]: API tokens for remote callers, their scopes and sandbox patterns;
 //! - [`error`]: the error body every failed request answers with;
 //! - [`stream`]: the messages of the exec WebSocket;
 //! - [`query`]: the query strings of the routes;
@@ -24,6 +25,7 @@ pub mod query;
 pub mod spec_schema;
 pub mod stats;
 pub mod stream;
+pub mod tokens;
 
 pub use checks::*;
 pub use error::{ErrorBody, ErrorDetail, RequestError};
@@ -31,3 +33,4 @@ pub use events::*;
 pub use model::*;
 pub use network::*;
 pub use stats::*;
+pub use tokens::*;

@@ -24,6 +24,7 @@ use crate::query::{
 };
 use crate::stats::{ProcessList, SandboxStats, StatsQuery};
 use crate::stream::{ClientMsg, ServerMsg};
+use crate::tokens::{CreateTokenRequest, CreatedToken, TokenInfo};
 
 /// The API's OpenAPI description.
 #[derive(OpenApi)]
@@ -31,7 +32,9 @@ use crate::stream::{ClientMsg, ServerMsg};
     info(
         title = "dev-box API",
         description = "Sandboxes that start in milliseconds, run commands, and are destroyed without a trace. \
-The daemon serves this API on a Unix socket (/run/dev-box/api.sock by default) for root and the members of a configured group within its scopes. \
+The daemon serves this API on a Unix socket (/run/dev-box/api.sock by default) for root and the members of a configured group within its scopes, \
+and, when configured (sandboxd --listen), on TCP (TLS with --tls-cert/--tls-key) for callers with a bearer token (`Authorization: Bearer TOKEN`, see /v1/tokens): \
+401 `unauthorized` without a valid token, 403 `forbidden` outside its scopes or sandbox pattern, 429 `rate_limited` with Retry-After past its rate or concurrent execs. \
 Errors have the shape {\"error\": {\"code\", \"message\"}}."
     ),
     paths(
@@ -80,6 +83,9 @@ Errors have the shape {\"error\": {\"code\", \"message\"}}."
         export_logs,
         events,
         webhooks,
+        list_tokens,
+        create_token,
+        revoke_token,
     ),
     components(schemas(
         ErrorBody,
@@ -405,3 +411,21 @@ mod tests {
         assert!(seen > 40, "{seen} responses");
     }
 }
+
+#[utoipa::path(get, path = "/v1/tokens", tag = "crate::auth",
+    description = "The API tokens (never their secrets).",
+    responses((status = 200, body = Vec<TokenInfo>)))]
+#[allow(dead_code)]
+fn list_tokens() {}
+
+#[utoipa::path(post, path = "/v1/tokens", tag = "crate::auth", request_body = CreateTokenRequest,
+    description = "Makes a token; the answer shows it this once (the daemon keeps a hash). Audited as token.create.",
+    responses((status = 201, body = CreatedToken), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[allow(dead_code)]
+fn create_token() {}
+
+#[utoipa::path(delete, path = "/v1/tokens/{name}", tag = "crate::auth", params(("name" = String, Path)),
+    description = "Revokes a token at once (its next request is refused). Audited as token.revoke.",
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn revoke_token() {}
