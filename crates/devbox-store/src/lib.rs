@@ -275,7 +275,7 @@ const MIGRATIONS: &[&str] = &[
         rules TEXT NOT NULL
      );",
     // 8: API tokens for remote callers (a hash of each secret, never the secret).
-    "CREATE TABLE tokens (
+    "CREATE TABLE IF NOT EXISTS tokens (
         id TEXT PRIMARY KEY,
         name TEXT NOT NULL UNIQUE,
         secret_hash TEXT NOT NULL,
