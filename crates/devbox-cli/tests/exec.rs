@@ -246,3 +246,121 @@ fn commands_start_with_every_signal_at_its_default() {
         .expect("a hex mask");
     assert_eq!(mask & !0x1_8000_0000, 0, "ignored: {ignored}");
 }
+
+/// Several execs and terminals in one sandbox at once, over the exec WebSocket: each gets
+/// its own stdin, output, terminal size, resizes and signals; ending one leaves the others.
+#[test]
+fn concurrent_execs_and_terminals_are_independent() {
+    require_root!();
+    use devbox_wire::stream::{ClientMsg, ServerMsg};
+    use devbox_wire::{ExecRequest, TtySize};
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let env = TestEnv::new();
+    env.ok(&["create", "multi"]);
+    let client = devbox_client::Client::new(&env.socket);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let open = |command: &str, tty: Option<(u16, u16)>| {
+            let first = ClientMsg::Exec {
+                exec: ExecRequest {
+                    command: Some(command.to_string()),
+                    tty: tty.map(|(rows, cols)| TtySize { rows, cols }),
+                    ..Default::default()
+                },
+                stdin: true,
+                no_wait: true,
+            };
+            let client = client.clone();
+            async move {
+                client
+                    .stream("/v1/sandboxes/multi/exec/stream", &first, |_| {})
+                    .await
+                    .expect("exec stream")
+                    .0
+            }
+        };
+        // Reads until the exit: the output (both channels) and the exit message.
+        async fn finish(ws: &mut devbox_client::ExecStream) -> (String, ServerMsg) {
+            let mut out = Vec::new();
+            while let Some(m) = ws.next().await {
+                match m.expect("frame") {
+                    Message::Binary(b) if !b.is_empty() => out.extend_from_slice(&b[1..]),
+                    Message::Text(t) => {
+                        if let Ok(msg @ ServerMsg::Exit { .. }) = serde_json::from_str(&t) {
+                            return (String::from_utf8_lossy(&out).into_owned(), msg);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            panic!("no exit; output so far: {}", String::from_utf8_lossy(&out));
+        }
+        let text = |m: &ClientMsg| Message::Text(serde_json::to_string(m).unwrap().into());
+        let script = "stty size; read x; stty size; echo got:$x";
+        let mut t1 = open(script, Some((10, 40))).await;
+        let mut t2 = open(script, Some((30, 100))).await;
+        let mut c1 = open("cat", None).await;
+        let mut c2 = open("cat", None).await;
+
+        // A resize of one terminal only; different input to each.
+        t1.send(text(&ClientMsg::Resize {
+            rows: 50,
+            cols: 120,
+        }))
+        .await
+        .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        t1.send(Message::Binary(b"one\n".to_vec().into()))
+            .await
+            .unwrap();
+        t2.send(Message::Binary(b"two\n".to_vec().into()))
+            .await
+            .unwrap();
+        c1.send(Message::Binary(b"first cat\n".to_vec().into()))
+            .await
+            .unwrap();
+        c2.send(Message::Binary(b"second cat\n".to_vec().into()))
+            .await
+            .unwrap();
+        let (o1, _) = finish(&mut t1).await;
+        let (o2, _) = finish(&mut t2).await;
+        assert!(
+            o1.contains("10 40") && o1.contains("50 120") && o1.contains("got:one"),
+            "{o1:?}"
+        );
+        assert!(
+            o2.contains("30 100") && !o2.contains("50 120") && o2.contains("got:two"),
+            "{o2:?}"
+        );
+        assert!(!o1.contains("two") && !o2.contains("one"), "{o1:?} {o2:?}");
+
+        // A signal to one cat ends it alone; the other still echoes, then ends at EOF.
+        c1.send(text(&ClientMsg::Signal { signal: 15 }))
+            .await
+            .unwrap();
+        let (out1, exit1) = finish(&mut c1).await;
+        assert_eq!(out1, "first cat\n");
+        assert!(
+            matches!(
+                exit1,
+                ServerMsg::Exit {
+                    signal: Some(15),
+                    ..
+                }
+            ),
+            "{exit1:?}"
+        );
+        c2.send(Message::Binary(b"still here\n".to_vec().into()))
+            .await
+            .unwrap();
+        c2.send(text(&ClientMsg::StdinEof)).await.unwrap();
+        let (out2, exit2) = finish(&mut c2).await;
+        assert_eq!(out2, "second cat\nstill here\n");
+        assert!(
+            matches!(exit2, ServerMsg::Exit { code: 0, .. }),
+            "{exit2:?}"
+        );
+    });
+}
