@@ -262,12 +262,10 @@ async fn within_pattern(
             }
         }
         (Method::GET, "/v1/events") => {
-            let named = req.uri().query().and_then(|q| {
-                q.split('&')
-                    .find_map(|kv| kv.strip_prefix("sandbox="))
-                    .map(percent_decode)
-            });
-            match named {
+            // Read as the handler reads it, so no spelling of the query names another.
+            let q = axum::extract::Query::<devbox_wire::EventsQuery>::try_from_uri(req.uri())
+                .map_err(|e| format!("invalid query: {e}"))?;
+            match q.0.sandbox {
                 Some(n) if pattern_matches(pattern, &n) => Ok(req),
                 Some(n) => Err(outside(&n)),
                 None => Err(format!(

@@ -133,6 +133,8 @@ fn tokens_over_tls_reach_what_their_scopes_and_pattern_allow() {
         vec!["clone", "ci-1", "latest", "prod-copy"],
         vec!["policy", "ls"],
         vec!["audit"],
+        vec!["events"],
+        vec!["events", "--sandbox", "other"],
     ] {
         let out = run(rc(), &args);
         assert!(!out.status.success(), "{args:?} was allowed");
@@ -143,6 +145,9 @@ fn tokens_over_tls_reach_what_their_scopes_and_pattern_allow() {
         );
     }
     assert_eq!(env.ok(&["ls", "-q"]).trim(), "ci-1\nother");
+    let out = run(rc(), &["events", "--sandbox", "ci-1", "--format", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("\"ci-1\""));
 
     // A read-only token reads but does not exec.
     let rr = || remote(&env, &host, &ro, Some(&ca));
