@@ -30,6 +30,7 @@ export DEVBOX_CGROUP_PARENT=devbox-bench-remote DEVBOX_NO_AUTOSTART=1
 unset DEVBOX_POOL DEVBOX_HOST DEVBOX_TOKEN DEVBOX_CA_CERT
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
   -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+  -addext basicConstraints=critical,CA:FALSE \
   -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
 daemon_pid=
 cleanup() {
